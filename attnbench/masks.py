@@ -1,0 +1,93 @@
+"""Composable mask functions for implementations, in FlexAttention's mask_mod style.
+
+A mask_mod is `fn(b, h, q_idx, kv_idx) -> bool tensor` (True = visible), built from small
+pieces and combined with and_masks. These serve implementations (naive, sdpa, flex, ...);
+the oracle in oracles/dense.py deliberately does not use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from attnbench.spec import Block, Config
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    def mod(b, h, q, k):
+        out = torch.ones_like(q, dtype=torch.bool) | torch.ones_like(k, dtype=torch.bool)
+        for m in mods:
+            out = out & m(b, h, q, k)
+        return out
+
+    return mod
+
+
+def offset(Sq: int, Sk: int, align: str) -> int:
+    """Absolute position of query 0: bottom-right aligns the last query with the last key."""
+    return Sk - Sq if align == "bottom_right" else 0
+
+
+def causal(off: int) -> MaskMod:
+    return lambda b, h, q, k: k <= q + off
+
+
+def sliding_window(left: int | None, right: int | None, off: int) -> MaskMod:
+    def mod(b, h, q, k):
+        p = q + off
+        ok = torch.ones_like(k - p, dtype=torch.bool)
+        if left is not None:
+            ok = ok & (k >= p - left)
+        if right is not None:
+            ok = ok & (k <= p + right)
+        return ok
+
+    return mod
+
+
+def blocked_window(block: Block, off: int) -> MaskMod:
+    w = block.window_size
+
+    def mod(b, h, q, k):
+        bq = torch.div(q + off, w, rounding_mode="floor")
+        bk = torch.div(k, w, rounding_mode="floor")
+        return (bk >= bq - block.look_backward) & (bk <= bq + block.look_forward)
+
+    return mod
+
+
+def key_padding(mask: torch.Tensor) -> MaskMod:
+    return lambda b, h, q, k: mask[b, k]
+
+
+def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None = None) -> MaskMod | None:
+    """The mask_mod for a call, or None when every key is visible."""
+    off = offset(Sq, Sk, cfg.align)
+    mods = []
+    if cfg.causal:
+        mods.append(causal(off))
+    if cfg.window is not None:
+        mods.append(sliding_window(*cfg.window, off))
+    if cfg.block is not None:
+        mods.append(blocked_window(cfg.block, off))
+    if key_padding_mask is not None:
+        mods.append(key_padding(key_padding_mask.bool()))
+    return and_masks(*mods) if mods else None
+
+
+def materialize(mod: MaskMod | None, B: int, Sq: int, Sk: int, device) -> torch.Tensor | None:
+    """Dense (B, 1, Sq, Sk) bool mask from a mask_mod (None stays None)."""
+    if mod is None:
+        return None
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+    k = torch.arange(Sk, device=device).view(1, 1, 1, Sk)
+    return mod(b, h, q, k).expand(B, 1, Sq, Sk)
+
+
+def dense_mask(cfg: Config, B: int, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    return materialize(from_config(cfg, Sq, Sk, key_padding_mask), B, Sq, Sk, device)

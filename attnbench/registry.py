@@ -1,0 +1,248 @@
+"""The registry: implementations declare what they are and what they support.
+
+An implementation is an `Impl` object at module level in a file of `impls/` (found by
+scanning the package), in a third-party package exposed through the entry-point group
+`attnbench.impls`, or named on the command line as `package.module:object`. Nothing is
+guessed: a feature an implementation does not declare is never tested against it.
+
+Properties and benchmarks select implementations through `select()` and never name one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from attnbench.spec import DTYPES, FEATURES, Spec
+
+ENTRY_POINT_GROUP = "attnbench.impls"
+
+# Variants: the functional kernels and the seed modules. Each has one oracle in oracles/.
+VARIANTS: dict[str, str] = {
+    "dense": "attention core fn(q, k, v, cfg, key_padding_mask, bias) -> (out, lse | None): "
+    "MHA / GQA / MQA, self and cross, causal, windows, padding, bias",
+    "local": "the same core, always windowed (sliding or blocked): LocalMHA's kernel",
+    "FlashAttentionTwo": "seed module: dense multi-head attention, bucketed (FlashAttention-2)",
+    "MultiQueryAttention": "seed module: multi-query / grouped-query attention with KV cache",
+    "LocalMHA": "seed module: local multi-head attention, sliding or blocked windows",
+    "MixtureOfAttention": "seed module: routed mixture of attention experts",
+    "MixtureOfAutoregressiveAttention": "seed module: the strictly causal routed mixture",
+}
+MODULE_VARIANTS = tuple(v for v in VARIANTS if v[0].isupper())
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of one variant.
+
+    fn: for kernel variants, the attention function; for module variants, a factory
+        `fn(**module_kwargs) -> nn.Module`.
+    features: what it supports (names from attnbench.spec.FEATURES).
+    requires: importable modules it needs ("flash_attn"): missing ones make it unavailable.
+    supports: optional extra check `supports(spec) -> reason | None` for limits the feature
+        set cannot express (head dims, block multiples, ...).
+    """
+
+    name: str
+    variant: str
+    fn: Callable
+    features: frozenset[str] = frozenset()
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
+    requires: tuple[str, ...] = ()
+    supports: Callable[[Spec], str | None] | None = None
+    description: str = ""
+    reference: bool = False  # the naive impl the tolerance rule measures others against
+    origin: str = field(default="", compare=False)  # where it was found
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Impl {self.name!r}: unknown variant {self.variant!r}; one of {sorted(VARIANTS)}")
+        object.__setattr__(self, "features", frozenset(self.features))
+        unknown = self.features - FEATURES
+        if unknown:
+            raise ValueError(f"Impl {self.name!r}: unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+        bad = set(self.dtypes) - set(DTYPES)
+        if bad:
+            raise ValueError(f"Impl {self.name!r}: unknown dtypes {sorted(bad)}")
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/{self.name}"
+
+    def unavailable(self) -> str | None:
+        """Why this implementation cannot run on this machine at all, or None."""
+        for mod in self.requires:
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} not installed"
+        if "cpu" not in self.devices and not torch.cuda.is_available():
+            return "needs CUDA"
+        return None
+
+    def device_ok(self, device: str) -> bool:
+        return device.split(":")[0] in self.devices
+
+    def why_not(self, spec: Spec, needs: Iterable[str] = ()) -> str | None:
+        """Why this implementation does not cover `spec` (plus extra needs), or None."""
+        if not self.device_ok(spec.device):
+            return f"device {spec.device} not supported"
+        if spec.dtype not in self.dtypes:
+            return f"dtype {spec.dtype} not supported"
+        missing = (spec.needs() | set(needs)) - self.features
+        if missing:
+            return f"unsupported features: {', '.join(sorted(missing))}"
+        if self.supports is not None:
+            return self.supports(spec)
+        return None
+
+    def covers(self, spec: Spec, needs: Iterable[str] = ()) -> bool:
+        return self.why_not(spec, needs) is None
+
+
+@dataclass
+class Broken:
+    """An implementation source that failed to load: reported, never fatal."""
+
+    origin: str
+    reason: str
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.impls: dict[str, Impl] = {}
+        self.broken: list[Broken] = []
+
+    def add(self, impl: Impl) -> None:
+        if impl.key in self.impls and self.impls[impl.key] is not impl:
+            raise ValueError(f"two implementations named {impl.key!r} ({self.impls[impl.key].origin} and {impl.origin})")
+        self.impls[impl.key] = impl
+
+    def add_module(self, module, origin: str) -> int:
+        found = 0
+        for value in vars(module).values():
+            for impl in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(impl, Impl):
+                    object.__setattr__(impl, "origin", impl.origin or origin)
+                    self.add(impl)
+                    found += 1
+        return found
+
+    def load_builtin(self) -> None:
+        import attnbench.impls as pkg
+
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            if info.name.startswith("_"):
+                continue
+            name = f"{pkg.__name__}.{info.name}"
+            try:
+                self.add_module(importlib.import_module(name), origin=name)
+            except Exception as exc:  # one broken file never aborts the run
+                self.broken.append(Broken(name, _reason(exc)))
+
+    def load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                obj = ep.load()
+                self._add_object(obj, origin=f"entry point {ep.name} = {ep.value}")
+            except Exception as exc:
+                self.broken.append(Broken(f"entry point {ep.value}", _reason(exc)))
+
+    def load_spec(self, target: str) -> list[Impl]:
+        """Load `package.module:object` (an Impl, a list of them, or a module of them)."""
+        mod_name, _, attr = target.partition(":")
+        if not mod_name:
+            raise ValueError(f"--impl {target!r}: expected package.module:object")
+        module = importlib.import_module(mod_name)
+        obj = module
+        for part in attr.split(".") if attr else []:
+            if not hasattr(obj, part):
+                raise ValueError(f"--impl {target!r}: {mod_name} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        return self._add_object(obj, origin=target)
+
+    def _add_object(self, obj, origin: str) -> list[Impl]:
+        if isinstance(obj, Impl):
+            items = [obj]
+        elif isinstance(obj, (list, tuple)) and all(isinstance(i, Impl) for i in obj):
+            items = list(obj)
+        elif hasattr(obj, "__dict__") and type(obj).__name__ == "module":
+            items = [i for i in vars(obj).values() if isinstance(i, Impl)]
+        else:
+            raise TypeError(f"{origin}: expected an attnbench Impl (or a list of them), got {type(obj).__name__}")
+        if not items:
+            raise ValueError(f"{origin}: no Impl objects found")
+        for impl in items:
+            object.__setattr__(impl, "origin", impl.origin or origin)
+            self.add(impl)
+        return items
+
+    def get(self, key: str) -> Impl:
+        if key in self.impls:
+            return self.impls[key]
+        matches = [i for i in self.impls.values() if i.name == key]
+        if len(matches) == 1:
+            return matches[0]
+        known = ", ".join(sorted(self.impls))
+        if matches:
+            raise KeyError(f"implementation {key!r} is ambiguous: {', '.join(i.key for i in matches)}")
+        raise KeyError(f"unknown implementation {key!r}; known: {known}")
+
+    def select(
+        self,
+        variant: str | None = None,
+        names: Iterable[str] | None = None,
+        available_only: bool = True,
+    ) -> list[Impl]:
+        if variant is not None and variant not in VARIANTS:
+            raise KeyError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+        chosen = [self.get(n) for n in names] if names else list(self.impls.values())
+        out = [i for i in chosen if variant is None or i.variant == variant]
+        if available_only:
+            out = [i for i in out if i.unavailable() is None]
+        return sorted(out, key=lambda i: (list(VARIANTS).index(i.variant), not i.reference, i.name))
+
+    def reference(self, variant: str) -> Impl:
+        refs = [i for i in self.impls.values() if i.variant == variant and i.reference]
+        if not refs:
+            raise KeyError(f"variant {variant!r} has no reference implementation")
+        return refs[0]
+
+
+def _reason(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" ({last[0].filename.split('/')[-1]}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+_REGISTRY: Registry | None = None
+
+
+def registry(extra: Iterable[str] = ()) -> Registry:
+    """The process-wide registry: builtin impls, entry points, then ATTNBENCH_IMPLS / extra."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        reg = Registry()
+        reg.load_builtin()
+        reg.load_entry_points()
+        for target in _env_targets():
+            try:
+                reg.load_spec(target)
+            except Exception as exc:
+                reg.broken.append(Broken(target, _reason(exc)))
+        _REGISTRY = reg
+    for target in extra:
+        _REGISTRY.load_spec(target)
+    return _REGISTRY
+
+
+def _env_targets() -> list[str]:
+    # The CLI passes --impl targets to pytest workers through this variable.
+    return [t for t in os.environ.get("ATTNBENCH_IMPLS", "").split(",") if t.strip()]

@@ -1,0 +1,307 @@
+"""The problem spec: everything the contract (SEMANTICS.md) lets an attention call vary.
+
+A Spec is plain data. It validates itself (an impossible spec raises ValueError naming the
+field), says which features an implementation needs to answer it, and makes its own seeded
+inputs. Inputs are drawn in float64 on the CPU and then cast, so the same spec gives the same
+values (up to rounding) in every dtype and on every device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ALIGNS = ("bottom_right", "top_left")
+BIAS_KINDS = (None, "full", "per_head", "per_key", "alibi")
+
+# Feature names an implementation may declare. A spec needs some of them (Spec.needs);
+# a property asks for a few more (backward, lse, ...).
+FEATURES = frozenset(
+    {
+        "causal",  # causal masking
+        "sliding_window",  # window=(left, right)
+        "blocked_window",  # block=(window_size, look_backward, look_forward)
+        "gqa",  # Hkv < Hq (grouped-query and multi-query)
+        "cross",  # Sq != Sk
+        "key_padding",  # key_padding_mask
+        "bias",  # additive bias
+        "bias_grad",  # gradient with respect to the bias
+        "dropout",  # dropout_p > 0 in training
+        "top_left",  # align="top_left"
+        "dv",  # value head dim Dv != D
+        "backward",  # differentiable in q, k, v
+        "lse",  # returns the logsumexp
+        "deterministic",  # bit-identical results run to run
+    }
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    """LocalMHA's blocked window: bucket(t) = t // window_size; a query in bucket b sees
+    buckets b - look_backward ... b + look_forward."""
+
+    window_size: int
+    look_backward: int = 1
+    look_forward: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The non-tensor part of one attention call, as implementations receive it."""
+
+    scale: float
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    block: Block | None = None
+    align: str = "bottom_right"
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_padding_mask: torch.Tensor | None  # (B, Sk) bool, True = keep
+    bias: torch.Tensor | None  # broadcastable to (B, Hq, Sq, Sk)
+    grad_out: torch.Tensor  # (B, Hq, Sq, Dv), for gradient checks
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+
+@dataclass(frozen=True)
+class Spec:
+    B: int = 1
+    Hq: int = 1
+    Hkv: int | None = None  # default: Hq
+    Sq: int = 16
+    Sk: int | None = None  # default: Sq
+    D: int = 16
+    Dv: int | None = None  # default: D
+    dtype: str = "float32"
+    device: str = "cpu"
+    scale: float | None = None  # default 1/sqrt(D); 0 is a real value
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    block: Block | None = None
+    key_lengths: tuple[int, ...] | None = None  # per batch: keys >= length are padding
+    key_drop: float = 0.0  # fraction of the remaining keys also masked, at random
+    bias: str | None = None
+    bias_neginf: float = 0.0  # fraction of bias entries set to -inf
+    align: str = "bottom_right"
+    dropout_p: float = 0.0
+    magnitude: float = 1.0  # inputs are magnitude * N(0, 1)
+    seed: int = 0
+    extra: tuple = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        fill = {"Hkv": self.Hq, "Sk": self.Sq, "Dv": self.D}
+        for name, value in fill.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.window is not None:
+            object.__setattr__(self, "window", tuple(self.window))
+            if self.window == (None, None):
+                object.__setattr__(self, "window", None)
+        if isinstance(self.block, tuple):
+            object.__setattr__(self, "block", Block(*self.block))
+        if self.key_lengths is not None:
+            object.__setattr__(self, "key_lengths", tuple(int(n) for n in self.key_lengths))
+        self.validate()
+
+    # -- validation ------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"Spec.{name}: {why}")
+
+        for name in ("B", "Hq", "Hkv", "Sq", "Sk", "D", "Dv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(name, f"must be a positive integer, got {value!r}")
+        if self.Hq % self.Hkv:
+            bad("Hkv", f"Hq={self.Hq} is not divisible by Hkv={self.Hkv}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"unknown dtype {self.dtype!r}; one of {sorted(DTYPES)}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            bad("device", f"unknown device {self.device!r}; 'cpu' or 'cuda[:n]'")
+        if self.scale is not None and not math.isfinite(self.scale):
+            bad("scale", f"must be finite, got {self.scale!r}")
+        if self.window is not None:
+            if len(self.window) != 2:
+                bad("window", f"must be (left, right), got {self.window!r}")
+            for side, w in zip(("left", "right"), self.window):
+                if w is not None and (not isinstance(w, int) or w < 0):
+                    bad("window", f"{side} edge must be None or an int >= 0, got {w!r}")
+        if self.block is not None:
+            b = self.block
+            if not isinstance(b.window_size, int) or b.window_size < 1:
+                bad("block", f"window_size must be an int >= 1, got {b.window_size!r}")
+            for name in ("look_backward", "look_forward"):
+                if not isinstance(getattr(b, name), int) or getattr(b, name) < 0:
+                    bad("block", f"{name} must be an int >= 0, got {getattr(b, name)!r}")
+        if self.key_lengths is not None:
+            if len(self.key_lengths) != self.B:
+                bad("key_lengths", f"needs one length per batch element ({self.B}), got {len(self.key_lengths)}")
+            for n in self.key_lengths:
+                if not 0 <= n <= self.Sk:
+                    bad("key_lengths", f"each length must be in [0, Sk={self.Sk}], got {n}")
+        if not 0.0 <= self.key_drop < 1.0:
+            bad("key_drop", f"must be in [0, 1), got {self.key_drop!r}")
+        if self.bias not in BIAS_KINDS:
+            bad("bias", f"unknown bias kind {self.bias!r}; one of {BIAS_KINDS}")
+        if not 0.0 <= self.bias_neginf < 1.0:
+            bad("bias_neginf", f"must be in [0, 1), got {self.bias_neginf!r}")
+        if self.bias_neginf and self.bias is None:
+            bad("bias_neginf", "needs a bias")
+        if self.align not in ALIGNS:
+            bad("align", f"unknown alignment {self.align!r}; one of {ALIGNS}")
+        if not 0.0 <= self.dropout_p < 1.0:
+            bad("dropout_p", f"must be in [0, 1), got {self.dropout_p!r}")
+        if not (self.magnitude > 0 and math.isfinite(self.magnitude)):
+            bad("magnitude", f"must be positive and finite, got {self.magnitude!r}")
+
+    # -- derived -------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / math.sqrt(self.D) if self.scale is None else float(self.scale)
+
+    @property
+    def has_padding(self) -> bool:
+        return self.key_lengths is not None or self.key_drop > 0
+
+    def config(self) -> Config:
+        return Config(
+            scale=self.softmax_scale,
+            causal=self.causal,
+            window=self.window,
+            block=self.block,
+            align=self.align,
+            dropout_p=self.dropout_p,
+            dropout_seed=self.seed,
+        )
+
+    def needs(self) -> frozenset[str]:
+        """Features an implementation must declare to answer this spec."""
+        need = set()
+        if self.causal:
+            need.add("causal")
+        if self.window is not None:
+            need.add("sliding_window")
+        if self.block is not None:
+            need.add("blocked_window")
+        if self.Hkv != self.Hq:
+            need.add("gqa")
+        if self.Sq != self.Sk:
+            need.add("cross")
+        if self.has_padding:
+            need.add("key_padding")
+        if self.bias is not None:
+            need.add("bias")
+        if self.dropout_p > 0:
+            need.add("dropout")
+        if self.align != "bottom_right":
+            need.add("top_left")
+        if self.Dv != self.D:
+            need.add("dv")
+        return frozenset(need)
+
+    def replace(self, **changes) -> Spec:
+        return dataclasses.replace(self, **changes)
+
+    def short(self) -> str:
+        """The fields that differ from the defaults, as Python: paste into Spec(...)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            default = f.default
+            if f.name in ("Hkv", "Sk", "Dv"):
+                default = {"Hkv": self.Hq, "Sk": self.Sq, "Dv": self.D}[f.name]
+            if value != default:
+                parts.append(f"{f.name}={value!r}")
+        return f"Spec({', '.join(parts)})"
+
+    # -- inputs --------------------------------------------------------------------
+    def make_inputs(self, requires_grad: bool = False) -> Inputs:
+        g = torch.Generator().manual_seed(self.seed)
+        f64 = dict(dtype=torch.float64, generator=g)
+        m = self.magnitude
+        q = m * torch.randn(self.B, self.Hq, self.Sq, self.D, **f64)
+        k = m * torch.randn(self.B, self.Hkv, self.Sk, self.D, **f64)
+        v = torch.randn(self.B, self.Hkv, self.Sk, self.Dv, **f64)
+        grad_out = torch.randn(self.B, self.Hq, self.Sq, self.Dv, **f64)
+        kpm = self._key_padding_mask(g)
+        bias = self._bias(g)
+
+        def cast(t: torch.Tensor, grad: bool) -> torch.Tensor:
+            t = t.to(device=self.device, dtype=self.torch_dtype)
+            return t.requires_grad_(grad)
+
+        return Inputs(
+            q=cast(q, requires_grad),
+            k=cast(k, requires_grad),
+            v=cast(v, requires_grad),
+            key_padding_mask=None if kpm is None else kpm.to(self.device),
+            bias=None if bias is None else cast(bias, requires_grad),
+            grad_out=cast(grad_out, False),
+        )
+
+    def _key_padding_mask(self, g: torch.Generator) -> torch.Tensor | None:
+        if not self.has_padding:
+            return None
+        keep = torch.ones(self.B, self.Sk, dtype=torch.bool)
+        if self.key_lengths is not None:
+            j = torch.arange(self.Sk)
+            keep &= j[None, :] < torch.tensor(self.key_lengths)[:, None]
+        if self.key_drop > 0:
+            keep &= torch.rand(self.B, self.Sk, generator=g) >= self.key_drop
+        return keep
+
+    def _bias(self, g: torch.Generator) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        B, H, Sq, Sk = self.B, self.Hq, self.Sq, self.Sk
+        if self.bias == "alibi":
+            slopes = alibi_slopes(H)
+            dist = torch.arange(Sk, dtype=torch.float64)[None, :] - (
+                torch.arange(Sq, dtype=torch.float64)[:, None] + (Sk - Sq)
+            )
+            bias = (slopes[:, None, None] * -dist.abs())[None]
+        else:
+            shape = {"full": (B, H, Sq, Sk), "per_head": (1, H, Sq, Sk), "per_key": (B, 1, 1, Sk)}[self.bias]
+            bias = torch.randn(*shape, dtype=torch.float64, generator=g)
+        if self.bias_neginf > 0:
+            hit = torch.rand(bias.shape, generator=g) < self.bias_neginf
+            bias = bias.masked_fill(hit, -math.inf)
+        return bias.contiguous()
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.), geometric in 2^(-8/n), for any head count."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(heads))
+    slopes = power_of_two(closest)
+    if closest < heads:
+        slopes += power_of_two(2 * closest)[0::2][: heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64)

@@ -1,0 +1,102 @@
+"""The float64 oracle for the dense attention core, written straight from SEMANTICS.md.
+
+Visibility is computed here from index arithmetic alone and shares no code with any
+implementation's mask builders: an oracle that shares a kernel's bug proves nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnbench.spec import Block, Config, Inputs, Spec
+
+NEG_INF = float("-inf")
+
+
+def visible(
+    B: int,
+    Sq: int,
+    Sk: int,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    block: Block | None = None,
+    align: str = "bottom_right",
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean (B, Sq, Sk): may query i of batch b see key j?"""
+    i = torch.arange(Sq).view(Sq, 1)
+    j = torch.arange(Sk).view(1, Sk)
+    p = i + (Sk - Sq) if align == "bottom_right" else i  # the query's absolute position
+    ok = torch.ones(Sq, Sk, dtype=torch.bool)
+    if causal:
+        ok &= j <= p
+    if window is not None:
+        left, right = window
+        if left is not None:
+            ok &= j >= p - left
+        if right is not None:
+            ok &= j <= p + right
+    if block is not None:
+        bq = torch.div(p, block.window_size, rounding_mode="floor")
+        bk = torch.div(j, block.window_size, rounding_mode="floor")
+        ok &= (bk >= bq - block.look_backward) & (bk <= bq + block.look_forward)
+    ok = ok.expand(B, Sq, Sk).clone()
+    if key_padding_mask is not None:
+        ok &= key_padding_mask.cpu().bool().view(B, 1, Sk)
+    return ok
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: Config,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq), in float64, differentiable by autograd.
+
+    Dropout is not part of the oracle: properties check it statistically instead.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"Hq={Hq} is not divisible by Hkv={Hkv}")
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    group = Hq // Hkv
+    k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+    v = v.repeat_interleave(group, dim=1)
+
+    s = cfg.scale * (q @ k.transpose(-1, -2))
+    if bias is not None:
+        s = s + bias.to(torch.float64)
+    vis = visible(
+        B, Sq, Sk, causal=cfg.causal, window=cfg.window, block=cfg.block, align=cfg.align,
+        key_padding_mask=key_padding_mask,
+    ).to(q.device)[:, None]
+    # A -inf logit (from the bias) carries zero weight; treat it like an invisible key so
+    # that a row whose visible logits are all -inf is an empty row.
+    vis = vis & (s > NEG_INF)
+
+    # Fill invisible logits with 0 *before* any exp, so that no inf or NaN (from masked keys
+    # or bias) reaches the backward pass through torch.where.
+    s = torch.where(vis, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    m = torch.where(vis, s, torch.full((), NEG_INF, dtype=s.dtype, device=s.device)).amax(-1, keepdim=True)
+    empty = ~vis.any(-1, keepdim=True)
+    m = torch.where(empty, torch.zeros_like(m), m).detach()
+    p = torch.where(vis, torch.exp(s - m), torch.zeros((), dtype=s.dtype, device=s.device))
+    denom = p.sum(-1, keepdim=True)
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    out = (p / safe) @ v
+    out = torch.where(empty, torch.zeros_like(out), out)
+    lse = torch.where(empty, torch.full_like(denom, NEG_INF), torch.log(safe) + m).squeeze(-1)
+    return out, lse
+
+
+def reference(spec: Spec, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle on a spec's inputs (any dtype/device; computed in float64)."""
+    return attention(
+        inputs.q, inputs.k, inputs.v, spec.config(),
+        key_padding_mask=inputs.key_padding_mask, bias=inputs.bias,
+    )
