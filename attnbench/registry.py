@@ -225,6 +225,17 @@ def _reason(exc: BaseException) -> str:
 _REGISTRY: Registry | None = None
 
 
+def load_zoo() -> list[Impl]:
+    """The bug zoo: deliberately broken implementations, never registered by default."""
+    import attnbench.zoo as pkg
+
+    found = Registry()
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            found.add_module(importlib.import_module(f"{pkg.__name__}.{info.name}"), origin=f"zoo.{info.name}")
+    return list(found.impls.values())
+
+
 def registry(extra: Iterable[str] = ()) -> Registry:
     """The process-wide registry: builtin impls, entry points, then ATTNBENCH_IMPLS / extra."""
     global _REGISTRY

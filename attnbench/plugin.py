@@ -1,0 +1,272 @@
+"""The pytest plugin behind `attnbench verify` and the property suite.
+
+- parametrizes the `impl` fixture of every test marked `@pytest.mark.variant(...)` over the
+  registered, available implementations of those variants (or the bug zoo with --zoo, or the
+  ones named with --impl); properties never name an implementation;
+- gives tests a `device` fixture (--device) and a `measure(ratio)` fixture that keeps the worst
+  error ratio per test;
+- records one CorrectnessRow per test (pass / fail / error / skip) with the failure's minimal
+  spec, Hypothesis seed and a command that replays it, into --attnbench-results (JSON), and
+  streams one `@@attnbench {...}` line per finished test with --attnbench-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnbench.registry import Impl, load_zoo, registry
+
+STREAM_PREFIX = "@@attnbench "
+_STREAM = False
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("attnbench")
+    g.addoption("--impl", action="append", default=[], help="implementation key, name, or package.module:object (repeatable)")
+    g.addoption("--variant", action="append", default=[], help="only these variants (repeatable)")
+    g.addoption("--device", default=None, help="cpu or cuda (default: cpu)")
+    g.addoption("--zoo", action="store_true", help="run against the bug zoo instead of the registered implementations")
+    g.addoption("--attnbench-results", default=None, help="write correctness rows (JSON) here")
+    g.addoption("--attnbench-stream", action="store_true", help="print one machine-readable line per started/finished test")
+    g.addoption("--attnbench-skip-file", default=None, help="deselect the node ids listed in this file (used on restart)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "variant(*names): the variants a property applies to")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line("markers", "perf: benchmarks")
+    config.stash[_ROWS] = []
+    global _STREAM
+    _STREAM = bool(config.getoption("attnbench_stream"))
+    _apply_seed(config)
+
+
+def _apply_seed(config: pytest.Config) -> None:
+    """A derandomized profile (ci) ignores --hypothesis-seed; with an explicit seed, run the
+    same profile randomized by that seed, so `--hypothesis-seed N` really changes the examples."""
+    try:
+        from hypothesis import settings
+
+        import attnbench.properties.profiles  # noqa: F401  (registers ci / dev / thorough)
+    except ImportError:
+        return
+    profile = config.getoption("hypothesis_profile", None)
+    if profile:
+        settings.load_profile(profile)
+    seed = config.getoption("hypothesis_seed", None)
+    if seed is not None and settings.default.derandomize:
+        name = f"{profile or 'default'}-seeded"
+        settings.register_profile(name, parent=settings.default, derandomize=False)
+        settings.load_profile(name)
+
+
+_ROWS = pytest.StashKey[list]()
+_WORST = pytest.StashKey[float]()
+
+
+# -- selection ---------------------------------------------------------------------------
+def selected_impls(config: pytest.Config, variants: tuple[str, ...]) -> list[Impl]:
+    names = config.getoption("impl")
+    wanted_variants = set(config.getoption("variant")) or None
+    if config.getoption("zoo"):
+        pool = [i for i in load_zoo() if not names or i.key in names or i.name in names]
+    elif names:
+        reg = registry(extra=[n for n in names if ":" in n])
+        pool = []
+        for n in names:
+            pool.extend([i for i in reg.impls.values() if i.origin == n] if ":" in n else [reg.get(n)])
+    else:
+        pool = registry().select(available_only=True)
+    out = []
+    for impl in pool:
+        if impl.variant not in variants:
+            continue
+        if wanted_variants and impl.variant not in wanted_variants:
+            continue
+        out.append(impl)
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "impl" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("variant")
+    if marker is None:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: a test taking `impl` needs @pytest.mark.variant(...)")
+    impls = selected_impls(metafunc.config, marker.args)
+    metafunc.parametrize("impl", impls, ids=[i.key for i in impls])
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> str:
+    dev = request.config.getoption("device") or "cpu"
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda but no CUDA device")
+    return dev
+
+
+@pytest.fixture(autouse=True)
+def _check_impl_available(request: pytest.FixtureRequest) -> None:
+    impl = request.node.callspec.params.get("impl") if hasattr(request.node, "callspec") else None
+    if impl is None:
+        return
+    reason = impl.unavailable()
+    if reason:
+        pytest.skip(f"{impl.key} unavailable: {reason}")
+    dev = request.config.getoption("device") or "cpu"
+    if not impl.device_ok(dev):
+        pytest.skip(f"{impl.key} does not run on {dev}")
+
+
+@pytest.fixture
+def measure(request: pytest.FixtureRequest):
+    """Call measure(ratio) with each measured error / allowed error; the worst is reported."""
+
+    def record(ratio: float) -> None:
+        worst = request.node.stash.get(_WORST, None)
+        if ratio == ratio and (worst is None or ratio > worst):  # NaN never lowers the worst
+            request.node.stash[_WORST] = float(ratio)
+        elif ratio != ratio:
+            request.node.stash[_WORST] = float("inf")
+
+    return record
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    path = config.getoption("attnbench_skip_file")
+    if not path or not Path(path).exists():
+        return
+    skip = set(Path(path).read_text().split("\n"))
+    keep = [i for i in items if i.nodeid not in skip]
+    config.hook.pytest_deselected(items=[i for i in items if i.nodeid in skip])
+    items[:] = keep
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    if _STREAM:
+        _emit({"event": "start", "nodeid": nodeid})
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write("\n" + STREAM_PREFIX + json.dumps(event, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# -- reporting ---------------------------------------------------------------------------
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    impl = item.callspec.params.get("impl") if hasattr(item, "callspec") else None
+    if impl is None:
+        return
+    failed = report.failed
+    finished = (report.when == "call") or (report.when == "setup" and (report.failed or report.skipped))
+    if not finished:
+        return
+    text = report.longreprtext if (failed or report.skipped) else ""
+    row = {
+        "variant": impl.variant,
+        "impl": impl.name,
+        "property": getattr(item, "originalname", item.name),
+        "status": _status(report, call),
+        "device": item.config.getoption("device") or "cpu",
+        "reason": _reason(report, call) if (failed or report.skipped) else "",
+        "error_ratio": item.stash.get(_WORST, None),
+        "counterexample": _counterexample(text) if failed else None,
+        "seed": _seed(text, item.config) if failed else None,
+        "replay": replay_command(item, impl) if failed else None,
+        "duration_s": round(report.duration, 3),
+        "nodeid": item.nodeid,
+    }
+    item.config.stash[_ROWS].append(row)
+    if failed:
+        report.sections.append(("attnbench replay", f"{row['replay']}\nminimal spec: {row['counterexample']}\nseed: {row['seed']}"))
+    if _STREAM:
+        _emit(row)
+
+
+def _status(report, call) -> str:
+    if report.skipped:
+        return "skip"
+    if report.passed:
+        return "pass"
+    if report.when == "setup":
+        return "error"
+    return "fail"
+
+
+def _reason(report, call) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    if call.excinfo is not None:
+        exc = call.excinfo.value
+        msg = str(exc).strip().splitlines()
+        first = next((line for line in msg if line.strip()), "")
+        return f"{type(exc).__name__}: {first}"[:400]
+    return report.longreprtext.strip().splitlines()[-1][:400] if report.longreprtext else ""
+
+
+_SPEC = re.compile(r"Spec\(")
+
+
+def _counterexample(text: str) -> str | None:
+    """The last Spec(...) in the falsifying example, parentheses balanced."""
+    starts = [m.start() for m in _SPEC.finditer(text)]
+    for start in reversed(starts):
+        depth = 0
+        for i in range(start, len(text)):
+            depth += text[i] == "("
+            depth -= text[i] == ")"
+            if depth == 0:
+                return " ".join(text[start : i + 1].split())
+    m = re.search(r"Falsifying example: (.+?)(?:\n\n|$)", text, re.S)
+    return " ".join(m.group(1).split())[:600] if m else None
+
+
+def _seed(text: str, config: pytest.Config) -> str | None:
+    m = re.search(r"@reproduce_failure\((.+?)\)", text)
+    if m:
+        return f"@reproduce_failure({m.group(1)})"
+    seed = config.getoption("hypothesis_seed", None)
+    profile = config.getoption("hypothesis_profile", None) or "default"
+    return f"--hypothesis-seed={seed}" if seed is not None else f"derandomized ({profile} profile)"
+
+
+def replay_command(item: pytest.Item, impl: Impl) -> str:
+    cfg = item.config
+    impl_arg = impl.origin if ":" in (impl.origin or "") else impl.key
+    parts = ["attnbench", "verify", "--impl", impl_arg, "--property", getattr(item, "originalname", item.name)]
+    if cfg.getoption("zoo"):
+        parts.append("--zoo")
+    profile = cfg.getoption("hypothesis_profile", None)
+    if profile:
+        parts += ["--profile", profile]
+    seed = cfg.getoption("hypothesis_seed", None)
+    if seed is not None:
+        parts += ["--seed", str(seed)]
+    dev = cfg.getoption("device")
+    if dev:
+        parts += ["--device", dev]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("attnbench_results")
+    if not path:
+        return
+    rows = session.config.stash[_ROWS]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"rows": rows, "time": time.time(), "pid": os.getpid()}, default=str))
