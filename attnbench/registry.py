@@ -61,6 +61,7 @@ class Impl:
     supports: Callable[[Spec], str | None] | None = None
     description: str = ""
     reference: bool = False  # the naive impl the tolerance rule measures others against
+    bug: str = ""  # bug-zoo members: the bug class this deliberately broken impl carries
     origin: str = field(default="", compare=False)  # where it was found
 
     def __post_init__(self) -> None:
