@@ -57,3 +57,61 @@ naive_local = Impl(
     reference=True,
     description="dense band mask over materialized scores",
 )
+
+
+# -- the seed modules on the naive kernel --------------------------------------------------
+# Module Impls are factories fn(**ctor_kwargs) -> nn.Module; the modules are imported lazily
+# because attnbench.modules imports this file for its default kernel.
+def flash_attention_two(**kw):
+    from attnbench.modules.flash_attention_two import FlashAttentionTwo
+
+    return FlashAttentionTwo(**kw, kernel=attention)
+
+
+def multi_query_attention(**kw):
+    from attnbench.modules.multi_query import MultiQueryAttention
+
+    kw.setdefault("attn_impl", "torch")
+    return MultiQueryAttention(**kw, kernel=attention)
+
+
+def local_mha(**kw):
+    from attnbench.modules.local_mha import LocalMHA
+
+    return LocalMHA(**kw, kernel=attention)
+
+
+_MODULE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+naive_flash_attention_two = Impl(
+    name="naive",
+    variant="FlashAttentionTwo",
+    fn=flash_attention_two,
+    features={"causal", "cross", "key_padding", "backward", "deterministic"},
+    dtypes=_MODULE_DTYPES,
+    reference=True,
+    description="FlashAttentionTwo module on the naive kernel (bucket sizes ignored)",
+)
+
+naive_multi_query_attention = Impl(
+    name="naive",
+    variant="MultiQueryAttention",
+    fn=multi_query_attention,
+    features={"causal", "gqa", "cross", "key_padding", "bias", "bias_grad", "dropout", "backward", "deterministic"},
+    dtypes=_MODULE_DTYPES,
+    reference=True,
+    description="MultiQueryAttention (attn_impl='torch') on the naive kernel; KV cache, GQA, ALiBi bias",
+)
+
+naive_local_mha = Impl(
+    name="naive",
+    variant="LocalMHA",
+    fn=local_mha,
+    features={
+        "causal", "sliding_window", "blocked_window", "key_padding", "bias", "bias_grad", "dropout", "backward",
+        "deterministic",
+    },
+    dtypes=_MODULE_DTYPES,
+    reference=True,
+    description="LocalMHA on the naive kernel (dense band mask)",
+)

@@ -1,0 +1,117 @@
+"""LocalMHA (lucidrains local-attention style): multi-head attention restricted to a window,
+either an exact sliding window or LocalAttention's blocked window (buckets of window_size
+looking one bucket back and, unless causal, one forward). The kernel uses variant "local"."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnbench.modules.common import (
+    RotaryXPos,
+    check_bias,
+    check_input,
+    check_kernel,
+    dropout_config,
+    finite_scale,
+    keep_mask,
+    l2norm,
+    merge_heads,
+    naive_kernel,
+    positive_int,
+    probability,
+    split_heads,
+)
+from attnbench.spec import Block, Config
+
+NAME = "LocalMHA"
+
+
+def window_config(window_size: int, causal: bool, exact_windowsize: bool, scale: float) -> Config:
+    """exact: sliding window (W, 0) causal / (W, W) otherwise; else blocked window of W-buckets."""
+    if exact_windowsize:
+        window = (window_size, 0) if causal else (window_size, window_size)
+        return Config(scale=scale, causal=causal, window=window)
+    block = Block(window_size, look_backward=1, look_forward=0 if causal else 1)
+    return Config(scale=scale, causal=causal, block=block)
+
+
+class LocalMHA(nn.Module):
+    """Local multi-head self-attention.
+
+    mask: (batch, seq) keep-mask, True = keep. (The seed document says "True values will be
+      masked"; lucidrains' local-attention and this suite's contract use True = keep, and so does
+      this module. See NOTES.md, Modules.)
+    attn_bias: additive, broadcastable to (batch, heads, seq, seq).
+    qk_rmsnorm: q and k l2-normalized per head, times learned per-dim scales, softmax scale qk_scale.
+    use_xpos: rotary embedding with xpos scaling (scale base xpos_scale_base, default sqrt(dim));
+      without it no positional embedding is applied.
+    Lengths need not be multiples of window_size.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        window_size: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        dropout: float = 0.0,
+        causal: bool = False,
+        prenorm: bool = False,
+        qk_rmsnorm: bool = False,
+        qk_scale: float = 8,
+        use_xpos: bool = False,
+        xpos_scale_base: float | None = None,
+        exact_windowsize: bool = True,
+        kernel=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("window_size", window_size), ("dim_head", dim_head), ("heads", heads)):
+            positive_int(value, name, NAME)
+        check_kernel(kernel, NAME)
+        self.dim, self.window_size, self.dim_head, self.heads = dim, window_size, dim_head, heads
+        self.dropout = probability(dropout, "dropout", NAME)
+        self.causal = bool(causal)
+        self.exact_windowsize = bool(exact_windowsize)
+        self.qk_rmsnorm = bool(qk_rmsnorm)
+        self.qk_scale = finite_scale(qk_scale, "qk_scale", NAME)
+        self.use_xpos = bool(use_xpos)
+        self.xpos_scale_base = math.sqrt(dim) if xpos_scale_base is None else finite_scale(
+            xpos_scale_base, "xpos_scale_base", NAME
+        )
+        self.kernel = kernel if kernel is not None else naive_kernel()
+
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(dim) if prenorm else None
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        if self.qk_rmsnorm:
+            self.q_scale = nn.Parameter(torch.ones(dim_head))
+            self.k_scale = nn.Parameter(torch.ones(dim_head))
+        self.rotary = RotaryXPos(dim_head, self.xpos_scale_base) if self.use_xpos else None
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        scale = self.qk_scale if self.qk_rmsnorm else dim_head**-0.5
+        self.cfg = window_config(window_size, self.causal, self.exact_windowsize, scale)
+
+    @property
+    def prenorm(self) -> bool:
+        return self.norm is not None
+
+    def forward(self, x, mask=None, attn_bias=None) -> torch.Tensor:
+        x = check_input(x, "x", self.dim, NAME)
+        B, S, _ = x.shape
+        mask = keep_mask(mask, B, S, "mask", NAME)
+        attn_bias = check_bias(attn_bias, (B, self.heads, S, S), "attn_bias", NAME)
+        if self.norm is not None:
+            x = self.norm(x)
+        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        if self.qk_rmsnorm:
+            q = l2norm(q) * self.q_scale
+            k = l2norm(k) * self.k_scale
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        cfg = dropout_config(self.cfg, self.dropout, self.training)
+        out = self.kernel(q, k, v, cfg, key_padding_mask=mask, bias=attn_bias)[0]
+        return self.to_out(merge_heads(out))
