@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from attnbench.registry import MODULE_VARIANTS, VARIANTS, load_zoo, registry
+from attnbench.registry import VARIANTS, load_zoo, registry
 
 console = Console(width=max(100, min(Console().width, 140)))
 

@@ -106,7 +106,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("impl", impls, ids=[i.key for i in impls])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device(request: pytest.FixtureRequest) -> str:
     dev = request.config.getoption("device") or "cpu"
     if dev.startswith("cuda"):
@@ -130,18 +130,33 @@ def _check_impl_available(request: pytest.FixtureRequest) -> None:
         pytest.skip(f"{impl.key} does not run on {dev}")
 
 
-@pytest.fixture
-def measure(request: pytest.FixtureRequest):
-    """Call measure(ratio) with each measured error / allowed error; the worst is reported."""
+_CURRENT: list[pytest.Item] = []
 
-    def record(ratio: float) -> None:
-        worst = request.node.stash.get(_WORST, None)
-        if ratio == ratio and (worst is None or ratio > worst):  # NaN never lowers the worst
-            request.node.stash[_WORST] = float(ratio)
-        elif ratio != ratio:
-            request.node.stash[_WORST] = float("inf")
 
-    return record
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    _CURRENT.append(item)
+    try:
+        yield
+    finally:
+        _CURRENT.pop()
+
+
+def record_ratio(ratio: float) -> None:
+    """Record one measured error / allowed error for the running test; the worst is reported."""
+    if not _CURRENT:
+        return
+    item = _CURRENT[-1]
+    ratio = float("inf") if ratio != ratio else float(ratio)  # NaN counts as the worst
+    worst = item.stash.get(_WORST, None)
+    if worst is None or ratio > worst:
+        item.stash[_WORST] = ratio
+
+
+@pytest.fixture(scope="session")
+def measure():
+    """measure(ratio): session-scoped (Hypothesis-safe); records onto the running test."""
+    return record_ratio
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -149,9 +164,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not path or not Path(path).exists():
         return
     skip = set(Path(path).read_text().split("\n"))
-    keep = [i for i in items if i.nodeid not in skip]
     config.hook.pytest_deselected(items=[i for i in items if i.nodeid in skip])
-    items[:] = keep
+    items[:] = [i for i in items if i.nodeid not in skip]
 
 
 def pytest_runtest_logstart(nodeid: str, location) -> None:
@@ -227,7 +241,7 @@ def _counterexample(text: str) -> str | None:
     starts = [m.start() for m in _SPEC.finditer(text)]
     for start in reversed(starts):
         depth = 0
-        for i in range(start, len(text)):
+        for i in range(start + len("Spec"), len(text)):
             depth += text[i] == "("
             depth -= text[i] == ")"
             if depth == 0:

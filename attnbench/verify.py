@@ -48,9 +48,10 @@ def pytest_args(
     device: str = "cpu",
     seed: int | None = None,
     zoo: bool = False,
+    paths: Iterable[str] = (),
 ) -> list[str]:
     args = [
-        str(PROPERTIES_DIR),
+        *(list(paths) or [str(PROPERTIES_DIR)]),
         "-c", str(PYTEST_INI),
         "--rootdir", str(PROPERTIES_DIR),
         "-p", "attnbench.plugin",
@@ -85,9 +86,12 @@ def run(
     zoo: bool = False,
     on_row: Callable[[CorrectnessRow], None] | None = None,
     on_start: Callable[[str], None] | None = None,
+    paths: Iterable[str] = (),
 ) -> Outcome:
+    """paths: property files or folders to run instead of the installed suite (for tests)."""
     base = pytest_args(
-        impls=impls, variants=variants, properties=properties, profile=profile, device=device, seed=seed, zoo=zoo
+        impls=impls, variants=variants, properties=properties, profile=profile, device=device, seed=seed, zoo=zoo,
+        paths=paths,
     )
     env = dict(os.environ)
     if device == "cpu":

@@ -1,0 +1,81 @@
+"""The verify runner and plugin end to end, on a tiny property file of their own: a broken
+implementation is reported failing with reason, minimal spec and replay command, a crashing one
+is contained, and the run goes on to the end."""
+
+from __future__ import annotations
+
+import textwrap
+
+from attnbench import verify
+
+PROPERTY = textwrap.dedent("""
+    import pytest
+    import torch
+    from hypothesis import given, settings, strategies as st
+    from attnbench.oracles.dense import reference
+    from attnbench.spec import Spec
+
+    pytestmark = pytest.mark.variant("dense")
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None)
+    @given(S=st.integers(1, 6), causal=st.booleans())
+    def test_forward_matches_oracle(impl, device, measure, S, causal):
+        spec = Spec(Sq=S, Sk=S + 1, causal=causal, device=device)
+        if not impl.covers(spec):
+            return
+        x = spec.make_inputs()
+        out, _ = impl.fn(x.q, x.k, x.v, spec.config(), x.key_padding_mask, x.bias)
+        err = (out.double() - reference(spec, x)[0]).abs().max().item()
+        measure(err / 1e-4)
+        assert err < 1e-4, f"max error {err:.3g} for {spec.short()}"
+
+    def test_second_property_runs(impl):
+        assert impl.name
+""")
+
+IMPLS = textwrap.dedent("""
+    import os
+    from attnbench.impls.naive import attention
+    from attnbench.registry import Impl
+    from attnbench.spec import Config
+
+    def top_left(q, k, v, cfg, key_padding_mask=None, bias=None):
+        cfg = Config(**{**cfg.__dict__, "align": "top_left"})
+        return attention(q, k, v, cfg, key_padding_mask, bias)
+
+    def crash(q, k, v, cfg, key_padding_mask=None, bias=None):
+        os.abort()
+
+    broken = Impl(name="toplefty", variant="dense", fn=top_left, features={"causal", "cross"})
+    crashing = Impl(name="crashy", variant="dense", fn=crash, features={"causal", "cross"})
+""")
+
+
+def run(tmp_path, monkeypatch, *impls):
+    (tmp_path / "test_prop.py").write_text(PROPERTY)
+    (tmp_path / "mykernels.py").write_text(IMPLS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return verify.run(impls=impls, paths=[str(tmp_path / "test_prop.py")])
+
+
+def test_broken_impl_is_reported_with_counterexample_and_replay(tmp_path, monkeypatch):
+    outcome = run(tmp_path, monkeypatch, "dense/naive", "mykernels:broken")
+    rows = {(r.impl, r.property): r for r in outcome.results.correctness}
+    assert rows[("naive", "test_forward_matches_oracle")].status == "pass"
+    bad = rows[("toplefty", "test_forward_matches_oracle")]
+    assert bad.status == "fail"
+    assert "max error" in bad.reason
+    assert bad.counterexample.startswith("Spec(") and "causal=True" in bad.counterexample
+    assert bad.replay.startswith("attnbench verify --impl mykernels:broken --property test_forward_matches_oracle")
+    assert bad.error_ratio > 1
+    assert rows[("toplefty", "test_second_property_runs")].status == "pass"  # the run went on
+
+
+def test_crashing_impl_is_contained(tmp_path, monkeypatch):
+    outcome = run(tmp_path, monkeypatch, "mykernels:crashing", "dense/naive")
+    rows = {(r.impl, r.property): r for r in outcome.results.correctness}
+    crashed = rows[("crashy", "test_forward_matches_oracle")]
+    assert crashed.status == "error" and "died" in crashed.reason
+    assert rows[("crashy", "test_second_property_runs")].status == "pass"
+    assert rows[("naive", "test_forward_matches_oracle")].status == "pass"
+    assert outcome.crashed
