@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnbench.registry import VARIANTS, load_zoo, registry
+from attnbench.spec import FEATURES
 
 console = Console(width=max(100, min(Console().width, 140)))
 
@@ -35,11 +36,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     reg = registry(extra=[t for t in args.impl if ":" in t])
     impls = load_zoo() if args.zoo else list(reg.impls.values())
     table = Table(title="attnbench implementations" + (" (bug zoo)" if args.zoo else ""), show_lines=False)
-    table.add_column("variant", style="bold")
-    table.add_column("impl")
+    table.add_column("variant", style="bold", no_wrap=True)
+    table.add_column("impl", no_wrap=True)
     table.add_column("status")
-    table.add_column("devices")
-    table.add_column("dtypes")
+    table.add_column("devices / dtypes")
     table.add_column("features", overflow="fold")
     order = list(VARIANTS)
     for impl in sorted(impls, key=lambda i: (order.index(i.variant), not i.reference, i.name)):
@@ -49,10 +49,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         status = "[green]available[/]" if why is None else f"[yellow]unavailable: {why}[/]"
         if args.zoo:
             status = f"[red]{getattr(impl, 'bug', '') or impl.description}[/]"
-        name = impl.name + (" [dim](reference)[/]" if impl.reference else "")
-        dtypes = ",".join(d.replace("float", "f").replace("bf16", "bf16") for d in impl.dtypes)
-        table.add_row(impl.variant, name, status, ",".join(impl.devices), dtypes, " ".join(sorted(impl.features)))
+        name = impl.name + ("*" if impl.reference else "")
+        dtypes = " ".join(d.replace("bfloat", "bf").replace("float", "f") for d in impl.dtypes)
+        table.add_row(impl.variant, name, status, f"{' '.join(impl.devices)} / {dtypes}", _features(impl.features))
     console.print(table)
+    console.print("[dim]* the variant's reference: the tolerance rule measures others against its error[/]")
     missing = [v for v in VARIANTS if not any(i.variant == v for i in impls)]
     if missing and not args.zoo:
         console.print(f"[yellow]variants with no implementation yet:[/] {', '.join(missing)}")
@@ -62,6 +63,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         for v, text in VARIANTS.items():
             console.print(f"[bold]{v}[/]: {text}")
     return 0
+
+
+def _features(features: frozenset[str]) -> str:
+    """Short: the list when few, else 'all but ...' (module variants declare few kernel features)."""
+    missing = FEATURES - features
+    if len(features) > len(FEATURES) / 2:
+        return "all but " + ", ".join(sorted(missing)) if missing else "all"
+    return ", ".join(sorted(features)) or "-"
 
 
 # -- verify ------------------------------------------------------------------------------

@@ -207,7 +207,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     }
     item.config.stash[_ROWS].append(row)
     if failed:
-        report.sections.append(("attnbench replay", f"{row['replay']}\nminimal spec: {row['counterexample']}\nseed: {row['seed']}"))
+        detail = f"{row['replay']}\nminimal spec: {row['counterexample']}\nseed: {row['seed']}"
+        report.sections.append(("attnbench replay", detail))
     if _STREAM:
         _emit(row)
 
