@@ -1,0 +1,208 @@
+"""sdpa: torch.nn.functional.scaled_dot_product_attention, one registration per backend.
+
+Each registration pins its backend with torch.nn.attention.sdpa_kernel, so a backend that
+cannot take an input fails loudly instead of silently running another kernel.
+
+How the contract maps onto SDPA:
+- causal, no other mask: SDPA's is_causal is TOP-LEFT aligned. It is used as is for
+  align="top_left" or Sq == Sk. Bottom-right with Sq > Sk: the first Sq - Sk queries see no
+  key, so they are returned as zeros and the last Sk queries run square-causal. Bottom-right
+  with Sq < Sk: torch.nn.attention.bias.causal_lower_right on flash / efficient (checked to
+  run on the pinned backend), an explicit mask elsewhere.
+- windows, blocks, key padding, bias: one explicit mask (bool, or float = bias with -inf on
+  invisible keys). Flash takes no mask, so it declares none of these.
+- empty rows: SDPA's fused backends give NaN for a row with no visible key, and a NaN
+  anywhere in the softmax poisons dk and dv of every key in the backward pass. So empty rows
+  are opened up (all keys visible, finite logits) before the call and their output is then
+  replaced by 0 with torch.where: their grad_out is 0, so they add exactly 0 to every gradient.
+- grouped heads: enable_gqa where the backend has it (math, flash), else repeat_interleave.
+- dropout: SDPA's own dropout, drawn under torch.manual_seed(cfg.dropout_seed) inside a
+  forked RNG state (the caller's RNG stream is left untouched).
+SDPA's public API returns no logsumexp, so these declare no "lse".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPAParams, SDPBackend, can_use_efficient_attention, can_use_flash_attention, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from attnbench.masks import dense_mask
+from attnbench.registry import Impl
+from attnbench.spec import Config, Spec
+
+BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+NATIVE_GQA = {"math", "flash"}  # enable_gqa runs natively; others get repeat_interleave'd k, v
+TAKES_MASK = {"math", "efficient", "cudnn"}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: Config,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "math",
+) -> tuple[torch.Tensor, None]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown SDPA backend {backend!r}; one of {sorted(BACKENDS)}")
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
+    gqa = Hq != Hkv
+    if gqa and backend not in NATIVE_GQA:
+        k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+        gqa = False
+    kw = dict(scale=cfg.scale, dropout_p=cfg.dropout_p, enable_gqa=gqa)
+    masked = cfg.window is not None or cfg.block is not None or key_padding_mask is not None or bias is not None
+    if masked and backend not in TAKES_MASK:
+        raise ValueError(f"sdpa_{backend}: the {backend} backend takes no attention mask or bias")
+    with sdpa_kernel(BACKENDS[backend]), _seeded(cfg, q.device):
+        if masked:
+            return _masked(q, k, v, cfg, key_padding_mask, bias, kw), None
+        return _unmasked(q, k, v, cfg, backend, kw), None
+
+
+def _unmasked(q, k, v, cfg: Config, backend: str, kw: dict) -> torch.Tensor:
+    Sq, Sk = q.shape[2], k.shape[2]
+    if not cfg.causal:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    if cfg.align == "top_left" or Sq == Sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    if Sq > Sk:  # bottom-right: queries 0 .. Sq-Sk-1 sit before key 0 and see nothing
+        tail = F.scaled_dot_product_attention(q[:, :, Sq - Sk :], k, v, is_causal=True, **kw)
+        head = torch.zeros(*tail.shape[:2], Sq - Sk, tail.shape[3], dtype=tail.dtype, device=tail.device)
+        return torch.cat([head, tail], dim=2)
+    if _lower_right_runs(q, k, v, cfg, backend, kw["enable_gqa"]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Sq, Sk), **kw)
+    if backend == "flash":
+        raise RuntimeError(f"sdpa_flash: flash attention cannot run bottom-right causal for q {tuple(q.shape)}")
+    return _masked(q, k, v, cfg, None, None, kw)
+
+
+def _lower_right_runs(q, k, v, cfg: Config, backend: str, gqa: bool) -> bool:
+    """Will causal_lower_right dispatch to exactly this backend's fused kernel?"""
+    if backend not in ("flash", "efficient") or q.device.type != "cuda":
+        return False
+    params = SDPAParams(q, k, v, None, cfg.dropout_p, False, gqa)
+    flash = can_use_flash_attention(params, False)
+    if backend == "flash":
+        return flash
+    return not flash and can_use_efficient_attention(params, False)
+
+
+def _masked(q, k, v, cfg: Config, key_padding_mask, bias, kw: dict) -> torch.Tensor:
+    B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+    vis = dense_mask(cfg, B, Sq, Sk, key_padding_mask, q.device)  # (B, 1, Sq, Sk) or None
+    if bias is None:
+        empty = ~vis.any(-1, keepdim=True)
+        mask = vis | empty
+    else:
+        mask = bias.to(q.dtype)
+        if vis is not None:
+            mask = torch.where(vis, mask, float("-inf"))
+        empty = ~(mask > float("-inf")).any(-1, keepdim=True)
+        mask = torch.where(empty, 0.0, mask)  # finite logits in empty rows: no NaN anywhere
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    return torch.where(empty, 0.0, out)
+
+
+def _seeded(cfg: Config, device: torch.device):
+    if cfg.dropout_p <= 0:
+        return contextlib.nullcontext()
+    return _fork_and_seed(cfg.dropout_seed, device)
+
+
+@contextlib.contextmanager
+def _fork_and_seed(seed: int, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _fn(backend: str) -> Callable:
+    def fn(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
+        return attention(q, k, v, cfg, key_padding_mask, bias, backend=backend)
+
+    fn.__name__ = fn.__qualname__ = f"sdpa_{backend}"
+    return fn
+
+
+def _head_dim_limit(most: int, multiple: int = 1) -> Callable[[Spec], str | None]:
+    def supports(spec: Spec) -> str | None:
+        for name, d in (("D", spec.D), ("Dv", spec.Dv)):
+            if d > most:
+                return f"head dim {name}={d} > {most}"
+            if d % multiple:
+                return f"head dim {name}={d} is not a multiple of {multiple}"
+        return None
+
+    return supports
+
+
+MASKS = {"sliding_window", "blocked_window", "key_padding", "bias"}
+CORE = {"causal", "gqa", "cross", "top_left", "backward", "dropout"}
+
+sdpa_math = Impl(
+    name="sdpa_math",
+    variant="dense",
+    fn=_fn("math"),
+    features=CORE | MASKS | {"bias_grad", "dv", "deterministic"},
+    description="torch SDPA, math backend (reference composite; any dtype and device)",
+)
+sdpa_flash = Impl(
+    name="sdpa_flash",
+    variant="dense",
+    fn=_fn("flash"),
+    features=CORE,
+    devices=("cuda",),
+    dtypes=("float16", "bfloat16"),
+    supports=_head_dim_limit(256),
+    description="torch SDPA, FlashAttention-2 backend (no mask or bias; bottom-right causal via causal_lower_right)",
+)
+sdpa_efficient = Impl(
+    name="sdpa_efficient",
+    variant="dense",
+    fn=_fn("efficient"),
+    features=CORE | MASKS | {"bias_grad", "dv"},
+    devices=("cuda",),
+    dtypes=("float32", "float16", "bfloat16"),
+    description="torch SDPA, memory-efficient (xformers) backend; masks as a dense attn_mask",
+)
+sdpa_cudnn = Impl(
+    name="sdpa_cudnn",
+    variant="dense",
+    fn=_fn("cudnn"),
+    features=CORE | MASKS,
+    devices=("cuda",),
+    dtypes=("float16", "bfloat16"),
+    supports=_head_dim_limit(128, 8),
+    description="torch SDPA, cuDNN backend; masks as a dense attn_mask",
+)
+
+# Windowed attention through the same calls (an explicit band mask).
+sdpa_math_local = Impl(
+    name="sdpa_math", variant="local", fn=sdpa_math.fn, features=sdpa_math.features,
+    description="torch SDPA math backend with a dense band mask",
+)
+sdpa_efficient_local = Impl(
+    name="sdpa_efficient", variant="local", fn=sdpa_efficient.fn, features=sdpa_efficient.features,
+    devices=sdpa_efficient.devices, dtypes=sdpa_efficient.dtypes,
+    description="torch SDPA memory-efficient backend with a dense band mask",
+)
+sdpa_cudnn_local = Impl(
+    name="sdpa_cudnn", variant="local", fn=sdpa_cudnn.fn, features=sdpa_cudnn.features,
+    devices=sdpa_cudnn.devices, dtypes=sdpa_cudnn.dtypes, supports=sdpa_cudnn.supports,
+    description="torch SDPA cuDNN backend with a dense band mask",
+)
