@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from attnbench.oracles.dense import attention as dense_attention
 
+from attnbench.oracles.dense import attention as dense_attention
 from attnbench.spec import Block, Config
 
 F64 = torch.float64
