@@ -1,0 +1,166 @@
+"""flex: torch.nn.attention.flex_attention with the contract built from small pieces.
+
+Visibility is a mask_mod from attnbench.masks (causal, sliding window, blocked window, key
+padding, combined with and_masks), turned into a BlockMask with create_block_mask so fully
+invisible blocks are skipped. An additive bias is a score_mod that reads the bias tensor
+(broadcast dims indexed at 0); a -inf bias entry gives a -inf score, which flex excludes.
+Grouped heads use enable_gqa (head h reads kv head h // G). The logsumexp comes back through
+return_aux=AuxRequest(lse=True) (return_lse=True on torch versions before it).
+
+Two registrations:
+- flex: torch.compile'd flex_attention on CUDA (the fused Triton kernel), forward and
+  backward. The compiled function is built once; block masks without tensor inputs (no key
+  padding) are cached per (config, Sq, Sk, device).
+- flex_eager: the uncompiled flex_attention on the CPU. torch runs it as an unfused reference
+  that materializes the scores, and it has no backward on the CPU ("FlexAttention does not
+  support backward on CPU"), so it declares no backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch.nn.attention import flex_attention as _flex
+
+from attnbench import masks
+from attnbench.registry import Impl
+from attnbench.spec import Block, Config, Spec
+
+flex_attention = _flex.flex_attention
+create_block_mask = _flex.create_block_mask
+AuxRequest = getattr(_flex, "AuxRequest", None)  # torch >= 2.9; older ones use return_lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: Config,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    compiled: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Sq, Dv), lse (B, Hq, Sq). compiled defaults to True on CUDA, False on the CPU."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
+    if compiled is None:
+        compiled = q.device.type == "cuda"
+    block_mask = _block_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, compiled)
+    score_mod = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != Hkv)
+    if AuxRequest is not None:
+        kwargs["return_aux"] = AuxRequest(lse=True)
+    else:
+        kwargs["return_lse"] = True
+    if compiled:
+        out, aux = _compiled_flex()(q, k, v, **kwargs)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out, aux = flex_attention(q, k, v, **kwargs)
+    lse = aux.lse if AuxRequest is not None else aux
+    return out, lse
+
+
+def bias_mod(bias: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int):
+    """score_mod adding a bias broadcastable to (B, Hq, Sq, Sk); size-1 dims are read at 0."""
+    if bias.dim() > 4:
+        raise ValueError(f"bias: at most 4 dims, got shape {tuple(bias.shape)}")
+    bias4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    try:
+        torch.broadcast_shapes(bias4.shape, (B, Hq, Sq, Sk))
+    except RuntimeError:
+        raise ValueError(f"bias: shape {tuple(bias.shape)} does not broadcast to {(B, Hq, Sq, Sk)}") from None
+    wide = [n > 1 for n in bias4.shape]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        idx = [i if w else 0 for i, w in zip((b, h, q_idx, kv_idx), wide)]
+        return score + bias4[idx[0], idx[1], idx[2], idx[3]].to(score.dtype)
+
+    return mod
+
+
+def _block_mask(cfg: Config, B: int, Sq: int, Sk: int, kpm, device, compiled: bool):
+    if kpm is None:
+        return _cached_block_mask(cfg.causal, cfg.window, cfg.block, cfg.align, Sq, Sk, str(device), compiled)
+    if tuple(kpm.shape) != (B, Sk):
+        raise ValueError(f"key_padding_mask: expected shape ({B}, {Sk}), got {tuple(kpm.shape)}")
+    mod = masks.from_config(cfg, Sq, Sk, kpm.to(device=device, dtype=torch.bool))
+    return create_block_mask(mod, B, None, Sq, Sk, device=device, _compile=compiled)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_block_mask(causal: bool, window, block: Block | None, align: str, Sq: int, Sk: int, device: str,
+                       compiled: bool):
+    cfg = Config(scale=1.0, causal=causal, window=window, block=block, align=align)
+    mod = masks.from_config(cfg, Sq, Sk)
+    if mod is None:
+        return None
+    return create_block_mask(mod, None, None, Sq, Sk, device=device, _compile=compiled)
+
+
+@functools.cache
+def _compiled_flex():
+    # One compiled kernel per shape/mask structure; a benchmark sweep recompiles often, and
+    # dynamo's default limit (8) would silently fall back to the unfused eager path.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 64:
+            setattr(cfg, name, 64)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _min_head_dim(spec: Spec) -> str | None:
+    if min(spec.D, spec.Dv) < 16:
+        return f"flex (compiled) needs head dims >= 16, got D={spec.D}, Dv={spec.Dv}"
+    return None
+
+
+FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse"}
+
+flex = Impl(
+    name="flex",
+    variant="dense",
+    fn=attention,
+    features=FORWARD | {"backward", "bias_grad"},
+    devices=("cuda",),
+    dtypes=("float32", "float16", "bfloat16"),
+    supports=_min_head_dim,
+    description="torch.compile'd FlexAttention: mask_mod block mask + bias score_mod, lse via return_aux",
+)
+flex_local = Impl(
+    name="flex",
+    variant="local",
+    fn=attention,
+    features=flex.features,
+    devices=flex.devices,
+    dtypes=flex.dtypes,
+    supports=_min_head_dim,
+    description="compiled FlexAttention with a window mask_mod (block-sparse: skips blocks outside the band)",
+)
+
+
+def _eager(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
+    return attention(q, k, v, cfg, key_padding_mask, bias, compiled=False)
+
+
+flex_eager = Impl(
+    name="flex_eager",
+    variant="dense",
+    fn=_eager,
+    features=FORWARD,
+    devices=("cpu",),
+    description="uncompiled FlexAttention on the CPU (unfused reference path; forward only)",
+)
+flex_eager_local = Impl(
+    name="flex_eager",
+    variant="local",
+    fn=_eager,
+    features=FORWARD,
+    devices=("cpu",),
+    description="uncompiled FlexAttention on the CPU with a window mask_mod (forward only)",
+)
