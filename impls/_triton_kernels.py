@@ -1,0 +1,518 @@
+"""attnbench's fused attention kernels (FlashAttention-2 scheme), in Triton.
+
+Not scanned by the registry (leading underscore): impls/triton.py loads this file lazily,
+once per mode (compiled or TRITON_INTERPRET), because triton.jit fixes the mode when a
+kernel is defined.
+
+Visibility. Every mask the contract allows (causal, sliding window, blocked window, both
+alignments) is one interval of keys per query: with p = i + off the query's absolute position,
+key j is visible iff lo(p) <= j <= hi(p), where
+
+    lo(p) = max(p - left, (bucket(p) - LB) * W, 0)
+    hi(p) = min(p + right, (bucket(p) + LF + 1) * W - 1, Sk - 1)
+
+(causal is folded into right <= 0 by the host; an unbounded edge is a large sentinel). lo and
+hi never decrease with p, so a block of queries sees the key interval [lo(first), hi(last)]
+and is fully visible on [lo(last), hi(first)]; the kernels loop only over the first interval
+and apply masks only outside the second. The key padding mask and the bias come on top.
+
+Scores are kept in base 2: s2 = log2(e) * (scale * q.k + bias), so softmax uses exp2. lse is
+stored in natural log (float32), -inf for rows that see nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+INTERPRET = bool(knobs.runtime.interpret)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# -- visibility helpers ----------------------------------------------------------------------
+@triton.jit
+def _bucket(p, W, SHIFT_B):
+    # floor(p / W) for p that may be negative: shift by SHIFT_B buckets so the division is exact.
+    return (p + SHIFT_B * W) // W - SHIFT_B
+
+
+@triton.jit
+def _key_lo(p, left, W, LB, SHIFT_B, HAS_BLOCK: tl.constexpr):
+    lo = p - left
+    if HAS_BLOCK:
+        lo = tl.maximum(lo, (_bucket(p, W, SHIFT_B) - LB) * W)
+    return tl.maximum(lo, 0)
+
+
+@triton.jit
+def _key_hi(p, right, Sk, W, LF, SHIFT_B, HAS_BLOCK: tl.constexpr):
+    hi = p + right
+    if HAS_BLOCK:
+        hi = tl.minimum(hi, (_bucket(p, W, SHIFT_B) + LF + 1) * W - 1)
+    return tl.minimum(hi, Sk - 1)
+
+
+@triton.jit
+def _query_lo(j, right, W, LF, HAS_BLOCK: tl.constexpr):
+    # smallest position p with hi(p) >= j (j >= 0)
+    p = j - right
+    if HAS_BLOCK:
+        p = tl.maximum(p, (j // W - LF) * W)
+    return p
+
+
+@triton.jit
+def _query_hi(j, left, W, LB, HAS_BLOCK: tl.constexpr):
+    # largest position p with lo(p) <= j (j >= 0)
+    p = j + left
+    if HAS_BLOCK:
+        p = tl.minimum(p, (j // W + LB + 1) * W - 1)
+    return p
+
+
+@triton.jit
+def _stages(first, full_lo, full_hi, last, BLOCK: tl.constexpr):
+    """Split [first rounded down, last) into masked / unmasked / masked block ranges.
+
+    full_lo, full_hi: the (unclamped, unrounded) interval where no mask is needed."""
+    start = (first // BLOCK) * BLOCK
+    end = tl.maximum(last, start)
+    f_lo = tl.cdiv(tl.maximum(full_lo, 0), BLOCK) * BLOCK
+    f_hi = (tl.maximum(full_hi, 0) // BLOCK) * BLOCK
+    f_lo = tl.minimum(tl.maximum(f_lo, start), end)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), end)
+    return start, f_lo, f_hi, end
+
+
+# -- forward ---------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base,
+    skn, svn, sbm, sbn,
+    offs_m, offs_d, offs_dv, lo_i, hi_i,
+    n_lo, n_hi, Sq, Sk, D, DV, qk_scale,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n[:, None] < Sk) & (offs_d[None, :] < D), other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_BIAS:
+            b_ptrs = bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+            bias = tl.load(b_ptrs, mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk), other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        if MASKED:
+            vis = (offs_n[None, :] >= lo_i[:, None]) & (offs_n[None, :] <= hi_i[:, None])
+            s = tl.where(vis, s, float("-inf"))
+        if HAS_KPM:
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Sk, other=0) != 0
+            s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED or HAS_BIAS or HAS_KPM:
+            # a row with nothing visible so far keeps m = -inf; subtract 0 instead (no NaN)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Sk) & (offs_dv[None, :] < DV), other=0.0)
+        elif EVEN_DV:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(
+    Q, K, V, Bias, KPM, Out, LSE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    sbb, sbh, sbm, sbn, spb, sob, soh, som,
+    Hq, Sq, Sk, D, DV, GROUP,
+    qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M  # longest rows (causal) launch first
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    bias_base = Bias + b * sbb + h * sbh
+    kpm_base = KPM + b * spb
+
+    p_rows = offs_m + off
+    lo_i = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)
+    hi_i = _key_hi(p_rows, right, Sk, W, LF, SHIFT_B, HAS_BLOCK)
+    p_first = start_m + off
+    p_last = tl.minimum(start_m + BLOCK_M, Sq) - 1 + off
+    n0, f_lo, f_hi, n1 = _stages(
+        _key_lo(p_first, left, W, LB, SHIFT_B, HAS_BLOCK),
+        _key_lo(p_last, left, W, LB, SHIFT_B, HAS_BLOCK),
+        _key_hi(p_first, right, Sk, W, LF, SHIFT_B, HAS_BLOCK) + 1,
+        _key_hi(p_last, right, Sk, W, LF, SHIFT_B, HAS_BLOCK) + 1,
+        BLOCK_N,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base, skn, svn, sbm, sbn,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, n0, f_lo, Sq, Sk, D, DV, qk_scale,
+        True, HAS_BIAS, HAS_KPM, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base, skn, svn, sbm, sbn,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
+        False, HAS_BIAS, HAS_KPM, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base, skn, svn, sbm, sbn,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_hi, n1, Sq, Sk, D, DV, qk_scale,
+        True, HAS_BIAS, HAS_KPM, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+    )
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_m < Sq
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+    o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# -- backward --------------------------------------------------------------------------------
+@triton.jit
+def attn_bwd_preprocess(
+    Out, DO, DLSE, Delta,
+    sob, soh, som, sdb, sdh, sdm,
+    Hq, Sq, DV,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse: the softmax-backward correction per query row."""
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < Sq) & (offs_dv[None, :] < DV)
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = bh.to(tl.int64) * Sq + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=offs_m < Sq, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _load_lse2(LSE, row, mask):
+    # base-2 lse; +inf for empty rows (and padding rows) so that exp2(s2 - lse2) = 0 there
+    lse = tl.load(LSE + row, mask=mask, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base,
+    sqm, sdm, sbm, sbn,
+    offs_n, offs_d, offs_dv,
+    m_lo, m_hi, Sq, Sk, D, DV, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    LSE, Delta,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[:, None] * sqm + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * sdm + offs_dv[None, :]
+        if MASKED:
+            row_ok = offs_m < Sq
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse2 = _load_lse2(LSE, lse_row + offs_m, row_ok)
+            delta = tl.load(Delta + lse_row + offs_m, mask=row_ok, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
+            if EVEN_DV:
+                do = tl.load(do_ptrs)
+            else:
+                do = tl.load(do_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+            lse = tl.load(LSE + lse_row + offs_m)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(Delta + lse_row + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if HAS_BIAS:
+            b_ptrs = bias_base + offs_m[None, :] * sbm + offs_n[:, None] * sbn
+            bias = tl.load(b_ptrs, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk), other=0.0)
+            s_t += bias.to(tl.float32) * 1.4426950408889634
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            p_rows = offs_m + off
+            lo = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)
+            hi = _key_hi(p_rows, right, Sk, W, LF, SHIFT_B, HAS_BLOCK)
+            vis = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :])
+            p_t = tl.where(vis, p_t, 0.0)
+        if HAS_KPM:
+            p_t = tl.where(kp[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(
+    Q, K, V, Bias, KPM, DO, LSE, Delta, DK, DVal,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    Hq, Hkv, Sq, Sk, D, DV, GROUP,
+    sm_scale, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key block, batch, kv head): dk, dv summed over the group's query heads."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Sk
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_KPM:
+        kp = tl.load(KPM + b * spb + offs_n, mask=col_ok, other=0) != 0
+    else:
+        kp = col_ok
+
+    # query rows that see any key of this block, and those that see all of it
+    n_last = tl.minimum(start_n + BLOCK_N, Sk) - 1
+    full_lo = _query_lo(n_last, right, W, LF, HAS_BLOCK) - off
+    full_hi = _query_hi(start_n, left, W, LB, HAS_BLOCK) - off + 1
+    full_hi = tl.minimum(full_hi, Sq)
+    if start_n + BLOCK_N > Sk:
+        full_hi = full_lo  # partial key block: masked only
+    m0, f_lo, f_hi, m1 = _stages(
+        tl.maximum(_query_lo(start_n, right, W, LF, HAS_BLOCK) - off, 0),
+        full_lo, full_hi,
+        tl.minimum(_query_hi(n_last, left, W, LB, HAS_BLOCK) - off + 1, Sq),
+        BLOCK_M,
+    )
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        bias_base = Bias + b * sbb + h * sbh
+        lse_row = (b * Hq + h) * Sq
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
+            offs_n, offs_d, offs_dv, m0, f_lo, Sq, Sk, D, DV, qk_scale,
+            off, left, right, W, LB, LF, SHIFT_B, LSE, Delta,
+            True, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
+            offs_n, offs_d, offs_dv, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
+            off, left, right, W, LB, LF, SHIFT_B, LSE, Delta,
+            False, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
+            offs_n, offs_d, offs_dv, f_hi, m1, Sq, Sk, D, DV, qk_scale,
+            off, left, right, W, LB, LF, SHIFT_B, LSE, Delta,
+            True, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
+        )
+
+    dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+    dv_ptrs = DVal + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(dv_ptrs, dv.to(DVal.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base, dbias_base,
+    skn, svn, sbm, sbn,
+    offs_m, offs_d, offs_dv, lo_i, hi_i,
+    n_lo, n_hi, Sq, Sk, D, DV, qk_scale,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, STORE_DBIAS: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n[:, None] < Sk) & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Sk) & (offs_dv[None, :] < DV), other=0.0)
+        else:
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+            if EVEN_DV:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        tile_ok = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
+        if HAS_BIAS:
+            bias = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=tile_ok, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = (offs_n[None, :] >= lo_i[:, None]) & (offs_n[None, :] <= hi_i[:, None])
+            p = tl.where(vis, p, 0.0)
+        if HAS_KPM:
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Sk, other=0) != 0
+            p = tl.where(keep[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if STORE_DBIAS:
+            tl.store(dbias_base + offs_m[:, None] * Sk + offs_n[None, :], ds, mask=tile_ok)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq(
+    Q, K, V, Bias, KPM, DO, LSE, Delta, DQ, DBias,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+    Hq, Sq, Sk, D, DV, GROUP,
+    sm_scale, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr, STORE_DBIAS: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (query block, batch, query head): dq, and dbias = ds when asked."""
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row = bh.to(tl.int64) * Sq + offs_m
+    lse2 = _load_lse2(LSE, row, row_ok)
+    delta = tl.load(Delta + row, mask=row_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    bias_base = Bias + b * sbb + h * sbh
+    kpm_base = KPM + b * spb
+    dbias_base = DBias + bh.to(tl.int64) * Sq * Sk
+
+    p_rows = offs_m + off
+    lo_i = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)
+    hi_i = _key_hi(p_rows, right, Sk, W, LF, SHIFT_B, HAS_BLOCK)
+    p_first = start_m + off
+    p_last = tl.minimum(start_m + BLOCK_M, Sq) - 1 + off
+    n0, f_lo, f_hi, n1 = _stages(
+        _key_lo(p_first, left, W, LB, SHIFT_B, HAS_BLOCK),
+        _key_lo(p_last, left, W, LB, SHIFT_B, HAS_BLOCK),
+        _key_hi(p_first, right, Sk, W, LF, SHIFT_B, HAS_BLOCK) + 1,
+        _key_hi(p_last, right, Sk, W, LF, SHIFT_B, HAS_BLOCK) + 1,
+        BLOCK_N,
+    )
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base, dbias_base, skn, svn, sbm, sbn,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, n0, f_lo, Sq, Sk, D, DV, qk_scale,
+        True, HAS_BIAS, HAS_KPM, STORE_DBIAS, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+    )
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base, dbias_base, skn, svn, sbm, sbn,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
+        False, HAS_BIAS, HAS_KPM, STORE_DBIAS, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+    )
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, bias_base, kpm_base, dbias_base, skn, svn, sbm, sbn,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_hi, n1, Sq, Sk, D, DV, qk_scale,
+        True, HAS_BIAS, HAS_KPM, STORE_DBIAS, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+    )
+
+    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# -- launch configurations -------------------------------------------------------------------
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# On the interpreter a single small config (blocks of 16 exercise multi-block paths on tiny shapes).
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+FWD_CONFIGS = [
+    _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 2),
+    _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 4),
+]
+DKDV_CONFIGS = [
+    _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
+    _cfg(16, 128, 4, 4), _cfg(64, 128, 8, 2),
+]
+DQ_CONFIGS = [
+    _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 4),
+    _cfg(64, 32, 4, 4),
+]
+TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS", "HAS_KPM", "HAS_BLOCK"]
+
+if INTERPRET:
+    fwd, bwd_dkdv, bwd_dq = attn_fwd, attn_bwd_dkdv, attn_bwd_dq
+else:
+    fwd = triton.autotune(FWD_CONFIGS, key=TUNE_KEY)(attn_fwd)
+    bwd_dkdv = triton.autotune(DKDV_CONFIGS, key=TUNE_KEY)(attn_bwd_dkdv)
+    bwd_dq = triton.autotune(DQ_CONFIGS, key=[*TUNE_KEY, "STORE_DBIAS"])(attn_bwd_dq)
+bwd_preprocess = attn_bwd_preprocess

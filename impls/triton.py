@@ -1,0 +1,325 @@
+"""triton: attnbench's own fused attention kernel (FlashAttention-2 scheme), forward and backward.
+
+One kernel call serves every mask the contract has (causal either alignment, sliding and
+blocked windows), grouped heads without repeating K/V, a key padding mask and an additive bias
+(with its gradient). Key blocks a query block cannot see are skipped by the loop bounds; masks
+run only on edge blocks. The kernels live in impls/_triton_kernels.py.
+
+Triton fixes compiled-vs-interpreted when a kernel is defined, so the kernel file is loaded
+lazily, once per mode, with TRITON_INTERPRET read at call time: CPU tensors need
+TRITON_INTERPRET=1 (and no bfloat16: the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from attnbench.registry import Impl
+from attnbench.spec import ALIGNS, Config, Spec
+
+BIG = 1 << 29  # an unbounded window edge; far beyond any sequence length
+MAX_HEAD_DIM = 256
+MAX_BLOCK_WINDOW = 1 << 24
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNELS: dict[bool, ModuleType] = {}
+
+
+def interpret_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter (read now, not at import)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def kernels(interpret: bool | None = None) -> ModuleType:
+    """The kernel module compiled for `interpret` (default: what TRITON_INTERPRET says now)."""
+    interpret = interpret_requested() if interpret is None else interpret
+    if interpret not in _KERNELS:
+        name = f"attnbench.impls._triton_kernels_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_triton_kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        if module.INTERPRET != interpret:
+            raise RuntimeError(f"triton: could not load the kernels with interpret={interpret} (triton.knobs override?)")
+        _KERNELS[interpret] = module
+    return _KERNELS[interpret]
+
+
+# -- checks ---------------------------------------------------------------------------------
+def _check(q, k, v, cfg: Config, key_padding_mask, bias) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"triton: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"triton: {name} must be 4-d (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"triton: {name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"triton: {name} is on {t.device}, q on {q.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"triton: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"triton: batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if v.shape[1] != Hkv or v.shape[2] != Sk:
+        raise ValueError(f"triton: v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, Sk)")
+    if Dk != D:
+        raise ValueError(f"triton: k head dim {Dk} != q head dim {D}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"triton: Hq={Hq} is not divisible by Hkv={Hkv}")
+    if max(D, v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={v.shape[3]}")
+    if cfg.dropout_p:
+        raise ValueError(f"triton: cfg.dropout_p={cfg.dropout_p}: this kernel has no dropout")
+    if cfg.align not in ALIGNS:
+        raise ValueError(f"triton: cfg.align must be one of {ALIGNS}, got {cfg.align!r}")
+    if not math.isfinite(cfg.scale):
+        raise ValueError(f"triton: cfg.scale must be finite, got {cfg.scale}")
+    if cfg.block is not None and not 1 <= cfg.block.window_size <= MAX_BLOCK_WINDOW:
+        raise ValueError(f"triton: cfg.block.window_size must be in [1, {MAX_BLOCK_WINDOW}], got {cfg.block.window_size}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"triton: key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Sk):
+            raise ValueError(f"triton: key_padding_mask must be (B, Sk) = {(B, Sk)}, got {tuple(key_padding_mask.shape)}")
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"triton: bias must be a floating tensor, got {bias.dtype}")
+        full = (B, Hq, Sq, Sk)
+        try:
+            ok = torch.broadcast_shapes(bias.shape, full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"triton: bias shape {tuple(bias.shape)} does not broadcast to {full}")
+    if q.device.type == "cpu" and not interpret_requested():
+        raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+
+
+# -- launches -------------------------------------------------------------------------------
+def _mask_args(cfg: Config, Sq: int, Sk: int) -> tuple[dict, bool]:
+    """Every mask as the interval lo(p) <= j <= hi(p) (see _triton_kernels.py)."""
+    off = Sk - Sq if cfg.align == "bottom_right" else 0
+    left, right = cfg.window if cfg.window is not None else (None, None)
+    left = BIG if left is None else min(int(left), BIG)
+    right = BIG if right is None else min(int(right), BIG)
+    if cfg.causal:
+        right = min(right, 0)
+    W, lb, lf = 1, 0, 0
+    if cfg.block is not None:
+        W = cfg.block.window_size
+        cap = (Sq + Sk) // W + 2  # looking further than this many buckets changes nothing
+        lb, lf = min(cfg.block.look_backward, cap), min(cfg.block.look_forward, cap)
+    shift_b = -(-max(0, -off) // W) + 1  # buckets to shift so that p + shift_b * W > 0
+    return dict(off=off, left=left, right=right, W=W, LB=lb, LF=lf, SHIFT_B=shift_b), cfg.block is not None
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _strides(t: torch.Tensor | None, n: int) -> list[int]:
+    return list(t.stride()[:n]) if t is not None else [0] * n
+
+
+def _launch(kernel, length: int, block: str, heads: int, interpret: bool, **kwargs) -> None:
+    """Launch over (cdiv(length, block size), heads); autotuned unless interpreting."""
+    if interpret:
+        sizes = kernels(True).INTERPRET_CONFIG
+        kernel[(_cdiv(length, sizes[block]), heads)](**kwargs, **sizes)
+    else:
+        kernel[lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _common(q, k, v, cfg, kpm, bias_full) -> dict:
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    masks, has_block = _mask_args(cfg, Sq, Sk)
+    sbb, sbh, sbm, sbn = _strides(bias_full, 4)
+    args = dict(
+        Q=q, K=k, V=v, Bias=bias_full if bias_full is not None else q, KPM=kpm if kpm is not None else q,
+        sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2),
+        skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
+        svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
+        sbb=sbb, sbh=sbh, sbm=sbm, sbn=sbn, spb=kpm.stride(0) if kpm is not None else 0,
+        Sq=Sq, Sk=Sk, D=D, DV=Dv, GROUP=Hq // Hkv,
+        qk_scale=cfg.scale * 1.4426950408889634, **masks,
+        HAS_BIAS=bias_full is not None, HAS_KPM=kpm is not None, HAS_BLOCK=has_block,
+        EVEN_D=D == _pow2(D), EVEN_DV=Dv == _pow2(Dv), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return args
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _forward(q, k, v, cfg, kpm, bias_full):
+    B, Hq, Sq, _ = q.shape
+    Sk, Dv = k.shape[2], v.shape[3]
+    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Sk == 0:
+        return out.zero_(), lse.fill_(-math.inf)
+    interpret = interpret_requested()
+    args = _common(q, k, v, cfg, kpm, bias_full)
+    args.update(Out=out, LSE=lse, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
+    with _device_ctx(q):
+        _launch(kernels(interpret).fwd, Sq, "BLOCK_M", B * Hq, interpret, **args)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, dlse, cfg, kpm, bias_full, want_dbias):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = torch.zeros(B, Hq, Sq, Sk, dtype=torch.float32, device=q.device) if want_dbias else None
+    if q.numel() == 0 or Sk == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
+    interpret = interpret_requested()
+    ker = kernels(interpret)
+    delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    common = _common(q, k, v, cfg, kpm, bias_full)
+    grads = dict(DO=dout, LSE=lse, Delta=delta, sdb=dout.stride(0), sdh=dout.stride(1), sdm=dout.stride(2))
+    with _device_ctx(q):
+        block_m = 64 if not interpret else 16
+        ker.bwd_preprocess[(_cdiv(Sq, block_m), B * Hq)](
+            out, dout, dlse if dlse is not None else lse, delta,
+            out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            Hq, Sq, Dv, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_DV=_pow2(Dv),
+        )
+        _launch(
+            ker.bwd_dkdv, Sk, "BLOCK_N", B * Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
+            sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2),
+            sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), Hq=Hq, Hkv=Hkv, sm_scale=cfg.scale,
+        )
+        _launch(
+            ker.bwd_dq, Sq, "BLOCK_M", B * Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
+            sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), Hq=Hq, sm_scale=cfg.scale,
+            STORE_DBIAS=want_dbias,
+        )
+    return dq, dk, dv, dbias
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a (B, Hq, Sq, Sk) gradient to the shape the bias was broadcast from."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, key_padding_mask, cfg):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        B, Hq, Sq, _ = q.shape
+        Sk = k.shape[2]
+        bias_full = None if bias is None else bias.expand(B, Hq, Sq, Sk)
+        kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+        out, lse = _forward(q, k, v, cfg, kpm, bias_full)
+        ctx.save_for_backward(q, k, v, out, lse, bias_full, kpm)
+        ctx.cfg = cfg
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias_full, kpm = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
+        dlse = None if dlse is None else dlse.float().contiguous()
+        want_dbias = bias_full is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout, dlse, ctx.cfg, kpm, bias_full, want_dbias)
+        if dbias is not None:
+            dbias = _sum_to(dbias, ctx.bias_shape).to(ctx.bias_dtype)
+        return dq, dk, dv, dbias, None, None
+
+
+def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (-inf on empty rows)."""
+    _check(q, k, v, cfg, key_padding_mask, bias)
+    return _Attention.apply(q, k, v, bias, key_padding_mask, cfg)
+
+
+# -- registration ---------------------------------------------------------------------------
+def supports(spec: Spec) -> str | None:
+    if spec.device.split(":")[0] == "cpu":
+        if not interpret_requested():
+            return "cpu needs TRITON_INTERPRET=1"
+        if spec.dtype == "bfloat16":
+            return "bfloat16 on cpu: the Triton interpreter's bf16 dot is wrong"
+    if max(spec.D, spec.Dv) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM}"
+    if spec.block is not None and spec.block.window_size > MAX_BLOCK_WINDOW:
+        return f"blocked window_size up to {MAX_BLOCK_WINDOW}"
+    return None
+
+
+FEATURES = frozenset({
+    "causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "bias_grad",
+    "top_left", "dv", "backward", "lse", "deterministic",
+})
+
+triton_dense = Impl(
+    name="triton",
+    variant="dense",
+    fn=attention,
+    features=FEATURES,
+    devices=("cuda", "cpu"),
+    dtypes=("float32", "float16", "bfloat16"),
+    requires=("triton",),
+    supports=supports,
+    description="attnbench's fused Triton kernel (FA2 scheme): block-skipping windows, GQA without repeat, "
+    "padding, bias with gradient; cpu only under TRITON_INTERPRET=1",
+)
+
+triton_local = Impl(
+    name="triton",
+    variant="local",
+    fn=attention,
+    features=FEATURES,
+    devices=("cuda", "cpu"),
+    dtypes=("float32", "float16", "bfloat16"),
+    requires=("triton",),
+    supports=supports,
+    description="the same fused kernel; sliding windows skip key blocks outside the band",
+)
