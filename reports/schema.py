@@ -10,8 +10,23 @@ Schema `attnbench.results/1` (JSON):
   "perf": [PerfRow...],
   "zoo": [ZooRow...]
 }
-Rows are flat dicts (the dataclasses below); unknown keys are kept, so newer writers stay
-readable by older readers. Bump SCHEMA only for incompatible changes.
+Rows are flat dicts (the dataclasses below); unknown keys are kept (loaded as attributes and
+written back by save()), so newer writers stay readable by older readers. Bump SCHEMA only for
+incompatible changes.
+
+Field conventions the reports rely on:
+- CorrectnessRow.status: pass | fail | error (the check itself crashed) | skip (unsupported;
+  `reason` says why). error_ratio is worst error / allowed error, so <= 1 passes; the report's
+  matrix shows the worst ratio of each (variant, impl, property) cell.
+- PerfRow.pct_peak is a percentage (0-100) of peaks["matmul_tflops"]; when absent the report
+  derives it from tflops. ms / ms_p20 / ms_p80 are milliseconds; mem_bytes is bytes. `shape`
+  keys B, Sq, Sk are the sweep; rows that agree on every other shape key (and variant, mode)
+  form one table and one plot.
+- ZooRow.caught_by lists the properties that killed the member; `detail` (optional) says what
+  the planted bug does.
+
+Additive changes since attnbench.results/1 was first written: ZooRow.detail; save() keeps the
+unknown keys a row was loaded with.
 """
 
 from __future__ import annotations
@@ -70,6 +85,7 @@ class ZooRow:
     bug_class: str
     caught_by: list[str] = field(default_factory=list)
     status: str = "caught"  # caught | missed
+    detail: str = ""  # what the planted bug does
 
 
 @dataclass
@@ -83,7 +99,10 @@ class Results:
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in ("correctness", "perf", "zoo"):
+            data[name] = [_row_dict(r) for r in getattr(self, name)]
+        return data
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -116,6 +135,13 @@ class Results:
             zoo=self.zoo + other.zoo,
             created=self.created,
         )
+
+
+def _row_dict(row) -> dict[str, Any]:
+    data = dataclasses.asdict(row)
+    names = {f.name for f in dataclasses.fields(row)}
+    data.update({k: v for k, v in vars(row).items() if k not in names})
+    return data
 
 
 def _row(cls, data: dict[str, Any]):

@@ -1,0 +1,569 @@
+"""Report data: what every renderer (terminal, Markdown, HTML) shows, computed once.
+
+The renderers only lay these out; every grouping, merging and formatting rule lives here so
+the three outputs always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnbench.reports.schema import CorrectnessRow, PerfRow, Results, ZooRow
+
+# A matrix cell merges every row of one (variant, impl, property); the worst status wins.
+_SEVERITY = {"none": 0, "skip": 1, "pass": 2, "error": 3, "fail": 4}
+STATUSES = ("pass", "fail", "error", "skip")
+SWEEP_KEYS = ("B", "Sq", "Sk")  # shape keys a perf sweep varies; the rest names the group
+
+
+# -- formatting ------------------------------------------------------------------------
+def fmt_ratio(x: float | None) -> str:
+    """An error ratio in at most 4 characters: 0.31, 4.2, 42, 420, 4e3."""
+    if x is None:
+        return ""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if x < 0.01:
+        return "<.01"
+    if x < 10:
+        return f"{x:.2g}" if x >= 1 else f"{x:.2f}"
+    if x < 1000:
+        return f"{x:.0f}"
+    exp = int(math.floor(math.log10(x)))
+    return f"{x / 10**exp:.0f}e{exp}"
+
+
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return ""
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def fmt_num(x: float | None, digits: int = 1) -> str:
+    return "" if x is None else f"{x:,.{digits}f}"
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return ""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable; keeps the type checker quiet
+
+
+def fmt_speedup(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}×"
+
+
+def fmt_spread(row: PerfRow) -> str:
+    """Half the p20-p80 range as a percentage of the median: the run-to-run noise."""
+    if row.ms is None or row.ms_p20 is None or row.ms_p80 is None or row.ms <= 0:
+        return ""
+    return f"±{50 * (row.ms_p80 - row.ms_p20) / row.ms:.0f}%"
+
+
+# -- correctness matrix ----------------------------------------------------------------
+@dataclass
+class Cell:
+    status: str = "none"  # pass | fail | error | skip | none (never run)
+    ratio: float | None = None  # worst error ratio among the rows of the winning status
+    rows: list[CorrectnessRow] = field(default_factory=list)
+
+    def add(self, row: CorrectnessRow) -> None:
+        status = row.status if row.status in _SEVERITY else "error"
+        self.rows.append(row)
+        if _SEVERITY[status] > _SEVERITY[self.status]:
+            self.status, self.ratio = status, None
+        if status == self.status and row.error_ratio is not None:
+            self.ratio = row.error_ratio if self.ratio is None else _max(self.ratio, row.error_ratio)
+
+    def text(self, unicode: bool = True) -> str:
+        """'✓ 0.31', '✗ 4.2', '! err', '–' (unsupported), '' (not run)."""
+        mark = {"pass": "✓", "fail": "✗", "error": "!", "skip": "–", "none": ""}
+        if not unicode:
+            mark = {"pass": "ok", "fail": "X", "error": "!", "skip": "-", "none": ""}
+        if self.status == "error":
+            return f"{mark['error']} err"
+        if self.status in ("pass", "fail") and self.ratio is not None:
+            return f"{mark[self.status]} {fmt_ratio(self.ratio)}"
+        return mark[self.status]
+
+    def reasons(self) -> list[str]:
+        """Distinct reasons of the rows that decided the cell."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            if row.status == self.status and row.reason:
+                seen.setdefault(row.reason)
+        return list(seen)
+
+
+def _max(a: float, b: float) -> float:
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, b)
+
+
+@dataclass
+class Matrix:
+    variant: str
+    impls: list[str]
+    properties: list[str]
+    cells: dict[tuple[str, str], Cell]  # (property, impl) -> cell
+
+    def cell(self, prop: str, impl: str) -> Cell:
+        return self.cells.get((prop, impl), Cell())
+
+
+def variant_order(names: list[str]) -> list[str]:
+    """Variants in the registry's order, unknown ones after, in first-seen order."""
+    try:
+        from attnbench.registry import VARIANTS
+
+        known = list(VARIANTS)
+    except Exception:  # the report must render even where the registry cannot import
+        known = []
+    first = list(dict.fromkeys(names))
+    return sorted(first, key=lambda v: (known.index(v) if v in known else len(known), first.index(v)))
+
+
+def matrices(rows: list[CorrectnessRow]) -> list[Matrix]:
+    """One implementation x property matrix per variant; producer order is kept."""
+    by_variant: dict[str, list[CorrectnessRow]] = defaultdict(list)
+    for row in rows:
+        by_variant[row.variant].append(row)
+    out = []
+    for variant in variant_order([r.variant for r in rows]):
+        vrows = by_variant[variant]
+        cells: dict[tuple[str, str], Cell] = {}
+        for row in vrows:
+            cells.setdefault((row.property, row.impl), Cell()).add(row)
+        impls = list(dict.fromkeys(r.impl for r in vrows))
+        props = list(dict.fromkeys(r.property for r in vrows))
+        out.append(Matrix(variant, impls, props, cells))
+    return out
+
+
+def failures(rows: list[CorrectnessRow]) -> list[CorrectnessRow]:
+    """Every failing or erroring row, grouped by variant, then implementation."""
+    bad = [r for r in rows if r.status not in ("pass", "skip")]
+    order = variant_order([r.variant for r in rows])
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    return sorted(bad, key=lambda r: (order.index(r.variant), impls.index(r.impl)))
+
+
+def failure_title(row: CorrectnessRow) -> str:
+    where = " ".join(x for x in (row.dtype, row.device) if x)
+    return f"{row.variant} / {row.impl} · {row.property}" + (f" · {where}" if where else "")
+
+
+def skip_reasons(rows: list[CorrectnessRow]) -> dict[tuple[str, str], Counter]:
+    """Why properties were not run, per (variant, impl): reason -> count."""
+    out: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for row in rows:
+        if row.status == "skip":
+            out[(row.variant, row.impl)][row.reason or "no reason given"] += 1
+    return dict(out)
+
+
+def counts(rows: list[CorrectnessRow]) -> Counter:
+    return Counter(r.status if r.status in STATUSES else "error" for r in rows)
+
+
+# -- performance -----------------------------------------------------------------------
+def shape_key(shape: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
+    """A stable text key for a shape dict (lists and tuples compare equal after JSON)."""
+    return json.dumps({k: v for k, v in sorted(shape.items()) if k not in drop}, default=str)
+
+
+def seq_len(shape: dict[str, Any]) -> int:
+    return int(shape.get("Sk") or shape.get("Sq") or shape.get("S") or 0)
+
+
+def seq_label(shape: dict[str, Any]) -> str:
+    sq, sk = shape.get("Sq"), shape.get("Sk")
+    if sq is not None and sk is not None and sq != sk:
+        return f"{sq}→{sk}"
+    return str(sq if sq is not None else sk if sk is not None else shape.get("S", "?"))
+
+
+@dataclass
+class PerfGroup:
+    """Rows of one variant and mode that differ only in batch and sequence length."""
+
+    variant: str
+    mode: str
+    shape: dict[str, Any]  # the fixed part of the shape
+    rows: list[PerfRow]
+
+    @property
+    def title(self) -> str:
+        return " · ".join([self.variant, self.mode, *describe_shape(self.shape)])
+
+    @property
+    def slug(self) -> str:
+        text = "-".join([self.variant, self.mode, *describe_shape(self.shape)])
+        keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+        return "-".join(p for p in keep.split("-") if p)
+
+    @property
+    def impls(self) -> list[str]:
+        return list(dict.fromkeys(r.impl for r in self.rows))
+
+    def sorted_rows(self) -> list[PerfRow]:
+        impls = self.impls
+        return sorted(self.rows, key=lambda r: (seq_len(r.shape), r.shape.get("Sq") or 0, impls.index(r.impl)))
+
+
+def describe_shape(shape: dict[str, Any]) -> list[str]:
+    """Short words for the fixed part of a shape: dtype, heads, head dim, masking."""
+    s = dict(shape)
+    words = []
+    if "dtype" in s:
+        words.append(str(s.pop("dtype")).replace("float", "fp").replace("bfp16", "bf16"))
+    hq, hkv = s.pop("Hq", None), s.pop("Hkv", None)
+    if hq is not None:
+        words.append(f"H{hq}" if hkv in (None, hq) else f"H{hq}/kv{hkv}")
+    if "D" in s:
+        d, dv = s.pop("D"), s.pop("Dv", None)
+        words.append(f"D{d}" if dv in (None, d) else f"D{d}/v{dv}")
+    causal = s.pop("causal", None)
+    if causal:
+        words.append("causal")
+    window = s.pop("window", None)
+    if window is not None:
+        words.append(f"window {tuple(window) if isinstance(window, list) else window}")
+    for key, value in sorted(s.items()):
+        if value is not None and value is not False:
+            words.append(key if value is True else f"{key}={value}")
+    return words
+
+
+def perf_groups(rows: list[PerfRow]) -> list[PerfGroup]:
+    groups: dict[tuple[str, str, str], PerfGroup] = {}
+    for row in rows:
+        key = (row.variant, row.mode, shape_key(row.shape, SWEEP_KEYS))
+        if key not in groups:
+            fixed = {k: v for k, v in row.shape.items() if k not in SWEEP_KEYS}
+            groups[key] = PerfGroup(row.variant, row.mode, fixed, [])
+        groups[key].rows.append(row)
+    order = variant_order([r.variant for r in rows])
+    modes = ["fwd", "bwd", "fwdbwd"]
+    return sorted(
+        groups.values(),
+        key=lambda g: (order.index(g.variant), modes.index(g.mode) if g.mode in modes else 9),
+    )
+
+
+def pct_peak(row: PerfRow, peaks: dict[str, Any]) -> float | None:
+    """Percent of the measured matmul peak: the producer's number, else TFLOP/s / peak."""
+    if row.pct_peak is not None:
+        return row.pct_peak
+    peak = peaks.get("matmul_tflops") if peaks else None
+    if row.tflops is not None and peak:
+        return 100.0 * row.tflops / float(peak)
+    return None
+
+
+def status_text(row: PerfRow) -> str:
+    return {"oom": "OOM", "unsupported": "n/a", "error": "error"}.get(row.status, row.status)
+
+
+PERF_HEADERS = ("S", "B", "impl", "ms", "noise", "TFLOP/s", "% peak", "GB/s", "memory", "speedup")
+
+
+def perf_cells(row: PerfRow, peaks: dict[str, Any]) -> list[str]:
+    """One table row: S, B, impl, ms, noise, TFLOP/s, % peak, GB/s, memory, speedup."""
+    head = [seq_label(row.shape), str(row.shape.get("B", "")), row.impl]
+    if row.status != "ok":
+        return head + [status_text(row), "", "", "", "", fmt_bytes(row.mem_bytes), ""]
+    pct = pct_peak(row, peaks)
+    return head + [
+        fmt_ms(row.ms),
+        fmt_spread(row),
+        fmt_num(row.tflops),
+        "" if pct is None else f"{pct:.0f}%",
+        fmt_num(row.gbps, 0),
+        fmt_bytes(row.mem_bytes),
+        fmt_speedup(row.speedup),
+    ]
+
+
+def best_tflops(group: PerfGroup) -> dict[str, float]:
+    """Highest TFLOP/s per sequence label, to highlight the winner of each row block."""
+    best: dict[str, float] = {}
+    for row in group.rows:
+        if row.status == "ok" and row.tflops is not None:
+            label = seq_label(row.shape)
+            best[label] = max(best.get(label, 0.0), row.tflops)
+    return best
+
+
+def perf_notes(group: PerfGroup) -> list[str]:
+    """Why cells are missing: OOM / unsupported / error reasons, one line each."""
+    notes = []
+    for row in group.sorted_rows():
+        if row.status != "ok" and row.reason:
+            notes.append(f"{row.impl} at S={seq_label(row.shape)}: {status_text(row)}: {row.reason}")
+    return notes
+
+
+# -- bug zoo ---------------------------------------------------------------------------
+def zoo_summary(rows: list[ZooRow]) -> str:
+    if not rows:
+        return ""
+    caught = sum(r.status == "caught" for r in rows)
+    missed = [r.member for r in rows if r.status != "caught"]
+    text = f"bug zoo: {caught}/{len(rows)} killed"
+    return text + (f"; missed: {', '.join(missed)}" if missed else "")
+
+
+# -- environment -----------------------------------------------------------------------
+ENV_KEYS = (
+    ("device", "device_name"),
+    ("driver", "driver"),
+    ("CUDA", "cuda"),
+    ("cuDNN", "cudnn"),
+    ("torch", "torch"),
+    ("triton", "triton"),
+    ("flash-attn", "flash_attn"),
+    ("hypothesis", "hypothesis"),
+    ("python", "python"),
+    ("platform", "platform"),
+    ("host", "host"),
+    ("commit", "commit"),
+)
+
+
+def env_rows(results: Results) -> list[tuple[str, str]]:
+    """(label, value) pairs: the well-known keys first, then anything else the writer added."""
+    env = results.env or {}
+    rows = []
+    known = {key for _, key in ENV_KEYS}
+    for label, key in ENV_KEYS:
+        value = env.get(key)
+        if key == "device_name" and env.get("device"):
+            value = f"{value or '?'} ({env['device']})"
+        rows.append((label, "not installed" if value is None and key == "flash_attn" else _plain(value)))
+    for key, value in sorted(env.items()):
+        if key not in known and key != "device":
+            rows.append((key, _plain(value)))
+    for key, value in sorted((results.peaks or {}).items()):
+        rows.append((f"peak {key}", _plain(value)))
+    rows.append(("created", results.created or ""))
+    return [(k, v) for k, v in rows if v != ""]
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def headline(results: Results) -> str:
+    """One line: device, library versions, commit, date."""
+    env = results.env or {}
+    parts = [str(env.get("device_name") or env.get("device") or "unknown device")]
+    for label, key in (("torch", "torch"), ("triton", "triton"), ("flash-attn", "flash_attn")):
+        if env.get(key):
+            parts.append(f"{label} {env[key]}")
+    if env.get("commit"):
+        parts.append(f"commit {env['commit']}")
+    if results.created:
+        parts.append(results.created[:10])
+    return " · ".join(parts)
+
+
+def correctness_line(rows: list[CorrectnessRow]) -> str:
+    c = counts(rows)
+    return f"{c['pass']} pass · {c['fail']} fail · {c['error']} error · {c['skip']} unsupported"
+
+
+# -- comparing two runs ----------------------------------------------------------------
+@dataclass
+class PerfChange:
+    variant: str
+    mode: str
+    impl: str
+    shape: dict[str, Any]
+    a: PerfRow | None
+    b: PerfRow | None
+    verdict: str  # slower | faster | same | broke | fixed | new | gone | n/a
+
+    @property
+    def ratio(self) -> float | None:
+        """b's median time over a's: above 1 is slower."""
+        if self.a is None or self.b is None or not self.a.ms or self.b.ms is None:
+            return None
+        return self.b.ms / self.a.ms
+
+
+@dataclass
+class CorrectnessChange:
+    variant: str
+    impl: str
+    property: str
+    a: Cell
+    b: Cell
+    verdict: str  # newly failing | fixed | new | gone | changed
+
+
+@dataclass
+class ZooChange:
+    member: str
+    a: str | None  # caught | missed | None (absent)
+    b: str | None
+
+
+@dataclass
+class Comparison:
+    a: Results
+    b: Results
+    threshold: float
+    perf: list[PerfChange]
+    correctness: list[CorrectnessChange]
+    zoo: list[ZooChange]
+
+    def env_diff(self) -> list[tuple[str, str, str]]:
+        ea, eb = dict(env_rows(self.a)), dict(env_rows(self.b))
+        labels = list(dict.fromkeys([*ea, *eb]))
+        return [(k, ea.get(k, ""), eb.get(k, "")) for k in labels if ea.get(k, "") != eb.get(k, "")]
+
+    def same_device(self) -> bool:
+        return (self.a.env or {}).get("device_name") == (self.b.env or {}).get("device_name")
+
+    def regressions(self) -> list[str]:
+        """Everything that got worse, one line each: slower cells, new failures, missed bugs."""
+        out = []
+        for c in self.perf:
+            if c.verdict == "slower":
+                out.append(f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: {c.ratio:.2f}× slower")
+            elif c.verdict == "broke":
+                out.append(f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: now {status_text(c.b)}")
+        for c in self.correctness:
+            if c.verdict == "newly failing":
+                out.append(f"{c.variant}/{c.impl} {c.property}: {c.a.text()} → {c.b.text()}")
+        for z in self.zoo:
+            if z.a == "caught" and z.b == "missed":
+                out.append(f"zoo {z.member}: no longer caught")
+        return out
+
+    def improvements(self) -> list[str]:
+        out = [
+            f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: {1 / c.ratio:.2f}× faster"
+            for c in self.perf
+            if c.verdict == "faster" and c.ratio
+        ]
+        out += [f"{c.variant}/{c.impl} {c.property}: fixed" for c in self.correctness if c.verdict == "fixed"]
+        return out
+
+
+def compare_runs(a: Results, b: Results, threshold: float = 0.10) -> Comparison:
+    """Match two runs cell by cell.
+
+    A perf cell is `slower` when b's median is more than (1 + threshold) times a's and, where
+    both carry p20/p80, b's p20 is above a's p80 (the noise bands do not overlap); `faster`
+    symmetrically. A correctness cell is `newly failing` when it passed (or was not run) in a
+    and fails or errors in b.
+    """
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 10):
+        raise ValueError(f"threshold: must be a number in [0, 10), got {threshold!r}")
+    return Comparison(a, b, float(threshold), _perf_changes(a, b, threshold), _correctness_changes(a, b), _zoo(a, b))
+
+
+def _perf_key(row: PerfRow) -> tuple[str, str, str, str]:
+    return (row.variant, row.mode, row.impl, shape_key(row.shape))
+
+
+def _perf_changes(a: Results, b: Results, threshold: float) -> list[PerfChange]:
+    rows_a = {_perf_key(r): r for r in a.perf}
+    rows_b = {_perf_key(r): r for r in b.perf}
+    out = []
+    for group in perf_groups(a.perf + b.perf):
+        seen = set()
+        for row in group.sorted_rows():
+            key = _perf_key(row)
+            if key in seen:
+                continue
+            seen.add(key)
+            ra, rb = rows_a.get(key), rows_b.get(key)
+            change = PerfChange(row.variant, row.mode, row.impl, row.shape, ra, rb, "")
+            change.verdict = _perf_verdict(change, threshold)
+            out.append(change)
+    return out
+
+
+def _perf_verdict(c: PerfChange, threshold: float) -> str:
+    if c.a is None:
+        return "new"
+    if c.b is None:
+        return "gone"
+    ok_a, ok_b = c.a.status == "ok" and c.a.ms, c.b.status == "ok" and c.b.ms is not None
+    if ok_a and not ok_b:
+        return "broke"
+    if ok_b and not ok_a:
+        return "fixed"
+    if not (ok_a and ok_b):
+        return "n/a"
+    ratio = c.ratio
+    bands = None not in (c.a.ms_p20, c.a.ms_p80, c.b.ms_p20, c.b.ms_p80)
+    if ratio > 1 + threshold and (not bands or c.b.ms_p20 > c.a.ms_p80):
+        return "slower"
+    if ratio < 1 / (1 + threshold) and (not bands or c.b.ms_p80 < c.a.ms_p20):
+        return "faster"
+    return "same"
+
+
+def _correctness_changes(a: Results, b: Results) -> list[CorrectnessChange]:
+    cells_a = {(m.variant, p, i): m.cell(p, i) for m in matrices(a.correctness) for p in m.properties for i in m.impls}
+    out = []
+    for m in matrices(a.correctness + b.correctness):
+        mb = next((x for x in matrices(b.correctness) if x.variant == m.variant), None)
+        for prop in m.properties:
+            for impl in m.impls:
+                ca = cells_a.get((m.variant, prop, impl), Cell())
+                cb = mb.cell(prop, impl) if mb else Cell()
+                verdict = _cell_verdict(ca, cb)
+                if verdict:
+                    out.append(CorrectnessChange(m.variant, impl, prop, ca, cb, verdict))
+    return out
+
+
+def _cell_verdict(a: Cell, b: Cell) -> str:
+    bad = ("fail", "error")
+    if a.status == b.status:
+        return ""
+    if b.status in bad and a.status not in bad:
+        return "newly failing"
+    if a.status in bad and b.status == "pass":
+        return "fixed"
+    if a.status == "none":
+        return "new"
+    if b.status == "none":
+        return "gone"
+    return "changed"
+
+
+def _zoo(a: Results, b: Results) -> list[ZooChange]:
+    sa = {z.member: z.status for z in a.zoo}
+    sb = {z.member: z.status for z in b.zoo}
+    members = list(dict.fromkeys([*sa, *sb]))
+    return [ZooChange(m, sa.get(m), sb.get(m)) for m in members if sa.get(m) != sb.get(m)]
