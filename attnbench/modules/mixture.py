@@ -30,7 +30,7 @@ Kernels: attention runs through the registry's dense kernels (fn(q, k, v, cfg, k
 `use_triton=True` requires dense/triton: if that kernel is missing or cannot run the call, the
 forward raises KernelUnavailable naming what to install. Never a silent fallback. The seed
 documents default both flags to True; here they default to None ("auto"): on CUDA the first of
-flash_attn, triton, sdpa, naive that can run the call, on the CPU naive. The kernel actually
+flash_attn, triton, sdpa_efficient, naive that can run the call, on the CPU naive. The kernel actually
 used is in `module.last_kernel`. A flag set to False removes that kernel from the automatic
 choice.
 
@@ -54,7 +54,7 @@ from attnbench.spec import Block, Config
 
 ROUTERS = ("straight_through", "coor_descent")
 STRATEGIES = ("loop", "batched", "flex")
-AUTO_CUDA_KERNELS = ("flash_attn", "triton", "sdpa", "naive")
+AUTO_CUDA_KERNELS = ("flash_attn", "triton", "sdpa_efficient", "naive")
 INSTALL_HINT = {
     "flash_attn": "install flash-attn (`pip install flash-attn`, CUDA only) or pass flash_attn=False",
     "triton": "install triton (`pip install attnbench[triton]`) and run on CUDA (or set TRITON_INTERPRET=1 "
