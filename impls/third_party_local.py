@@ -86,3 +86,47 @@ local_attention = Impl(
     supports=_supports,
     description="lucidrains local-attention LocalAttention (look-around buckets, autopad)",
 )
+
+
+# -- LocalMHA ----------------------------------------------------------------------------------
+def local_mha(**kwargs):
+    """local-attention's LocalMHA built from the seed document's constructor arguments.
+
+    Parameter layout (to_qkv, to_out, norm, q_scale, k_scale) is the seed's, so the module
+    oracle reads it directly. The library always passes dim=dim_head to LocalAttention, which
+    turns on a rotary embedding; the seed module has a positional embedding only with
+    use_xpos, so the adapter passes use_rotary_pos_emb=use_xpos. xpos_scale_base defaults to
+    sqrt(dim) as the seed document says (the library's own default is window_size // 2).
+    attn_bias is not mapped: the library's is a per-window (heads, w, (lb+1+lf) w) tensor,
+    not the seed's (batch, heads, seq, seq), so the adapter refuses it.
+    """
+    from local_attention import LocalMHA
+
+    class LucidrainsLocalMHA(LocalMHA):
+        def __init__(self, *, dim, window_size, dim_head=64, heads=8, dropout=0.0, causal=False, prenorm=False,
+                     qk_rmsnorm=False, qk_scale=8, use_xpos=False, xpos_scale_base=None, exact_windowsize=True):
+            scale_base = math.sqrt(dim) if xpos_scale_base is None else xpos_scale_base
+            super().__init__(dim=dim, window_size=window_size, dim_head=dim_head, heads=heads, dropout=dropout,
+                             causal=causal, prenorm=prenorm, qk_rmsnorm=qk_rmsnorm, qk_scale=qk_scale,
+                             use_xpos=use_xpos, xpos_scale_base=scale_base, exact_windowsize=exact_windowsize,
+                             use_rotary_pos_emb=use_xpos)
+            # what the seed module exposes and the module oracle reads
+            self.dim, self.dim_head, self.qk_scale = dim, dim_head, qk_scale
+            self.use_xpos, self.xpos_scale_base = use_xpos, scale_base
+
+        def forward(self, x, mask=None, attn_bias=None):
+            if attn_bias is not None:
+                raise ValueError("attn_bias: local-attention's LocalMHA takes a per-window bias, not (B, H, S, S)")
+            return super().forward(x, mask=mask)
+
+    return LucidrainsLocalMHA(**kwargs)
+
+
+local_attention_local_mha = Impl(
+    name="local_attention",
+    variant="LocalMHA",
+    fn=local_mha,
+    features={"causal", "sliding_window", "blocked_window", "key_padding", "backward"},
+    requires=("local_attention",),
+    description="lucidrains local-attention LocalMHA (rotary only with use_xpos; no attn_bias)",
+)
