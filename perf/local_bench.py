@@ -26,7 +26,7 @@ import gc
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,15 @@ def direct_candidates(S: int, W: int, device: str) -> list[Candidate]:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
     out.append(Candidate("sdpa_efficient_densemask", "direct", sdpa_dense))
+
+    # bucketed with quarter-window buckets looking 4 back: 1.25 W + 1 keys scored per query
+    # instead of the default geometry's 2 W (w = W, one bucket back).
+    from attnbench.impls.bucketed import Geometry, attention
+
+    geom = Geometry(w=-(-W // 4), nb=4, nf=0)
+    cfg = Spec(Sq=S, causal=True, window=(W, 0), D=1).config()
+    out.append(Candidate(f"bucketed_w{geom.w}", "direct",
+                         lambda q, k, v: attention(q, k, v, replace(cfg, scale=q.shape[-1] ** -0.5), geom=geom)[0]))
     return out
 
 
@@ -213,7 +222,7 @@ def memory_sweep(base: Spec, W: int, sizes: list[int], skip: set[str], deadline:
     names = None
     for S in sizes:
         spec = base.replace(Sq=S, Sk=None)
-        cands = direct_candidates(S, W, spec.device) + registry_candidates(spec)[0]
+        cands = registry_candidates(spec)[0] + direct_candidates(S, W, spec.device)
         if names is None:
             names = [c.name for c in cands if c.name not in skip]
         for c in cands:
