@@ -62,6 +62,7 @@ class Impl:
     description: str = ""
     reference: bool = False  # the naive impl the tolerance rule measures others against
     bug: str = ""  # bug-zoo members: the bug class this deliberately broken impl carries
+    memory: str = ""  # "linear": promises O(S) extra memory (blockwise / fused); perf checks the slope
     origin: str = field(default="", compare=False)  # where it was found
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class Impl:
         bad = set(self.dtypes) - set(DTYPES)
         if bad:
             raise ValueError(f"Impl {self.name!r}: unknown dtypes {sorted(bad)}")
+        if self.memory not in ("", "linear", "quadratic"):
+            raise ValueError(f"Impl {self.name!r}: memory must be '', 'linear' or 'quadratic', got {self.memory!r}")
 
     @property
     def key(self) -> str:
