@@ -138,7 +138,7 @@ def _md_overview(results: Results) -> str:
         ok = sum(r.status == "ok" for r in results.perf)
         parts.append(f"**Performance:** {ok} of {len(results.perf)} cells measured.")
     if results.zoo:
-        parts.append(f"**{T.zoo_summary(results.zoo).capitalize()}.**")
+        parts.append(f"**{_cap(T.zoo_summary(results.zoo))}.**")
     return " ".join(parts) or "No results."
 
 
@@ -389,21 +389,22 @@ def _html_zoo(results: Results) -> list[str]:
         headers, rows = headers[:-1], [r[:-1] for r in rows]
     return [
         '<h2 id="zoo">Bug zoo</h2>',
-        f'<p class="legend">{_e(T.zoo_summary(results.zoo).capitalize())}. Each member is a deliberately '
+        f'<p class="legend">{_e(_cap(T.zoo_summary(results.zoo)))}. Each member is a deliberately '
         "broken implementation; the properties that caught it are listed.</p>",
         _table(headers, rows),
     ]
 
 
 # -- comparison files ------------------------------------------------------------------
-def _compare_perf_rows(cmp: T.Comparison) -> list[tuple[str, list[list[str]], list[str]]]:
-    """Per perf group: (title, rows of text cells, verdicts)."""
-    groups: dict[str, tuple[str, list[list[str]], list[str]]] = {}
+def _compare_perf_rows(cmp: T.Comparison) -> list[tuple[str, list[list[str]], list[str], str]]:
+    """Per perf group: (title, rows of text cells, verdicts, geometric-mean line)."""
+    groups: dict[str, tuple[str, list[list[str]], list[str], list[T.PerfChange]]] = {}
     for c in cmp.perf:
         key = "|".join([c.variant, c.mode, T.shape_key(c.shape, T.SWEEP_KEYS)])
         fixed = {k: v for k, v in c.shape.items() if k not in T.SWEEP_KEYS}
         title = " · ".join([c.variant, c.mode, *T.describe_shape(fixed)])
-        _, rows, verdicts = groups.setdefault(key, (title, [], []))
+        _, rows, verdicts, changes = groups.setdefault(key, (title, [], [], []))
+        changes.append(c)
         ratio = c.ratio
         rows.append([
             T.seq_label(c.shape), c.impl, _ms(c.a), _ms(c.b), "" if ratio is None else f"{ratio:.2f}×",
@@ -411,7 +412,12 @@ def _compare_perf_rows(cmp: T.Comparison) -> list[tuple[str, list[list[str]], li
             "" if c.verdict in ("same", "n/a") else c.verdict,
         ])  # fmt: skip
         verdicts.append(c.verdict)
-    return list(groups.values())
+    out = []
+    for title, rows, verdicts, changes in groups.values():
+        means = T.geomean_ratios(changes)
+        line = ", ".join(f"{impl} {r:.2f}×" for impl, r in means.items())
+        out.append((title, rows, verdicts, f"Geometric mean time ratio: {line}." if line else ""))
+    return out
 
 
 def _ms(row) -> str:
@@ -442,8 +448,9 @@ def compare_markdown(cmp: T.Comparison, names: tuple[str, str] = ("A", "B")) -> 
         lines += ["## Environment changes", "", *_md_table(["", a, b], [list(d) for d in diff])]
     if cmp.perf:
         lines += ["## Performance", ""]
-        for title, rows, _ in _compare_perf_rows(cmp):
+        for title, rows, _, mean in _compare_perf_rows(cmp):
             lines += [f"### {title}", "", *_md_table(_compare_headers(names), rows, right={0, 2, 3, 4, 5, 6})]
+            lines += [mean, ""] if mean else []
     if cmp.a.correctness or cmp.b.correctness:
         lines += ["## Correctness changes", ""]
         if cmp.correctness:
@@ -484,10 +491,12 @@ def compare_html(cmp: T.Comparison, names: tuple[str, str] = ("A", "B")) -> str:
     if cmp.perf:
         body.append("<h2>Performance</h2>")
         cls = {"slower": "error", "broke": "oom", "faster": "best", "fixed": "best"}
-        for title, rows, verdicts in _compare_perf_rows(cmp):
+        for title, rows, verdicts, mean in _compare_perf_rows(cmp):
             body.append(f"<h3>{_e(title)}</h3>")
             body.append(_table([_e(h) for h in _compare_headers(names)], [[_e(c) for c in r] for r in rows],
                                num={0, 2, 3, 4, 5, 6}, row_cls=[cls.get(v, "") for v in verdicts]))  # fmt: skip
+            if mean:
+                body.append(f'<p class="legend">{_e(mean)}</p>')
     if cmp.a.correctness or cmp.b.correctness:
         body.append("<h2>Correctness changes</h2>")
         if cmp.correctness:
@@ -504,3 +513,7 @@ def compare_html(cmp: T.Comparison, names: tuple[str, str] = ("A", "B")) -> str:
         items = "".join(f"<li>{_e(z.member)}: {_e(z.a or 'absent')} → {_e(z.b or 'absent')}</li>" for z in cmp.zoo)
         body.append(f"<h2>Bug zoo changes</h2><ul>{items}</ul>")
     return _page(f"attnbench comparison {a} → {b}", body)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]

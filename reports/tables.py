@@ -476,6 +476,15 @@ class Comparison:
         return out
 
 
+def geomean_ratios(changes: list[PerfChange]) -> dict[str, float]:
+    """Per implementation, the geometric mean of b/a time ratios over the matched cells."""
+    logs: dict[str, list[float]] = defaultdict(list)
+    for c in changes:
+        if c.ratio and c.ratio > 0 and c.verdict not in ("broke", "fixed"):
+            logs[c.impl].append(math.log(c.ratio))
+    return {impl: math.exp(sum(v) / len(v)) for impl, v in logs.items()}
+
+
 def compare_runs(a: Results, b: Results, threshold: float = 0.10) -> Comparison:
     """Match two runs cell by cell.
 
@@ -533,14 +542,14 @@ def _perf_verdict(c: PerfChange, threshold: float) -> str:
 
 
 def _correctness_changes(a: Results, b: Results) -> list[CorrectnessChange]:
-    cells_a = {(m.variant, p, i): m.cell(p, i) for m in matrices(a.correctness) for p in m.properties for i in m.impls}
+    ma = {m.variant: m for m in matrices(a.correctness)}
+    mb = {m.variant: m for m in matrices(b.correctness)}
     out = []
     for m in matrices(a.correctness + b.correctness):
-        mb = next((x for x in matrices(b.correctness) if x.variant == m.variant), None)
         for prop in m.properties:
             for impl in m.impls:
-                ca = cells_a.get((m.variant, prop, impl), Cell())
-                cb = mb.cell(prop, impl) if mb else Cell()
+                ca = ma[m.variant].cell(prop, impl) if m.variant in ma else Cell()
+                cb = mb[m.variant].cell(prop, impl) if m.variant in mb else Cell()
                 verdict = _cell_verdict(ca, cb)
                 if verdict:
                     out.append(CorrectnessChange(m.variant, impl, prop, ca, cb, verdict))

@@ -387,6 +387,10 @@ def _compare_perf(cmp: T.Comparison, console: Console, na: str, nb: str) -> None
                 Text("" if c.verdict in ("same", "n/a") else c.verdict, style=_VERDICT_STYLE.get(c.verdict, "")),
             )  # fmt: skip
         console.print(table)
+        means = T.geomean_ratios(changes)
+        if means:
+            text = ", ".join(f"{impl} {r:.2f}×" for impl, r in means.items())
+            console.print(Text(f"  geometric mean {nb} ÷ {na}: {text}", style="dim"), overflow="fold")
 
 
 def _ms_or_status(row) -> str:
