@@ -191,17 +191,19 @@ def _forward(q, k, v, cfg, kpm, bias_full):
     Sk, Dv = k.shape[2], v.shape[3]
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    # what the backward reads: row max (base 2) and 1 / row sum; +inf and 0 on empty rows
+    m2, inv_l = torch.empty_like(lse), torch.empty_like(lse)
     if out.numel() == 0 or Sk == 0:
-        return out.zero_(), lse.fill_(-math.inf)
+        return out.zero_(), lse.fill_(-math.inf), (m2.fill_(math.inf), inv_l.zero_())
     interpret = interpret_requested()
     args = _common(q, k, v, cfg, kpm, bias_full)
-    args.update(Out=out, LSE=lse, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
+    args.update(Out=out, LSE=lse, M2=m2, INVL=inv_l, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
     with _device_ctx(q):
         _launch(kernels(interpret).fwd, Sq, "BLOCK_M", B * Hq, interpret, **args)
-    return out, lse
+    return out, lse, (m2, inv_l)
 
 
-def _backward(q, k, v, out, lse, dout, dlse, cfg, kpm, bias_full, want_dbias):
+def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias):
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -212,11 +214,11 @@ def _backward(q, k, v, out, lse, dout, dlse, cfg, kpm, bias_full, want_dbias):
     ker = kernels(interpret)
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     common = _common(q, k, v, cfg, kpm, bias_full)
-    grads = dict(DO=dout, LSE=lse, Delta=delta, sdb=dout.stride(0), sdh=dout.stride(1), sdm=dout.stride(2))
+    grads = dict(DO=dout, M2=stats[0], INVL=stats[1], Delta=delta, sdb=dout.stride(0), sdh=dout.stride(1), sdm=dout.stride(2))
     with _device_ctx(q):
         block_m = 64 if not interpret else 16
         ker.bwd_preprocess[(_cdiv(Sq, block_m), B * Hq)](
-            out, dout, dlse if dlse is not None else lse, delta,
+            out, dout, dlse if dlse is not None else delta, delta,
             out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             Hq, Sq, Dv, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_DV=_pow2(Dv),
         )
@@ -254,8 +256,8 @@ class _Attention(torch.autograd.Function):
         Sk = k.shape[2]
         bias_full = None if bias is None else bias.expand(B, Hq, Sq, Sk)
         kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-        out, lse = _forward(q, k, v, cfg, kpm, bias_full)
-        ctx.save_for_backward(q, k, v, out, lse, bias_full, kpm)
+        out, lse, (m2, inv_l) = _forward(q, k, v, cfg, kpm, bias_full)
+        ctx.save_for_backward(q, k, v, out, m2, inv_l, bias_full, kpm)
         ctx.cfg = cfg
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -264,11 +266,11 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias_full, kpm = ctx.saved_tensors
+        q, k, v, out, m2, inv_l, bias_full, kpm = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         want_dbias = bias_full is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, out, lse, dout, dlse, ctx.cfg, kpm, bias_full, want_dbias)
+        dq, dk, dv, dbias = _backward(q, k, v, out, (m2, inv_l), dout, dlse, ctx.cfg, kpm, bias_full, want_dbias)
         if dbias is not None:
             dbias = _sum_to(dbias, ctx.bias_shape).to(ctx.bias_dtype)
         return dq, dk, dv, dbias, None, None

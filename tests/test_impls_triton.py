@@ -1,0 +1,280 @@
+"""attnbench's fused Triton kernel (impls/triton.py) against the float64 oracle.
+
+CPU tests run the kernels in the Triton interpreter (TRITON_INTERPRET=1, set per test by a
+fixture: impls/triton.py reads it at call time and loads the kernels once per mode) on tiny
+shapes whose lengths straddle the interpreter's 16-wide blocks. GPU tests (`-m gpu`) run the
+compiled, autotuned kernels in float16, bfloat16 and float32 at realistic sizes.
+
+Accuracy rule (flash-attention's): max |triton - oracle| <= K * max |naive - oracle| + floor,
+with naive (impls/naive.py) in the same dtype on the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from attnbench.impls import naive
+from attnbench.impls import triton as tri
+from attnbench.oracles.dense import reference, visible
+from attnbench.registry import registry
+from attnbench.spec import Config, Spec
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+EPS = {"float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.8e-3}
+K = {"out": 3.0, "lse": 3.0, "grad": 4.0}
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _run(fn, spec: Spec, inputs, lse_weight=None):
+    """out, lse and the gradients of <out, grad_out> (+ <lse, w> on finite rows) w.r.t. the leaves."""
+    leaves = [inputs.q, inputs.k, inputs.v] + ([inputs.bias] if inputs.bias is not None else [])
+    out, lse = fn(inputs.q, inputs.k, inputs.v, spec.config(), inputs.key_padding_mask, inputs.bias)
+    loss = (out.double() * inputs.grad_out.double()).sum()
+    if lse_weight is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0).double() * lse_weight).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return out.detach(), lse.detach(), [g.detach() for g in grads]
+
+
+def _err(a: torch.Tensor, e: torch.Tensor) -> float:
+    a, e = a.double().cpu(), e.double().cpu()
+    assert not torch.isnan(a).any(), "NaN in result"
+    fin = torch.isfinite(e)
+    assert torch.equal(torch.isfinite(a), fin), "non-finite pattern differs from the oracle"
+    assert torch.equal(a[~fin], e[~fin]), "infinities differ from the oracle"
+    return float((a - e)[fin].abs().max()) if fin.any() else 0.0
+
+
+def _close(name: str, got, ref, oracle, dtype: str, k: float) -> None:
+    scale = max(1.0, float(oracle[torch.isfinite(oracle)].abs().max())) if torch.isfinite(oracle).any() else 1.0
+    allowed = k * _err(ref, oracle) + 8 * EPS[dtype] * scale
+    error = _err(got, oracle)
+    assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g}"
+
+
+def check(spec: Spec, lse_grad: bool = False) -> None:
+    """Forward, lse and gradients of the Triton kernel within the naive-relative tolerance."""
+    w = None
+    if lse_grad:
+        w = torch.randn(spec.B, spec.Hq, spec.Sq, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        w = w.to(spec.device)
+    got = _run(tri.attention, spec, spec.make_inputs(requires_grad=True), w)
+    ref = _run(naive.attention, spec, spec.make_inputs(requires_grad=True), w)
+    oracle_in = spec.make_inputs(requires_grad=True)
+    for name in ("q", "k", "v", "bias", "grad_out"):
+        t = getattr(oracle_in, name)
+        if t is not None:
+            setattr(oracle_in, name, t.detach().double().requires_grad_(name != "grad_out"))
+    oracle = _run(lambda q, k, v, cfg, m, b: reference(spec, oracle_in), spec, oracle_in, w)
+    _close("out", got[0], ref[0], oracle[0], spec.dtype, K["out"])
+    _close("lse", got[1], ref[1].float(), oracle[1], spec.dtype, K["lse"])
+    names = ["dq", "dk", "dv", "dbias"]
+    for name, g, r, o in zip(names, got[2], ref[2], oracle[2]):
+        _close(name, g, r, o, spec.dtype, K["grad"])
+
+
+# -- interpreter: pinned specs ----------------------------------------------------------------
+SPECS = {
+    "causal_sq_lt_sk": Spec(Hq=2, Sq=20, Sk=37, causal=True),
+    "causal_sq_gt_sk": Spec(Hq=2, Sq=37, Sk=20, causal=True),  # first rows see nothing
+    "causal_top_left": Spec(Hq=2, Sq=37, Sk=20, causal=True, align="top_left"),
+    "cross_odd_dims": Spec(Sq=19, Sk=35, D=24, Dv=40),
+    "tiny_head_dim": Spec(Hq=2, Sq=17, D=8, causal=True),
+    "window_0_0": Spec(Sq=33, window=(0, 0)),
+    "window_cross": Spec(Hq=2, Sq=21, Sk=40, window=(4, 2)),
+    "window_left_only": Spec(Sq=35, window=(5, None)),
+    "window_beyond_s": Spec(Sq=18, Sk=30, window=(100, 100), causal=True),
+    "window_right_top_left": Spec(Sq=40, Sk=23, window=(2, 7), align="top_left"),
+    "blocked": Spec(Hq=2, Sq=40, Sk=45, block=(8, 1, 0)),
+    "blocked_forward_top_left": Spec(Sq=33, block=(5, 0, 1), align="top_left"),
+    "blocked_sq_gt_sk": Spec(Sq=47, Sk=21, block=(7, 2, 2)),  # negative positions fall in buckets < 0
+    "blocked_causal_window": Spec(Sq=35, block=(6, 1, 1), causal=True, window=(4, None)),
+    "gqa": Spec(B=2, Hq=4, Hkv=2, Sq=37, Sk=20, causal=True),
+    "mqa": Spec(Hq=3, Hkv=1, Sq=23, window=(3, 0)),
+    "padding_zero_length": Spec(B=3, Sq=18, Sk=33, key_lengths=(0, 17, 33), key_drop=0.3),
+    "bias_full_neginf": Spec(B=2, Hq=2, Sq=19, Sk=35, bias="full", bias_neginf=0.3),
+    "bias_kills_rows": Spec(Sq=20, Sk=5, bias="full", bias_neginf=0.8),
+    "bias_per_head_causal": Spec(Hq=2, Sq=21, bias="per_head", causal=True),
+    "bias_per_key_padding": Spec(B=2, Sq=17, Sk=19, bias="per_key", key_lengths=(0, 9)),
+    "alibi_gqa": Spec(Hq=4, Hkv=1, Sq=20, bias="alibi", causal=True),
+    "scale_zero": Spec(Sq=18, scale=0.0, causal=True),
+    "large_logits": Spec(Sq=20, magnitude=6.0),
+    "fp16_gqa_causal": Spec(Hq=4, Hkv=2, Sq=35, Sk=20, dtype="float16", causal=True),
+    "fp16_window_bias": Spec(Hq=2, Sq=33, dtype="float16", window=(3, 3), bias="full", bias_neginf=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_matches_oracle(interp, name):
+    spec = SPECS[name]
+    assert tri.supports(spec) is None
+    check(spec)
+
+
+def test_specs_have_empty_rows_where_claimed(interp):
+    # the specs meant to exercise empty rows really have some (so the -inf / zero checks bite)
+    for name in ("causal_sq_gt_sk", "padding_zero_length", "bias_kills_rows", "blocked_sq_gt_sk"):
+        spec = SPECS[name]
+        inputs = spec.make_inputs()
+        _, lse = reference(spec, inputs)
+        assert torch.isinf(lse).any(), name
+
+
+def test_lse_gradient(interp):
+    check(Spec(B=2, Hq=2, Hkv=1, Sq=21, Sk=34, causal=True, key_lengths=(0, 30)), lse_grad=True)
+
+
+def test_skips_key_blocks_outside_the_window(interp):
+    """Keys in blocks no query block may see are never loaded: NaN there cannot leak."""
+    block = tri.kernels(True).INTERPRET_CONFIG["BLOCK_N"]
+    spec = Spec(Hq=2, Sq=16, Sk=8 * block, window=(3, 2))  # one query block: p in [Sk-16, Sk)
+    inputs = spec.make_inputs(requires_grad=True)
+    out_clean, lse_clean, grads_clean = _run(tri.attention, spec, inputs)
+    first_loaded = ((spec.Sk - spec.Sq - 3) // block) * block
+    with torch.no_grad():
+        inputs.k[:, :, :first_loaded] = math.nan
+        inputs.v[:, :, :first_loaded] = math.nan
+    out, lse, grads = _run(tri.attention, spec, inputs)
+    assert torch.equal(out, out_clean) and torch.equal(lse, lse_clean)
+    assert torch.equal(grads[0], grads_clean[0])
+    for g, clean in zip(grads[1:], grads_clean[1:]):
+        assert torch.equal(g[:, :, first_loaded:], clean[:, :, first_loaded:])
+        assert not g[:, :, :first_loaded].any()
+
+
+def test_non_contiguous_layout(interp):
+    # (B, S, H, D) storage viewed as (B, H, S, D), the layout most models hold
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 19, 3, 16, generator=g).transpose(1, 2) for _ in range(3))
+    cfg = Config(scale=0.25, causal=True)
+    out, lse = tri.attention(q, k, v, cfg)
+    ref_out, ref_lse = naive.attention(q, k, v, cfg)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_no_keys_and_no_queries(interp):
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    k = torch.randn(1, 2, 0, 16, requires_grad=True)
+    v = torch.randn(1, 2, 0, 8, requires_grad=True)
+    out, lse = tri.attention(q, k, v, Config(scale=0.25))
+    assert out.shape == (1, 2, 5, 8) and not out.any()
+    assert torch.isneginf(lse).all()
+    (out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+    assert not q.grad.any()
+    q0 = torch.randn(1, 2, 0, 16)
+    out, lse = tri.attention(q0, torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), Config(scale=0.25))
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+
+
+def test_deterministic(interp):
+    spec = Spec(B=2, Hq=4, Hkv=2, Sq=20, Sk=33, causal=True, bias="per_head")
+    first = _run(tri.attention, spec, spec.make_inputs(requires_grad=True))
+    second = _run(tri.attention, spec, spec.make_inputs(requires_grad=True))
+    for a, b in zip([first[0], first[1], *first[2]], [second[0], second[1], *second[2]]):
+        assert torch.equal(a, b)
+
+
+def test_visibility_oracle_agrees_on_a_blocked_case():
+    # guards the interval form used by the kernels against the oracle's own visibility
+    spec = SPECS["blocked_sq_gt_sk"]
+    ok = visible(1, spec.Sq, spec.Sk, block=spec.block)[0]
+    args, _ = tri._mask_args(spec.config(), spec.Sq, spec.Sk)
+    W, lb, lf, off = args["W"], args["LB"], args["LF"], args["off"]
+    for i in range(spec.Sq):
+        p = i + off
+        lo, hi = max((p // W - lb) * W, 0), min((p // W + lf + 1) * W - 1, spec.Sk - 1)
+        expected = [lo <= j <= hi for j in range(spec.Sk)]
+        assert ok[i].tolist() == expected
+
+
+# -- errors and declarations ------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(interp):
+    q = torch.randn(1, 2, 8, 16)
+    cfg = Config(scale=0.25)
+    with pytest.raises(ValueError, match="4-d"):
+        tri.attention(q[0], q, q, cfg)
+    with pytest.raises(TypeError, match="dtype"):
+        tri.attention(q.double(), q.double(), q.double(), cfg)
+    with pytest.raises(TypeError, match="share a dtype"):
+        tri.attention(q, q.half(), q, cfg)
+    with pytest.raises(ValueError, match="not divisible"):
+        tri.attention(torch.randn(1, 3, 8, 16), q, q, cfg)
+    with pytest.raises(ValueError, match="head dim"):
+        tri.attention(q, torch.randn(1, 2, 8, 32), q, cfg)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        tri.attention(q, q, q, cfg, key_padding_mask=torch.ones(1, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        tri.attention(q, q, q, cfg, key_padding_mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="bias"):
+        tri.attention(q, q, q, cfg, bias=torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="dropout"):
+        tri.attention(q, q, q, Config(scale=0.25, dropout_p=0.1))
+    with pytest.raises(ValueError, match="head dims up to"):
+        big = torch.randn(1, 1, 4, 512)
+        tri.attention(big, big, big, cfg)
+
+
+def test_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tri.supports(Spec()) == "cpu needs TRITON_INTERPRET=1"
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        tri.attention(q, q, q, Config(scale=0.25))
+
+
+def test_supports_declares_limits(interp):
+    assert "bf16" in tri.supports(Spec(dtype="bfloat16"))
+    assert tri.supports(Spec(dtype="bfloat16", device="cuda")) is None
+    assert "head dims" in tri.supports(Spec(D=512))
+    assert tri.supports(Spec(D=24, Dv=256)) is None
+
+
+def test_kernels_loaded_per_mode(interp):
+    assert tri.kernels(True).INTERPRET is True
+    assert tri.kernels() is tri.kernels(True)
+
+
+def test_registered_for_dense_and_local():
+    reg = registry()
+    for key in ("dense/triton", "local/triton"):
+        impl = reg.get(key)
+        assert impl.fn is tri.attention
+        assert {"causal", "sliding_window", "blocked_window", "gqa", "backward", "lse", "bias_grad"} <= impl.features
+        assert "dropout" not in impl.features and "float64" not in impl.dtypes
+
+
+# -- GPU: compiled, autotuned kernels at realistic sizes --------------------------------------
+GPU_SPECS = {
+    "causal_1024_d128": Spec(B=2, Hq=8, Sq=1024, D=128, causal=True),
+    "cross_gqa_window_d96": Spec(B=2, Hq=8, Hkv=2, Sq=1000, Sk=1500, D=96, window=(256, 0)),
+    "padding_bias_d64": Spec(B=2, Hq=4, Sq=777, D=64, key_lengths=(777, 0), bias="per_head", bias_neginf=0.05),
+    "blocked_d256": Spec(Hq=4, Sq=700, D=256, block=(64, 1, 0)),
+    "causal_sq_gt_sk_mqa_dv": Spec(B=2, Hq=4, Hkv=1, Sq=600, Sk=333, D=64, Dv=32, causal=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("name", list(GPU_SPECS))
+def test_gpu_matches_oracle(compiled, name, dtype):
+    spec = GPU_SPECS[name].replace(device="cuda", dtype=dtype)
+    assert tri.supports(spec) is None
+    check(spec, lse_grad=name == "padding_bias_d64")
