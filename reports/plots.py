@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from attnbench.reports.schema import Results
-from attnbench.reports.tables import Matrix, PerfGroup, matrices, perf_groups, seq_len
+from attnbench.reports.tables import Matrix, PerfGroup, checked_rows, matrices, perf_groups, seq_len
 
 MISSING_NOTE = "Plots need matplotlib: pip install 'attnbench[plots]'."
 _PALETTE = (
@@ -57,7 +57,7 @@ def all_plots(results: Results) -> list[Plot] | None:
         plot = perf_plot(group, colors)
         if plot is not None:
             plots.append(plot)
-    for matrix in matrices(results.correctness):
+    for matrix in matrices(checked_rows(results)):
         plot = error_ratio_plot(matrix, colors)
         if plot is not None:
             plots.append(plot)

@@ -41,13 +41,26 @@ def write_all(results: Results, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def compare(
-    a: Results, b: Results, out_dir: str | os.PathLike, threshold: float = 0.10, names: tuple[str, str] = ("A", "B")
+    a: Results,
+    b: Results,
+    out_dir: str | os.PathLike,
+    threshold: float = 0.10,
+    names: tuple[str, str] = ("A", "B"),
+    console=None,
 ) -> dict[str, Path]:
-    """Write compare.md and compare.html: run b against run a, cell by cell."""
+    """Write compare.md and compare.html: run b against run a, cell by cell.
+
+    With a rich console, also print the side-by-side comparison there (terminal.comparison).
+    """
     for name, value in (("a", a), ("b", b)):
         if not isinstance(value, Results):
             raise TypeError(f"compare: {name} must be a Results, got {type(value).__name__}")
-    cmp = T.compare_runs(a, b, threshold)
+    if console is not None:
+        from attnbench.reports.terminal import comparison
+
+        cmp = comparison(a, b, console=console, threshold=threshold, names=names)
+    else:
+        cmp = T.compare_runs(a, b, threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
@@ -87,21 +100,22 @@ def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: st
     lines = ["# attnbench report", "", T.headline(results), ""]
     if results.env.get("synthetic"):
         lines += ["> **Synthetic sample data: not a measurement.**", ""]
+    checked = T.checked_rows(results)
     lines += [_md_overview(results), ""]
-    if results.correctness:
+    if checked:
         lines += ["## Correctness", "", LEGEND, ""]
-        for m in T.matrices(results.correctness):
+        for m in T.matrices(checked):
             headers = ["property", *m.impls]
             rows = [[p, *[m.cell(p, i).text() for i in m.impls]] for p in m.properties]
             lines += [f"### {m.variant}", "", *_md_table(headers, rows)]
-        skipped = T.skip_reasons(results.correctness)
+        skipped = T.skip_reasons(checked)
         if skipped:
             lines += ["**Unsupported** (not run, and why):", ""]
             for (variant, impl), reasons in skipped.items():
                 why = "; ".join(f"{r} ({n})" for r, n in reasons.most_common())
                 lines.append(f"- {variant} / {impl}: {why}")
             lines.append("")
-        lines += _md_failures(results.correctness)
+        lines += _md_failures(checked)
     if results.perf:
         lines += ["## Performance", "", _perf_legend(results), ""]
         if figures is None:
@@ -115,7 +129,7 @@ def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: st
             lines += _md_table(list(T.PERF_HEADERS), rows, right={0, 1, 3, 4, 5, 6, 7, 8, 9})
             lines += [f"- {n}" for n in T.perf_notes(g)] + ([""] if T.perf_notes(g) else [])
     error_figs = [f for f in figures or [] if f.name.startswith("errors-")]
-    if results.correctness and (error_figs or figures is None):
+    if checked and (error_figs or figures is None):
         lines += ["## Error ratios", ""]
         lines += [f"![{f.alt}]({plot_dir}/{f.name}.svg)" for f in error_figs] or [f"_{P.MISSING_NOTE}_"]
         lines.append("")
@@ -126,14 +140,15 @@ def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: st
         if not any(z.detail for z in results.zoo):
             headers, rows = headers[:-1], [r[:-1] for r in rows]
         lines += _md_table(headers, rows)
+        lines += [T.zoo_note(results), ""] if T.zoo_note(results) else []
     lines += ["## Environment", "", *_md_table(["", "value"], [list(r) for r in T.env_rows(results)])]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _md_overview(results: Results) -> str:
     parts = []
-    if results.correctness:
-        parts.append(f"**Correctness:** {T.correctness_line(results.correctness)}.")
+    if T.checked_rows(results):
+        parts.append(f"**Correctness:** {T.correctness_line(T.checked_rows(results))}.")
     if results.perf:
         ok = sum(r.status == "ok" for r in results.perf)
         parts.append(f"**Performance:** {ok} of {len(results.perf)} cells measured.")
@@ -235,11 +250,12 @@ def html_report(results: Results, figures: list[P.Plot] | None = None) -> str:
         body.append('<div class="banner">Synthetic sample data: not a measurement.</div>')
     sections = [("correctness", "Correctness"), ("failures", "Failures"), ("performance", "Performance"),
                 ("errors", "Error ratios"), ("zoo", "Bug zoo"), ("environment", "Environment")]  # fmt: skip
+    checked = T.checked_rows(results)
     present = {
-        "correctness": bool(results.correctness),
-        "failures": bool(T.failures(results.correctness)),
+        "correctness": bool(checked),
+        "failures": bool(T.failures(checked)),
         "performance": bool(results.perf),
-        "errors": bool(results.correctness),
+        "errors": bool(checked),
         "zoo": bool(results.zoo),
         "environment": True,
     }
@@ -247,12 +263,12 @@ def html_report(results: Results, figures: list[P.Plot] | None = None) -> str:
         '<nav class="toc">' + "".join(f'<a href="#{k}">{v}</a>' for k, v in sections if present[k]) + "</nav>"
     )
     body.append(_cards(results))
-    if results.correctness:
-        body += _html_correctness(results.correctness)
-        body += _html_failures(results.correctness)
+    if checked:
+        body += _html_correctness(checked)
+        body += _html_failures(checked)
     if results.perf:
         body += _html_perf(results, by_name, figures is None)
-    if results.correctness:
+    if checked:
         errs = [f for f in figures or [] if f.name.startswith("errors-")]
         body.append('<h2 id="errors">Error ratios</h2>')
         if figures is None:
@@ -268,9 +284,9 @@ def html_report(results: Results, figures: list[P.Plot] | None = None) -> str:
 
 
 def _cards(results: Results) -> str:
-    c = T.counts(results.correctness)
+    c = T.counts(T.checked_rows(results))
     cards = []
-    if results.correctness:
+    if T.checked_rows(results):
         bad = c["fail"] + c["error"]
         cards.append(("good" if bad == 0 else "bad", f"{bad}", "failing checks"))
         cards.append(("good", f"{c['pass']}", "passing checks"))
@@ -392,6 +408,7 @@ def _html_zoo(results: Results) -> list[str]:
         f'<p class="legend">{_e(_cap(T.zoo_summary(results.zoo)))}. Each member is a deliberately '
         "broken implementation; the properties that caught it are listed.</p>",
         _table(headers, rows),
+        f'<p class="legend">{_e(T.zoo_note(results))}</p>' if T.zoo_note(results) else "",
     ]
 
 

@@ -76,6 +76,21 @@ def correctness_rows() -> list[CorrectnessRow]:
             rows.append(CorrectnessRow("local", impl, prop, "pass", "cuda", "bfloat16", error_ratio=ratio))
     for prop in ("output_matches_oracle", "grad_q_matches_oracle", "kv_cache_decode_matches"):
         rows.append(CorrectnessRow("MultiQueryAttention", "naive", prop, "pass", "cuda", "float32", error_ratio=0.1))
+    return rows + zoo_correctness_rows()
+
+
+def zoo_correctness_rows() -> list[CorrectnessRow]:
+    """What `attnbench verify --zoo` adds: checks run on the planted bugs (expected to fail)."""
+    rows = []
+    for member, caught in (("off_by_one_causal", ("causal_never_sees_future", "output_matches_oracle")),
+                           ("dropout_unscaled", ())):  # fmt: skip
+        for prop in PROPERTIES[:6]:
+            hit = prop in caught
+            rows.append(CorrectnessRow(
+                "dense", member, prop, "fail" if hit else "pass", "cuda", "float32",
+                reason="planted bug found" if hit else "", error_ratio=35.0 if hit and "matches" in prop else None,
+                counterexample="Spec(Sq=2, causal=True)" if hit else None,
+            ))  # fmt: skip
     return rows
 
 
@@ -115,14 +130,14 @@ def perf_rows() -> list[PerfRow]:
 
 def zoo_rows() -> list[ZooRow]:
     return [
-        ZooRow("off_by_one_causal", "masking", ["causal_never_sees_future", "output_matches_oracle"]),
-        ZooRow("window_left_inclusive", "window edge", ["window_edges_exact"]),
-        ZooRow("gqa_tile_not_interleave", "grouped heads", ["gqa_head_mapping", "output_matches_oracle"]),
-        ZooRow("nan_on_empty_row", "empty rows", ["empty_rows_are_zero"]),
-        ZooRow("lse_natural_vs_log2", "logsumexp", ["lse_matches_oracle"]),
-        ZooRow("dk_missing_scale", "gradients", ["grad_k_matches_oracle"]),
-        ZooRow("top_left_decode", "KV cache", ["kv_cache_decode_matches"]),
-        ZooRow("dropout_unscaled", "dropout", [], status="missed", detail="p=0 path untouched; only p>0 is wrong"),
+        ZooRow("dense/off_by_one_causal", "masking", ["causal_never_sees_future", "output_matches_oracle"]),
+        ZooRow("dense/window_left_inclusive", "window edge", ["window_edges_exact"]),
+        ZooRow("dense/gqa_tile_not_interleave", "grouped heads", ["gqa_head_mapping", "output_matches_oracle"]),
+        ZooRow("dense/nan_on_empty_row", "empty rows", ["empty_rows_are_zero"]),
+        ZooRow("dense/lse_natural_vs_log2", "logsumexp", ["lse_matches_oracle"]),
+        ZooRow("dense/dk_missing_scale", "gradients", ["grad_k_matches_oracle"]),
+        ZooRow("dense/top_left_decode", "KV cache", ["kv_cache_decode_matches"]),
+        ZooRow("dense/dropout_unscaled", "dropout", [], status="missed", detail="p=0 path untouched; only p>0 is wrong"),
     ]
 
 

@@ -325,6 +325,22 @@ def perf_notes(group: PerfGroup) -> list[str]:
 
 
 # -- bug zoo ---------------------------------------------------------------------------
+def checked_rows(results: Results) -> list[CorrectnessRow]:
+    """Correctness rows of the implementations under test. Rows of bug-zoo members (named in
+    results.zoo as "variant/impl") are expected to fail: the zoo's kill table reports them."""
+    members = {z.member for z in results.zoo}
+    if not members:
+        return list(results.correctness)
+    return [r for r in results.correctness if f"{r.variant}/{r.impl}" not in members and r.impl not in members]
+
+
+def zoo_note(results: Results) -> str:
+    n = len(results.correctness) - len(checked_rows(results))
+    if not n:
+        return ""
+    return f"{n} checks ran on bug-zoo members; their failures are expected and are counted here, not as failures."
+
+
 def zoo_summary(rows: list[ZooRow]) -> str:
     if not rows:
         return ""
@@ -542,10 +558,11 @@ def _perf_verdict(c: PerfChange, threshold: float) -> str:
 
 
 def _correctness_changes(a: Results, b: Results) -> list[CorrectnessChange]:
-    ma = {m.variant: m for m in matrices(a.correctness)}
-    mb = {m.variant: m for m in matrices(b.correctness)}
+    rows_a, rows_b = checked_rows(a), checked_rows(b)
+    ma = {m.variant: m for m in matrices(rows_a)}
+    mb = {m.variant: m for m in matrices(rows_b)}
     out = []
-    for m in matrices(a.correctness + b.correctness):
+    for m in matrices(rows_a + rows_b):
         for prop in m.properties:
             for impl in m.impls:
                 ca = ma[m.variant].cell(prop, impl) if m.variant in ma else Cell()

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as _RichProgress
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from attnbench.reports import tables as T
@@ -42,12 +42,12 @@ class Progress:
     """Live progress of a verify or bench run.
 
     with Progress(total=None) as p:
-        p.update(variant="dense", impl="naive", done=3, total=40, failed=1)
+        p.update(variant="dense", impl="naive", done=3, total=40, failed=1, message="grad_q: pass")
 
     On a terminal this is a rich progress bar (variant / impl, done/total, pass and fail counts,
-    elapsed time). Elsewhere (CI logs, pytest capture) it prints a plain line whenever the
-    implementation changes, at most every `every` seconds otherwise, and once at the end.
-    Progress goes to stderr unless a console is given.
+    elapsed time, the latest message). Elsewhere (CI logs, pytest capture) it prints a plain line
+    whenever the implementation changes, at most every `every` seconds otherwise, and once at the
+    end. Progress goes to stderr unless a console is given.
     """
 
     def __init__(self, total: int | None = None, console: Console | None = None, every: float = 10.0) -> None:
@@ -59,6 +59,7 @@ class Progress:
         self.impl = ""
         self.done = 0
         self.failed = 0
+        self.message = ""
         self.start = 0.0
         self._last_line = 0.0
         self._bar: _RichProgress | None = None
@@ -82,11 +83,13 @@ class Progress:
                 MofNCompleteColumn(),
                 TextColumn("[green]{task.fields[ok]}[/] [red]{task.fields[bad]}[/]"),
                 TimeElapsedColumn(),
+                TextColumn("{task.fields[message]}", markup=False, style="dim",
+                           table_column=Column(no_wrap=True, overflow="ellipsis", max_width=36)),
                 console=self.console,
                 transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self._label(), total=self.total, ok="", bad="")
+            self._task = self._bar.add_task(self._label(), total=self.total, ok="", bad="", message="")
             self._refresh()
         return self
 
@@ -107,8 +110,12 @@ class Progress:
         done: int | None = None,
         total: int | None = None,
         failed: int | None = None,
+        message: str | None = None,
     ) -> None:
-        """Set any of the fields; the others keep their values. Counts are totals, not steps."""
+        """Set any of the fields; the others keep their values. Counts are totals, not steps;
+        message is free text about the current step (the property or cell being run)."""
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"Progress.message: must be a str, got {type(message).__name__}")
         _check_count("done", done, allow_none=True)
         _check_count("total", total, allow_none=True)
         _check_count("failed", failed, allow_none=True)
@@ -123,6 +130,8 @@ class Progress:
             self.done = done
         if failed is not None:
             self.failed = failed
+        if message is not None:
+            self.message = message.replace("\n", " ")
         if self.failed > self.done:
             raise ValueError(f"failed: {self.failed} is more than done ({self.done})")
         if self._bar is not None:
@@ -138,6 +147,8 @@ class Progress:
         return "/".join(x for x in (self.variant, self.impl) if x) or "attnbench"
 
     def _counts(self) -> str:
+        if self.total is None and self.done == 0:
+            return "started"
         total = "?" if self.total is None else str(self.total)
         return f"{self.done}/{total} done, {self.passed} pass, {self.failed} fail"
 
@@ -145,13 +156,17 @@ class Progress:
         u = _unicode(self.console)
         ok = f"{'✓' if u else 'pass'} {self.passed}"
         bad = f"{'✗' if u else 'fail'} {self.failed}" if self.failed else ""
-        self._bar.update(self._task, description=self._label(), completed=self.done, total=self.total, ok=ok, bad=bad)
+        self._bar.update(
+            self._task, description=self._label(), completed=self.done, total=self.total, ok=ok, bad=bad,
+            message=self.message,
+        )  # fmt: skip
 
     def _line(self, final: bool = False, interrupted: bool = False) -> None:
         self._last_line = time.monotonic()
         state = " (interrupted)" if interrupted else " (finished)" if final else ""
+        note = f" [{self.message}]" if self.message and not final else ""
         self.console.print(
-            f"[attnbench] {self._label()}: {self._counts()}, {self.elapsed:.1f} s{state}",
+            f"[attnbench] {self._label()}: {self._counts()}, {self.elapsed:.1f} s{state}{note}",
             markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
 
@@ -172,12 +187,13 @@ def summary(results: Results, console: Console | None = None) -> None:
     console.print(Text(f"attnbench · {T.headline(results)}", style="bold"), overflow="fold")
     if results.env.get("synthetic"):
         console.print(Text("synthetic sample data: not a measurement", style="bold yellow"))
-    if results.correctness:
-        _rule(console, f"Correctness · {T.correctness_line(results.correctness)}")
-        tables = [t for m in T.matrices(results.correctness) for t in _matrix_tables(m, console)]
+    checked = T.checked_rows(results)
+    if checked:
+        _rule(console, f"Correctness · {T.correctness_line(checked)}")
+        tables = [t for m in T.matrices(checked) for t in _matrix_tables(m, console)]
         for n, table in enumerate(tables):
             console.print(*([table] if n == 0 else ["", table]), sep="\n")
-        _failures(results.correctness, console)
+        _failures(checked, console)
     if results.perf:
         _rule(console, "Performance")
         for n, group in enumerate(T.perf_groups(results.perf)):
@@ -189,6 +205,8 @@ def summary(results: Results, console: Console | None = None) -> None:
     if results.zoo:
         _rule(console, T.zoo_summary(results.zoo))
         console.print(_zoo_table(results))
+        if T.zoo_note(results):
+            console.print(Text(T.zoo_note(results), style="dim"), overflow="fold")
     if not (results.correctness or results.perf or results.zoo):
         console.print("nothing to report: the results have no rows")
 

@@ -112,16 +112,17 @@ def test_summary_fits_100_columns_and_shows_everything(results):
     _lines_fit(text)
     assert "synthetic sample data" in text
     assert "✗ 4.2" in text and "! err" in text and "–" in text  # fail with ratio, error, unsupported
-    for row in T.failures(results.correctness):
+    for row in T.failures(T.checked_rows(results)):
         assert row.counterexample in text
         assert row.seed in text
     joined = re.sub(r"\\\n\s*", "", text)  # undo the shell continuations
-    for row in T.failures(results.correctness):
+    for row in T.failures(T.checked_rows(results)):
         assert row.replay in joined, row.replay
     assert "OOM" in text and "CUDA out of memory" in text
     for header in ("TFLOP/s", "% peak", "memory", "speedup"):
         assert header in text
     assert "7/8 killed" in text and "MISSED" in text
+    assert "checks ran on bug-zoo members" in text and "off_by_one_causal · causal" not in text
 
 
 def test_summary_wraps_wide_matrices_and_long_text():
@@ -176,6 +177,16 @@ def test_progress_plain_lines_when_not_a_terminal():
     assert len(lines) == 3
 
 
+def test_progress_plain_line_carries_the_message():
+    console = Console(file=io.StringIO(), width=100)
+    with Progress(console=console, every=0) as p:
+        p.update(message="dense/flex fwd S=4096")
+    lines = console.file.getvalue().splitlines()
+    assert lines[0].startswith("[attnbench] attnbench: started") and lines[0].endswith("[dense/flex fwd S=4096]")
+    with pytest.raises(TypeError, match="message"):
+        Progress(console=console).update(message=3)
+
+
 def test_progress_live_bar_on_a_terminal():
     console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None)
     with Progress(total=None, console=console) as p:
@@ -205,7 +216,7 @@ def test_markdown_has_every_section_and_failure(results, written):
     for section in ("## Correctness", "## Failures (3)", "## Performance", "## Bug zoo", "## Environment"):
         assert f"\n{section}\n" in md, section
     assert "| property | naive | sdpa_flash | flex | triton_fa2 | flash_attn |" in md
-    for row in T.failures(results.correctness):
+    for row in T.failures(T.checked_rows(results)):
         assert row.counterexample in md and row.replay in md and row.seed in md
     assert "flash_attn not installed (12)" in md
     assert "| 16384 | 1 | naive | OOM |" in md
@@ -235,7 +246,7 @@ def test_html_is_self_contained(written):
 def test_plots_are_embedded_one_per_group_and_variant(results, written):
     page = written["html"].read_text()
     groups = T.perf_groups(results.perf)
-    with_ratios = [m for m in T.matrices(results.correctness) if any(c.ratio is not None for c in m.cells.values())]
+    with_ratios = [m for m in T.matrices(T.checked_rows(results)) if any(c.ratio is not None for c in m.cells.values())]
     assert page.count("<svg") == len(groups) + len(with_ratios)
     assert "TFLOP/s" in page and "latency (ms)" in page and "memory" in page
     assert html.escape(P.MISSING_NOTE) not in page
@@ -288,12 +299,12 @@ def test_compare_flags_slower_cells_new_failures_and_missed_bugs(results, tmp_pa
     assert any("off_by_one_causal" in r for r in regressions)
     assert not any("naive" in r or "fwdbwd" in r for r in regressions)
     assert any("window_edges_exact: fixed" in r for r in cmp.improvements())
-    paths = render.compare(results, b, tmp_path, names=("main", "pr"))
+    console = _record()
+    paths = render.compare(results, b, tmp_path, names=("main", "pr"), console=console)
     md, page = paths["md"].read_text(), paths["html"].read_text()
     assert "slower" in md and "newly failing" in md and "## Regressions" in md
     assert _external_refs(page) == []
-    console = _record()
-    comparison(results, b, console=console, names=("main", "pr"))
+    assert comparison(results, b, console=_record()).regressions() == regressions
     text = console.export_text()
     _lines_fit(text)
     assert "slower" in text and "newly failing" in text and "regression(s)" in text
