@@ -1,0 +1,302 @@
+"""The regression gate: compare a run with a baseline through ratios taken within each run.
+
+Each implementation's time is divided by the reference implementation's time in the SAME
+cell of the SAME run, so a faster or slower machine (clock drift, another GPU of the same
+model, a busy host) cancels out. A cell regresses when its ratio grew by more than the
+threshold (default 10%). A cell that ran in the baseline but fails now (oom / error) is
+broken; both fail the gate. Cells missing from the current run, new cells and cells whose
+reference did not run are reported and do not fail it (unless fail_on_missing).
+
+    python -m attnbench.perf.gate current.json --baseline perf/baselines/h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnbench.reports.schema import PerfRow, Results
+
+DEFAULT_REFERENCE = "sdpa_flash"
+BASELINES = Path(__file__).resolve().parent / "baselines"
+FAILING = ("regressed", "broken")
+ORDER = ("broken", "regressed", "missing", "no_reference", "improved", "new", "reference", "ok", "not_ok")
+
+
+@dataclass
+class GateRow:
+    variant: str
+    mode: str
+    cell: str  # a short label of the shape
+    impl: str
+    status: str  # ok | improved | regressed | broken | missing | new | no_reference | reference | not_ok
+    base_ratio: float | None = None
+    cur_ratio: float | None = None
+    change: float | None = None  # cur_ratio / base_ratio - 1
+    base_ms: float | None = None
+    cur_ms: float | None = None
+    note: str = ""
+
+
+@dataclass
+class GateResult:
+    rows: list[GateRow]
+    threshold: float
+    references: dict[str, str | None]
+    fail_on_missing: bool = False
+    drift: float | None = None  # median change of the reference's own time (machine speed)
+    counts: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.counts = Counter(r.status for r in self.rows)
+
+    @property
+    def failures(self) -> list[GateRow]:
+        failing = FAILING + (("missing",) if self.fail_on_missing else ())
+        return [r for r in self.rows if r.status in failing]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items(), key=lambda x: ORDER.index(x[0])))
+        refs = ", ".join(f"{v}: {r or 'none'}" for v, r in sorted(self.references.items()))
+        drift = f"; reference times moved {self.drift:+.1%} (median, cancels in ratios)" if self.drift is not None else ""
+        verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} cells)"
+        return f"gate {verdict} at threshold {self.threshold:.0%}: {counts}. References: {refs}{drift}"
+
+    def shown(self, verbose: bool = False) -> list[GateRow]:
+        quiet = () if verbose else ("ok", "reference", "not_ok")
+        rows = [r for r in self.rows if r.status not in quiet]
+        return sorted(rows, key=lambda r: (ORDER.index(r.status), -(r.change or 0)))
+
+    def table(self, verbose: bool = False):
+        """A rich Table of the cells worth reading (all of them with verbose)."""
+        from rich.table import Table
+
+        t = Table(title=self.summary(), title_justify="left", show_lines=False)
+        for name, justify in (("status", "left"), ("cell", "left"), ("impl", "left"), ("base ratio", "right"),
+                              ("now ratio", "right"), ("change", "right"), ("note", "left")):
+            t.add_column(name, justify=justify, overflow="fold")
+        style = {"regressed": "red", "broken": "red", "improved": "green", "missing": "yellow",
+                 "no_reference": "yellow"}
+        for r in self.shown(verbose):
+            s = style.get(r.status, "")
+            t.add_row(f"[{s}]{r.status}[/]" if s else r.status, f"{r.variant} {r.cell} {r.mode}", r.impl,
+                      _fmt(r.base_ratio), _fmt(r.cur_ratio), _pct(r.change), r.note)
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        for r in self.shown():
+            lines.append(f"  {r.status:12} {r.variant} {r.cell} {r.mode:6} {r.impl:22} "
+                         f"{_fmt(r.base_ratio):>8} -> {_fmt(r.cur_ratio):>8} {_pct(r.change):>8} {r.note}")
+        return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def cell_id(r: PerfRow) -> str:
+    return f"{r.variant}|{r.mode}|{json.dumps(r.shape, sort_keys=True, default=str)}"
+
+
+def cell_label(r: PerfRow) -> str:
+    s = r.shape
+    if "Sq" not in s:
+        return " ".join(f"{k}={v}" for k, v in s.items() if k in ("B", "S", "dtype"))
+    parts = [f"B{s['B']}", f"H{s['Hq']}" + (f"/{s['Hkv']}" if s.get("Hkv", s["Hq"]) != s["Hq"] else "")]
+    parts.append(f"S{s['Sq']}" if s["Sq"] == s["Sk"] else f"S{s['Sq']}x{s['Sk']}")
+    parts.append(f"D{s['D']}")
+    if s.get("causal"):
+        parts.append("causal")
+    if s.get("window"):
+        parts.append(f"win{tuple(s['window'])}")
+    if s.get("block"):
+        parts.append(f"block{tuple(s['block'])}")
+    parts.append(str(s.get("dtype", "")))
+    return " ".join(parts)
+
+
+def resolve_reference(variant: str, names: Iterable[str], reference: str | dict | None,
+                      fallback: Iterable[str] = ()) -> str | None:
+    """The implementation a variant's ratios are read against: the preferred one when it ran,
+    else the first fallback that did."""
+    names = set(names)
+    preferred = reference.get(variant) if isinstance(reference, dict) else reference
+    for name in [preferred or DEFAULT_REFERENCE, *fallback]:
+        if name and name in names:
+            return name
+    return None
+
+
+def _by_cell(results: Results) -> dict[str, dict[str, PerfRow]]:
+    cells: dict[str, dict[str, PerfRow]] = defaultdict(dict)
+    for r in results.perf:
+        cells[cell_id(r)][r.impl] = r
+    return cells
+
+
+def _ok(r: PerfRow | None) -> bool:
+    return r is not None and r.status == "ok" and bool(r.ms) and r.ms > 0
+
+
+def _references(base: Results, cur: Results, reference: str | dict | None) -> dict[str, str | None]:
+    """Per variant: the preferred reference if it ran in both runs, else the one the baseline
+    recorded on its rows, else the registry's reference implementation."""
+    names: dict[str, set[str]] = defaultdict(set)
+    recorded: dict[str, Counter] = defaultdict(Counter)
+    cur_names = {(r.variant, r.impl) for r in cur.perf if _ok(r)}
+    for r in base.perf:
+        if _ok(r) and (r.variant, r.impl) in cur_names:
+            names[r.variant].add(r.impl)
+        if getattr(r, "reference", None):
+            recorded[r.variant][r.reference] += 1
+    variants = {r.variant for r in base.perf} | {r.variant for r in cur.perf}
+    out = {}
+    for v in variants:
+        fallback = [n for n, _ in recorded[v].most_common()] + _registry_reference(v)
+        out[v] = resolve_reference(v, names[v], reference, fallback)
+    return out
+
+
+def _registry_reference(variant: str) -> list[str]:
+    try:
+        from attnbench.registry import registry
+
+        return [registry().reference(variant).name]
+    except Exception:  # no registry here, or no reference for the variant
+        return []
+
+
+def _spread(r: PerfRow) -> float | None:
+    if r.ms_p20 is None or r.ms_p80 is None or not r.ms:
+        return None
+    return (r.ms_p80 - r.ms_p20) / r.ms
+
+
+def gate(
+    current: Results,
+    baseline: Results,
+    threshold: float = 0.10,
+    reference: str | dict | None = None,
+    fail_on_missing: bool = False,
+) -> GateResult:
+    """Judge every (cell, implementation) of the baseline and the current run; see the module
+    docstring. reference: an implementation name, or {variant: name}; default sdpa_flash where
+    it ran, else the baseline's recorded reference, else the variant's registry reference."""
+    if not isinstance(threshold, (int, float)) or not 0 < threshold < 10:
+        raise ValueError(f"threshold: must be a fraction in (0, 10), e.g. 0.1 for 10%, got {threshold!r}")
+    refs = _references(baseline, current, reference)
+    base_cells, cur_cells = _by_cell(baseline), _by_cell(current)
+    rows: list[GateRow] = []
+    drift: list[float] = []
+    for cid in list(base_cells) + [c for c in cur_cells if c not in base_cells]:
+        base, cur = base_cells.get(cid, {}), cur_cells.get(cid, {})
+        any_row = next(iter((base or cur).values()))
+        ref = refs.get(any_row.variant)
+        for impl in list(base) + [i for i in cur if i not in base]:
+            row = _judge(base.get(impl), cur.get(impl), base.get(ref), cur.get(ref), impl == ref, threshold)
+            if row is not None:
+                rows.append(row)
+        if ref is not None and _ok(base.get(ref)) and _ok(cur.get(ref)):
+            drift.append(cur[ref].ms / base[ref].ms - 1)
+    return GateResult(rows, threshold, refs, fail_on_missing, statistics.median(drift) if drift else None)
+
+
+def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow | None,
+           is_ref: bool, threshold: float) -> GateRow | None:
+    some = b or c
+    if some.status == "unsupported" and (b is None or c is None or b.status == c.status):
+        return None  # never ran, nothing to compare
+    row = GateRow(some.variant, some.mode, cell_label(some), some.impl, "ok",
+                  base_ms=b.ms if b else None, cur_ms=c.ms if c else None)
+    if b is None or not _ok(b):
+        row.status = "new" if _ok(c) else "not_ok"
+        if b is not None and _ok(c):
+            row.note = f"was {b.status} in the baseline"
+        return row
+    if c is None or c.status in ("skipped", "unsupported"):
+        row.status, row.note = "missing", ("not run" if c is None else f"{c.status}: {c.reason[:60]}")
+        return row
+    if not _ok(c):
+        row.status, row.note = "broken", f"{c.status}: {c.reason[:80]}"
+        return row
+    if is_ref:
+        row.status, row.change = "reference", c.ms / b.ms - 1
+        row.note = "absolute time change (the ratios' denominator)"
+        return row
+    if not (_ok(rb) and _ok(rc)):
+        row.status, row.note = "no_reference", "the reference did not run in this cell in both runs"
+        return row
+    row.base_ratio, row.cur_ratio = b.ms / rb.ms, c.ms / rc.ms
+    row.change = row.cur_ratio / row.base_ratio - 1
+    if row.change > threshold:
+        row.status = "regressed"
+    elif row.change < -threshold:
+        row.status = "improved"
+    noisy = [s for s in (_spread(b), _spread(c)) if s is not None and s > threshold]
+    if noisy:
+        row.note = f"noisy: p20-p80 spread {max(noisy):.0%} of the median"
+    return row
+
+
+def default_baseline(device_name: str | None = None) -> Path | None:
+    """The committed baseline whose device matches this machine's GPU, or None."""
+    if device_name is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for path in sorted(BASELINES.glob("*.json")):
+        try:
+            env = json.loads(path.read_text()).get("env", {})
+        except (OSError, ValueError):
+            continue
+        if env.get("device_name") == device_name:
+            return path
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnbench.perf.gate", description=__doc__.split("\n")[0])
+    p.add_argument("current")
+    p.add_argument("--baseline", default=None)
+    p.add_argument("--threshold", type=float, default=0.10)
+    p.add_argument("--reference", default=None)
+    p.add_argument("--fail-on-missing", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="list every cell, not only the ones worth reading")
+    args = p.parse_args(argv)
+    baseline = args.baseline or default_baseline()
+    if baseline is None:
+        print("error: no baseline given and none committed for this device; use --baseline", file=sys.stderr)
+        return 2
+    result = gate(Results.load(args.current), Results.load(baseline), args.threshold, args.reference,
+                  args.fail_on_missing)
+    try:
+        from rich.console import Console
+
+        Console(width=160).print(result.table(verbose=args.verbose))
+    except ImportError:
+        print(result)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The timing harness: CUDA events on a GPU, wall clock on the CPU (and it says which).
+
+One timed call is `run(prepare(i))`: `prepare` does the untimed part (pick input set i of a
+rotation, clear gradients, or run the forward whose backward is timed) and `run` the timed
+part. On CUDA, in the manner of triton.testing.do_bench: a first call (compilation,
+autotuning), an estimate, warm-up, then many repetitions, each after an L2 flush (a buffer
+bigger than the L2 is zeroed), bracketed by CUDA events; input sets rotate so a problem that
+fits in the cache does not time the cache. The median and the 20th / 80th percentiles are
+reported. Graph mode captures one CUDA graph per input set and times its replays: that
+removes the launch gaps that dominate small shapes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Timing:
+    ms: float  # median
+    p20: float
+    p80: float
+    reps: int
+    timer: str  # cuda_events | cuda_graph | wall_clock
+    first_ms: float  # the first call alone: compilation, autotuning, allocation
+
+
+def is_cuda(device: str) -> bool:
+    return device.split(":")[0] == "cuda"
+
+
+def synchronize(device: str) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def summarize(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of timing samples in ms."""
+    if not samples:
+        raise ValueError("samples: no timing samples")
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    cuts = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), cuts[1], cuts[7]
+
+
+class L2Flush:
+    """Zeroes a buffer larger than the L2 cache before each timed call (CUDA only)."""
+
+    def __init__(self, device: str, enabled: bool = True) -> None:
+        self.buffer = None
+        if enabled and is_cuda(device):
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+            self.buffer = torch.empty(max(256 << 20, 2 * l2), dtype=torch.int8, device=device)
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+class _Clock:
+    """Start/stop pairs on CUDA events or the host's wall clock."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = is_cuda(device)
+        self.device = device
+        self.pairs: list[Any] = []
+
+    def start(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started: Any) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.pairs.append((started, event))
+        else:
+            self.pairs.append((started, time.perf_counter()))
+
+    def samples(self) -> list[float]:
+        synchronize(self.device)
+        if self.cuda:
+            out = [a.elapsed_time(b) for a, b in self.pairs]
+        else:
+            out = [(b - a) * 1e3 for a, b in self.pairs]
+        self.pairs = []
+        return out
+
+
+def _timed(prepare, run, clock: _Clock, flush: Callable[[], None], n: int, n_sets: int, offset: int = 0) -> list[float]:
+    for i in range(n):
+        state = prepare((offset + i) % n_sets)
+        flush()
+        started = clock.start()
+        run(state)
+        clock.stop(started)
+    return clock.samples()
+
+
+def capture_graphs(prepare, run, n_sets: int, device: str) -> list[torch.cuda.CUDAGraph]:
+    """One CUDA graph per input set, after a warm-up on a side stream (as capture requires)."""
+    graphs = []
+    for i in range(n_sets):
+        state = prepare(i)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run(state)
+            run(state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(state)
+        graphs.append(graph)
+    synchronize(device)
+    return graphs
+
+
+def time_call(
+    prepare: Callable[[int], Any],
+    run: Callable[[Any], Any],
+    *,
+    device: str,
+    n_sets: int = 1,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_reps: int = 5,
+    max_reps: int = 1000,
+    max_ms: float | None = None,
+    flush: bool = True,
+    graph: bool = False,
+) -> Timing:
+    """Time `run(prepare(i))`; see the module docstring. `max_ms` caps the time spent
+    repeating a slow call (then fewer than min_reps repetitions, at least one)."""
+    if n_sets < 1:
+        raise ValueError(f"n_sets: must be >= 1, got {n_sets}")
+    if graph and not is_cuda(device):
+        raise ValueError("graph: CUDA graphs need a CUDA device")
+    clock = _Clock(device)
+    flusher = L2Flush(device, enabled=flush)
+    no_flush = lambda: None
+
+    t0 = time.perf_counter()
+    run(prepare(0))
+    synchronize(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+
+    timer = "cuda_events" if clock.cuda else "wall_clock"
+    if graph:
+        graphs = capture_graphs(prepare, run, n_sets, device)
+        prepare, run, timer = (lambda i: graphs[i]), (lambda g: g.replay()), "cuda_graph"
+
+    budget = max_ms if max_ms is not None else float("inf")
+    if first_ms > budget:  # too slow to repeat: the one steady call we can afford
+        samples = _timed(prepare, run, clock, flusher, 1, n_sets)
+        return Timing(samples[0], samples[0], samples[0], 1, timer, first_ms)
+    estimate = min(_timed(prepare, run, clock, no_flush, 3, n_sets))  # min: robust to a busy host
+    estimate = max(estimate, 1e-3)
+    n_warm = int(min(max(warmup_ms / estimate, 1), 1000))
+    _timed(prepare, run, clock, no_flush, n_warm, n_sets)
+    n_rep = int(min(max(rep_ms / estimate, min_reps), max_reps))
+    if n_rep * estimate > budget:
+        n_rep = max(1, int(budget / estimate))
+    samples = _timed(prepare, run, clock, flusher, n_rep, n_sets)
+    ms, p20, p80 = summarize(samples)
+    return Timing(ms, p20, p80, n_rep, timer, first_ms)
+
+
+def peak_memory(prepare: Callable[[int], Any], run: Callable[[Any], Any], device: str) -> int | None:
+    """Peak bytes allocated during one `run`, above what was allocated before it (inputs,
+    saved activations of a timed backward, ...). None off CUDA (no allocator statistics)."""
+    if not is_cuda(device):
+        return None
+    state = prepare(0)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = run(state)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del result, state
+    return int(peak)
+
+
+def _matmul_ms(n: int, dtype: torch.dtype, device: str, rep_ms: float) -> Timing:
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    return time_call(lambda i: None, lambda _: a @ b, device=device, flush=False, rep_ms=rep_ms)
+
+
+def _copy_ms(nbytes: int, device: str, rep_ms: float) -> Timing:
+    g = torch.Generator(device=device).manual_seed(0)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(generator=g)
+    dst = torch.empty_like(src)
+    return time_call(lambda i: None, lambda _: dst.copy_(src), device=device, flush=False, rep_ms=rep_ms)
+
+
+def measure_peaks(device: str) -> dict[str, Any]:
+    """The device's measured ceilings: a large matmul (bf16 on CUDA, fp32 on the CPU) and a
+    device copy (bytes read + written). TFLOP/s and GB/s of every row are read against these."""
+    cuda = is_cuda(device)
+    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+    nbytes = (1 << 30) if cuda else (32 << 20)
+    rep_ms = 200 if cuda else 50
+    mm = _matmul_ms(n, dtype, device, rep_ms)
+    cp = _copy_ms(nbytes, device, rep_ms)
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "matmul_tflops": round(2 * n**3 / (mm.ms * 1e-3) / 1e12, 3),
+        "copy_gbps": round(2 * nbytes / (cp.ms * 1e-3) / 1e9, 2),
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmul_n": n,
+        "copy_bytes": nbytes,
+        "timer": mm.timer,
+    }
