@@ -120,10 +120,8 @@ def attention_weights(q, k, cfg: Config, key_padding_mask=None, bias=None) -> to
 
 # -- norms -----------------------------------------------------------------------------
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if device_type == "cuda" and torch.is_autocast_enabled():
-        return torch.get_autocast_gpu_dtype()
-    if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-        return torch.get_autocast_cpu_dtype()
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return None
 
 

@@ -5,6 +5,7 @@ KV cache. The attention kernel is picked through the registry by `attn_impl`, or
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -52,9 +53,15 @@ def resolve_attn_impl(attn_impl: str):
         why = f"; loading it failed: {broken[0]}" if broken else f"; no implementation {key!r} is registered"
         raise ImportError(f"{NAME}: {need}{why}") from None
     reason = impl.unavailable()
+    if reason is None and attn_impl == "triton" and not torch.cuda.is_available() and not triton_interpreted():
+        reason = "no CUDA device and TRITON_INTERPRET is not set"
     if reason is not None:
         raise ImportError(f"{NAME}: {need} ({key}: {reason})")
     return impl.fn
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_alibi_bias(
