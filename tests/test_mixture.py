@@ -448,3 +448,39 @@ def test_autoregressive_decisions_do_not_depend_on_length():
     m = moar(routed_window_size=4)
     x, mask = data(B=1, N=16, drop=0.0)
     close(m(x[:, :10])[:, :10], m(x)[:, :10], 1e-12)
+
+
+# -- the third-party adapter (optional: skipped when mixture-of-attention is absent) ----------------
+
+
+def _upstream(variant, **kw):
+    pytest.importorskip("mixture_of_attention")
+    torch.manual_seed(0)
+    return registry().get(f"{variant}/lucidrains").fn(**SMALL, num_experts=2, **kw)
+
+
+def test_upstream_adapter_runs_and_masks():
+    m = _upstream("MixtureOfAttention", num_routed_queries=4, num_routed_key_values=4)
+    x, mask = data(N=12, dtype=torch.float32)
+    out = m(x, mask=mask)
+    assert out.shape == x.shape and (out[~mask] == 0).all()
+
+
+def test_upstream_drops_local_branch_on_short_sequences():
+    """Counterexample (NOTES.md): seq <= num_routed -> the upstream local branch has no effect."""
+    m = _upstream("MixtureOfAttention", num_routed_queries=8, num_routed_key_values=8, local_attn=True,
+                  local_attn_window_size=2)
+    x, _ = data(B=1, N=4, dtype=torch.float32)
+    before = m(x)
+    torch.nn.init.zeros_(m.inner.local_attn.to_out.weight)
+    assert torch.equal(m(x), before)  # the contract adds the local branch to every token
+
+
+def test_upstream_autoregressive_is_not_causal():
+    """Counterexample (NOTES.md): a later token of the same window changes an earlier output."""
+    m = _upstream("MixtureOfAutoregressiveAttention", num_routed_queries=2, num_routed_key_values=3,
+                  local_attn_window_size=4)
+    x, _ = data(B=1, N=12, dtype=torch.float32)
+    y = x.clone()
+    y[:, 5:8] = 20 * m.inner.query_router.routing_token.detach().sum(0)  # later tokens take every query slot
+    assert not torch.allclose(m(y)[:, :5], m(x)[:, :5])  # ... and position 4's output changes

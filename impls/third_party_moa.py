@@ -1,0 +1,78 @@
+"""third_party_moa: lucidrains' `mixture-of-attention` (PyPI), adapted to the seed constructors.
+
+An optional extra (`pip install attnbench[third-party]`); unavailable when the package is absent.
+Its own conventions, kept (the adapter declares them rather than bending the suite):
+- routing is CoLT5 coordinate descent with straight-through weights (forward value exactly 1);
+  use_triton selects its triton coordinate descent (CUDA), flash_attn torch SDPA. None -> False.
+- its parameters have their own layout, so the float64 oracles cannot read them; it is compared
+  by properties (masks, causality, batch independence), not against mixture_reference.
+Known disagreements with SEMANTICS.md (minimal counterexamples in NOTES.md, tests in
+tests/test_mixture.py): with seq <= num_routed_queries the local branch is dropped and experts
+are averaged; the autoregressive variant routes queries by top-k inside a window (not causal).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnbench.registry import Impl
+
+OURS_ONLY = ("router", "kernel", "strategy")
+
+
+def _upstream_kwargs(kwargs: dict) -> dict:
+    for key in OURS_ONLY:
+        if kwargs.pop(key, None) not in (None, "coor_descent"):
+            raise ValueError(f"{key}: the upstream mixture-of-attention has no such option")
+    for flag in ("use_triton", "flash_attn"):
+        kwargs[flag] = bool(kwargs.get(flag))
+    return kwargs
+
+
+class UpstreamMixture(nn.Module):
+    """forward(x, context=None, mask=None, context_mask=None) around the upstream module."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        from mixture_of_attention import MixtureOfAttention
+
+        self.inner = MixtureOfAttention(**_upstream_kwargs(kwargs))
+
+    def forward(self, x: torch.Tensor, context=None, mask=None, context_mask=None) -> torch.Tensor:
+        return self.inner(x, context=context, mask=mask, context_mask=context_mask)
+
+
+class UpstreamAutoregressive(nn.Module):
+    """forward(x, mask=None); the upstream module takes no mask, so a mask is refused."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        from mixture_of_attention import MixtureOfAutoregressiveAttention
+
+        self.inner = MixtureOfAutoregressiveAttention(**_upstream_kwargs(kwargs))
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        if mask is not None:
+            raise ValueError("mask: the upstream MixtureOfAutoregressiveAttention takes no mask")
+        return self.inner(x)
+
+
+lucidrains = Impl(
+    name="lucidrains",
+    variant="MixtureOfAttention",
+    fn=UpstreamMixture,
+    features={"backward", "cross", "key_padding"},
+    dtypes=("float64", "float32", "float16", "bfloat16"),
+    requires=("mixture_of_attention",),
+    description="lucidrains/mixture-of-attention (PyPI); coordinate-descent routing, straight-through weights",
+)
+
+lucidrains_ar = Impl(
+    name="lucidrains",
+    variant="MixtureOfAutoregressiveAttention",
+    fn=UpstreamAutoregressive,
+    features={"backward"},
+    requires=("mixture_of_attention",),
+    description="lucidrains/mixture-of-attention autoregressive variant (no mask; window top-k, not causal)",
+)
