@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -484,3 +486,44 @@ def test_upstream_autoregressive_is_not_causal():
     y = x.clone()
     y[:, 5:8] = 20 * m.inner.query_router.routing_token.detach().sum(0)  # later tokens take every query slot
     assert not torch.allclose(m(y)[:, :5], m(x)[:, :5])  # ... and position 4's output changes
+
+
+# -- CUDA ------------------------------------------------------------------------------------------
+
+def _attend(m, r, mask, ar, x):
+    return m.attend(x, r, mask) if ar else m.attend(x, None, r, mask)
+
+
+def _reference(m, r, mask, ar, x):
+    if ar:
+        return autoregressive_mixture_reference(m, x, mask, routing=r)
+    return mixture_reference(m, x, mask=mask, routing=r)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("variant", ["MixtureOfAttention", "MixtureOfAutoregressiveAttention"])
+def test_cuda_impls_match_oracle(variant):
+    ar = variant.startswith("MixtureOfAuto")
+    kw = dict(dim=32, dim_head=16, heads=2, num_experts=2, num_routed_queries=3 if ar else 6,
+              num_routed_key_values=5 if ar else 7)
+    if ar:
+        kw["local_attn_window_size"] = 4
+    x, mask = data(N=21, dim=32, dtype=torch.float32)
+    x, mask = x.cuda(), mask.cuda()
+    tested = []
+    for impl in registry().select(variant=variant):
+        if not impl.device_ok("cuda") or "float32" not in impl.dtypes or impl.name == "lucidrains":
+            continue
+        torch.manual_seed(0)
+        m = impl.fn(**kw).cuda()
+        r = m.route(x, mask)
+        out, gx = out_and_grad(partial(_attend, m, r, mask, ar), x)
+        ref, gref = out_and_grad(partial(_reference, m, r, mask, ar), x)
+        close(out, ref, 1e-4)
+        close(gx, gref, 1e-4)
+        tested.append(f"{impl.name}:{m.last_kernel}")
+    assert any(t.startswith("flex") for t in tested), tested
