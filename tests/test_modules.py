@@ -13,7 +13,7 @@ from attnbench.impls.naive import attention as naive
 from attnbench.modules.common import LowPrecisionLayerNorm, LowPrecisionRMSNorm, RMSNorm, RotaryXPos
 from attnbench.modules.flash_attention_two import FlashAttentionTwo
 from attnbench.modules.local_mha import LocalMHA
-from attnbench.modules.multi_query import MultiQueryAttention, build_alibi_bias
+from attnbench.modules.multi_query import MultiQueryAttention, build_alibi_bias, triton_interpreted
 from attnbench.oracles.dense import visible
 from attnbench.oracles.modules import (
     MODULE_ORACLES,
@@ -402,6 +402,22 @@ def test_multi_query_triton_needs_triton_and_a_device(monkeypatch):
         MultiQueryAttention(DIM, 4)  # 'triton' is the default
 
 
+def triton_ready() -> bool:
+    return "dense/triton" in registry().impls and registry().get("dense/triton").unavailable() is None
+
+
+@pytest.mark.skipif(
+    not (triton_ready() and triton_interpreted() and not torch.cuda.is_available()),
+    reason="needs dense/triton and TRITON_INTERPRET=1 set before triton is imported (CPU only)",
+)
+def test_multi_query_attn_impl_triton_interpreted_matches_oracle():
+    torch.manual_seed(0)
+    m = build(MultiQueryAttention, torch.float32, dim=DIM, heads=4, kv_heads=2, qk_ln=True)  # attn_impl='triton'
+    assert m.kernel is registry().get("dense/triton").fn
+    x = randn(2, 6, DIM, dtype=torch.float32)
+    check(m, multi_query_reference, x, None, build_alibi_bias(4, 6, 6), keep(2, 6), select=first, tol=1e-4)
+
+
 def test_multi_query_verbose_reports_the_kernel():
     with pytest.warns(UserWarning, match="attn_impl='torch'"):
         MultiQueryAttention(DIM, 4, attn_impl="torch", verbose=1)
@@ -662,3 +678,8 @@ def test_modules_on_cuda(dtype, tol):
     m = fa2(torch.float32, mixed_precision=True).cuda()
     out = m(x.float())
     assert out.dtype == torch.float32 and rel_err(out, flash_attention_two_reference(m, x.float())) < 3e-2
+    if triton_ready():
+        torch.manual_seed(0)
+        m = build(MultiQueryAttention, dtype, dim=DIM, heads=4, kv_heads=2, attn_impl="triton").cuda()
+        assert m.kernel is registry().get("dense/triton").fn
+        check(m, multi_query_reference, x, select=first, tol=tol)
