@@ -25,11 +25,17 @@ p = exp2(s2 - m2) * (1/l): exp2(s2 - lse2) would lose |lse2| * eps of accuracy i
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
-from triton import knobs
 
-INTERPRET = bool(knobs.runtime.interpret)
+try:
+    from triton import knobs
+
+    INTERPRET = bool(knobs.runtime.interpret)
+except ImportError:  # triton < 3.4
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -497,24 +503,55 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # On the interpreter a single small config (blocks of 16 exercise multi-block paths on tiny shapes).
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 
+# Each list is in order of preference: with autotuning off the first one that fits is used.
 FWD_CONFIGS = [
-    _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 2),
-    _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 4),
+    _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 4),
+    _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2),
 ]
 DKDV_CONFIGS = [
-    _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
-    _cfg(16, 128, 4, 4), _cfg(64, 128, 8, 2),
+    _cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(16, 32, 4, 2),
 ]
 DQ_CONFIGS = [
-    _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 4),
-    _cfg(64, 32, 4, 4),
+    _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 16, 4, 2),
 ]
 TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS", "HAS_KPM", "HAS_BLOCK"]
+SMEM_BUDGET = 200 * 1024  # bytes per program; the H100 allows 227 KB, Triton needs some for layouts
+
+
+def smem_estimate(kind: str, config: triton.Config, args: dict) -> int:
+    """Rough shared memory of one program: resident tiles plus num_stages pipelined tiles."""
+    bm, bn, st = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    bd, bdv, elt = args["BLOCK_D"], args["BLOCK_DV"], args["Q"].element_size()
+    if kind == "fwd":
+        tiles = bm * bd + st * bn * (bd + bdv)
+    elif kind == "dkdv":
+        tiles = bn * (bd + bdv) + st * bm * (bd + bdv) + 2 * bm * bn
+    else:
+        tiles = bm * (bd + bdv) + st * bn * (bd + bdv) + bm * bn
+    return tiles * elt
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        fits = [c for c in configs if smem_estimate(kind, c, args) <= SMEM_BUDGET]
+        return fits or [min(configs, key=lambda c: smem_estimate(kind, c, args))]
+
+    return prune
+
+
+CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+RAW = {"fwd": attn_fwd, "dkdv": attn_bwd_dkdv, "dq": attn_bwd_dq}
+PRUNE = {kind: _pruner(kind) for kind in CONFIGS}
 
 if INTERPRET:
-    fwd, bwd_dkdv, bwd_dq = attn_fwd, attn_bwd_dkdv, attn_bwd_dq
+    TUNED = dict(RAW)
 else:
-    fwd = triton.autotune(FWD_CONFIGS, key=TUNE_KEY)(attn_fwd)
-    bwd_dkdv = triton.autotune(DKDV_CONFIGS, key=TUNE_KEY)(attn_bwd_dkdv)
-    bwd_dq = triton.autotune(DQ_CONFIGS, key=[*TUNE_KEY, "STORE_DBIAS"])(attn_bwd_dq)
+    TUNED = {
+        kind: triton.autotune(
+            CONFIGS[kind], key=TUNE_KEY + (["STORE_DBIAS"] if kind == "dq" else []),
+            prune_configs_by={"early_config_prune": PRUNE[kind]},
+        )(RAW[kind])
+        for kind in CONFIGS
+    }
 bwd_preprocess = attn_bwd_preprocess

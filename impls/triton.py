@@ -141,13 +141,23 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
     return list(t.stride()[:n]) if t is not None else [0] * n
 
 
-def _launch(kernel, length: int, block: str, heads: int, interpret: bool, **kwargs) -> None:
-    """Launch over (cdiv(length, block size), heads); autotuned unless interpreting."""
+def autotune_enabled() -> bool:
+    """ATTNBENCH_TRITON_AUTOTUNE=0 takes the first fitting config instead of benchmarking them."""
+    return os.environ.get("ATTNBENCH_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **kwargs) -> None:
+    """Launch kernel `kind` over (cdiv(length, block size), heads)."""
+    ker = kernels(interpret)
     if interpret:
-        sizes = kernels(True).INTERPRET_CONFIG
-        kernel[(_cdiv(length, sizes[block]), heads)](**kwargs, **sizes)
+        sizes = ker.INTERPRET_CONFIG
+        ker.RAW[kind][(_cdiv(length, sizes[block]), heads)](**kwargs, **sizes)
+    elif autotune_enabled():
+        ker.TUNED[kind][lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
     else:
-        kernel[lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
+        config = ker.PRUNE[kind](ker.CONFIGS[kind], {}, **kwargs)[0]
+        grid = (_cdiv(length, config.kwargs[block]), heads)
+        ker.RAW[kind][grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -199,7 +209,7 @@ def _forward(q, k, v, cfg, kpm, bias_full):
     args = _common(q, k, v, cfg, kpm, bias_full)
     args.update(Out=out, LSE=lse, M2=m2, INVL=inv_l, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
     with _device_ctx(q):
-        _launch(kernels(interpret).fwd, Sq, "BLOCK_M", B * Hq, interpret, **args)
+        _launch("fwd", Sq, "BLOCK_M", B * Hq, interpret, **args)
     return out, lse, (m2, inv_l)
 
 
@@ -223,12 +233,12 @@ def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias):
             Hq, Sq, Dv, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_DV=_pow2(Dv),
         )
         _launch(
-            ker.bwd_dkdv, Sk, "BLOCK_N", B * Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
+            "dkdv", Sk, "BLOCK_N", B * Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
             sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2),
             sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), Hq=Hq, Hkv=Hkv, sm_scale=cfg.scale,
         )
         _launch(
-            ker.bwd_dq, Sq, "BLOCK_M", B * Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
+            "dq", Sq, "BLOCK_M", B * Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
             sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), Hq=Hq, sm_scale=cfg.scale,
             STORE_DBIAS=want_dbias,
         )

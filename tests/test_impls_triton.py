@@ -36,9 +36,12 @@ def interp(monkeypatch):
 
 @pytest.fixture
 def compiled(monkeypatch):
+    """Compiled kernels with the first fitting config (autotuning every spec x dtype would
+    compile ~18 configs each); test_gpu_autotuned and perf/triton_tune.py cover the tuner."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", "0")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_no_keys_and_no_queries(interp):
 
 
 def test_deterministic(interp):
-    spec = Spec(B=2, Hq=4, Hkv=2, Sq=20, Sk=33, causal=True, bias="per_head")
+    spec = Spec(Hq=2, Hkv=1, Sq=18, Sk=20, causal=True, bias="per_head")
     first = _run(tri.attention, spec, spec.make_inputs(requires_grad=True))
     second = _run(tri.attention, spec, spec.make_inputs(requires_grad=True))
     for a, b in zip([first[0], first[1], *first[2]], [second[0], second[1], *second[2]]):
@@ -247,6 +250,16 @@ def test_supports_declares_limits(interp):
     assert tri.supports(Spec(D=24, Dv=256)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 96, 128, 256])
+def test_configs_fit_shared_memory(dtype, head_dim):
+    ker = tri.kernels(False)  # the compiled-mode module loads without a GPU
+    args = dict(Q=torch.empty(1, dtype=dtype), BLOCK_D=head_dim, BLOCK_DV=head_dim)
+    for kind, configs in ker.CONFIGS.items():
+        kept = ker.PRUNE[kind](configs, {}, **args)
+        assert kept and all(ker.smem_estimate(kind, c, args) <= ker.SMEM_BUDGET for c in kept), kind
+
+
 def test_kernels_loaded_per_mode(interp):
     assert tri.kernels(True).INTERPRET is True
     assert tri.kernels() is tri.kernels(True)
@@ -278,3 +291,12 @@ def test_gpu_matches_oracle(compiled, name, dtype):
     spec = GPU_SPECS[name].replace(device="cuda", dtype=dtype)
     assert tri.supports(spec) is None
     check(spec, lse_grad=name == "padding_bias_d64")
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", "1")
+    check(Spec(B=2, Hq=4, Hkv=2, Sq=1000, Sk=1000, D=64, causal=True, dtype="bfloat16", device="cuda"))
