@@ -29,8 +29,8 @@ class Plot:
     alt: str = ""
 
     def inline(self) -> str:
-        """The SVG for embedding in HTML: keeps the viewBox, scales to the page width."""
-        return re.sub(r'(<svg[^>]*?) width="[^"]*" height="[^"]*"', r"\1", self.svg, count=1)
+        """The SVG for embedding in HTML: natural size, shrunk (never grown) to the page width."""
+        return self.svg.replace("<svg ", '<svg class="plot" ', 1)
 
 
 def available() -> bool:
@@ -103,7 +103,7 @@ def perf_plot(group: PerfGroup, colors: dict[str, str]) -> Plot | None:
     if not panels:
         return None
     seqs = sorted({seq_len(r.shape) for r in rows if seq_len(r.shape) > 0})
-    if not seqs:
+    if len(seqs) < 2:  # one sequence length is a table row, not a curve
         return None
     fig = _figure(4.0 * len(panels), 3.1)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]

@@ -24,17 +24,21 @@ _MARK = {"pass": "✓", "fail": "✗", "error": "!", "skip": "–"}
 
 
 def write_all(results: Results, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write results.json, report.md (+ plots/*.svg) and report.html; returns name -> path."""
+    """Write results.json, report.md and report.html; returns {"json", "md", "html"} -> path, plus
+    "plots" -> the folder of SVG figures report.md links to (when matplotlib is installed)."""
     if not isinstance(results, Results):
         raise TypeError(f"write_all: results must be a Results, got {type(results).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": results.save(out / "results.json")}
     figures = P.all_plots(results)
+    for old in [*out.glob("plots/perf-*.svg"), *out.glob("plots/errors-*.svg")]:
+        old.unlink()  # figures of an earlier report in the same folder
     if figures:
         (out / "plots").mkdir(exist_ok=True)
         for fig in figures:
-            paths[f"plot:{fig.name}"] = _write(out / "plots" / f"{fig.name}.svg", fig.svg + "\n")
+            _write(out / "plots" / f"{fig.name}.svg", fig.svg + "\n")
+        paths["plots"] = out / "plots"
     paths["md"] = _write(out / "report.md", markdown(results, figures))
     paths["html"] = _write(out / "report.html", html_report(results, figures))
     return paths
@@ -121,12 +125,12 @@ def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: st
         if figures is None:
             lines += [f"_{P.MISSING_NOTE}_", ""]
         for g in T.perf_groups(results.perf):
-            lines += [f"### {g.title}", ""]
+            lines += [f"### {g.caption}", ""]
             fig = by_name.get(f"perf-{g.slug}")
             if fig:
                 lines += [f"![{fig.alt}]({plot_dir}/{fig.name}.svg)", ""]
-            rows = [T.perf_cells(r, results.peaks) for r in g.sorted_rows()]
-            lines += _md_table(list(T.PERF_HEADERS), rows, right={0, 1, 3, 4, 5, 6, 7, 8, 9})
+            headers, rows = T.perf_table(g, results.peaks)
+            lines += _md_table(headers, rows, right={i for i, h in enumerate(headers) if h != "impl"})
             lines += [f"- {n}" for n in T.perf_notes(g)] + ([""] if T.perf_notes(g) else [])
     error_figs = [f for f in figures or [] if f.name.startswith("errors-")]
     if checked and (error_figs or figures is None):
@@ -369,13 +373,14 @@ def _html_perf(results: Results, by_name: dict[str, P.Plot], no_plots: bool) -> 
     if no_plots:
         out.append(f'<p class="note">{_e(P.MISSING_NOTE)}</p>')
     for g in T.perf_groups(results.perf):
-        out.append(f"<h3>{_e(g.title)}</h3>")
+        out.append(f"<h3>{_e(g.caption)}</h3>")
         fig = by_name.get(f"perf-{g.slug}")
         if fig:
             out.append(_figure(fig))
         best = T.best_tflops(g)
+        headers, texts = T.perf_table(g, results.peaks)
         rows, classes, last = [], [], None
-        for r in g.sorted_rows():
+        for r, text in zip(g.sorted_rows(), texts):
             label = T.seq_label(r.shape)
             cls = [r.status] if r.status != "ok" else []
             if r.status == "ok" and r.tflops is not None and best.get(label) == r.tflops and len(g.impls) > 1:
@@ -383,12 +388,13 @@ def _html_perf(results: Results, by_name: dict[str, P.Plot], no_plots: bool) -> 
             if label != last and last is not None:
                 cls.append("first")
             last = label
-            cells = [_e(c) for c in T.perf_cells(r, results.peaks)]
+            cells = [_e(c) for c in text]
             if r.status != "ok" and r.reason:
                 cells[3] = f'<span title="{_e(r.reason)}">{cells[3]}</span>'
             rows.append(cells)
             classes.append(" ".join(cls))
-        out.append(_table(list(T.PERF_HEADERS), rows, num={0, 1, 3, 4, 5, 6, 7, 8, 9}, row_cls=classes))
+        num = {i for i, h in enumerate(headers) if h != "impl"}
+        out.append(_table([_e(h) for h in headers], rows, num=num, row_cls=classes))
         notes = T.perf_notes(g)
         if notes:
             out.append('<ul class="legend">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
@@ -417,9 +423,8 @@ def _compare_perf_rows(cmp: T.Comparison) -> list[tuple[str, list[list[str]], li
     """Per perf group: (title, rows of text cells, verdicts, geometric-mean line)."""
     groups: dict[str, tuple[str, list[list[str]], list[str], list[T.PerfChange]]] = {}
     for c in cmp.perf:
-        key = "|".join([c.variant, c.mode, T.shape_key(c.shape, T.SWEEP_KEYS)])
-        fixed = {k: v for k, v in c.shape.items() if k not in T.SWEEP_KEYS}
-        title = " · ".join([c.variant, c.mode, *T.describe_shape(fixed)])
+        key = "|".join(T.group_key(c.variant, c.mode, c.shape))
+        title = T.group_title(c.variant, c.mode, c.shape)
         _, rows, verdicts, changes = groups.setdefault(key, (title, [], [], []))
         changes.append(c)
         ratio = c.ratio

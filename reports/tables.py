@@ -53,8 +53,25 @@ def fmt_ms(ms: float | None) -> str:
     return f"{ms:.3f}"
 
 
-def fmt_num(x: float | None, digits: int = 1) -> str:
-    return "" if x is None else f"{x:,.{digits}f}"
+def fmt_num(x: float | None) -> str:
+    """A rate (TFLOP/s, GB/s): one decimal from 10 up, three significant digits below."""
+    if x is None:
+        return ""
+    if abs(x) >= 10:
+        return f"{x:,.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_pct(x: float | None) -> str:
+    if x is None:
+        return ""
+    if x == 0:
+        return "0%"
+    if x < 0.1:
+        return "<0.1%"
+    return f"{x:.1f}%" if x < 10 else f"{x:.0f}%"
 
 
 def fmt_bytes(n: int | float | None) -> str:
@@ -69,7 +86,9 @@ def fmt_bytes(n: int | float | None) -> str:
 
 
 def fmt_speedup(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}×"
+    if x is None:
+        return ""
+    return f"{x:.0f}×" if x >= 100 else f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
 
 
 def fmt_spread(row: PerfRow) -> str:
@@ -192,6 +211,28 @@ def shape_key(shape: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
     return json.dumps({k: v for k, v in sorted(shape.items()) if k not in drop}, default=str)
 
 
+def fixed_shape(shape: dict[str, Any]) -> dict[str, Any]:
+    """The part of a shape that names its table: all but batch and lengths, plus the regime
+    (self-attention, decoding with a few queries, or cross-attention), so a decode cell never
+    shares a line with a self-attention sweep."""
+    fixed = {k: v for k, v in shape.items() if k not in SWEEP_KEYS}
+    sq, sk = shape.get("Sq"), shape.get("Sk")
+    if sq is not None and sk is not None and sq != sk:
+        if sq <= 16:
+            fixed["decode Sq"] = sq
+        else:
+            fixed["cross"] = True
+    return fixed
+
+
+def group_key(variant: str, mode: str, shape: dict[str, Any]) -> tuple[str, str, str]:
+    return (variant, mode, shape_key(fixed_shape(shape)))
+
+
+def group_title(variant: str, mode: str, shape: dict[str, Any]) -> str:
+    return " · ".join([variant, mode, *describe_shape(fixed_shape(shape))])
+
+
 def seq_len(shape: dict[str, Any]) -> int:
     return int(shape.get("Sk") or shape.get("Sq") or shape.get("S") or 0)
 
@@ -226,6 +267,18 @@ class PerfGroup:
     def impls(self) -> list[str]:
         return list(dict.fromkeys(r.impl for r in self.rows))
 
+    @property
+    def reference(self) -> str:
+        """The implementation speedups are measured against, when the writer named it."""
+        names = {str(getattr(r, "reference", "")) for r in self.rows if r.speedup is not None}
+        names.discard("")
+        return ", ".join(sorted(names))
+
+    @property
+    def caption(self) -> str:
+        ref = self.reference
+        return f"{self.title} · speedup vs {ref}" if ref else self.title
+
     def sorted_rows(self) -> list[PerfRow]:
         impls = self.impls
         return sorted(self.rows, key=lambda r: (seq_len(r.shape), r.shape.get("Sq") or 0, impls.index(r.impl)))
@@ -249,6 +302,9 @@ def describe_shape(shape: dict[str, Any]) -> list[str]:
     window = s.pop("window", None)
     if window is not None:
         words.append(f"window {tuple(window) if isinstance(window, list) else window}")
+    decode = s.pop("decode Sq", None)
+    if decode is not None:
+        words.append(f"decode Sq={decode}")
     for key, value in sorted(s.items()):
         if value is not None and value is not False:
             words.append(key if value is True else f"{key}={value}")
@@ -258,10 +314,9 @@ def describe_shape(shape: dict[str, Any]) -> list[str]:
 def perf_groups(rows: list[PerfRow]) -> list[PerfGroup]:
     groups: dict[tuple[str, str, str], PerfGroup] = {}
     for row in rows:
-        key = (row.variant, row.mode, shape_key(row.shape, SWEEP_KEYS))
+        key = group_key(row.variant, row.mode, row.shape)
         if key not in groups:
-            fixed = {k: v for k, v in row.shape.items() if k not in SWEEP_KEYS}
-            groups[key] = PerfGroup(row.variant, row.mode, fixed, [])
+            groups[key] = PerfGroup(row.variant, row.mode, fixed_shape(row.shape), [])
         groups[key].rows.append(row)
     order = variant_order([r.variant for r in rows])
     modes = ["fwd", "bwd", "fwdbwd"]
@@ -298,11 +353,19 @@ def perf_cells(row: PerfRow, peaks: dict[str, Any]) -> list[str]:
         fmt_ms(row.ms),
         fmt_spread(row),
         fmt_num(row.tflops),
-        "" if pct is None else f"{pct:.0f}%",
-        fmt_num(row.gbps, 0),
+        fmt_pct(pct),
+        fmt_num(row.gbps),
         fmt_bytes(row.mem_bytes),
         fmt_speedup(row.speedup),
     ]
+
+
+def perf_table(group: PerfGroup, peaks: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a group's table (rows as sorted_rows()), without the columns that are
+    empty in every row (memory on a CPU run, say). S, B, impl and ms always stay, in front."""
+    rows = [perf_cells(r, peaks) for r in group.sorted_rows()]
+    keep = [i for i, h in enumerate(PERF_HEADERS) if i < 4 or any(row[i] for row in rows)]
+    return [PERF_HEADERS[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 
 def best_tflops(group: PerfGroup) -> dict[str, float]:

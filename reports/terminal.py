@@ -89,7 +89,7 @@ class Progress:
                 transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self._label(), total=self.total, ok="", bad="", message="")
+            self._task = self._bar.add_task(self._label() or "attnbench", total=self.total, ok="", bad="", message="")
             self._refresh()
         return self
 
@@ -144,11 +144,11 @@ class Progress:
         self.update(done=self.done + n, failed=self.failed + failed)
 
     def _label(self) -> str:
-        return "/".join(x for x in (self.variant, self.impl) if x) or "attnbench"
+        return "/".join(x for x in (self.variant, self.impl) if x)
 
     def _counts(self) -> str:
         if self.total is None and self.done == 0:
-            return "started"
+            return ""
         total = "?" if self.total is None else str(self.total)
         return f"{self.done}/{total} done, {self.passed} pass, {self.failed} fail"
 
@@ -157,16 +157,17 @@ class Progress:
         ok = f"{'✓' if u else 'pass'} {self.passed}"
         bad = f"{'✗' if u else 'fail'} {self.failed}" if self.failed else ""
         self._bar.update(
-            self._task, description=self._label(), completed=self.done, total=self.total, ok=ok, bad=bad,
+            self._task, description=self._label() or "attnbench", completed=self.done, total=self.total, ok=ok, bad=bad,
             message=self.message,
         )  # fmt: skip
 
     def _line(self, final: bool = False, interrupted: bool = False) -> None:
         self._last_line = time.monotonic()
         state = " (interrupted)" if interrupted else " (finished)" if final else ""
-        note = f" [{self.message}]" if self.message and not final else ""
+        head = ": ".join(x for x in (self._label(), self._counts()) if x)
+        parts = [x for x in (head, f"{self.elapsed:.1f} s{state}", "" if final else self.message) if x]
         self.console.print(
-            f"[attnbench] {self._label()}: {self._counts()}, {self.elapsed:.1f} s{state}{note}",
+            "[attnbench] " + " · ".join(parts),
             markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
 
@@ -303,17 +304,17 @@ def shell_wrap(command: str, width: int) -> str:
 
 def _perf_table(group: T.PerfGroup, peaks: dict) -> Table:
     table = Table(
-        title=group.title, title_justify="left", title_style="bold cyan",
+        title=group.caption, title_justify="left", title_style="bold cyan",
         box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,
     )  # fmt: skip
-    for name in T.PERF_HEADERS:
+    headers, texts = T.perf_table(group, peaks)
+    for name in headers:
         table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=name != "impl",
                          overflow="fold", max_width=18 if name == "impl" else None)  # fmt: skip
     best = T.best_tflops(group)
     last = None
-    for row in group.sorted_rows():
+    for row, cells in zip(group.sorted_rows(), texts):
         label = T.seq_label(row.shape)
-        cells = T.perf_cells(row, peaks)
         if label == last:  # blank the repeated S and B, so each sequence length reads as a block
             cells[0] = cells[1] = ""
         elif last is not None:
@@ -384,12 +385,11 @@ def _compare_perf(cmp: T.Comparison, console: Console, na: str, nb: str) -> None
     _rule(console, f"Performance · median time {nb} ÷ {na} (over {1 + cmp.threshold:.2f}× and outside noise = slower)")
     groups: dict[tuple, list[T.PerfChange]] = {}
     for c in cmp.perf:
-        key = (c.variant, c.mode, T.shape_key(c.shape, T.SWEEP_KEYS))
+        key = T.group_key(c.variant, c.mode, c.shape)
         groups.setdefault(key, []).append(c)
     for changes in groups.values():
         first = changes[0]
-        fixed = {k: v for k, v in first.shape.items() if k not in T.SWEEP_KEYS}
-        title = " · ".join([first.variant, first.mode, *T.describe_shape(fixed)])
+        title = T.group_title(first.variant, first.mode, first.shape)
         table = Table(
             title=title, title_justify="left", title_style="bold cyan",
             box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,

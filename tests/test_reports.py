@@ -89,8 +89,12 @@ def test_perf_groups_split_on_fixed_shape_and_sort_sequences():
     def row(impl, s, hq):
         return PerfRow("dense", impl, "fwd", dict(B=1, Hq=hq, Hkv=hq, Sq=s, Sk=s, D=64, dtype="float16"), ms=1.0)
 
-    groups = T.perf_groups([row("a", 2048, 8), row("a", 512, 8), row("b", 512, 8), row("a", 512, 16)])
-    assert [len(g.rows) for g in groups] == [3, 1]
+    decode = row("a", 512, 8)
+    decode.shape["Sq"] = 1
+    groups = T.perf_groups([row("a", 2048, 8), row("a", 512, 8), row("b", 512, 8), row("a", 512, 16), decode])
+    assert [len(g.rows) for g in groups] == [3, 1, 1]
+    assert groups[2].title == "dense · fwd · fp16 · H8 · D64 · decode Sq=1"
+    assert T.seq_label(decode.shape) == "1→512"
     assert [T.seq_label(r.shape) for r in groups[0].sorted_rows()] == ["512", "512", "2048"]
     assert groups[0].title == "dense · fwd · fp16 · H8 · D64"
     assert groups[0].slug != groups[1].slug
@@ -182,7 +186,7 @@ def test_progress_plain_line_carries_the_message():
     with Progress(console=console, every=0) as p:
         p.update(message="dense/flex fwd S=4096")
     lines = console.file.getvalue().splitlines()
-    assert lines[0].startswith("[attnbench] attnbench: started") and lines[0].endswith("[dense/flex fwd S=4096]")
+    assert re.fullmatch(r"\[attnbench\] \d+\.\d s · dense/flex fwd S=4096", lines[0]), lines[0]
     with pytest.raises(TypeError, match="message"):
         Progress(console=console).update(message=3)
 
@@ -209,6 +213,22 @@ def test_progress_rejects_bad_counts(kwargs, field):
 def test_write_all_writes_the_three_files(written):
     for key, name in (("json", "results.json"), ("md", "report.md"), ("html", "report.html")):
         assert written[key].name == name and written[key].stat().st_size > 0
+    if HAVE_MPL:
+        assert written["plots"].is_dir() and list(written["plots"].glob("perf-*.svg"))
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib (the plots extra) not installed")
+def test_rewriting_a_report_drops_stale_plots(results, tmp_path):
+    render.write_all(results, tmp_path)
+    stale = tmp_path / "plots" / "perf-old-group.svg"
+    stale.write_text("<svg/>")
+    render.write_all(results, tmp_path)
+    assert not stale.exists()
+
+
+def test_rates_keep_significant_digits():
+    assert [T.fmt_num(x) for x in (432.04, 15.0, 2.345, 1.749e-05, None)] == ["432.0", "15.0", "2.35", "1.75e-05", ""]
+    assert [T.fmt_pct(x) for x in (63.4, 2.25, 0.05, 0.0)] == ["63%", "2.2%", "<0.1%", "0%"]
 
 
 def test_markdown_has_every_section_and_failure(results, written):
