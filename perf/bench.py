@@ -50,7 +50,7 @@ class Settings:
     def default(cls, quick: bool, device: str) -> Settings:
         if is_cuda(device):
             return cls(10, 50, 5, 1500, 240) if quick else cls(25, 100, 5, 3000, 540)
-        return cls(2, 15, 3, 300, 90) if quick else cls(5, 50, 3, 2000, 900)
+        return cls(2, 15, 3, 300, 80) if quick else cls(5, 50, 3, 2000, 900)
 
 
 # -- running one cell --------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def table(results: Results) -> str:
             lines.append(f"{label:58} {r.impl:22} {r.status}: {r.reason[:60]}")
             continue
         mem = f"{r.mem_bytes / 2**20:.1f}" if r.mem_bytes is not None else "-"
-        tf = f"{r.tflops:.1f}" if r.tflops is not None else "-"
+        tf = f"{r.tflops:.3g}" if r.tflops is not None else "-"
         pk = f"{r.pct_peak:.0f}" if r.pct_peak is not None else "-"
         sp = f"{r.speedup:.2f}" if r.speedup is not None else "-"
         lines.append(f"{label:58} {r.impl:22} {r.ms:9.4f} {tf:>7} {pk:>5} {mem:>8} {sp:>6}")

@@ -1,0 +1,399 @@
+"""perf/: work models (hand-counted), the gate (synthetic runs), the harness on the CPU, the quick sweep."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from rich.console import Console
+
+from attnbench.oracles.dense import visible
+from attnbench.perf import bench, slow, work
+from attnbench.perf.gate import gate
+from attnbench.perf.memory import fit_exponent, memory_fits, verdict
+from attnbench.perf.sweeps import Cell, ModuleCase, cell_key, sweep_cells
+from attnbench.perf.timing import summarize, time_call
+from attnbench.registry import Impl, registry
+from attnbench.reports.schema import PerfRow, Results
+from attnbench.spec import Block, Spec
+
+# -- work models ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "pairs"),
+    [
+        (Spec(Sq=4), 16),
+        (Spec(Sq=4, causal=True), 10),  # 1 + 2 + 3 + 4
+        (Spec(Sq=2, Sk=4, causal=True), 7),  # bottom-right: rows at positions 2, 3 see 3 + 4 keys
+        (Spec(Sq=2, Sk=4, causal=True, align="top_left"), 3),  # positions 0, 1 see 1 + 2
+        (Spec(Sq=4, Sk=2, causal=True), 3),  # positions -2, -1, 0, 1: 0 + 0 + 1 + 2 (two empty rows)
+        (Spec(Sq=4, window=(1, 0)), 7),  # 1 + 2 + 2 + 2
+        (Spec(Sq=4, window=(1, 1)), 10),  # 2 + 3 + 3 + 2
+        (Spec(Sq=4, window=(0, 0)), 4),
+        (Spec(Sq=4, window=(None, 1)), 2 + 3 + 4 + 4),
+        (Spec(Sq=6, block=Block(2, 1, 0)), 2 * 2 + 2 * 4 + 2 * 4),  # buckets see themselves and the one before
+        (Spec(Sq=6, block=Block(2, 1, 0), causal=True), 1 + 2 + 3 + 4 + 3 + 4),
+        (Spec(B=2, Sq=4, key_lengths=(3, 0)), 4 * 3 + 0),
+        (Spec(B=3, Hq=4, Hkv=2, Sq=4, causal=True), 3 * 10),  # per head, summed over the batch; GQA changes nothing
+    ],
+)
+def test_visible_pairs_by_hand(spec, pairs):
+    assert work.visible_pairs(spec) == pairs
+
+
+def test_visible_pairs_match_the_oracle_visibility():
+    rng = random.Random(0)
+    for _ in range(40):
+        Sq, Sk = rng.randint(1, 12), rng.randint(1, 12)
+        kw = dict(B=2, Sq=Sq, Sk=Sk, causal=rng.random() < 0.5, align=rng.choice(["bottom_right", "top_left"]),
+                  key_drop=rng.choice([0.0, 0.3]), seed=rng.randint(0, 99))
+        choice = rng.random()
+        if choice < 0.4:
+            kw["window"] = (rng.choice([None, 0, 1, 3]), rng.choice([None, 0, 2]))
+        elif choice < 0.7:
+            kw["block"] = Block(rng.randint(1, 4), rng.randint(0, 2), rng.randint(0, 1))
+        spec = Spec(**kw)
+        kpm = spec.make_inputs().key_padding_mask
+        expected = visible(spec.B, Sq, Sk, causal=spec.causal, window=spec.window, block=spec.block,
+                           align=spec.align, key_padding_mask=kpm).sum().item()
+        assert work.visible_pairs(spec, kpm) == expected, spec.short()
+
+
+def test_random_padding_needs_its_mask():
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        work.visible_pairs(Spec(B=1, Sq=4, key_drop=0.5))
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        work.visible_pairs(Spec(B=1, Sq=4), torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_flops_causal_cross_gqa_and_modes():
+    # Sq=3 queries at positions 2, 3, 4 over Sk=5 keys: 3 + 4 + 5 = 12 pairs per batch element.
+    spec = Spec(B=2, Hq=4, Hkv=2, Sq=3, Sk=5, D=8, causal=True)
+    fwd = 2 * 4 * (2 * 12) * (8 + 8)
+    assert work.attention_flops(spec, "fwd") == fwd == 3072
+    assert work.attention_flops(spec, "bwd") == 2.5 * fwd
+    assert work.attention_flops(spec, "fwdbwd") == 3.5 * fwd
+    # Non-causal square: 4 * B * H * S^2 * D, the usual formula.
+    assert work.attention_flops(Spec(B=2, Hq=3, Sq=16, D=8)) == 4 * 2 * 3 * 16 * 16 * 8
+    # Dv != D: 2 * pairs * D for q.k, 2 * pairs * Dv for p.v.
+    assert work.attention_flops(Spec(Sq=2, D=4, Dv=6)) == 2 * 4 * (4 + 6)
+    # A causal window of W over S keys: (W + 1) keys per row once past the first W rows.
+    S, W = 64, 8
+    pairs = sum(min(i, W) + 1 for i in range(S))
+    assert work.attention_flops(Spec(Sq=S, D=16, causal=True, window=(W, 0))) == 4 * pairs * 16
+    with pytest.raises(ValueError, match="mode: unknown mode 'fwd_bwd'"):
+        work.attention_flops(spec, "fwd_bwd")
+
+
+def test_bytes_are_inputs_once_and_outputs_once():
+    spec = Spec(B=1, Hq=2, Hkv=1, Sq=4, D=8, dtype="float16")
+    q, k, v, out, lse = 128, 64, 64, 128, 2 * 4 * 4
+    assert work.attention_bytes(spec, "fwd") == q + k + v + out
+    bwd = q + k + v + out + out + lse + q + k + v
+    assert work.attention_bytes(spec, "bwd") == bwd
+    assert work.attention_bytes(spec, "fwdbwd") == q + k + v + out + lse + bwd
+    padded = Spec(B=2, Hq=1, Sq=4, D=2, key_lengths=(4, 2), bias="per_key")
+    e = 4
+    assert work.attention_bytes(padded) == (3 * 2 * 4 * 2 + 2 * 4 * 2) * e + 2 * 4 * e + 2 * 4
+
+
+def test_module_flops_dense_and_routed():
+    x = torch.zeros(1, 8, 16)
+    # FlashAttentionTwo: q, k, v, out projections 8 * B * S * dim * inner, plus causal attention (36 pairs).
+    got = work.module_flops("FlashAttentionTwo", dict(dim=16, heads=2, dim_head=4, causal=True), x)
+    assert got == 8 * 8 * 16 * 8 + 2 * 2 * 36 * (4 + 4)
+    # A routed module is charged for what its routing selected: 2 experts x 3 queries x (3 keys + null).
+    routing = SimpleNamespace(q_valid=torch.ones(1, 2, 3, dtype=torch.bool),
+                              kv_valid=torch.tensor([[[1, 1, 1, 0], [1, 0, 1, 1]]], dtype=torch.bool))
+    module = SimpleNamespace(route=lambda x: routing)
+    kwargs = dict(dim=16, heads=2, dim_head=4, num_experts=2, num_routed_queries=3, num_routed_key_values=4)
+    attention = 2 * 2 * (2 * 3 * 4) * (4 + 4)
+    projections = 2 * 6 * 16 * 8 * 2 + 2 * 6 * 16 * 8 * 2
+    routers = 2 * 1 * 8 * 16 * 2 * 2
+    assert work.module_flops("MixtureOfAttention", kwargs, x, module) == attention + projections + routers
+    assert work.module_flops("MixtureOfAttention", kwargs, x, module, "fwdbwd") == 3.5 * (
+        attention + projections + routers)
+
+
+def test_rates():
+    assert work.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    assert work.gbps(3e9, 1.0) == pytest.approx(3000.0)
+    assert work.tflops(None, 1.0) is None and work.gbps(1.0, None) is None
+
+
+# -- the gate ------------------------------------------------------------------------------------
+
+IMPLS = {"sdpa_flash": 1.0, "triton": 1.2, "naive": 8.0}
+
+
+def run(times: dict[str, float] | None = None, scale: float = 1.0, jitter: float = 0.0, seed: int = 0,
+        drop: tuple = (), status: dict | None = None) -> Results:
+    """A synthetic run: three impls over S = 1k, 2k, 4k; times = base * S^2 * scale (+ jitter)."""
+    rng = random.Random(seed)
+    rows = []
+    for S in (1024, 2048, 4096):
+        for impl, base in (times or IMPLS).items():
+            if (impl, S) in drop:
+                continue
+            ms = base * (S / 1024) ** 2 * scale * (1 + rng.uniform(-jitter, jitter))
+            row = PerfRow(variant="dense", impl=impl, mode="fwd", shape=dict(B=1, Hq=8, Hkv=8, Sq=S, Sk=S, D=64,
+                          causal=True, window=None, dtype="bfloat16"), ms=ms, ms_p20=ms * 0.99, ms_p80=ms * 1.01)
+            st = (status or {}).get((impl, S))
+            if st:
+                row.status, row.reason, row.ms = st, "CUDA out of memory", None
+            rows.append(row)
+    return Results(env={"device_name": "synthetic"}, perf=rows)
+
+
+def test_gate_passes_the_same_run_and_a_uniformly_slower_machine():
+    base = run()
+    assert gate(run(), base).ok
+    slower = gate(run(scale=1.3), base)  # machine drift cancels in the ratios
+    assert slower.ok
+    assert slower.drift == pytest.approx(0.3)
+    assert slower.references == {"dense": "sdpa_flash"}
+    assert {r.status for r in slower.rows} == {"ok", "reference"}
+
+
+def test_gate_tolerates_noise_under_the_threshold():
+    base = run(jitter=0.03, seed=1)
+    for seed in range(2, 12):
+        result = gate(run(jitter=0.03, seed=seed), base, threshold=0.10)
+        assert result.ok, str(result)
+
+
+def test_gate_fails_a_regressed_cell_and_shows_it():
+    current = run({**IMPLS, "triton": 1.2 * 1.25})  # triton 25% slower everywhere
+    result = gate(current, run(), threshold=0.10)
+    assert not result.ok
+    regressed = [r for r in result.rows if r.status == "regressed"]
+    assert {r.impl for r in regressed} == {"triton"} and len(regressed) == 3
+    assert all(r.change == pytest.approx(0.25) for r in regressed)
+    # The same slowdown passes a looser threshold; a faster impl is an improvement, not a failure.
+    assert gate(current, run(), threshold=0.3).ok
+    improved = gate(run({**IMPLS, "naive": 4.0}), run())
+    assert improved.ok and improved.counts["improved"] == 3
+    console = Console(width=120, record=True)
+    console.print(result.table())
+    text = console.export_text()
+    assert "regressed" in text and "triton" in text and "+25.0%" in text
+    assert "FAIL" in str(result) and "regressed" in str(result)
+
+
+def test_gate_reports_missing_new_and_broken_cells():
+    base = run(drop=(("naive", 4096),))
+    current = run(drop=(("triton", 2048),), status={("naive", 2048): "oom"})
+    result = gate(current, base)
+    by = {(r.impl, r.cell.split()[2]): r.status for r in result.rows}
+    assert by[("triton", "S2048")] == "missing"
+    assert by[("naive", "S4096")] == "new"
+    assert by[("naive", "S2048")] == "broken"
+    assert not result.ok and [r.impl for r in result.failures] == ["naive"]
+    only_missing = gate(run(drop=(("triton", 2048),)), run())
+    assert only_missing.ok
+    assert not gate(run(drop=(("triton", 2048),)), run(), fail_on_missing=True).ok
+
+
+def test_gate_reference_choice_and_fallback():
+    base, current = run(), run({**IMPLS, "sdpa_flash": 2.0})  # the reference itself got 2x slower
+    assert gate(current, base).ok  # ratios against it all shrink: no failure
+    against_naive = gate(current, base, reference="naive")
+    assert not against_naive.ok and {r.impl for r in against_naive.failures} == {"sdpa_flash"}
+    # A run without the preferred reference falls back to the registry's reference (naive).
+    no_flash = {k: v for k, v in IMPLS.items() if k != "sdpa_flash"}
+    fallback = gate(run(no_flash), run(no_flash))
+    assert fallback.references == {"dense": "naive"} and fallback.ok
+    # A cell whose reference failed now cannot be judged, and says so.
+    result = gate(run(status={("sdpa_flash", 4096): "error"}), run())
+    statuses = {(r.impl, r.cell.split()[2]): r.status for r in result.rows}
+    assert statuses[("triton", "S4096")] == "no_reference"
+    assert statuses[("sdpa_flash", "S4096")] == "broken"
+
+
+def test_gate_survives_a_json_round_trip(tmp_path):
+    path = run().save(tmp_path / "base.json")
+    loaded = Results.load(path)
+    assert gate(run(), loaded).ok
+    assert not gate(run({**IMPLS, "triton": 2.0}), loaded).ok
+
+
+def test_gate_rejects_a_bad_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        gate(run(), run(), threshold=10)
+    with pytest.raises(ValueError, match="threshold"):
+        gate(run(), run(), threshold=0)
+
+
+# -- memory fits ---------------------------------------------------------------------------------
+
+
+def test_memory_exponents():
+    S = [1024, 2048, 4096, 8192]
+    assert fit_exponent(S, [s * 1000 + 5e5 for s in S]) < 1.0  # linear plus a constant
+    assert fit_exponent(S, [s * s * 4 for s in S]) == pytest.approx(2.0)
+    assert verdict(1.02) == "linear" and verdict(1.98) == "quadratic" and verdict(1.5) == "between"
+    with pytest.raises(ValueError, match="positive"):
+        fit_exponent([1, 2], [0, 1])
+    with pytest.raises(ValueError, match="two"):
+        fit_exponent([1], [1])
+
+
+def test_memory_fits_flag_a_declared_linear_impl_that_is_quadratic():
+    rows = []
+    for S in (1024, 2048, 4096):
+        shape = dict(B=1, Hq=16, Hkv=16, Sq=S, Sk=S, D=128, causal=True, window=None, dtype="bfloat16")
+        rows.append(PerfRow("dense", "fused", "fwd", dict(shape), mem_bytes=S * 4096))
+        rows.append(PerfRow("dense", "fake_fused", "fwd", dict(shape), mem_bytes=S * S * 64))
+        rows.append(PerfRow("dense", "naive", "fwd", dict(shape), mem_bytes=S * S * 64))
+    fits = {f.impl: f for f in memory_fits(rows, declared={"dense/fused": "linear", "dense/fake_fused": "linear"})}
+    assert fits["fused"].verdict == "linear" and fits["fused"].ok
+    assert fits["naive"].verdict == "quadratic" and fits["naive"].ok  # declares nothing
+    assert not fits["fake_fused"].ok
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+
+
+def test_sweeps_are_valid_and_keys_survive_json():
+    for device in ("cpu", "cuda"):
+        for quick in (True, False):
+            cells = sweep_cells(quick, device)
+            keys = [c.key() for c in cells]
+            assert len(keys) == len(set(keys))
+            for c in cells:
+                shape = json.loads(json.dumps(c.shape()))
+                assert cell_key(c.variant, c.mode, shape) == c.key()
+    full = sweep_cells(False, "cuda")
+    assert {c.mode for c in full} == {"fwd", "bwd", "fwdbwd"}
+    assert {c.variant for c in full} >= {"dense", "local", "FlashAttentionTwo", "MixtureOfAttention"}
+    assert any(c.graph for c in full)
+    assert sweep_cells(True, "cpu", ["local"]) and all(c.variant == "local" for c in sweep_cells(True, "cpu", ["local"]))
+    with pytest.raises(ValueError, match="variants: unknown"):
+        sweep_cells(True, "cpu", ["dens"])
+    with pytest.raises(ValueError, match="Cell.spec"):
+        Cell("dense", "fwd")
+    with pytest.raises(ValueError, match="Cell.module"):
+        Cell("LocalMHA", "fwd", spec=Spec())
+    with pytest.raises(ValueError, match="mode"):
+        Cell("dense", "forward", spec=Spec())
+
+
+# -- the harness on the CPU ----------------------------------------------------------------------
+
+
+def test_time_call_on_the_wall_clock():
+    t = time_call(lambda i: i, lambda state: time.sleep(0.002), device="cpu", rep_ms=20, min_reps=5)
+    assert t.timer == "wall_clock"
+    assert t.reps >= 5
+    assert 2.0 <= t.p20 <= t.ms <= t.p80 < 100
+    with pytest.raises(ValueError, match="graph"):
+        time_call(lambda i: i, lambda s: None, device="cpu", graph=True)
+    with pytest.raises(ValueError, match="n_sets"):
+        time_call(lambda i: i, lambda s: None, device="cpu", n_sets=0)
+    assert summarize([3.0, 1.0, 2.0]) == (2.0, pytest.approx(1.4), pytest.approx(2.6))
+
+
+def test_time_call_caps_a_slow_call():
+    t = time_call(lambda i: i, lambda s: time.sleep(0.03), device="cpu", max_ms=10)
+    assert t.reps == 1 and t.ms >= 30
+
+
+def _raises(q, k, v, cfg, key_padding_mask=None, bias=None):
+    raise RuntimeError("kernel exploded")
+
+
+def _ooms(q, k, v, cfg, key_padding_mask=None, bias=None):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
+
+
+SETTINGS = bench.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
+
+
+def test_harness_times_a_cell_and_records_failures_without_aborting():
+    naive = registry().get("dense/naive")
+    broken = Impl(name="exploding", variant="dense", fn=_raises, features={"causal", "backward"})
+    ooms = Impl(name="ooming", variant="dense", fn=_ooms, features={"causal", "backward"})
+    no_bwd = Impl(name="fwd_only", variant="dense", fn=naive.fn, features={"causal"})
+    cells = [Cell("dense", mode, spec=Spec(B=1, Hq=2, Sq=32, D=16, causal=True)) for mode in ("fwd", "fwdbwd")]
+    rows = bench.run_cells(cells, [broken, ooms, no_bwd, naive], settings=SETTINGS, peaks={"matmul_tflops": 1.0})
+    by = {(r.impl, r.mode): r for r in rows}
+    assert by[("exploding", "fwd")].status == "error" and "kernel exploded" in by[("exploding", "fwd")].reason
+    assert by[("ooming", "fwd")].status == "oom"
+    assert by[("fwd_only", "fwdbwd")].status == "unsupported" and "backward" in by[("fwd_only", "fwdbwd")].reason
+    for mode in ("fwd", "fwdbwd"):
+        ok = by[("naive", mode)]
+        assert ok.status == "ok", ok.reason
+        assert ok.timer == "wall_clock" and ok.mem_bytes is None
+        assert 0 < ok.ms_p20 <= ok.ms <= ok.ms_p80
+        flops = work.attention_flops(cells[0].spec, mode)
+        assert ok.tflops == pytest.approx(flops / (ok.ms * 1e-3) / 1e12, rel=1e-3)
+        assert ok.pct_peak == pytest.approx(100 * ok.tflops, rel=1e-3)
+    rows = bench.finalize(rows, reference="naive")
+    assert by[("fwd_only", "fwd")].speedup == pytest.approx(by[("naive", "fwd")].ms / by[("fwd_only", "fwd")].ms,
+                                                            rel=1e-3)
+    assert by[("naive", "fwd")].reference == "naive"
+
+
+def test_harness_runs_a_module_cell_and_the_budget_skips_the_rest():
+    impl = registry().get("FlashAttentionTwo/naive")
+    case = ModuleCase(tuple(sorted(dict(dim=32, heads=2, dim_head=8, causal=True).items())), B=1, S=16,
+                      dtype="float32", device="cpu")
+    cell = Cell("FlashAttentionTwo", "fwd", module=case)
+    row = bench.measure(impl, cell, SETTINGS, {})
+    assert row.status == "ok", row.reason
+    x = torch.zeros(1, 16, 32)
+    assert row.tflops == pytest.approx(work.module_flops("FlashAttentionTwo", case.ctor, x) / row.ms / 1e9, rel=1e-3)
+    late = bench.run_cells([cell, cell], [impl], settings=bench.Settings(1, 5, 3, 200, budget_s=-1.0), peaks={})
+    assert [r.status for r in late] == ["skipped", "skipped"]
+
+
+def test_slowdown_wraps_the_implementation_under_its_own_name(monkeypatch):
+    calls = []
+
+    def fn(*args, **kwargs):
+        calls.append(1)
+        return "out"
+
+    impl = Impl(name="k", variant="dense", fn=fn)
+    slowed = slow.apply([impl], slow.parse("dense/k=3"))[0]
+    assert slowed.name == "k" and slowed.fn() == "out" and len(calls) == 3
+    assert slow.apply([impl], {})[0] is impl
+    monkeypatch.setenv(slow.ENV, "dense/k=2")
+    assert slow.active() == {"dense/k": 2}
+    for bad in ("dense/k", "k=2", "dense/k=0", "dense/k=two"):
+        with pytest.raises(ValueError, match=slow.ENV):
+            slow.parse(bad)
+
+
+def test_gpu_pool_pinning(monkeypatch):
+    from attnbench.perf import conftest
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    monkeypatch.setenv(conftest.POOL, "0,1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert conftest.pin_worker_gpu() == "1"
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    assert conftest.device_label("cpu").startswith("cpu-")
+    assert " " not in conftest.device_label("cpu")
+
+
+def test_quick_bench_on_the_cpu_is_under_two_minutes(tmp_path):
+    start = time.perf_counter()
+    results = bench.run_bench(quick=True, device="cpu", out=tmp_path / "bench.json")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 120, f"quick bench took {elapsed:.0f} s"
+    loaded = Results.load(tmp_path / "bench.json")
+    assert loaded.peaks["matmul_tflops"] > 0 and loaded.peaks["copy_gbps"] > 0
+    ok = [r for r in loaded.perf if r.status == "ok"]
+    assert {r.variant for r in ok} >= {"dense", "local"}
+    assert all(r.timer == "wall_clock" and r.ms > 0 for r in ok)
+    naive = [r for r in ok if r.impl == "naive" and r.variant == "dense"]
+    assert naive and all(r.speedup == pytest.approx(1.0) for r in naive)  # no sdpa_flash on a CPU: naive is it
+    assert not [r for r in results.perf if r.status == "error" and r.impl == "naive"]
