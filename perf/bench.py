@@ -30,7 +30,7 @@ import torch
 from attnbench.registry import MODULE_VARIANTS, VARIANTS, Impl, registry
 from attnbench.reports.schema import PerfRow, Results, environment
 
-from . import slow, work
+from . import memory, slow, work
 from .gate import DEFAULT_REFERENCE, resolve_reference
 from .sweeps import Cell, cell_key, sweep_cells
 from .timing import is_cuda, measure_peaks, peak_memory, synchronize, time_call
@@ -280,7 +280,7 @@ def run_cells(
             else:
                 row = measure(impl, cell, settings, peaks, inputs)
         rows.append(row)
-        say(f"[{n}/{len(plan)}] {cell.label()} · {impl.name}: {_describe(row)}")
+        say(f"[{n}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: {_describe(row)}")
     cache.clear()
     return rows
 
@@ -382,6 +382,7 @@ def run_bench(
     results = Results(env=environment(), peaks=measure_peaks(device))
     results.env.update(bench_env(quick, device, settings, reference))
     results.perf = finalize(run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say), reference)
+    memory.attach(results)
     results.env["bench_seconds"] = round(time.perf_counter() - started, 1)
     if out is not None:
         save(results, out)
@@ -471,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.merge:
         results = merge(args.merge, args.reference)
+        memory.attach(results)
     else:
         budget = None if args.budget == 0 else args.budget
         say = None if args.quiet else (lambda msg: print(msg, flush=True))
@@ -480,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {save(results, args.out)}")
     print(f"peaks: {json.dumps(results.peaks)}")
     print(table(results))
+    fits = memory.memory_fits(results.perf)
+    if fits:
+        print(memory.table(fits))
     return 0
 
 
