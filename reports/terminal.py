@@ -46,8 +46,8 @@ class Progress:
 
     On a terminal this is a rich progress bar (variant / impl, done/total, pass and fail counts,
     elapsed time, the latest message). Elsewhere (CI logs, pytest capture) it prints a plain line
-    whenever the implementation changes, at most every `every` seconds otherwise, and once at the
-    end. Progress goes to stderr unless a console is given.
+    when the variant changes, when a failure is counted, every `every` seconds otherwise, and once
+    at the end. Progress goes to stderr unless a console is given.
     """
 
     def __init__(self, total: int | None = None, console: Console | None = None, every: float = 10.0) -> None:
@@ -119,7 +119,9 @@ class Progress:
         _check_count("done", done, allow_none=True)
         _check_count("total", total, allow_none=True)
         _check_count("failed", failed, allow_none=True)
-        moved = (variant is not None and variant != self.variant) or (impl is not None and impl != self.impl)
+        # Plain mode prints on a new variant, a new failure, or every `every` seconds: a CI log
+        # gets a line per variant and per failure, not one per check.
+        news = (variant is not None and variant != self.variant) or (failed is not None and failed > self.failed)
         if variant is not None:
             self.variant = variant
         if impl is not None:
@@ -136,7 +138,7 @@ class Progress:
             raise ValueError(f"failed: {self.failed} is more than done ({self.done})")
         if self._bar is not None:
             self._refresh()
-        elif moved or time.monotonic() - self._last_line >= self.every:
+        elif news or time.monotonic() - self._last_line >= self.every:
             self._line()
 
     def advance(self, n: int = 1, failed: int = 0) -> None:

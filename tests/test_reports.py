@@ -169,16 +169,17 @@ def test_shell_wrap_keeps_the_command_runnable():
 def test_progress_plain_lines_when_not_a_terminal():
     console = Console(file=io.StringIO(), width=100)
     with Progress(total=4, console=console, every=3600) as p:
-        p.update(variant="dense", impl="naive", done=0)
-        p.update(done=1)  # same impl, inside `every`: no line
-        p.update(done=2, failed=1)
-        p.update(impl="flex", done=3, failed=1)
-        p.advance(1, failed=1)
+        p.update(variant="dense", impl="naive", done=0)  # a new variant: a line
+        p.update(done=1)  # nothing new, inside `every`: no line
+        p.update(done=2, failed=1)  # a failure: a line
+        p.update(impl="flex", done=3, failed=1)  # a new impl alone: no line
+        p.advance(1, failed=1)  # a failure: a line
     lines = console.file.getvalue().splitlines()
     assert lines[0].startswith("[attnbench] dense/naive: 0/4 done, 0 pass, 0 fail")
-    assert lines[1].startswith("[attnbench] dense/flex: 3/4 done, 2 pass, 1 fail")
-    assert "4/4 done, 2 pass, 2 fail" in lines[-1] and lines[-1].endswith("(finished)")
-    assert len(lines) == 3
+    assert lines[1].startswith("[attnbench] dense/naive: 2/4 done, 1 pass, 1 fail")
+    assert lines[2].startswith("[attnbench] dense/flex: 4/4 done, 2 pass, 2 fail")
+    assert lines[3].startswith("[attnbench] dense/flex: 4/4 done, 2 pass, 2 fail") and lines[3].endswith("(finished)")
+    assert len(lines) == 4
 
 
 def test_progress_plain_line_carries_the_message():
