@@ -6,7 +6,8 @@ attention ~4x cheaper (N/2 x N/2 scores instead of N x N). This measures where t
   null key (N/2 + 1 keys), with and without the key padding mask the module passes;
 - module: a dense prenorm attention block (projections + kernel + output projection) vs
   MixtureOfAttention (routing, gathers, per-expert projections, null key, scatter), for one
-  and two experts, batched and flex strategies; plus route() alone.
+  and two experts, loop / batched / flex strategies (automatic kernel choice: on CUDA without
+  flash-attn that is sdpa_flash, as for the dense block); plus route() alone.
 
     python -m attnbench.perf.moa_bench [--device cuda] [--seqs 4096 16384] [--out moa.json]
 
@@ -99,24 +100,22 @@ def core_rows(B, N, H, dh, dtype, device, quick) -> list[dict]:
 def module_rows(B, N, dim, H, dh, dtype, device, quick, flex: bool) -> list[dict]:
     rows = []
     x = torch.randn(B, N, dim, device=device, dtype=dtype, requires_grad=True)
-    kernel = "sdpa_efficient" if device == "cuda" else "naive"
     dense_kernel = "sdpa_flash" if device == "cuda" else "naive"
     torch.manual_seed(0)
     dense = DenseBlock(dim, H, dh, dense_kernel).to(device, dtype)
     models = [("module/dense", dense_kernel, 0, dense, lambda: dense(x))]
     variants = [(1, "batched"), (2, "batched"), (1, "loop")] + ([(1, "flex")] if flex else [])
     for E, strategy in variants:
-        kw = dict(kernel=kernel) if strategy != "flex" else {}
         m = MixtureOfAttention(dim, num_routed_queries=N // 2, num_routed_key_values=N // 2, num_experts=E,
-                               dim_head=dh, heads=H, strategy=strategy, **kw).to(device, dtype)
-        models.append((f"module/moa_{strategy}", "flex" if strategy == "flex" else kernel, E, m,
-                       lambda m=m: m(x)))
+                               dim_head=dh, heads=H, strategy=strategy).to(device, dtype)  # auto kernel
+        models.append((f"module/moa_{strategy}", None, E, m, lambda m=m: m(x)))
         if strategy == "batched":
             models.append(("module/route_only", "-", E, m, lambda m=m: m.route(x).q_weight))
-    for label, kern, E, _, fn in models:
+    for label, kern, E, m, fn in models:
         for mode in ("fwd", "fwdbwd"):
             try:
                 ms = timed(fn, device, mode == "fwdbwd", x=x, quick=quick)
+                kern = kern or m.last_kernel.removeprefix("dense/")
                 rows.append(dict(part=label, kernel=kern, experts=E, N=N, mode=mode, ms=ms))
             except Exception as exc:  # one failing row is reported, not fatal
                 rows.append(dict(part=label, kernel=kern, experts=E, N=N, mode=mode, ms=None,

@@ -520,7 +520,7 @@ def test_cuda_impls_match_oracle(variant):
             continue
         torch.manual_seed(0)
         m = impl.fn(**kw).cuda()
-        r = m.route(x, mask)
+        r = m.route(x, mask=mask)
         out, gx = out_and_grad(partial(_attend, m, r, mask, ar), x)
         ref, gref = out_and_grad(partial(_reference, m, r, mask, ar), x)
         close(out, ref, 1e-4)

@@ -30,9 +30,11 @@ Kernels: attention runs through the registry's dense kernels (fn(q, k, v, cfg, k
 `use_triton=True` requires dense/triton: if that kernel is missing or cannot run the call, the
 forward raises KernelUnavailable naming what to install. Never a silent fallback. The seed
 documents default both flags to True; here they default to None ("auto"): on CUDA the first of
-flash_attn, triton, sdpa_efficient, naive that can run the call, on the CPU naive. The kernel actually
-used is in `module.last_kernel`. A flag set to False removes that kernel from the automatic
-choice.
+flash_attn, sdpa_flash, triton, sdpa_efficient, naive that can run the call, on the CPU naive.
+A call needs key padding only when some routed slot is invalid (checked on the host: one sync),
+so unpadded calls can take kernels without masks. The kernel actually used is in
+`module.last_kernel` (`last_local_kernel` for the local branch). A flag set to False removes that
+kernel from the automatic choice.
 
 Strategies (one module class each, picked by `strategy=`): "loop" (one kernel call per expert),
 "batched" (every expert's routed tokens gathered at once, experts folded into the batch, one
@@ -54,7 +56,7 @@ from attnbench.spec import Block, Config
 
 ROUTERS = ("straight_through", "coor_descent")
 STRATEGIES = ("loop", "batched", "flex")
-AUTO_CUDA_KERNELS = ("flash_attn", "triton", "sdpa_efficient", "naive")
+AUTO_CUDA_KERNELS = ("flash_attn", "sdpa_flash", "triton", "sdpa_efficient", "naive")
 INSTALL_HINT = {
     "flash_attn": "install flash-attn (`pip install flash-attn`, CUDA only) or pass flash_attn=False",
     "triton": "install triton (`pip install attnbench[triton]`) and run on CUDA (or set TRITON_INTERPRET=1 "
@@ -179,13 +181,23 @@ def _positive_int(name: str, value) -> int:
 _FLEX = {}
 
 
-def _flex_attention(device: torch.device) -> Callable:
+def _flex_routed(q, k, v, valid, heads_per_expert: int):
+    """FlexAttention over routed tokens; heads h of expert h // heads_per_expert; invalid keys -inf."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(valid[b, h // heads_per_expert, kv_idx], score, float("-inf"))
+
+    return flex_attention(q, k, v, score_mod=score_mod, scale=q.shape[-1] ** -0.5)
+
+
+def _flex_core(device: torch.device) -> Callable:
+    """Compiled once on CUDA (the score_mod closure is made inside the compiled function, so a
+    new closure per call does not recompile); eager on the CPU (forward only)."""
     if device.type != "cuda":
-        return flex_attention  # eager: forward only on the CPU
+        return _flex_routed
     if "cuda" not in _FLEX:
-        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=False)
     return _FLEX["cuda"]
 
 
@@ -260,6 +272,7 @@ class _RoutedExperts(nn.Module):
         self.dropout, self.average_routed, self.router = dropout, average_routed, router
         self.use_triton, self.flash_attn, self.kernel, self.strategy = use_triton, flash_attn, kernel, strategy
         self.last_kernel: str | None = None
+        self.last_local_kernel: str | None = None
         self._kernels: dict = {}
 
         E, inner = num_experts, heads * dim_head
@@ -281,25 +294,27 @@ class _RoutedExperts(nn.Module):
                 f"kernel={self.kernel or 'auto'}")
 
     # -- kernels -------------------------------------------------------------------------------
-    def _needs(self) -> frozenset[str]:
-        need = {"key_padding", "cross"}
-        if self.local is not None:
-            need |= {"blocked_window"} | ({"causal"} if self.local.causal else set())
-        if torch.is_grad_enabled():
-            need.add("backward")
-        if self.training and self.dropout > 0:
-            need.add("dropout")
-        return frozenset(need)
-
-    def _kernel(self, x: torch.Tensor) -> Callable:
+    def _kernel(self, x: torch.Tensor, needs: set[str], local: bool = False) -> Callable:
         """The dense kernel for this call, resolved through the registry (cached per device/dtype/needs)."""
-        needs = self._needs()
-        key = (x.device.type, x.dtype, needs)
+        needs = set(needs)
+        if torch.is_grad_enabled():
+            needs.add("backward")
+        if self.training and self.dropout > 0:
+            needs.add("dropout")
+        key = (x.device.type, x.dtype, frozenset(needs))
         if key not in self._kernels:
-            self._kernels[key] = self._resolve_kernel(x.device.type, str(x.dtype).removeprefix("torch."), needs)
+            self._kernels[key] = self._resolve_kernel(x.device.type, str(x.dtype).removeprefix("torch."), key[2])
         impl = self._kernels[key]
-        self.last_kernel = impl.key
+        if local:
+            self.last_local_kernel = impl.key
+        else:
+            self.last_kernel = impl.key
         return impl.fn
+
+    def _expert_kernel(self, x: torch.Tensor, kv_valid: torch.Tensor) -> tuple[Callable, bool]:
+        """(kernel, padded): key padding is needed only when some routed key slot is empty."""
+        padded = not bool(kv_valid.all())
+        return self._kernel(x, {"cross", "key_padding"} if padded else {"cross"}), padded
 
     def _resolve_kernel(self, device: str, dtype: str, needs: frozenset[str]):
         from attnbench.registry import registry
@@ -375,7 +390,7 @@ class _RoutedExperts(nn.Module):
     def _experts_loop(self, xq, xc, kv_weight, kv_valid) -> torch.Tensor:
         B, E, W, kq, _ = xq.shape
         kk, H, dh = xc.shape[3], self.heads, self.dim_head
-        kernel, cfg = self._kernel(xq), self._config(xq)
+        (kernel, padded), cfg = self._expert_kernel(xq, kv_valid), self._config(xq)
         outs = []
         for g in range(E):
             hq, hc = xq[:, g], xc[:, g]  # (B, W, k, d)
@@ -387,7 +402,7 @@ class _RoutedExperts(nn.Module):
             k = torch.cat((self.null_k[g][None, :, None].expand(B * W, H, 1, dh).to(k.dtype), k), dim=2)
             v = torch.cat((self.null_v[g][None, :, None].expand(B * W, H, 1, dh).to(v.dtype), v), dim=2)
             keep = torch.cat((kv_valid.new_ones(B * W, 1), kv_valid[:, g].reshape(B * W, kk)), dim=1)
-            o, _ = kernel(q, k, v, cfg, key_padding_mask=keep)
+            o, _ = kernel(q, k, v, cfg, key_padding_mask=keep if padded else None)
             outs.append(o.transpose(1, 2).reshape(B, W, kq, H * dh) @ self.to_out[g])
         return torch.stack(outs, dim=1)
 
@@ -409,8 +424,9 @@ class _RoutedExperts(nn.Module):
         else:
             # experts (and windows) folded into the batch: one kernel call
             fold = lambda t: t.permute(0, 1, 2, 4, 3, 5).reshape(B * E * W, H, t.shape[3], dh)
-            o, _ = self._kernel(xq)(fold(q), fold(k), fold(v), self._config(xq),
-                                    key_padding_mask=keep.reshape(B * E * W, kk + 1))
+            kernel, padded = self._expert_kernel(xq, kv_valid)
+            o, _ = kernel(fold(q), fold(k), fold(v), self._config(xq),
+                          key_padding_mask=keep.reshape(B * E * W, kk + 1) if padded else None)
             o = o.view(B, E, W, H, kq, dh)
         o = o.permute(0, 1, 2, 4, 3, 5).reshape(B, E, W, kq, H * dh)
         return torch.einsum("bewkf,efd->bewkd", o, self.to_out)
@@ -423,12 +439,7 @@ class _RoutedExperts(nn.Module):
         kk1 = k.shape[3]
         fold = lambda t: t.permute(0, 2, 1, 4, 3, 5).reshape(B * W, E * H, t.shape[3], dh)
         valid = keep.permute(0, 2, 1, 3).reshape(B * W, E, kk1)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(valid[b, h // H, kv_idx], score, float("-inf"))
-
-        flex = _flex_attention(q.device)
-        o = flex(fold(q), fold(k), fold(v), score_mod=score_mod, scale=dh**-0.5)
+        o = _flex_core(q.device)(fold(q), fold(k), fold(v), valid, H)
         self.last_kernel = "flex_attention"
         return o.view(B, W, E, H, kq, dh).permute(0, 2, 1, 3, 4, 5)
 
@@ -437,7 +448,9 @@ class _RoutedExperts(nn.Module):
         if self.local is not None:
             p = self.dropout if self.training else 0.0
             cfg = self.local.config(p, int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0)
-            total = total + self.local(x, mask if mask_given else None, self._kernel(x), cfg)
+            needs = {"blocked_window"} | ({"causal"} if self.local.causal else set())
+            needs |= {"key_padding"} if mask_given else set()
+            total = total + self.local(x, mask if mask_given else None, self._kernel(x, needs, local=True), cfg)
             count = count + 1
         if self.average_routed:
             total = total / count.clamp(min=1)[..., None].to(total.dtype)
