@@ -49,7 +49,7 @@ class Settings:
     @classmethod
     def default(cls, quick: bool, device: str) -> Settings:
         if is_cuda(device):
-            return cls(10, 50, 5, 1500, 240) if quick else cls(25, 100, 5, 3000, 540)
+            return cls(10, 50, 5, 1500, 300) if quick else cls(15, 60, 5, 2000, 540)
         return cls(2, 15, 3, 300, 80) if quick else cls(5, 50, 3, 2000, 900)
 
 
@@ -321,29 +321,21 @@ def _describe(row: PerfRow) -> str:
     return f"{row.ms:.4g} ms{tf}"
 
 
-def registry_reference(variant: str) -> list[str]:
-    try:
-        return [registry().reference(variant).name]
-    except KeyError:
-        return []
-
-
 def finalize(rows: list[PerfRow], reference: str | dict | None = None) -> list[PerfRow]:
-    """Fill speedup (reference time / this time, same cell) and the reference's name."""
-    ok_names: dict[str, set[str]] = defaultdict(set)
+    """Fill speedup (reference time / this time, same cell) and the reference's name. A cell
+    where the preferred reference did not run falls back to the variant's registry reference."""
     cells: dict[str, dict[str, PerfRow]] = defaultdict(dict)
     for r in rows:
         cells[cell_key(r.variant, r.mode, r.shape)][r.impl] = r
-        if r.status == "ok":
-            ok_names[r.variant].add(r.impl)
-    refs = {v: resolve_reference(v, names, reference, registry_reference(v)) for v, names in ok_names.items()}
     for by_impl in cells.values():
+        ok = [n for n, r in by_impl.items() if r.status == "ok" and r.ms]
+        if not ok:
+            continue
+        ref = by_impl.get(resolve_reference(next(iter(by_impl.values())).variant, ok, reference))
         for r in by_impl.values():
-            ref_name = refs.get(r.variant)
-            ref = by_impl.get(ref_name)
-            if r.status == "ok" and ref is not None and ref.status == "ok" and r.ms:
+            if ref is not None and r.status == "ok" and r.ms:
                 r.speedup = _round(ref.ms / r.ms)
-                r.reference = ref_name
+                r.reference = ref.impl
     return rows
 
 

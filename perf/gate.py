@@ -42,13 +42,14 @@ class GateRow:
     base_ms: float | None = None
     cur_ms: float | None = None
     note: str = ""
+    reference: str | None = None  # the implementation this cell's ratios are taken against
 
 
 @dataclass
 class GateResult:
     rows: list[GateRow]
     threshold: float
-    references: dict[str, str | None]
+    references: dict[str, str | None]  # the preferred reference per variant (cells fall back)
     fail_on_missing: bool = False
     drift: float | None = None  # median change of the reference's own time (machine speed)
     counts: Counter = field(default_factory=Counter)
@@ -67,7 +68,11 @@ class GateResult:
 
     def summary(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items(), key=lambda x: ORDER.index(x[0])))
-        refs = ", ".join(f"{v}: {r or 'none'}" for v, r in sorted(self.references.items()))
+        used: dict[str, Counter] = defaultdict(Counter)
+        for r in self.rows:
+            if r.reference:
+                used[r.variant][r.reference] += 1
+        refs = ", ".join(f"{v}: {'/'.join(used[v]) or 'none'}" for v in sorted(self.references))
         drift = f"; reference times moved {self.drift:+.1%} (median, cancels in ratios)" if self.drift is not None else ""
         verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} cells)"
         return f"gate {verdict} at threshold {self.threshold:.0%}: {counts}. References: {refs}{drift}"
@@ -133,16 +138,19 @@ def cell_label(r: PerfRow) -> str:
     return " ".join(parts)
 
 
+def reference_chain(variant: str, reference: str | dict | None, recorded: Iterable[str] = ()) -> list[str]:
+    """Candidates for a variant's reference, best first: the preferred one (a name, or
+    {variant: name}; default sdpa_flash), the ones a stored run recorded, the registry's."""
+    preferred = reference.get(variant) if isinstance(reference, dict) else reference
+    chain = [preferred or DEFAULT_REFERENCE, *recorded, *_registry_reference(variant)]
+    return list(dict.fromkeys(n for n in chain if n))
+
+
 def resolve_reference(variant: str, names: Iterable[str], reference: str | dict | None,
                       fallback: Iterable[str] = ()) -> str | None:
-    """The implementation a variant's ratios are read against: the preferred one when it ran,
-    else the first fallback that did."""
+    """The first candidate of the reference chain that ran (is in `names`)."""
     names = set(names)
-    preferred = reference.get(variant) if isinstance(reference, dict) else reference
-    for name in [preferred or DEFAULT_REFERENCE, *fallback]:
-        if name and name in names:
-            return name
-    return None
+    return next((n for n in reference_chain(variant, reference, fallback) if n in names), None)
 
 
 def _by_cell(results: Results) -> dict[str, dict[str, PerfRow]]:
@@ -156,23 +164,13 @@ def _ok(r: PerfRow | None) -> bool:
     return r is not None and r.status == "ok" and bool(r.ms) and r.ms > 0
 
 
-def _references(base: Results, cur: Results, reference: str | dict | None) -> dict[str, str | None]:
-    """Per variant: the preferred reference if it ran in both runs, else the one the baseline
-    recorded on its rows, else the registry's reference implementation."""
-    names: dict[str, set[str]] = defaultdict(set)
-    recorded: dict[str, Counter] = defaultdict(Counter)
-    cur_names = {(r.variant, r.impl) for r in cur.perf if _ok(r)}
-    for r in base.perf:
-        if _ok(r) and (r.variant, r.impl) in cur_names:
-            names[r.variant].add(r.impl)
+def _recorded(results: Results) -> dict[str, list[str]]:
+    """Per variant, the references a stored run's rows recorded, most used first."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in results.perf:
         if getattr(r, "reference", None):
-            recorded[r.variant][r.reference] += 1
-    variants = {r.variant for r in base.perf} | {r.variant for r in cur.perf}
-    out = {}
-    for v in variants:
-        fallback = [n for n, _ in recorded[v].most_common()] + _registry_reference(v)
-        out[v] = resolve_reference(v, names[v], reference, fallback)
-    return out
+            counts[r.variant][r.reference] += 1
+    return {v: [n for n, _ in c.most_common()] for v, c in counts.items()}
 
 
 def _registry_reference(variant: str) -> list[str]:
@@ -202,20 +200,25 @@ def gate(
     it ran, else the baseline's recorded reference, else the variant's registry reference."""
     if not isinstance(threshold, (int, float)) or not 0 < threshold < 10:
         raise ValueError(f"threshold: must be a fraction in (0, 10), e.g. 0.1 for 10%, got {threshold!r}")
-    refs = _references(baseline, current, reference)
+    recorded = _recorded(baseline)
+    variants = {r.variant for r in baseline.perf} | {r.variant for r in current.perf}
+    chains = {v: reference_chain(v, reference, recorded.get(v, ())) for v in variants}
     base_cells, cur_cells = _by_cell(baseline), _by_cell(current)
     rows: list[GateRow] = []
     drift: list[float] = []
     for cid in list(base_cells) + [c for c in cur_cells if c not in base_cells]:
         base, cur = base_cells.get(cid, {}), cur_cells.get(cid, {})
-        any_row = next(iter((base or cur).values()))
-        ref = refs.get(any_row.variant)
+        variant = next(iter((base or cur).values())).variant
+        # The cell's reference: the first of the chain that ran in this cell in both runs.
+        ref = next((n for n in chains[variant] if _ok(base.get(n)) and _ok(cur.get(n))), None)
         for impl in list(base) + [i for i in cur if i not in base]:
             row = _judge(base.get(impl), cur.get(impl), base.get(ref), cur.get(ref), impl == ref, threshold)
             if row is not None:
+                row.reference = ref
                 rows.append(row)
-        if ref is not None and _ok(base.get(ref)) and _ok(cur.get(ref)):
+        if ref is not None:
             drift.append(cur[ref].ms / base[ref].ms - 1)
+    refs = {v: c[0] if c else None for v, c in chains.items()}
     return GateResult(rows, threshold, refs, fail_on_missing, statistics.median(drift) if drift else None)
 
 
@@ -242,7 +245,7 @@ def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow
         row.note = "absolute time change (the ratios' denominator)"
         return row
     if not (_ok(rb) and _ok(rc)):
-        row.status, row.note = "no_reference", "the reference did not run in this cell in both runs"
+        row.status, row.note = "no_reference", "no reference implementation ran in this cell in both runs"
         return row
     row.base_ratio, row.cur_ratio = b.ms / rb.ms, c.ms / rc.ms
     row.change = row.cur_ratio / row.base_ratio - 1

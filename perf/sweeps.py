@@ -152,34 +152,41 @@ def gpu_cells(quick: bool, device: str = "cuda") -> list[Cell]:
             add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwd",), "memory"))
         add(module_cells(quick=True, device=device))
         return dedupe(cells)
-    # 1. sequence length at 16k tokens (the anchors' shapes), all three modes.
-    for S, B in ((1024, 16), (4096, 4), (16384, 1)):
-        for causal in (False, True):
-            add(_kernel_cells("dense", base.replace(B=B, Sq=S, causal=causal), ("fwd", "bwd", "fwdbwd"), "seq"))
-    # 2. head dim.
-    for D in (64, 256):
-        add(_kernel_cells("dense", base.replace(D=D, causal=True), ("fwd", "fwdbwd"), "head_dim"))
-    # 3. batch and heads: few heads and many batches; grouped-query; multi-query.
-    add(_kernel_cells("dense", base.replace(B=16, Hq=4, causal=True), ("fwd",), "batch_heads"))
-    add(_kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=8, causal=True), ("fwd", "fwdbwd"), "gqa"))
-    add(_kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=1, causal=True), ("fwd",), "gqa"))
-    # 4. dtype.
-    add(_kernel_cells("dense", base.replace(dtype="float16", causal=True), ("fwd", "fwdbwd"), "dtype"))
-    add(_kernel_cells("dense", base.replace(B=2, Sq=2048, D=64, dtype="float32", causal=True), ("fwd",), "dtype"))
-    # 5. windows: sliding (the anchors' S=8192, W=512) in both variants, and LocalMHA's blocked window.
+    # In priority order: a sweep that runs out of time budget skips the tail.
+    # 1. sequence length at 16k tokens (the anchors' shapes).
+    for S, B in ((4096, 4), (1024, 16), (16384, 1)):
+        for causal in (True, False):
+            add(_kernel_cells("dense", base.replace(B=B, Sq=S, causal=causal), ("fwd", "fwdbwd"), "seq"))
+    # 2. windows: sliding (the anchors' S=8192, W=512) in both variants, and LocalMHA's blocked window.
     win = base.replace(B=2, Sq=8192, causal=True, window=(512, 0))
     add(_kernel_cells("dense", win, ("fwd", "fwdbwd"), "window"))
     add(_kernel_cells("local", win, ("fwd", "fwdbwd"), "window"))
     add(_kernel_cells("local", base.replace(B=2, Sq=8192, causal=True, block=Block(512, 1, 0)), ("fwd", "fwdbwd"),
                       "window"))
-    # 6. KV-cache decoding and chunked prefill (Sq != Sk, bottom-right): launch-bound, so graphs.
+    # 3. KV-cache decoding and chunked prefill (Sq != Sk, bottom-right): launch-bound, so graphs.
     add(_kernel_cells("dense", base.replace(B=16, Hq=32, Hkv=8, Sq=1, Sk=8192), ("fwd",), "decode", graph=True))
     add(_kernel_cells("dense", base.replace(B=2, Sq=512, Sk=8192, causal=True), ("fwd",), "decode"))
-    # 7. memory against S at fixed batch (fits a slope per implementation).
-    for S in (1024, 2048, 4096, 8192, 16384):
-        add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwd", "fwdbwd"), "memory"))
+    # 4. grouped-query and multi-query heads.
+    add(_kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=8, causal=True), ("fwd", "fwdbwd"), "gqa"))
+    add(_kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=1, causal=True), ("fwd",), "gqa"))
+    # 5. the seed modules.
     add(module_cells(quick=False, device=device))
+    # 6. memory against S at fixed batch (fits a slope per implementation; S=16384 is in 1.).
+    for S in (1024, 2048, 4096, 8192):
+        add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwd",), "memory"))
+    for S in (2048, 8192):
+        add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwdbwd",), "memory"))
+    # 7. the backward alone.
+    for causal in (True, False):
+        add(_kernel_cells("dense", base.replace(causal=causal), ("bwd",), "bwd"))
+    # 8. head dim, batch x heads, dtype.
+    add(_kernel_cells("dense", base.replace(D=64, causal=True), ("fwd", "fwdbwd"), "head_dim"))
+    add(_kernel_cells("dense", base.replace(D=256, causal=True), ("fwd",), "head_dim"))
+    add(_kernel_cells("dense", base.replace(B=16, Hq=4, causal=True), ("fwd",), "batch_heads"))
+    add(_kernel_cells("dense", base.replace(dtype="float16", causal=True), ("fwd", "fwdbwd"), "dtype"))
+    add(_kernel_cells("dense", base.replace(B=2, Sq=2048, D=64, dtype="float32", causal=True), ("fwd",), "dtype"))
     return dedupe(cells)
+
 
 
 def cpu_cells(quick: bool, device: str = "cpu") -> list[Cell]:

@@ -141,7 +141,7 @@ def time_call(
     graph: bool = False,
 ) -> Timing:
     """Time `run(prepare(i))`; see the module docstring. `max_ms` caps the time spent
-    repeating a slow call (then fewer than min_reps repetitions, at least one)."""
+    repeating a slow call: a steady call over max_ms / 3 is timed two or three times only."""
     if n_sets < 1:
         raise ValueError(f"n_sets: must be >= 1, got {n_sets}")
     if graph and not is_cuda(device):
@@ -161,10 +161,13 @@ def time_call(
         prepare, run, timer = (lambda i: graphs[i]), (lambda g: g.replay()), "cuda_graph"
 
     budget = max_ms if max_ms is not None else float("inf")
-    if first_ms > budget:  # too slow to repeat: the one steady call we can afford
-        samples = _timed(prepare, run, clock, flusher, 1, n_sets)
-        return Timing(samples[0], samples[0], samples[0], 1, timer, first_ms)
-    estimate = min(_timed(prepare, run, clock, no_flush, 3, n_sets))  # min: robust to a busy host
+    # The first call carried compilation; the next one says what a steady call costs.
+    second = _timed(prepare, run, clock, flusher, 1, n_sets)
+    if second[0] > budget / 3:  # too slow to repeat much: the steady calls we can afford
+        samples = second + _timed(prepare, run, clock, flusher, 1 if second[0] > budget else 2, n_sets, 1)
+        ms, p20, p80 = summarize(samples)
+        return Timing(ms, p20, p80, len(samples), timer, first_ms)
+    estimate = min(second + _timed(prepare, run, clock, no_flush, 2, n_sets, 1))  # min: robust to a busy host
     estimate = max(estimate, 1e-3)
     n_warm = int(min(max(warmup_ms / estimate, 1), 1000))
     _timed(prepare, run, clock, no_flush, n_warm, n_sets)
