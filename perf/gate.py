@@ -86,12 +86,14 @@ class GateResult:
         """A rich Table of the cells worth reading (all of them with verbose)."""
         from rich.table import Table
 
-        t = Table(title=self.summary(), title_justify="left", show_lines=False)
+        t = Table(title=self.summary(), title_justify="left", show_lines=False, min_width=100)
         for name, justify in (("status", "left"), ("cell", "left"), ("impl", "left"), ("base ratio", "right"),
                               ("now ratio", "right"), ("change", "right"), ("note", "left")):
             t.add_column(name, justify=justify, overflow="fold")
         style = {"regressed": "red", "broken": "red", "improved": "green", "missing": "yellow",
                  "no_reference": "yellow"}
+        if not self.shown(verbose):
+            t.caption = f"every judged cell is within {self.threshold:.0%} of the baseline"
         for r in self.shown(verbose):
             s = style.get(r.status, "")
             t.add_row(f"[{s}]{r.status}[/]" if s else r.status, f"{r.variant} {r.cell} {r.mode}", r.impl,
