@@ -4,11 +4,13 @@ Each registration pins its backend with torch.nn.attention.sdpa_kernel, so a bac
 cannot take an input fails loudly instead of silently running another kernel.
 
 How the contract maps onto SDPA:
-- causal, no other mask: SDPA's is_causal is TOP-LEFT aligned. It is used as is for
-  align="top_left" or Sq == Sk. Bottom-right with Sq > Sk: the first Sq - Sk queries see no
-  key, so they are returned as zeros and the last Sk queries run square-causal. Bottom-right
-  with Sq < Sk: torch.nn.attention.bias.causal_lower_right on flash / efficient (checked to
-  run on the pinned backend), an explicit mask elsewhere.
+- causal, no other mask: SDPA's is_causal is TOP-LEFT aligned, and flash refuses it unless
+  Sq == Sk, so it is only ever called square. Top-left with Sq != Sk: keys past Sq - 1 are
+  cut (Sq < Sk), or the first Sk queries run square-causal and the rest see every key
+  (Sq > Sk). Bottom-right with Sq > Sk: the first Sq - Sk queries see no key, so they are
+  zeros and the last Sk queries run square-causal. Bottom-right with Sq < Sk:
+  torch.nn.attention.bias.causal_lower_right on flash / efficient (checked to run on the
+  pinned backend), an explicit mask elsewhere.
 - windows, blocks, key padding, bias: one explicit mask (bool, or float = bias with -inf on
   invisible keys). Flash takes no mask, so it declares none of these.
 - empty rows: SDPA's fused backends give NaN for a row with no visible key, and a NaN
@@ -77,8 +79,10 @@ def _unmasked(q, k, v, cfg: Config, backend: str, kw: dict) -> torch.Tensor:
     Sq, Sk = q.shape[2], k.shape[2]
     if not cfg.causal:
         return F.scaled_dot_product_attention(q, k, v, **kw)
-    if cfg.align == "top_left" or Sq == Sk:
+    if Sq == Sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    if cfg.align == "top_left":
+        return _top_left_causal(q, k, v, kw)
     if Sq > Sk:  # bottom-right: queries 0 .. Sq-Sk-1 sit before key 0 and see nothing
         tail = F.scaled_dot_product_attention(q[:, :, Sq - Sk :], k, v, is_causal=True, **kw)
         head = torch.zeros(*tail.shape[:2], Sq - Sk, tail.shape[3], dtype=tail.dtype, device=tail.device)
@@ -88,6 +92,17 @@ def _unmasked(q, k, v, cfg: Config, backend: str, kw: dict) -> torch.Tensor:
     if backend == "flash":
         raise RuntimeError(f"sdpa_flash: flash attention cannot run bottom-right causal for q {tuple(q.shape)}")
     return _masked(q, k, v, cfg, None, None, kw)
+
+
+def _top_left_causal(q, k, v, kw: dict) -> torch.Tensor:
+    """Top-left causal with Sq != Sk as square-causal calls (flash refuses is_causal unless
+    Sq == Sk): query i sees keys 0..i."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    if Sq < Sk:  # keys Sq.. are never visible
+        return F.scaled_dot_product_attention(q, k[:, :, :Sq], v[:, :, :Sq], is_causal=True, **kw)
+    head = F.scaled_dot_product_attention(q[:, :, :Sk], k, v, is_causal=True, **kw)
+    tail = F.scaled_dot_product_attention(q[:, :, Sk:], k, v, **kw)  # queries Sk.. see every key
+    return torch.cat([head, tail], dim=2)
 
 
 def _lower_right_runs(q, k, v, cfg: Config, backend: str, gqa: bool) -> bool:
@@ -151,6 +166,16 @@ def _head_dim_limit(most: int, multiple: int = 1) -> Callable[[Spec], str | None
     return supports
 
 
+def _efficient_head_dims(spec: Spec) -> str | None:
+    # its kernels need 16-byte aligned rows: D, Dv multiples of 8 in half precision (measured:
+    # D=12 has no kernel in float16/bfloat16, runs in float32), of 4 in float32
+    multiple = 4 if spec.dtype == "float32" else 8
+    for name, d in (("D", spec.D), ("Dv", spec.Dv)):
+        if d % multiple:
+            return f"head dim {name}={d} is not a multiple of {multiple} ({spec.dtype})"
+    return None
+
+
 MASKS = {"sliding_window", "blocked_window", "key_padding", "bias"}
 CORE = {"causal", "gqa", "cross", "top_left", "backward", "dropout"}
 
@@ -178,17 +203,18 @@ sdpa_efficient = Impl(
     features=CORE | MASKS | {"bias_grad", "dv"},
     devices=("cuda",),
     dtypes=("float32", "float16", "bfloat16"),
+    supports=_efficient_head_dims,
     description="torch SDPA, memory-efficient (xformers) backend; masks as a dense attn_mask",
 )
 sdpa_cudnn = Impl(
     name="sdpa_cudnn",
     variant="dense",
     fn=_fn("cudnn"),
-    features=CORE | MASKS,
+    features=CORE | MASKS - {"bias"},
     devices=("cuda",),
     dtypes=("float16", "bfloat16"),
-    supports=_head_dim_limit(128, 8),
-    description="torch SDPA, cuDNN backend; masks as a dense attn_mask",
+    supports=_head_dim_limit(256, 8),
+    description="torch SDPA, cuDNN backend; windows and padding as a dense bool attn_mask (no bias)",
 )
 
 # Windowed attention through the same calls (an explicit band mask).

@@ -55,6 +55,7 @@ SPECS = {
     "padding_empty_batch": Spec(B=2, Sq=24, Sk=40, D=16, key_lengths=(0, 29), key_drop=0.2),
     "bias_neginf_causal": Spec(Hq=2, Sq=33, D=16, causal=True, bias="full", bias_neginf=0.5),
     "scale0_top_left": Spec(Sq=20, Sk=30, D=16, scale=0.0, causal=True, align="top_left"),
+    "top_left_sq_gt_sk": Spec(Hq=2, Sq=30, Sk=12, D=16, causal=True, align="top_left"),
     "blocked_per_key_bias": Spec(Sq=30, Sk=45, D=16, block=Block(8, 1, 1), bias="per_key"),
     "alibi_dv": Spec(Hq=2, Sq=17, D=16, Dv=8, bias="alibi"),
 }
@@ -64,6 +65,23 @@ SPECS = {
 FLEX_ALL_DTYPES = ("cross_gqa_causal", "bias_neginf_causal")
 
 
+# Upstream failures measured on the H100 (torch 2.11.0+cu130, cuDNN 9.19, 2026-11-22); see
+# NOTES.md "Known broken". Not strict where the exact case was not itself run there.
+HALF = ("float16", "bfloat16")
+KNOWN_BROKEN = {
+    ("sdpa_flash", "scale0_top_left"): (HALF, "torch flash kernel: NaN output with scale=0 and is_causal"),
+    ("sdpa_cudnn", "scale0_top_left"): (HALF, "torch cuDNN kernel: NaN output with scale=0 and is_causal"),
+    ("flex", "sq_gt_sk_causal_mqa"): (("bfloat16",), "inductor NoValidChoicesError compiling flex for this shape"),
+}
+
+
+def _marks(impl: str, spec: str, dtype: str, dev: str) -> list:
+    if dev != "cuda":
+        return []
+    dtypes, why = KNOWN_BROKEN.get((impl, spec), ((), ""))
+    return gpu + ([pytest.mark.xfail(reason=why, strict=False)] if dtype in dtypes else [])
+
+
 def _wanted(impl: str, spec: str, dtype: str, dev: str) -> bool:
     if not IMPLS[impl][0].device_ok(dev):
         return False
@@ -71,7 +89,7 @@ def _wanted(impl: str, spec: str, dtype: str, dev: str) -> bool:
 
 
 CASES = [
-    pytest.param(impl, spec, dtype, dev, id=f"{impl}-{spec}-{dtype}-{dev}", marks=gpu if dev == "cuda" else [])
+    pytest.param(impl, spec, dtype, dev, id=f"{impl}-{spec}-{dtype}-{dev}", marks=_marks(impl, spec, dtype, dev))
     for impl in IMPLS
     for spec in SPECS
     for dev, dtypes in (("cpu", ("float64", "float32")), ("cuda", ("float32", "float16", "bfloat16")))
