@@ -51,7 +51,7 @@ def data(B=2, N=11, dim=16, seed=1, dtype=F64, drop=0.25):
 def out_and_grad(fn, x, seed=7):
     x = x.detach().clone().requires_grad_(True)
     out = fn(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(out)
     (out * g).sum().backward()
     return out.detach(), x.grad
 

@@ -54,6 +54,11 @@ from torch import nn
 
 from attnbench.spec import Block, Config
 
+try:  # imported here, not inside the compiled function: an import there breaks the graph
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # torch < 2.5: strategy="flex" is unavailable
+    flex_attention = None
+
 ROUTERS = ("straight_through", "coor_descent")
 STRATEGIES = ("loop", "batched", "flex")
 AUTO_CUDA_KERNELS = ("flash_attn", "sdpa_flash", "triton", "sdpa_efficient", "naive")
@@ -183,7 +188,6 @@ _FLEX = {}
 
 def _flex_routed(q, k, v, valid, heads_per_expert: int):
     """FlexAttention over routed tokens; heads h of expert h // heads_per_expert; invalid keys -inf."""
-    from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(valid[b, h // heads_per_expert, kv_idx], score, float("-inf"))
@@ -194,6 +198,8 @@ def _flex_routed(q, k, v, valid, heads_per_expert: int):
 def _flex_core(device: torch.device) -> Callable:
     """Compiled once on CUDA (the score_mod closure is made inside the compiled function, so a
     new closure per call does not recompile); eager on the CPU (forward only)."""
+    if flex_attention is None:
+        raise KernelUnavailable("strategy='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
     if device.type != "cuda":
         return _flex_routed
     if "cuda" not in _FLEX:
