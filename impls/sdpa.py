@@ -13,6 +13,9 @@ How the contract maps onto SDPA:
   pinned backend), an explicit mask elsewhere.
 - windows, blocks, key padding, bias: one explicit mask (bool, or float = bias with -inf on
   invisible keys). Flash takes no mask, so it declares none of these.
+- keys no query may see are zeroed before the call: SDPA adds the mask to the logits, and
+  NaN + -inf is NaN, so garbage in padding would otherwise poison every row (the contract
+  excludes invisible logits entirely).
 - empty rows: SDPA's fused backends give NaN for a row with no visible key, and a NaN
   anywhere in the softmax poisons dk and dv of every key in the backward pass. So empty rows
   are opened up (all keys visible, finite logits) before the call and their output is then
@@ -119,6 +122,11 @@ def _lower_right_runs(q, k, v, cfg: Config, backend: str, gqa: bool) -> bool:
 def _masked(q, k, v, cfg: Config, key_padding_mask, bias, kw: dict) -> torch.Tensor:
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
     vis = dense_mask(cfg, B, Sq, Sk, key_padding_mask, q.device)  # (B, 1, Sq, Sk) or None
+    if vis is not None:
+        # SDPA adds the mask to the logits, so a NaN in a key no query may see (garbage in
+        # padding or an unused cache slot) would still reach every row: zero such keys first.
+        dead = ~vis.any(-2, keepdim=True).transpose(-1, -2)  # (B, 1, Sk, 1)
+        k = k.masked_fill(dead, 0.0)
     if bias is None:
         empty = ~vis.any(-1, keepdim=True)
         mask = vis | empty
