@@ -3,9 +3,13 @@
 Each implementation's time is divided by the reference implementation's time in the SAME
 cell of the SAME run, so a faster or slower machine (clock drift, another GPU of the same
 model, a busy host) cancels out. A cell regresses when its ratio grew by more than the
-threshold (default 10%). A cell that ran in the baseline but fails now (oom / error) is
-broken; both fail the gate. Cells missing from the current run, new cells and cells whose
-reference did not run are reported and do not fail it (unless fail_on_missing).
+threshold (default 10%) and by more than the timings' own resolution (the widest p20-p80
+spread, relative to the median, of the four timings behind the two ratios; a change inside
+that band is reported as "noisy" and not judged). A cell that ran in the baseline but fails
+now (oom / error) is broken; both fail the gate. Cells missing from the current run, new
+cells and cells whose reference did not run are reported and do not fail it (unless
+fail_on_missing). A cell whose preferred reference did not run falls back to the registry's
+reference implementation of the variant, in both runs alike.
 
     python -m attnbench.perf.gate current.json --baseline perf/baselines/h100.json
 """
@@ -26,7 +30,7 @@ from attnbench.reports.schema import PerfRow, Results
 DEFAULT_REFERENCE = "sdpa_flash"
 BASELINES = Path(__file__).resolve().parent / "baselines"
 FAILING = ("regressed", "broken")
-ORDER = ("broken", "regressed", "missing", "no_reference", "improved", "new", "reference", "ok", "not_ok")
+ORDER = ("broken", "regressed", "noisy", "missing", "no_reference", "improved", "new", "reference", "ok", "not_ok")
 
 
 @dataclass
@@ -35,7 +39,7 @@ class GateRow:
     mode: str
     cell: str  # a short label of the shape
     impl: str
-    status: str  # ok | improved | regressed | broken | missing | new | no_reference | reference | not_ok
+    status: str  # ok | improved | regressed | noisy | broken | missing | new | no_reference | reference | not_ok
     base_ratio: float | None = None
     cur_ratio: float | None = None
     change: float | None = None  # cur_ratio / base_ratio - 1
@@ -72,15 +76,25 @@ class GateResult:
         for r in self.rows:
             if r.reference:
                 used[r.variant][r.reference] += 1
-        refs = ", ".join(f"{v}: {'/'.join(used[v]) or 'none'}" for v in sorted(self.references))
+        refs = ", ".join(f"{v}: {'/'.join(used[v])}" for v in sorted(used)) or "none"
         drift = f"; reference times moved {self.drift:+.1%} (median, cancels in ratios)" if self.drift is not None else ""
         verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} cells)"
         return f"gate {verdict} at threshold {self.threshold:.0%}: {counts}. References: {refs}{drift}"
 
-    def shown(self, verbose: bool = False) -> list[GateRow]:
+    def shown(self, verbose: bool = False, per_status: int = 15) -> list[GateRow]:
+        """Rows worth reading, worst first; informational statuses capped at per_status rows."""
         quiet = () if verbose else ("ok", "reference", "not_ok")
-        rows = [r for r in self.rows if r.status not in quiet]
-        return sorted(rows, key=lambda r: (ORDER.index(r.status), -(r.change or 0)))
+        rows = sorted((r for r in self.rows if r.status not in quiet),
+                      key=lambda r: (ORDER.index(r.status), -(r.change or 0)))
+        if verbose:
+            return rows
+        seen: Counter = Counter()
+        kept = []
+        for r in rows:
+            seen[r.status] += 1
+            if r.status in FAILING or seen[r.status] <= per_status:
+                kept.append(r)
+        return kept
 
     def table(self, verbose: bool = False):
         """A rich Table of the cells worth reading (all of them with verbose)."""
@@ -91,9 +105,12 @@ class GateResult:
                               ("now ratio", "right"), ("change", "right"), ("note", "left")):
             t.add_column(name, justify=justify, overflow="fold")
         style = {"regressed": "red", "broken": "red", "improved": "green", "missing": "yellow",
-                 "no_reference": "yellow"}
+                 "no_reference": "yellow", "noisy": "yellow"}
+        hidden = len([r for r in self.rows if r.status not in ("ok", "reference", "not_ok")]) - len(self.shown())
         if not self.shown(verbose):
             t.caption = f"every judged cell is within {self.threshold:.0%} of the baseline"
+        elif hidden > 0 and not verbose:
+            t.caption = f"{hidden} more informational rows (missing / new / ...): --verbose lists every cell"
         for r in self.shown(verbose):
             s = style.get(r.status, "")
             t.add_row(f"[{s}]{r.status}[/]" if s else r.status, f"{r.variant} {r.cell} {r.mode}", r.impl,
@@ -251,13 +268,17 @@ def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow
         return row
     row.base_ratio, row.cur_ratio = b.ms / rb.ms, c.ms / rc.ms
     row.change = row.cur_ratio / row.base_ratio - 1
-    if row.change > threshold:
-        row.status = "regressed"
-    elif row.change < -threshold:
-        row.status = "improved"
-    noisy = [s for s in (_spread(b), _spread(c)) if s is not None and s > threshold]
-    if noisy:
-        row.note = f"noisy: p20-p80 spread {max(noisy):.0%} of the median"
+    # The measurement's own resolution: the widest p20-p80 spread (relative to the median) of the
+    # four timings behind the two ratios. A change inside it is not evidence either way.
+    band = max((s for s in map(_spread, (b, c, rb, rc)) if s is not None), default=0.0)
+    if abs(row.change) > threshold:
+        if abs(row.change) <= band:
+            row.status = "noisy"
+            row.note = f"{row.change:+.0%} is within the timings' p20-p80 spread ({band:.0%}): not judged"
+        else:
+            row.status = "regressed" if row.change > 0 else "improved"
+    elif band > threshold:
+        row.note = f"noisy: p20-p80 spread {band:.0%} of the median"
     return row
 
 

@@ -132,7 +132,7 @@ IMPLS = {"sdpa_flash": 1.0, "triton": 1.2, "naive": 8.0}
 
 
 def run(times: dict[str, float] | None = None, scale: float = 1.0, jitter: float = 0.0, seed: int = 0,
-        drop: tuple = (), status: dict | None = None) -> Results:
+        drop: tuple = (), status: dict | None = None, spread: float = 0.01) -> Results:
     """A synthetic run: three impls over S = 1k, 2k, 4k; times = base * S^2 * scale (+ jitter)."""
     rng = random.Random(seed)
     rows = []
@@ -142,7 +142,8 @@ def run(times: dict[str, float] | None = None, scale: float = 1.0, jitter: float
                 continue
             ms = base * (S / 1024) ** 2 * scale * (1 + rng.uniform(-jitter, jitter))
             row = PerfRow(variant="dense", impl=impl, mode="fwd", shape=dict(B=1, Hq=8, Hkv=8, Sq=S, Sk=S, D=64,
-                          causal=True, window=None, dtype="bfloat16"), ms=ms, ms_p20=ms * 0.99, ms_p80=ms * 1.01)
+                          causal=True, window=None, dtype="bfloat16"), ms=ms, ms_p20=ms * (1 - spread),
+                          ms_p80=ms * (1 + spread))
             st = (status or {}).get((impl, S))
             if st:
                 row.status, row.reason, row.ms = st, "CUDA out of memory", None
@@ -183,6 +184,15 @@ def test_gate_fails_a_regressed_cell_and_shows_it():
     text = console.export_text()
     assert "regressed" in text and "triton" in text and "+25.0%" in text
     assert "FAIL" in str(result) and "regressed" in str(result)
+
+
+def test_gate_does_not_judge_a_change_inside_the_timings_spread():
+    # 15% slower, but each timing's p20-p80 spread is 40% of its median: not evidence.
+    noisy = gate(run({**IMPLS, "triton": 1.2 * 1.15}, spread=0.2), run(spread=0.2))
+    assert noisy.ok and noisy.counts["noisy"] == 3
+    assert all("within the timings' p20-p80 spread" in r.note for r in noisy.rows if r.status == "noisy")
+    # Twice as slow is far outside the same spread.
+    assert not gate(run({**IMPLS, "triton": 2.4}, spread=0.2), run(spread=0.2)).ok
 
 
 def test_gate_reports_missing_new_and_broken_cells():
@@ -361,6 +371,18 @@ def test_harness_runs_a_module_cell_and_the_budget_skips_the_rest():
     assert row.tflops == pytest.approx(work.module_flops("FlashAttentionTwo", case.ctor, x) / row.ms / 1e9, rel=1e-3)
     late = bench.run_cells([cell, cell], [impl], settings=bench.Settings(1, 5, 3, 200, budget_s=-1.0), peaks={})
     assert [r.status for r in late] == ["skipped", "skipped"]
+
+
+def test_perf_inputs_are_seeded_and_shaped_like_the_spec():
+    spec = Spec(B=2, Hq=4, Hkv=2, Sq=3, Sk=5, D=8, Dv=6, dtype="float16")
+    a, b = bench.perf_inputs(spec), bench.perf_inputs(spec)
+    assert a.q.shape == (2, 4, 3, 8) and a.k.shape == (2, 2, 5, 8) and a.v.shape == (2, 2, 5, 6)
+    assert a.grad_out.shape == (2, 4, 3, 6) and not a.grad_out.requires_grad
+    assert a.q.dtype == torch.float16 and a.q.requires_grad
+    assert torch.equal(a.q, b.q) and not torch.equal(a.q, bench.perf_inputs(spec.replace(seed=1)).q)
+    padded = bench.perf_inputs(Spec(B=2, Sq=4, key_lengths=(4, 1), bias="per_key"))
+    assert padded.key_padding_mask.tolist() == [[True] * 4, [True, False, False, False]]
+    assert padded.bias.shape == (2, 1, 1, 4)
 
 
 def test_slowdown_wraps_the_implementation_under_its_own_name(monkeypatch):
