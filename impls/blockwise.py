@@ -292,6 +292,7 @@ FEATURES = {
 }
 
 blockwise = Impl(
+    memory="linear",
     name="blockwise",
     variant="dense",
     fn=attention,
@@ -301,6 +302,7 @@ blockwise = Impl(
 )
 
 blockwise_local = Impl(
+    memory="linear",
     name="blockwise",
     variant="local",
     fn=attention,

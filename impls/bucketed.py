@@ -200,6 +200,7 @@ def _supports(spec: Spec) -> str | None:
 
 
 bucketed = Impl(
+    memory="linear",
     name="bucketed",
     variant="local",
     fn=attention,

@@ -123,6 +123,7 @@ def _min_head_dim(spec: Spec) -> str | None:
 FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse"}
 
 flex = Impl(
+    memory="linear",
     name="flex",
     variant="dense",
     fn=attention,
@@ -133,6 +134,7 @@ flex = Impl(
     description="torch.compile'd FlexAttention: mask_mod block mask + bias score_mod, lse via return_aux",
 )
 flex_local = Impl(
+    memory="linear",
     name="flex",
     variant="local",
     fn=attention,

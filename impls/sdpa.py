@@ -195,6 +195,7 @@ sdpa_math = Impl(
     description="torch SDPA, math backend (reference composite; any dtype and device)",
 )
 sdpa_flash = Impl(
+    memory="linear",
     name="sdpa_flash",
     variant="dense",
     fn=_fn("flash"),
