@@ -1,0 +1,168 @@
+"""Running an implementation, the oracle and the reference on one spec, and judging them.
+
+Properties use these few helpers so that every check goes through the one tolerance rule
+(properties/tolerance.py) and reports its ratio through the plugin's `measure` fixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from attnbench.oracles import dense as oracle_dense
+from attnbench.properties import tolerance
+from attnbench.registry import Impl, registry
+from attnbench.spec import Config, Inputs, Spec
+
+GRAD_NAMES = ("q", "k", "v", "bias")
+
+
+@dataclass
+class Run:
+    out: torch.Tensor
+    lse: torch.Tensor | None
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # "dq", "dk", "dv", "dbias"
+
+
+def require(impl: Impl, *features: str) -> None:
+    """Skip the test for an implementation that does not declare these features."""
+    missing = [f for f in features if f not in impl.features]
+    if missing:
+        pytest.skip(f"{impl.key} does not declare {', '.join(missing)}")
+
+
+def reference_impl(impl: Impl) -> Impl:
+    return registry().reference(impl.variant)
+
+
+def fresh_inputs(spec: Spec, impl: Impl | None = None, grad: bool = False) -> Inputs:
+    """The spec's inputs; with grad, q, k, v (and the bias where the impl claims its gradient)
+    require grad."""
+    inputs = spec.make_inputs(requires_grad=grad)
+    if inputs.bias is not None and grad and (impl is None or "bias_grad" not in impl.features):
+        inputs.bias.requires_grad_(False)
+    return inputs
+
+
+def clone_inputs(inputs: Inputs) -> Inputs:
+    def c(t):
+        return None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
+
+    return Inputs(
+        q=c(inputs.q), k=c(inputs.k), v=c(inputs.v),
+        key_padding_mask=None if inputs.key_padding_mask is None else inputs.key_padding_mask.clone(),
+        bias=c(inputs.bias), grad_out=inputs.grad_out.clone(),
+    )
+
+
+def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False) -> Run:
+    """Run a kernel fn; with grad, backpropagate inputs.grad_out and collect the gradients."""
+    leaves = {n: getattr(inputs, n) for n in GRAD_NAMES}
+    leaves = {n: t for n, t in leaves.items() if t is not None and t.requires_grad}
+    for t in leaves.values():
+        t.grad = None
+    with torch.set_grad_enabled(grad):
+        result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"kernel result: expected (out, lse_or_None), got {type(result).__name__}")
+    out, lse = result
+    run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
+    if grad:
+        if not out.requires_grad:
+            raise AssertionError("out does not require grad: the implementation is not differentiable here")
+        out.backward(inputs.grad_out.to(out.dtype))
+        for n, t in leaves.items():
+            g = t.grad
+            run.grads["d" + n] = torch.zeros_like(t) if g is None else g.detach().clone()
+    return run
+
+
+def run_impl(impl: Impl, spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:
+    return call(impl.fn, inputs, cfg or spec.config(), grad=grad)
+
+
+def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:
+    """The float64 oracle on the same (rounded) inputs, on the same device."""
+    def up(t):
+        if t is None:
+            return None
+        return t.detach().to(torch.float64).requires_grad_(grad and t.requires_grad)
+
+    f64 = Inputs(
+        q=up(inputs.q), k=up(inputs.k), v=up(inputs.v), key_padding_mask=inputs.key_padding_mask,
+        bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64),
+    )
+    return call(oracle_dense.attention, f64, cfg or spec.config(), grad=grad)
+
+
+def check(measure, quantity: str, actual: torch.Tensor, oracle: torch.Tensor, reference: torch.Tensor,
+          dtype: str, scales: dict[str, float] | None = None) -> float:
+    """The tolerance rule for one quantity: record the ratio, fail with the numbers."""
+    scale = (scales or {}).get(quantity)
+    verdict = tolerance.compare(quantity, actual, oracle, reference, dtype, scale)
+    measure(verdict.ratio)
+    return verdict.require()
+
+
+def check_runs(measure, quantity: str, actual: torch.Tensor, expected: torch.Tensor, impl: Impl,
+               reference_error: float, dtype: str, scale: float = 1.0, exact: bool | None = None) -> float:
+    """Two runs that must agree: bit for bit when `exact` (default: the impl declares
+    "deterministic"), else within twice the tolerance rule's allowance."""
+    if exact is None:
+        exact = "deterministic" in impl.features
+    if exact:
+        a, e = actual.detach().cpu(), expected.detach().cpu()
+        same = a.shape == e.shape and torch.equal(torch.nan_to_num(a, nan=0.5), torch.nan_to_num(e, nan=0.5))
+        same = same and bool((a.isnan() == e.isnan()).all()) and not bool(a.isnan().any())
+        measure(0.0 if same else float("inf"))
+        if not same:
+            error, why = tolerance.max_error(a, e)
+            raise AssertionError(f"{quantity}: not bit-identical (max difference {error:.3g}{'; ' + why if why else ''})")
+        return 0.0
+    verdict = tolerance.compare_runs(quantity, actual, expected, reference_error, dtype, scale)
+    measure(verdict.ratio)
+    return verdict.require()
+
+
+def reference_error(quantity: str, spec: Spec, ref: Run, oracle: Run) -> tuple[float, float]:
+    """The reference's own error on `quantity` and the oracle's magnitude, for check_runs."""
+    actual = ref.out if quantity == "out" else ref.lse if quantity == "lse" else ref.grads[quantity]
+    expected = oracle.out if quantity == "out" else oracle.lse if quantity == "lse" else oracle.grads[quantity]
+    error, why = tolerance.max_error(actual, expected)
+    if why:
+        raise AssertionError(f"{quantity}: the reference implementation itself fails here ({why})")
+    return error, tolerance.magnitude(expected)
+
+
+def scales_of(spec: Spec, inputs: Inputs, cfg: Config | None = None) -> dict[str, float]:
+    """The tolerance floor's term magnitudes for this call (tolerance.term_scales)."""
+    return tolerance.term_scales(
+        inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias
+    )
+
+
+def rows_of(t: torch.Tensor, b: int, i: int) -> torch.Tensor:
+    """Query row i of batch b, every head: (H, Dv) from (B, H, Sq, Dv) or (H,) from lse."""
+    return t[b, :, i]
+
+
+def visible(spec: Spec, inputs: Inputs) -> torch.Tensor:
+    """The oracle's (B, Sq, Sk) visibility (structure and padding; not the bias)."""
+    return oracle_dense.visible(
+        spec.B, spec.Sq, spec.Sk, causal=spec.causal, window=spec.window, block=spec.block, align=spec.align,
+        key_padding_mask=inputs.key_padding_mask,
+    )
+
+
+def position(spec: Spec, i: int) -> int:
+    """The absolute position p(i) of query i."""
+    return i + (spec.Sk - spec.Sq) if spec.align == "bottom_right" else i
+
+
+def big_values(dtype: torch.dtype) -> float:
+    """A large finite value for overwriting masked inputs: far beyond exp() overflow once
+    multiplied out, yet safely representable (q.k stays finite) in the dtype."""
+    return 256.0 if dtype == torch.float16 else 1e4

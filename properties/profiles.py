@@ -1,0 +1,30 @@
+"""Hypothesis profiles, registered on import (the attnbench pytest plugin imports this module).
+
+- ci: derandomized (same examples every run unless --hypothesis-seed is given), small example
+  counts sized so that the default CPU tox run stays well under its budget.
+- dev: random, more examples; for working on a kernel.
+- thorough: nightly / GPU runs, many examples.
+
+Every profile prints the reproduction blob on failure (print_blob) and has no deadline
+(kernel timings vary, and the first call of a kernel compiles it).
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, Phase, settings
+
+# Fixtures (impl, device, measure) are function-scoped by design: one impl per test item.
+SUPPRESS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+CI_EXAMPLES = 12
+
+_common = dict(deadline=None, print_blob=True, suppress_health_check=SUPPRESS)
+
+settings.register_profile("ci", max_examples=CI_EXAMPLES, derandomize=True, database=None, **_common)
+settings.register_profile("dev", max_examples=60, **_common)
+settings.register_profile("thorough", max_examples=400, **_common)
+# Used by tests/test_zoo.py: the ci examples, but no shrinking (only "is it caught?" matters).
+settings.register_profile(
+    "ci-noshrink",
+    parent=settings.get_profile("ci"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)

@@ -1,0 +1,127 @@
+"""Agreement with the float64 oracle: forward (out, lse), gradients, float64 gradcheck.
+
+Each quantity goes through the tolerance rule (properties/tolerance.py): at most K times the
+naive reference's error in the same dtype on the same device, plus a floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from attnbench.properties.harness import (
+    check,
+    clone_inputs,
+    fresh_inputs,
+    reference_impl,
+    require,
+    run_impl,
+    run_oracle,
+    scales_of,
+)
+from attnbench.properties.strategies import Caps, Pinned, draw_spec
+from attnbench.spec import Block, Spec
+
+pytestmark = pytest.mark.variant("dense", "local")
+
+# Known bug classes, pinned: each is a spec on which a public kernel once went wrong.
+DECODE = Pinned(Spec(Sq=1, Sk=17, causal=True, window=(4, 0)), "KV-cache decoding: bottom-right causal, one query")
+SQ_GT_SK = Pinned(Spec(Sq=9, Sk=5, causal=True, window=(2, 0)), "Sq > Sk: the first queries see no key")
+GQA = Pinned(Spec(Hq=4, Hkv=2, Sq=5, window=(1, 1)), "grouped heads: interleave, not tile")
+DV_SCALE = Pinned(Spec(Sq=6, D=16, Dv=32, window=(2, 2)), "Dv != D: the default scale is 1/sqrt(D)")
+PARTIAL_BLOCK = Pinned(Spec(Sq=17, key_lengths=(15,), window=(16, 16)), "padding in the last partial block")
+POLARITY = Pinned(Spec(B=2, Sq=6, key_lengths=(6, 2), window=(5, 5)), "key padding mask: True keeps")
+OVERFLOW = Pinned(Spec(Sq=8, magnitude=8.0, window=(7, 7)), "exp() overflow without the row maximum")
+SCALE0 = Pinned(Spec(Sq=5, scale=0.0, window=(4, 4)), "scale 0 is uniform attention, not 'use the default'")
+BIAS_AXIS = Pinned(Spec(Sq=6, bias="per_key", window=(5, 5)), "per-key bias along the key axis")
+FP16_SUM = Pinned(Spec(Sq=40, dtype="float16", window=(40, 40)), "low-precision accumulation over many keys")
+BLOCKED = Pinned(Spec(Sq=11, block=Block(4, 1, 0)), "blocked window bucket edges")
+PINS = (DECODE, SQ_GT_SK, GQA, DV_SCALE, PARTIAL_BLOCK, POLARITY, OVERFLOW, SCALE0, BIAS_AXIS, FP16_SUM, BLOCKED)
+
+
+def pinned(*pins: Pinned):
+    def wrap(test):
+        for pin in reversed(pins):
+            test = example(data=pin)(test)
+        return test
+
+    return wrap
+
+
+@given(data=st.data())
+@pinned(*PINS)
+def test_forward_matches_oracle(impl, device, measure, data):
+    spec = draw_spec(data, impl, device)
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec)
+    with torch.no_grad():
+        got = run_impl(impl, spec, inputs)
+        ref = run_impl(reference_impl(impl), spec, inputs)
+        want = run_oracle(spec, inputs)
+    check(measure, "out", got.out, want.out, ref.out, spec.dtype, scales_of(spec, inputs))
+
+
+@given(data=st.data())
+@pinned(DECODE, SQ_GT_SK, OVERFLOW, POLARITY)
+def test_lse_matches_oracle(impl, device, measure, data):
+    require(impl, "lse")
+    spec = draw_spec(data, impl, device, needs=("lse",))
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec)
+    with torch.no_grad():
+        got = run_impl(impl, spec, inputs)
+        ref = run_impl(reference_impl(impl), spec, inputs)
+        want = run_oracle(spec, inputs)
+    if got.lse is None:
+        raise AssertionError(f"{impl.key} declares 'lse' but returned None")
+    check(measure, "lse", got.lse, want.lse, ref.lse, spec.dtype, scales_of(spec, inputs))
+
+
+@given(data=st.data())
+@pinned(DECODE, SQ_GT_SK, GQA, DV_SCALE, PARTIAL_BLOCK, BIAS_AXIS)
+def test_gradients_match_oracle(impl, device, measure, data):
+    require(impl, "backward")
+    spec = draw_spec(data, impl, device, needs=("backward",))
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec, impl, grad=True)
+    got = run_impl(impl, spec, inputs, grad=True)
+    ref = run_impl(reference_impl(impl), spec, clone_inputs(inputs), grad=True)
+    want = run_oracle(spec, inputs, grad=True)
+    scales = scales_of(spec, inputs)
+    for name in ("dq", "dk", "dv", "dbias"):
+        if name in want.grads:
+            check(measure, name, got.grads[name], want.grads[name], ref.grads[name], spec.dtype, scales)
+
+
+TINY = Caps(batch=2, heads=2, length=6, head_dims=(16,))
+
+
+@given(data=st.data())
+@pinned(Pinned(Spec(Hq=2, Hkv=1, Sq=3, Sk=5, dtype="float64", causal=True, window=(2, 0)), "tiny GQA decode"))
+def test_float64_gradcheck(impl, device, data):
+    require(impl, "backward")
+    if "float64" not in impl.dtypes:
+        pytest.skip(f"{impl.key} does not claim float64")
+    spec = draw_spec(data, impl, device, needs=("backward",), caps=TINY, dtype="float64", magnitude=1.0,
+                     bias_neginf=0.0)
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec, impl, grad=True)
+    cfg = spec.config()
+    names = [n for n in ("q", "k", "v", "bias") if getattr(inputs, n) is not None and getattr(inputs, n).requires_grad]
+    fixed_bias = None if "bias" in names else inputs.bias
+
+    def fn(*tensors):
+        args = dict(zip(names, tensors))
+        out, _ = impl.fn(args["q"], args["k"], args["v"], cfg, key_padding_mask=inputs.key_padding_mask,
+                         bias=args.get("bias", fixed_bias))
+        return out
+
+    tensors = tuple(getattr(inputs, n) for n in names)
+    nondet = 0.0 if "deterministic" in impl.features else 1e-10
+    torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6, rtol=1e-4, nondet_tol=nondet, fast_mode=True)
