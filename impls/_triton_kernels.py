@@ -514,6 +514,13 @@ DKDV_CONFIGS = [
 DQ_CONFIGS = [
     _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2), _cfg(32, 16, 4, 2),
 ]
+# float32 runs its dots in IEEE fp32 on the FMA units (tf32 misses the tolerance): large tiles
+# unroll into huge code (30 s compiles, spills), so fp32 gets one small tile and no tuning.
+FP32_CONFIGS = {
+    "fwd": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 1)],
+    "dkdv": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2), _cfg(16, 16, 4, 1)],
+    "dq": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2), _cfg(16, 16, 4, 1)],
+}
 TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS", "HAS_KPM", "HAS_BLOCK"]
 SMEM_BUDGET = 200 * 1024  # bytes per program; the H100 allows 227 KB, Triton needs some for layouts
 
@@ -534,8 +541,11 @@ def smem_estimate(kind: str, config: triton.Config, args: dict) -> int:
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
+        if args["Q"].element_size() == 4:
+            configs = FP32_CONFIGS[kind]
         fits = [c for c in configs if smem_estimate(kind, c, args) <= SMEM_BUDGET]
-        return fits or [min(configs, key=lambda c: smem_estimate(kind, c, args))]
+        fits = fits or [min(configs, key=lambda c: smem_estimate(kind, c, args))]
+        return fits[:1] if args["Q"].element_size() == 4 else fits
 
     return prune
 
