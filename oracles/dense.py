@@ -68,7 +68,16 @@ def attention(
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
 
+    # Invisible keys are excluded entirely (SEMANTICS.md), so whatever they hold, NaN included,
+    # must not reach the output or a gradient: compute with non-finite entries zeroed, then give
+    # a non-finite key a NaN logit and a non-finite value a NaN output wherever it is visible.
+    k_bad = ~torch.isfinite(k).all(-1)[:, :, None, :]  # (B, Hq, 1, Sk)
+    v_bad = ~torch.isfinite(v).all(-1)[:, :, None, :]
+    k = torch.where(torch.isfinite(k), k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype, device=v.device))
+
     s = cfg.scale * (q @ k.transpose(-1, -2))
+    s = torch.where(k_bad, torch.full((), float("nan"), dtype=s.dtype, device=s.device), s)
     if bias is not None:
         s = s + bias.to(torch.float64)
     vis = visible(
@@ -76,8 +85,9 @@ def attention(
         key_padding_mask=key_padding_mask,
     ).to(q.device)[:, None]
     # A -inf logit (from the bias) carries zero weight; treat it like an invisible key so
-    # that a row whose visible logits are all -inf is an empty row.
-    vis = vis & (s > NEG_INF)
+    # that a row whose visible logits are all -inf is an empty row. NaN logits stay visible.
+    vis = vis & ~(s == NEG_INF)
+    poisoned = (vis & v_bad).any(-1, keepdim=True)
 
     # Fill invisible logits with 0 *before* any exp, so that no inf or NaN (from masked keys
     # or bias) reaches the backward pass through torch.where.
@@ -90,6 +100,7 @@ def attention(
     safe = torch.where(empty, torch.ones_like(denom), denom)
     out = (p / safe) @ v
     out = torch.where(empty, torch.zeros_like(out), out)
+    out = torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     lse = torch.where(empty, torch.full_like(denom, NEG_INF), torch.log(safe) + m).squeeze(-1)
     return out, lse
 
