@@ -309,3 +309,19 @@ blockwise_local = Impl(
     features=FEATURES,
     description="blockwise FlashAttention-2; key buckets outside the window are skipped",
 )
+
+
+def _flash_attention_two(**kw):
+    from attnbench.modules.flash_attention_two import FlashAttentionTwo  # lazy: no import cycle
+
+    return FlashAttentionTwo(**kw)  # its default kernel is this one, with the module's bucket sizes
+
+
+blockwise_flash_attention_two = Impl(
+    name="blockwise",
+    variant="FlashAttentionTwo",
+    fn=_flash_attention_two,
+    features={"causal", "cross", "key_padding", "backward", "deterministic"},
+    memory="linear",
+    description="FlashAttentionTwo on the blockwise kernel (q_bucket_size / k_bucket_size honoured)",
+)

@@ -211,3 +211,19 @@ bucketed = Impl(
     supports=_supports,
     description="look-around buckets in PyTorch: O(S*w) scores, exact masking inside the look-around",
 )
+
+
+def _local_mha(**kw):
+    from attnbench.modules.local_mha import LocalMHA  # lazy: no import cycle
+
+    return LocalMHA(**kw, kernel=attention)
+
+
+bucketed_local_mha = Impl(
+    name="bucketed",
+    variant="LocalMHA",
+    fn=_local_mha,
+    features={"causal", "sliding_window", "blocked_window", "key_padding", "backward", "deterministic"},
+    memory="linear",
+    description="LocalMHA on the bucketed look-around kernel",
+)
