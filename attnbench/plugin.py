@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--variant", action="append", default=[], help="only these variants (repeatable)")
     g.addoption("--device", default=None, help="cpu or cuda (default: cpu)")
     g.addoption("--zoo", action="store_true", help="run against the bug zoo instead of the registered implementations")
-    g.addoption("--attnbench-results", default=None, help="write correctness rows (JSON) here")
+    g.addoption("--attnbench-results", default=None, help="append correctness rows here (JSON lines)")
     g.addoption("--attnbench-stream", action="store_true", help="print one machine-readable line per started/finished test")
     g.addoption("--attnbench-skip-file", default=None, help="deselect the node ids listed in this file (used on restart)")
 
@@ -206,6 +205,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         "nodeid": item.nodeid,
     }
     item.config.stash[_ROWS].append(row)
+    _append_row(item.config, row)
     if failed:
         detail = f"{row['replay']}\nminimal spec: {row['counterexample']}\nseed: {row['seed']}"
         report.sections.append(("attnbench replay", detail))
@@ -278,10 +278,24 @@ def replay_command(item: pytest.Item, impl: Impl) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    path = session.config.getoption("attnbench_results")
+def _append_row(config: pytest.Config, row: dict) -> None:
+    """Append the row to --attnbench-results as one JSON line, at once: a run killed by a time
+    limit keeps every row it finished. Under pytest-xdist each worker writes its own file."""
+    path = config.getoption("attnbench_results")
     if not path:
         return
-    rows = session.config.stash[_ROWS]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"rows": rows, "time": time.time(), "pid": os.getpid()}, default=str))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    target = Path(f"{path}.{worker}" if worker else path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows written with --attnbench-results (and its per-worker siblings PATH.gwN)."""
+    path = Path(path)
+    rows = []
+    for p in sorted([path, *path.parent.glob(path.name + ".gw*")]):
+        if p.exists():
+            rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return rows
