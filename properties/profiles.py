@@ -22,9 +22,11 @@ _common = dict(deadline=None, print_blob=True, suppress_health_check=SUPPRESS)
 settings.register_profile("ci", max_examples=CI_EXAMPLES, derandomize=True, database=None, **_common)
 settings.register_profile("dev", max_examples=60, **_common)
 settings.register_profile("thorough", max_examples=400, **_common)
-# Used by tests/test_zoo.py: the ci examples, but no shrinking (only "is it caught?" matters).
+# The bug-zoo check (tests/test_zoo.py): ci's examples in ci's order, without the shrink
+# phase. Whether a member is caught is decided before shrinking starts, so this catches
+# exactly the members ci catches, minus the minutes spent minimizing 100 counterexamples.
 settings.register_profile(
-    "ci-noshrink",
+    "ci-zoo",
     parent=settings.get_profile("ci"),
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
