@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 # How many times the reference's error an implementation may have, per quantity.
-K: dict[str, float] = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0, "dbias": 4.0}
+# dx / dw: a seed module's gradients with respect to its input and to each of its parameters.
+K: dict[str, float] = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0, "dbias": 4.0, "dx": 4.0, "dw": 4.0}
 # The floor per quantity, in units of FLOOR_ULPS[dtype] * eps(dtype) * max(1, max |oracle|).
-FLOOR: dict[str, float] = {"out": 1.0, "lse": 1.0, "dq": 2.0, "dk": 2.0, "dv": 2.0, "dbias": 2.0}
+FLOOR: dict[str, float] = {"out": 1.0, "lse": 1.0, "dq": 2.0, "dk": 2.0, "dv": 2.0, "dbias": 2.0, "dx": 2.0, "dw": 2.0}
 # Per dtype, how many eps the floor is worth. In float16 / bfloat16 the rounding of inputs and
 # outputs dominates every implementation's error and the naive reference measures it well, so
 # the floor stays small (2 eps) and K does the work. In float64 (and nearly in float32) the

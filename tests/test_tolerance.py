@@ -108,7 +108,7 @@ def test_reference_that_is_itself_non_finite_is_out_of_domain():
 def test_bad_arguments_name_the_field():
     o = _oracle()
     with pytest.raises(ValueError, match="quantity"):
-        T.compare("dx", o, o, o, "float32")
+        T.compare("dz", o, o, o, "float32")
     with pytest.raises(ValueError, match="dtype"):
         T.compare("out", o, o, o, "float8")
     with pytest.raises(ValueError, match="reference_error"):
@@ -128,7 +128,7 @@ def test_compare_runs_allows_twice_the_rule():
 
 
 def test_every_quantity_has_k_and_floor_and_every_dtype_a_floor():
-    assert set(T.K) == set(T.FLOOR) == {"out", "lse", "dq", "dk", "dv", "dbias"}
+    assert set(T.K) == set(T.FLOOR) == {"out", "lse", "dq", "dk", "dv", "dbias", "dx", "dw"}
     assert set(T.FLOOR_ULPS) == set(T.EPS) == {"float64", "float32", "float16", "bfloat16"}
     assert all(k >= 1 for k in T.K.values())
 
