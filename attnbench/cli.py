@@ -181,6 +181,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             console.print(f"[red]error:[/] cannot read {path}: {exc}")
             return 2
+    if args.rows:  # correctness rows streamed by the plugin (--attnbench-results), e.g. from a GPU run
+        from attnbench.verify import results_from_rows
+
+        runs[0] = runs[0].merge(results_from_rows(args.rows))
     out = args.out or str(Path(args.results[0]).resolve().parent)
     if len(runs) == 1:
         summary(runs[0], console=console)
@@ -282,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="render results.json (or compare two runs side by side)")
     sp.add_argument("results", nargs="+", help="results.json, or two of them to compare")
     sp.add_argument("--out", default=None, help="output directory (default: next to the first file)")
+    sp.add_argument("--rows", default=None, help="add correctness rows from a --attnbench-results file (JSON lines)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("gate", help="fail when a benchmark regressed against a baseline")

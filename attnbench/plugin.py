@@ -238,16 +238,19 @@ _SPEC = re.compile(r"Spec\(")
 
 
 def _counterexample(text: str) -> str | None:
-    """The last Spec(...) in the falsifying example, parentheses balanced."""
+    """The Spec(...) of Hypothesis' falsifying example (parentheses balanced); else the last
+    Spec(...) in the failure text."""
+    falsifying = text.find("Falsifying")
     starts = [m.start() for m in _SPEC.finditer(text)]
-    for start in reversed(starts):
+    after = [s for s in starts if falsifying >= 0 and s > falsifying]
+    for start in after[:1] or list(reversed(starts)):
         depth = 0
         for i in range(start + len("Spec"), len(text)):
             depth += text[i] == "("
             depth -= text[i] == ")"
             if depth == 0:
                 return " ".join(text[start : i + 1].split())
-    m = re.search(r"Falsifying example: (.+?)(?:\n\n|$)", text, re.S)
+    m = re.search(r"Falsifying (?:explicit )?example: (.+?)(?:\n\n|$)", text, re.S)
     return " ".join(m.group(1).split())[:600] if m else None
 
 

@@ -175,6 +175,13 @@ def _crash_row(nodeid: str, code: int, tail: list[str], base: list[str], zoo: bo
     )
 
 
+def results_from_rows(path: str | os.PathLike) -> Results:
+    """Results from the rows a pytest run wrote with --attnbench-results (all xdist workers)."""
+    from attnbench.plugin import read_rows
+
+    return Results(correctness=[_row(r) for r in read_rows(path)])
+
+
 def kill_table(rows: Iterable[CorrectnessRow]) -> list[ZooRow]:
     """For the bug zoo: which properties caught each member."""
     from attnbench.registry import load_zoo
