@@ -35,33 +35,33 @@ def _prepare_env(device: str) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     reg = registry(extra=[t for t in args.impl if ":" in t])
     impls = load_zoo() if args.zoo else list(reg.impls.values())
-    table = Table(title="attnbench implementations" + (" (bug zoo)" if args.zoo else ""), show_lines=False)
-    table.add_column("variant", style="bold", no_wrap=True)
-    table.add_column("impl", no_wrap=True)
-    table.add_column("status")
-    table.add_column("devices / dtypes")
-    table.add_column("features", overflow="fold")
-    order = list(VARIANTS)
-    for impl in sorted(impls, key=lambda i: (order.index(i.variant), not i.reference, i.name)):
-        if args.variant and impl.variant not in args.variant:
+    for variant in VARIANTS:
+        rows = sorted((i for i in impls if i.variant == variant), key=lambda i: (not i.reference, i.name))
+        if args.variant and variant not in args.variant:
             continue
-        why = impl.unavailable()
-        status = "[green]available[/]" if why is None else f"[yellow]unavailable: {why}[/]"
-        if args.zoo:
-            status = f"[red]{getattr(impl, 'bug', '') or impl.description}[/]"
-        name = impl.name + ("*" if impl.reference else "")
-        dtypes = " ".join(d.replace("bfloat", "bf").replace("float", "f") for d in impl.dtypes)
-        table.add_row(impl.variant, name, status, f"{' '.join(impl.devices)} / {dtypes}", _features(impl.features))
-    console.print(table)
-    console.print("[dim]* the variant's reference: the tolerance rule measures others against its error[/]")
-    missing = [v for v in VARIANTS if not any(i.variant == v for i in impls)]
-    if missing and not args.zoo:
-        console.print(f"[yellow]variants with no implementation yet:[/] {', '.join(missing)}")
+        if not rows:
+            if not args.zoo:
+                console.print(f"[bold]{variant}[/]: [yellow]no implementation yet[/]")
+            continue
+        table = Table(title=f"[bold]{variant}[/]" + (" (bug zoo)" if args.zoo else ""), title_justify="left",
+                      caption=VARIANTS[variant] if args.verbose else None, caption_justify="left")
+        table.add_column("impl", no_wrap=True)
+        table.add_column("bug" if args.zoo else "status")
+        table.add_column("devices / dtypes")
+        table.add_column("features", overflow="fold")
+        for impl in rows:
+            why = impl.unavailable()
+            status = "[green]available[/]" if why is None else f"[yellow]unavailable: {why}[/]"
+            if args.zoo:
+                status = f"[red]{getattr(impl, 'bug', '') or impl.description}[/]"
+            dtypes = " ".join(d.replace("bfloat", "bf").replace("float", "f") for d in impl.dtypes)
+            table.add_row(impl.name + ("*" if impl.reference else ""), status,
+                          f"{' '.join(impl.devices)} / {dtypes}", _features(impl.features))
+        console.print(table)
+    console.print("[dim]* the variant's reference: the tolerance rule measures others against its error. "
+                  "features: what the implementation declares; properties only draw cases it declares.[/]")
     for b in reg.broken:
         console.print(f"[red]failed to load[/] {b.origin}: {b.reason}")
-    if args.verbose:
-        for v, text in VARIANTS.items():
-            console.print(f"[bold]{v}[/]: {text}")
     return 0
 
 
