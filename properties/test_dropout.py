@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attnbench.properties import tolerance
-from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, require, run_impl
+from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, require, run_impl, scales_of
 from attnbench.properties.strategies import DTYPE_ORDER, Pinned, draw_spec
 from attnbench.properties.test_agreement import pinned
 from attnbench.spec import Inputs, Spec
@@ -31,7 +31,9 @@ SIGMAS = 5.0  # a correct kernel fails the kept-fraction check with probability 
 @given(data=st.data())
 @pinned(Pinned(Spec(Sq=7, window=(3, 3)), "p = 0 must not touch the RNG path"))
 def test_dropout_zero_is_identity(impl, device, measure, data):
-    """dropout_p = 0 is bit-identical whatever the dropout seed (it is the no-dropout path)."""
+    """dropout_p = 0 is the no-dropout path whatever the dropout seed: bit-identical for an
+    implementation that declares "deterministic" (others differ run to run anyway, so for them
+    the two runs must agree within twice the tolerance floor)."""
     require(impl, "dropout")
     spec = draw_spec(data, impl, device)
     if spec is None:
@@ -43,8 +45,9 @@ def test_dropout_zero_is_identity(impl, device, measure, data):
     b = run_impl(impl, spec, clone_inputs(inputs), grad=grad, cfg=other)
     pairs = [("out", a.out, b.out)] + ([("lse", a.lse, b.lse)] if a.lse is not None else [])
     pairs += [(n, a.grads[n], b.grads[n]) for n in a.grads]
+    scales = scales_of(spec, inputs)
     for name, x, y in pairs:
-        check_runs(measure, name, y, x, impl, 0.0, spec.dtype, exact=True)
+        check_runs(measure, name, y, x, impl, 0.0, spec.dtype, scales.get(name, 1.0))
 
 
 def _identity_inputs(spec: Spec) -> Inputs:

@@ -327,7 +327,8 @@ def test_moa_unrouted_tokens_get_the_null_token(impl, device, measure, data):
 # -- dropout -------------------------------------------------------------------------------
 @given(data=st.data())
 def test_module_eval_mode_ignores_dropout(impl, device, measure, data):
-    """In eval mode a module built with dropout > 0 is bit-identical to one without."""
+    """In eval mode a module built with dropout > 0 equals one without: bit-identical for an
+    implementation that declares "deterministic"."""
     require(impl, "dropout")
     arg = DROPOUT_ARG.get(impl.variant)
     if arg is None:
@@ -339,4 +340,4 @@ def test_module_eval_mode_ignores_dropout(impl, device, measure, data):
     with torch.no_grad():
         a = forward(plain, case, args)
         b = forward(dropped, case, args)
-    _same(measure, impl, b, a, 0.0, case, f"eval mode with {arg}=0.5", exact=True)
+    _same(measure, impl, b, a, 0.0, case, f"eval mode with {arg}=0.5")
