@@ -97,8 +97,14 @@ class Routing:
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    """x / ||x|| * sqrt(dim) * gain (a zero row stays zero)."""
-    return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1]) * gain
+    """x / ||x|| * sqrt(dim) * gain (a zero row stays zero, its gradient stays finite).
+
+    The norm is taken in float32 at least: F.normalize's eps (1e-12) underflows to 0 in float16,
+    so a zero row (the padding of the autoregressive variant's last window, which empty routing
+    slots point at) would give 0/0 = NaN in the output and the gradient.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (F.normalize(x.to(acc), dim=-1) * math.sqrt(x.shape[-1])).to(x.dtype) * gain
 
 
 def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
