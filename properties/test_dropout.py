@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 from attnbench.properties import tolerance
@@ -77,6 +77,7 @@ def test_dropout_keeps_expected_fraction(impl, device, measure, data):
                 seed=0 if isinstance(data, Pinned) else data.draw(st.integers(0, 2**16), label="seed"))
     if not impl.covers(spec):
         return
+    note(f"spec: {spec.short()}")
     grad = "backward" in impl.features
     inputs = _identity_inputs(spec)
     run = run_impl(impl, spec, inputs, grad=grad)
