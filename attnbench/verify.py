@@ -107,7 +107,9 @@ def run(
         skip_file = Path(tmp) / "skip.txt"
         for _ in range(MAX_RESTARTS + 1):
             skip_file.write_text("\n".join(sorted(done)))
-            args = [sys.executable, "-m", "pytest", *base, "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
+            # -P: do not put the working directory first on sys.path; started from a checkout, its
+            # attnbench/ folder would shadow the installed package (whose subpackages live elsewhere).
+            args = [sys.executable, "-P", "-m", "pytest", *base, "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
             current, tail, code = _run_child(args, env, rows, done, on_row, on_start)
             log_parts.append("\n".join(tail))
             if code in (0, 1, 5):  # all ran (pass / some failed / none collected)
@@ -164,7 +166,7 @@ def _crash_row(nodeid: str, code: int, tail: list[str], base: list[str], zoo: bo
     key = key.rstrip("]")
     variant, _, impl = key.partition("/")
     signal = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    replay = f"{sys.executable} -m pytest {' '.join(base)} -k {prop!r}" + (" --zoo" if zoo else "")
+    replay = f"{sys.executable} -P -m pytest {' '.join(base)} -k {prop!r}" + (" --zoo" if zoo else "")
     return CorrectnessRow(
         variant=variant,
         impl=impl,
