@@ -144,11 +144,6 @@ def scales_of(spec: Spec, inputs: Inputs, cfg: Config | None = None) -> dict[str
     )
 
 
-def rows_of(t: torch.Tensor, b: int, i: int) -> torch.Tensor:
-    """Query row i of batch b, every head: (H, Dv) from (B, H, Sq, Dv) or (H,) from lse."""
-    return t[b, :, i]
-
-
 def visible(spec: Spec, inputs: Inputs) -> torch.Tensor:
     """The oracle's (B, Sq, Sk) visibility (structure and padding; not the bias)."""
     return oracle_dense.visible(
