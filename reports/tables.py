@@ -17,7 +17,7 @@ from attnbench.reports.schema import CorrectnessRow, PerfRow, Results, ZooRow
 # A matrix cell merges every row of one (variant, impl, property); the worst status wins.
 _SEVERITY = {"none": 0, "skip": 1, "pass": 2, "error": 3, "fail": 4}
 STATUSES = ("pass", "fail", "error", "skip")
-SWEEP_KEYS = ("B", "Sq", "Sk")  # shape keys a perf sweep varies; the rest names the group
+SWEEP_KEYS = ("Sq", "Sk")  # shape keys a sweep varies along one curve; the rest (B too) names the group
 
 
 # -- formatting ------------------------------------------------------------------------

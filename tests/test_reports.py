@@ -93,10 +93,10 @@ def test_perf_groups_split_on_fixed_shape_and_sort_sequences():
     decode.shape["Sq"] = 1
     groups = T.perf_groups([row("a", 2048, 8), row("a", 512, 8), row("b", 512, 8), row("a", 512, 16), decode])
     assert [len(g.rows) for g in groups] == [3, 1, 1]
-    assert groups[2].title == "dense · fwd · fp16 · H8 · D64 · decode Sq=1"
+    assert groups[2].title == "dense · fwd · fp16 · H8 · D64 · decode Sq=1 · B=1"
     assert T.seq_label(decode.shape) == "1→512"
     assert [T.seq_label(r.shape) for r in groups[0].sorted_rows()] == ["512", "512", "2048"]
-    assert groups[0].title == "dense · fwd · fp16 · H8 · D64"
+    assert groups[0].title == "dense · fwd · fp16 · H8 · D64 · B=1"  # one curve per batch size
     assert groups[0].slug != groups[1].slug
 
 
@@ -266,7 +266,7 @@ def test_html_is_self_contained(written):
 @pytest.mark.skipif(not HAVE_MPL, reason="matplotlib (the plots extra) not installed")
 def test_plots_are_embedded_one_per_group_and_variant(results, written):
     page = written["html"].read_text()
-    groups = T.perf_groups(results.perf)
+    groups = [g for g in T.perf_groups(results.perf) if len({T.seq_len(r.shape) for r in g.rows}) >= 2]  # curves
     with_ratios = [m for m in T.matrices(T.checked_rows(results)) if any(c.ratio is not None for c in m.cells.values())]
     assert page.count("<svg") == len(groups) + len(with_ratios)
     assert "TFLOP/s" in page and "latency (ms)" in page and "memory" in page
