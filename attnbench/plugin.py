@@ -119,7 +119,7 @@ def device(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 def _check_impl_available(request: pytest.FixtureRequest) -> None:
     impl = request.node.callspec.params.get("impl") if hasattr(request.node, "callspec") else None
-    if impl is None:
+    if not isinstance(impl, Impl):  # None, or pytest's empty-parameter-set placeholder
         return
     reason = impl.unavailable()
     if reason:
@@ -183,7 +183,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     impl = item.callspec.params.get("impl") if hasattr(item, "callspec") else None
-    if impl is None:
+    if not isinstance(impl, Impl):  # None, or the placeholder of an empty parameter set (no impl selected)
         return
     failed = report.failed
     finished = (report.when == "call") or (report.when == "setup" and (report.failed or report.skipped))

@@ -117,7 +117,7 @@ def run(
             if current is None:  # died outside a test: collection or usage error
                 collect_error = f"pytest exited with code {code}:\n" + "\n".join(tail[-30:])
                 break
-            row = _crash_row(current, code, tail, base, zoo)
+            row = _crash_row(current, code, tail, base)
             crashed.append(current)
             done.add(current)
             rows.append(row)
@@ -160,13 +160,13 @@ def _row(event: dict) -> CorrectnessRow:
     return CorrectnessRow(**{k: v for k, v in event.items() if k in known})
 
 
-def _crash_row(nodeid: str, code: int, tail: list[str], base: list[str], zoo: bool) -> CorrectnessRow:
+def _crash_row(nodeid: str, code: int, tail: list[str], base: list[str]) -> CorrectnessRow:
     name = nodeid.split("::")[-1]
     prop, _, key = name.partition("[")
     key = key.rstrip("]")
     variant, _, impl = key.partition("/")
     signal = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    replay = f"{sys.executable} -P -m pytest {' '.join(base)} -k {prop!r}" + (" --zoo" if zoo else "")
+    replay = f"{sys.executable} -P -m pytest {' '.join(base)} -k {nodeid.split('::')[-1]!r}"
     return CorrectnessRow(
         variant=variant,
         impl=impl,
