@@ -10,6 +10,7 @@ Properties and benchmarks select implementations through `select()` and never na
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
@@ -77,6 +78,11 @@ class Impl:
             raise ValueError(f"Impl {self.name!r}: unknown dtypes {sorted(bad)}")
         if self.memory not in ("", "linear", "quadratic"):
             raise ValueError(f"Impl {self.name!r}: memory must be '', 'linear' or 'quadratic', got {self.memory!r}")
+
+    def for_variant(self, variant: str, description: str = "") -> Impl:
+        """The same implementation declared for another variant (a dense kernel that also serves
+        `local`): every declaration carried over, so the two cannot drift apart."""
+        return dataclasses.replace(self, variant=variant, description=description or self.description, origin="")
 
     @property
     def key(self) -> str:

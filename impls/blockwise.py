@@ -301,14 +301,7 @@ blockwise = Impl(
     "P from the saved logsumexp (memory linear in S), skips invisible key buckets",
 )
 
-blockwise_local = Impl(
-    memory="linear",
-    name="blockwise",
-    variant="local",
-    fn=attention,
-    features=FEATURES,
-    description="blockwise FlashAttention-2; key buckets outside the window are skipped",
-)
+blockwise_local = blockwise.for_variant("local", "blockwise FlashAttention-2; key buckets outside the window are skipped")
 
 
 def _flash_attention_two(**kw):

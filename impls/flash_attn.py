@@ -27,12 +27,11 @@ float32/float64, head dims over 256.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from attnbench.registry import Impl
+from attnbench.rng import dropout_rng
 from attnbench.spec import Config, Spec
 
 NEG_INF = float("-inf")
@@ -77,7 +76,7 @@ def attention(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(q, k, v, cfg, key_padding_mask, bias)
-    with _seeded(cfg, q.device):
+    with dropout_rng(cfg, q.device):
         if key_padding_mask is not None:
             return _varlen(q, k, v, cfg, key_padding_mask)
         want_lse = cfg.dropout_p == 0
@@ -146,18 +145,6 @@ def decode(
     return out.transpose(1, 2), _contract_lse(lse)
 
 
-def _seeded(cfg: Config, device: torch.device):
-    if cfg.dropout_p <= 0:
-        return contextlib.nullcontext()
-    return _fork_and_seed(cfg.dropout_seed, device)
-
-
-@contextlib.contextmanager
-def _fork_and_seed(seed: int, device: torch.device):
-    with torch.random.fork_rng(devices=[device]):
-        torch.manual_seed(seed)
-        yield
-
 
 def _supports(spec: Spec) -> str | None:
     if spec.D > 256:
@@ -180,14 +167,4 @@ flash_attn = Impl(
     supports=_supports,
     description="flash-attn 2 adapter (flash_attn_func / varlen for key padding); UNTESTED here",
 )
-flash_attn_local = Impl(
-    name="flash_attn",
-    variant="local",
-    fn=attention,
-    features=FEATURES,
-    devices=("cuda",),
-    dtypes=("float16", "bfloat16"),
-    requires=("flash_attn",),
-    supports=_supports,
-    description="flash-attn 2 sliding-window (window_size) adapter; UNTESTED here",
-)
+flash_attn_local = flash_attn.for_variant("local", "flash-attn 2 sliding-window (window_size) adapter; UNTESTED here")

@@ -133,16 +133,8 @@ flex = Impl(
     supports=_min_head_dim,
     description="torch.compile'd FlexAttention: mask_mod block mask + bias score_mod, lse via return_aux",
 )
-flex_local = Impl(
-    memory="linear",
-    name="flex",
-    variant="local",
-    fn=attention,
-    features=flex.features,
-    devices=flex.devices,
-    dtypes=flex.dtypes,
-    supports=_min_head_dim,
-    description="compiled FlexAttention with a window mask_mod (block-sparse: skips blocks outside the band)",
+flex_local = flex.for_variant(
+    "local", "compiled FlexAttention with a window mask_mod (block-sparse: skips blocks outside the band)"
 )
 
 
@@ -158,11 +150,6 @@ flex_eager = Impl(
     devices=("cpu",),
     description="uncompiled FlexAttention on the CPU (unfused reference path; forward only)",
 )
-flex_eager_local = Impl(
-    name="flex_eager",
-    variant="local",
-    fn=_eager,
-    features=FORWARD,
-    devices=("cpu",),
-    description="uncompiled FlexAttention on the CPU with a window mask_mod (forward only)",
+flex_eager_local = flex_eager.for_variant(
+    "local", "uncompiled FlexAttention on the CPU with a window mask_mod (forward only)"
 )

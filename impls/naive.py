@@ -49,14 +49,7 @@ naive = Impl(
     description="materialized scores in PyTorch (fp32 softmax for low precision); the tolerance reference",
 )
 
-naive_local = Impl(
-    name="naive",
-    variant="local",
-    fn=attention,
-    features=naive.features,
-    reference=True,
-    description="dense band mask over materialized scores",
-)
+naive_local = naive.for_variant("local", "dense band mask over materialized scores")
 
 
 # -- the seed modules on the naive kernel --------------------------------------------------

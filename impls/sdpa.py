@@ -28,7 +28,6 @@ SDPA's public API returns no logsumexp, so these declare no "lse".
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -38,6 +37,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from attnbench.masks import dense_mask
 from attnbench.registry import Impl
+from attnbench.rng import dropout_rng
 from attnbench.spec import Config, Spec
 
 BACKENDS = {
@@ -72,7 +72,7 @@ def attention(
     masked = cfg.window is not None or cfg.block is not None or key_padding_mask is not None or bias is not None
     if masked and backend not in TAKES_MASK:
         raise ValueError(f"sdpa_{backend}: the {backend} backend takes no attention mask or bias")
-    with sdpa_kernel(BACKENDS[backend]), _seeded(cfg, q.device):
+    with sdpa_kernel(BACKENDS[backend]), dropout_rng(cfg, q.device):
         if masked:
             return _masked(q, k, v, cfg, key_padding_mask, bias, kw), None
         return _unmasked(q, k, v, cfg, backend, kw), None
@@ -139,19 +139,6 @@ def _masked(q, k, v, cfg: Config, key_padding_mask, bias, kw: dict) -> torch.Ten
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     return torch.where(empty, 0.0, out)
 
-
-def _seeded(cfg: Config, device: torch.device):
-    if cfg.dropout_p <= 0:
-        return contextlib.nullcontext()
-    return _fork_and_seed(cfg.dropout_seed, device)
-
-
-@contextlib.contextmanager
-def _fork_and_seed(seed: int, device: torch.device):
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _fn(backend: str) -> Callable:
@@ -227,20 +214,9 @@ sdpa_cudnn = Impl(
 )
 
 # Windowed attention through the same calls (an explicit band mask).
-sdpa_math_local = Impl(
-    name="sdpa_math", variant="local", fn=sdpa_math.fn, features=sdpa_math.features,
-    description="torch SDPA math backend with a dense band mask",
-)
-sdpa_efficient_local = Impl(
-    name="sdpa_efficient", variant="local", fn=sdpa_efficient.fn, features=sdpa_efficient.features,
-    devices=sdpa_efficient.devices, dtypes=sdpa_efficient.dtypes,
-    description="torch SDPA memory-efficient backend with a dense band mask",
-)
-sdpa_cudnn_local = Impl(
-    name="sdpa_cudnn", variant="local", fn=sdpa_cudnn.fn, features=sdpa_cudnn.features,
-    devices=sdpa_cudnn.devices, dtypes=sdpa_cudnn.dtypes, supports=sdpa_cudnn.supports,
-    description="torch SDPA cuDNN backend with a dense band mask",
-)
+sdpa_math_local = sdpa_math.for_variant("local", "torch SDPA math backend with a dense band mask")
+sdpa_efficient_local = sdpa_efficient.for_variant("local", "torch SDPA memory-efficient backend with a dense band mask")
+sdpa_cudnn_local = sdpa_cudnn.for_variant("local", "torch SDPA cuDNN backend with a dense band mask")
 
 
 # -- what each backend accepts on this machine ---------------------------------------------

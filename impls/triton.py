@@ -324,14 +324,4 @@ triton_dense = Impl(
     "padding, bias with gradient; cpu only under TRITON_INTERPRET=1",
 )
 
-triton_local = Impl(
-    name="triton",
-    variant="local",
-    fn=attention,
-    features=FEATURES,
-    devices=("cuda", "cpu"),
-    dtypes=("float32", "float16", "bfloat16"),
-    requires=("triton",),
-    supports=supports,
-    description="the same fused kernel; sliding windows skip key blocks outside the band",
-)
+triton_local = triton_dense.for_variant("local", "the same fused kernel; sliding windows skip key blocks outside the band")
