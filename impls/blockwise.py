@@ -267,7 +267,7 @@ class _Blockwise(torch.autograd.Function):
                 dp = torch.einsum("bhgqd,bhkd->bhgqk", do_t, v[:, :, ks:ke]).to(t.acc)
                 pd = p
                 if drop:
-                    z = t.keep(qs, qe, ks, ke) / (1 - cfg.dropout_p)
+                    z = t.keep(qs, qe, ks, ke).to(t.acc) / (1 - cfg.dropout_p)  # bool / float is float32
                     pd, dp = p * z, dp * z
                 dv[:, :, ks:ke] += torch.einsum("bhgqk,bhgqd->bhkd", pd.to(v.dtype), do_t).to(t.acc)
                 ds = p * (dp - delta[:, :, :, qs:qe, None])

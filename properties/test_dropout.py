@@ -1,10 +1,11 @@
 """Dropout, checked statistically (the oracle has none).
 
-With scale = 0 every visible probability is 1/Sk, and with V = I (Dv = Sk) the output is the
+With q = 0 every visible probability is 1/Sk, and with V = I (Dv = Sk) the output is the
 dropped probability matrix itself: out[i, j] = keep[i, j] / (Sk (1 - p)). So one call shows
 the kept fraction (a binomial count), the 1/(1 - p) rescaling of every kept entry, whether
 the mask differs across heads, and, through dv = P_drop^T dO, whether the backward uses the
-forward's mask.
+forward's mask. (q = 0 rather than scale = 0: torch's flash and cuDNN kernels skip dropout
+at scale = 0, an upstream bug those adapters declare away; this property is about dropout.)
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def test_dropout_zero_is_identity(impl, device, measure, data):
 
 
 def _identity_inputs(spec: Spec) -> Inputs:
-    """Random q, k (irrelevant at scale 0), V = I per head, random grad_out."""
+    """q = 0 (uniform attention whatever k and the scale), V = I per head, random grad_out."""
     inputs = spec.make_inputs(requires_grad=False)
+    inputs.q = torch.zeros_like(inputs.q)
     eye = torch.eye(spec.Sk, dtype=torch.float64).expand(spec.B, spec.Hkv, spec.Sk, spec.Sk)
     inputs.v = eye.to(device=spec.device, dtype=spec.torch_dtype).contiguous()
     for t in (inputs.q, inputs.k, inputs.v):
@@ -61,7 +63,7 @@ def _identity_inputs(spec: Spec) -> Inputs:
 
 
 @given(data=st.data())
-@pinned(Pinned(Spec(Hq=2, Sq=32, D=16, Dv=32, scale=0.0, dropout_p=0.5), "dropout must rescale by 1/(1-p)"))
+@pinned(Pinned(Spec(Hq=2, Sq=32, D=16, Dv=32, dropout_p=0.5), "dropout must rescale by 1/(1-p)"))
 def test_dropout_keeps_expected_fraction(impl, device, measure, data):
     """The kept fraction is binomially consistent with 1 - p, every kept probability is
     rescaled by 1/(1 - p), heads get different masks, and the backward uses the same mask."""
@@ -73,7 +75,7 @@ def test_dropout_keeps_expected_fraction(impl, device, measure, data):
         dtype = data.draw(st.sampled_from([d for d in DTYPE_ORDER if d in impl.dtypes]), label="dtype")
     S = 32
     D = 16 if "dv" in impl.features else S
-    spec = Spec(B=1, Hq=2, Sq=S, D=D, Dv=S, dtype=dtype, device=device, scale=0.0, dropout_p=p,
+    spec = Spec(B=1, Hq=2, Sq=S, D=D, Dv=S, dtype=dtype, device=device, dropout_p=p,
                 seed=0 if isinstance(data, Pinned) else data.draw(st.integers(0, 2**16), label="seed"))
     if not impl.covers(spec):
         return

@@ -173,7 +173,10 @@ NORMS: dict[str, type[nn.Module]] = {
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:
-    return F.normalize(t, dim=-1)
+    # In float32 at least: F.normalize's eps (1e-12) underflows to 0 in float16, so a zero row
+    # (a padded position) would give NaN and a tiny one an infinite gradient.
+    acc = torch.promote_types(t.dtype, torch.float32)
+    return F.normalize(t.to(acc), dim=-1).to(t.dtype)
 
 
 # -- rotary embedding with xpos scaling ------------------------------------------------
