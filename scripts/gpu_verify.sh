@@ -5,6 +5,7 @@
 #   env:   SELECT='triton or flex'  only these property rows (pytest -k)
 #          DONE='a.jsonl b.jsonl'   skip property rows already finished in these row files (resume)
 #          TESTS=0                  skip the unit tests
+#          WORKERS=14               xdist workers (default nproc/2, at most 8)
 # Measured on the H100 (2026-11-23): every non-Triton, non-flex property row (289) in 184 s with
 # 7 workers; OMP_NUM_THREADS=2 matters (16 torch threads per worker made it 5x slower).
 set -uo pipefail
@@ -14,7 +15,7 @@ export ATTNBENCH_TRITON_AUTOTUNE=0  # first fitting config: correctness does not
 export ATTNBENCH_FLEX_DYNAMIC=1     # one size-generic flex kernel instead of one compile per shape
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-workers=$(( $(nproc) / 2 )); [ "$workers" -gt 8 ] && workers=8
+workers=${WORKERS:-$(( $(nproc) / 2 ))}; [ -z "${WORKERS:-}" ] && [ "$workers" -gt 8 ] && workers=8
 common=(-q -p no:cacheprovider --no-header -o addopts="--import-mode=importlib" -n "$workers")
 if [ "${TESTS:-1}" != 0 ]; then
     timeout "${1:-200}" python3 -m pytest tests -m gpu "${common[@]}" >"$out/gpu_tests.log" 2>&1
