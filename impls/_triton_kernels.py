@@ -535,6 +535,8 @@ def smem_estimate(kind: str, config: triton.Config, args: dict) -> int:
         tiles = bn * (bd + bdv) + st * bm * (bd + bdv) + 2 * bm * bn
     else:
         tiles = bm * (bd + bdv) + st * bn * (bd + bdv) + bm * bn
+    if args.get("HAS_BIAS"):  # a pipelined (BLOCK_M, BLOCK_N) bias tile per stage
+        tiles += st * bm * bn
     return tiles * elt
 
 

@@ -155,9 +155,28 @@ def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **k
     elif autotune_enabled():
         ker.TUNED[kind][lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
     else:
-        config = ker.PRUNE[kind](ker.CONFIGS[kind], {}, **kwargs)[0]
+        _launch_first_that_fits(ker, kind, length, block, heads, kwargs)
+
+
+def _launch_first_that_fits(ker: ModuleType, kind: str, length: int, block: str, heads: int, kwargs: dict) -> None:
+    """Without the autotuner (which skips configs that run out of shared memory), try the
+    pruner's choices in order, then every other config, smallest estimate first: the estimate
+    is rough (measured: D=256 + bias in float16 needed 234 KB where 200 KB was estimated)."""
+    from triton.runtime.errors import OutOfResources
+
+    first = ker.PRUNE[kind](ker.CONFIGS[kind], {}, **kwargs)
+    pool = ker.FP32_CONFIGS[kind] if kwargs["Q"].element_size() == 4 else ker.CONFIGS[kind]
+    rest = sorted((c for c in pool if all(c is not f for f in first)),
+                  key=lambda c: ker.smem_estimate(kind, c, kwargs))
+    error = None
+    for config in first + rest:
         grid = (_cdiv(length, config.kwargs[block]), heads)
-        ker.RAW[kind][grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        try:
+            ker.RAW[kind][grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            return
+        except OutOfResources as exc:  # raised when the kernel is loaded, before it runs
+            error = exc
+    raise error
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -170,7 +170,6 @@ UPSTREAM = {
     "cudnn scale=0": ("cudnn", True, Spec(Sq=20, Sk=30, D=16, scale=0.0, causal=True, dtype="float16")),
     "flash dropout at scale=0": ("flash", True, Spec(Hq=2, Sq=32, D=32, scale=0.0, dropout_p=0.5, dtype="float16")),
     "cudnn single key": ("cudnn", True, Spec(Sq=1, Sk=1, D=16, dtype="float16")),
-    "cudnn large masked key leaks": ("cudnn", False, Spec(Sq=2, D=32, scale=1.0, window=(0, None), dtype="bfloat16")),
     "cudnn one padded key": ("cudnn", False, Spec(Sq=2, Sk=64, D=64, scale=1.0, key_lengths=(1,), dtype="float16")),
 }
 
@@ -182,14 +181,7 @@ def test_upstream_bug_is_still_there(case: str) -> None:
     impl, fn = IMPLS[f"sdpa_{backend}"]
     assert (impl.why_not(spec) is not None) == declared, f"sdpa_{backend}: declaration of {spec.short()} changed"
     try:
-        if "leaks" in case:  # row 1 sees key 1 only; key 0 (visible to row 0) gets huge values
-            inp = spec.make_inputs()
-            before, _ = fn(inp.q, inp.k, inp.v, spec.config())
-            k, v = inp.k.clone(), inp.v.clone()
-            k[:, :, 0], v[:, :, 0] = 1e4, -1e4
-            after, _ = fn(inp.q, k, v, spec.config())
-            assert torch.equal(before[:, :, 1], after[:, :, 1]), "a masked key changed row 1"
-        elif spec.dropout_p:
+        if spec.dropout_p:
             inp = spec.make_inputs()
             out, _ = fn(inp.q, inp.k, inp.v, spec.config())
             kept = (out != 0).float().mean().item()  # tells nothing unless dropout zeroes entries

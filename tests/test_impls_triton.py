@@ -283,6 +283,8 @@ GPU_SPECS = {
     "padding_bias_d64": Spec(B=2, Hq=4, Sq=777, D=64, key_lengths=(777, 0), bias="per_head", bias_neginf=0.05),
     "blocked_d256": Spec(Hq=4, Sq=700, D=256, block=(64, 1, 0)),
     "causal_sq_gt_sk_mqa_dv": Spec(B=2, Hq=4, Hkv=1, Sq=600, Sk=333, D=64, Dv=32, causal=True),
+    # found by the GPU properties: out of shared memory without the autotuner (now falls back)
+    "window0_bias_d256_dv16": Spec(Sq=160, D=256, Dv=16, window=(0, 0), key_lengths=(90,), bias="full"),
 }
 
 
@@ -305,3 +307,45 @@ def test_gpu_autotuned(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", "1")
     check(Spec(B=2, Hq=4, Hkv=2, Sq=1000, Sk=1000, D=64, causal=True, dtype="bfloat16", device="cuda"))
+
+
+def test_without_autotuning_a_config_out_of_shared_memory_falls_back(monkeypatch):
+    """Pinned (H100): D=256 with a bias in float16 needed 234 KB of shared memory for the config
+    the estimate chose; without the autotuner the launch must move on to a config that fits."""
+    import types
+
+    from triton.runtime.errors import OutOfResources
+
+    ker = tri.kernels(interpret=False)
+    tried = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(**kw):
+                tried.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
+                if len(tried) < 3:
+                    raise OutOfResources(239616, 232448, "shared memory")
+
+            return launch
+
+    fake = types.SimpleNamespace(PRUNE=ker.PRUNE, CONFIGS=ker.CONFIGS, FP32_CONFIGS=ker.FP32_CONFIGS,
+                                 smem_estimate=ker.smem_estimate, RAW={"fwd": FakeKernel()})
+    q = torch.empty(1, 1, 160, 256, dtype=torch.float16)
+    args = dict(Q=q, BLOCK_D=256, BLOCK_DV=16, HAS_BIAS=True)
+    tri._launch_first_that_fits(fake, "fwd", 160, "BLOCK_M", 1, args)
+    assert len(tried) == 3 and len(set(tried)) == 3  # two refused, the third ran
+
+    tried.clear()
+
+    class Never(FakeKernel):
+        def __getitem__(self, grid):
+            def launch(**kw):
+                tried.append(kw["BLOCK_M"])
+                raise OutOfResources(1, 0, "shared memory")
+
+            return launch
+
+    fake.RAW["fwd"] = Never()
+    with pytest.raises(OutOfResources):
+        tri._launch_first_that_fits(fake, "fwd", 160, "BLOCK_M", 1, args)
+    assert len(tried) == len(ker.CONFIGS["fwd"])  # every config was tried before giving up
