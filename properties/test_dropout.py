@@ -63,7 +63,11 @@ def _identity_inputs(spec: Spec) -> Inputs:
 
 
 @given(data=st.data())
-@pinned(Pinned(Spec(Hq=2, Sq=32, D=16, Dv=32, dropout_p=0.5), "dropout must rescale by 1/(1-p)"))
+@pinned(
+    Pinned(Spec(Hq=2, Sq=32, D=16, Dv=32, dropout_p=0.5), "dropout must rescale by 1/(1-p)"),
+    Pinned(Spec(Hq=2, Sq=32, D=16, Dv=32, dtype="float64", dropout_p=0.1),
+           "float64 backward rescaled in float32 (bool / float; blockwise)"),
+)
 def test_dropout_keeps_expected_fraction(impl, device, measure, data):
     """The kept fraction is binomially consistent with 1 - p, every kept probability is
     rescaled by 1/(1 - p), heads get different masks, and the backward uses the same mask."""

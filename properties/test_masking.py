@@ -151,6 +151,8 @@ def _dead_keys(spec: Spec, inputs: Inputs) -> torch.Tensor:
 @pinned(
     Pinned(Spec(B=2, Sq=5, key_lengths=(5, 2), window=(4, 4)), "padding mask polarity and batch"),
     Pinned(Spec(Sq=17, key_lengths=(13,), window=(16, 16)), "padding inside the last partial block"),
+    Pinned(Spec(Sq=20, D=256, Dv=16, dtype="float16", window=(0, 0), key_lengths=(9,), bias="full"),
+           "head dim 256 + bias: a kernel config that runs out of shared memory (triton, H100)"),
 )
 def test_masked_keys_have_no_influence(impl, device, measure, data):
     """Overwriting keys and values no query may see with huge finite values changes nothing,
