@@ -3,7 +3,7 @@
 # time cap, rows streamed to $OUT (or ./gpu-out) so a capped run keeps what finished.
 #   usage: scripts/gpu_verify.sh [tests_seconds] [properties_seconds]
 #   env:   SELECT='triton or flex'  only these property rows (pytest -k)
-#          DONE='a.jsonl b.jsonl'   skip property rows already finished in these row files (resume)
+#          DONE='a.jsonl b.jsonl'   skip rows that passed (or do not apply) in these row files (resume)
 #          TESTS=0                  skip the unit tests
 #          WORKERS=14               xdist workers (default nproc/2, at most 8)
 # Measured on the H100 (2026-11-23): every non-Triton, non-flex property row (289) in 184 s with
@@ -24,8 +24,9 @@ fi
 sel=(); [ -n "${SELECT:-}" ] && sel=(-k "$SELECT")
 skip=()
 if [ -n "${DONE:-}" ]; then
-    python3 -c "import json,sys; [print(json.loads(l)['nodeid']) for f in sys.argv[1:] for l in open(f) if l.strip()]" \
-        $DONE >"$out/done.txt"
+    # passed and unsupported rows are skipped; failed ones run again
+    python3 -c "import json,sys; rows=[json.loads(l) for f in sys.argv[1:] for l in open(f) if l.strip()];
+[print(r['nodeid']) for r in rows if r['status'] in ('pass', 'skip')]" $DONE >"$out/done.txt"
     skip=(--attnbench-skip-file "$out/done.txt")
 fi
 timeout "${2:-400}" python3 -m pytest properties -p attnbench.plugin --device cuda --hypothesis-profile ci \
