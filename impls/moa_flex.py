@@ -3,6 +3,7 @@ routed keys masked by a score_mod (compiled; CUDA only: flex has no CPU backward
 
 from __future__ import annotations
 
+from attnbench.impls.moa_loop import AR_FEATURES, MOA_FEATURES
 from attnbench.modules.mixture import MixtureOfAttention, MixtureOfAutoregressiveAttention, factory
 from attnbench.registry import Impl
 
@@ -12,7 +13,7 @@ flex = Impl(
     name="flex",
     variant="MixtureOfAttention",
     fn=factory(MixtureOfAttention, strategy="flex"),
-    features={"backward", "cross", "key_padding"},
+    features=MOA_FEATURES - {"dropout"},  # flex has no attention dropout
     devices=("cuda",),
     dtypes=FLEX_DTYPES,
     description="compiled FlexAttention over the gathered tokens, experts as heads, null key prepended",
@@ -22,7 +23,7 @@ flex_ar = Impl(
     name="flex",
     variant="MixtureOfAutoregressiveAttention",
     fn=factory(MixtureOfAutoregressiveAttention, strategy="flex"),
-    features={"backward", "causal", "key_padding"},
+    features=AR_FEATURES - {"dropout"},
     devices=("cuda",),
     dtypes=FLEX_DTYPES,
     description="compiled FlexAttention, experts as heads and windows as batch",

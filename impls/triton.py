@@ -13,6 +13,7 @@ TRITON_INTERPRET=1 (and no bfloat16: the interpreter's bf16 dot is wrong).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -165,11 +166,14 @@ def _launch_first_that_fits(ker: ModuleType, kind: str, length: int, block: str,
     from triton.runtime.errors import OutOfResources
 
     first = ker.PRUNE[kind](ker.CONFIGS[kind], {}, **kwargs)
-    pool = ker.FP32_CONFIGS[kind] if kwargs["Q"].element_size() == 4 else ker.CONFIGS[kind]
-    rest = sorted((c for c in pool if all(c is not f for f in first)),
-                  key=lambda c: ker.smem_estimate(kind, c, kwargs))
+
+    def rest():  # only built when a config was refused
+        pool = ker.FP32_CONFIGS[kind] if kwargs["Q"].element_size() == 4 else ker.CONFIGS[kind]
+        others = [c for c in pool if all(c is not f for f in first)]
+        yield from sorted(others, key=lambda c: ker.smem_estimate(kind, c, kwargs))
+
     error = None
-    for config in first + rest:
+    for config in itertools.chain(first, rest()):
         grid = (_cdiv(length, config.kwargs[block]), heads)
         try:
             ker.RAW[kind][grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -26,6 +26,17 @@ class Run:
     lse: torch.Tensor | None
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # "dq", "dk", "dv", "dbias"
 
+    def get(self, quantity: str) -> torch.Tensor | None:
+        """"out", "lse" or a gradient name."""
+        return self.out if quantity == "out" else self.lse if quantity == "lse" else self.grads[quantity]
+
+
+def quantities(run: Run, errors: dict[str, float], grad: bool) -> list[str]:
+    """What two runs of one implementation are compared on: out, lse where the run returns it
+    and the reference has it, and dq, dk, dv with gradients."""
+    lse = ["lse"] if run.lse is not None and "lse" in errors else []
+    return ["out", *lse, *(["dq", "dk", "dv"] if grad else [])]
+
 
 def require(impl: Impl, *features: str) -> None:
     """Skip the test for an implementation that does not declare these features."""
@@ -129,8 +140,7 @@ def check_runs(measure, quantity: str, actual: torch.Tensor, expected: torch.Ten
 
 def reference_error(quantity: str, spec: Spec, ref: Run, oracle: Run) -> tuple[float, float]:
     """The reference's own error on `quantity` and the oracle's magnitude, for check_runs."""
-    actual = ref.out if quantity == "out" else ref.lse if quantity == "lse" else ref.grads[quantity]
-    expected = oracle.out if quantity == "out" else oracle.lse if quantity == "lse" else oracle.grads[quantity]
+    actual, expected = ref.get(quantity), oracle.get(quantity)
     error, why = tolerance.max_error(actual, expected)
     if why:
         raise AssertionError(f"{quantity}: the reference implementation itself fails here ({why})")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, require, run_impl
+from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, quantities, require, run_impl
 from attnbench.properties.strategies import Pinned, draw_spec
 from attnbench.properties.test_agreement import pinned
 from attnbench.properties.test_masking import _noise, _references, _with
@@ -35,17 +35,11 @@ def test_gqa_equals_mha_on_repeated_kv(impl, device, measure, data):
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, mha, wide, grad=grad)
     errors, scales = _references(spec, inputs, impl, grad=grad)
-    check_runs(measure, "out", a.out, b.out, impl, errors["out"], spec.dtype, scales["out"], exact=False)
-    if a.lse is not None and "lse" in errors:
-        check_runs(measure, "lse", a.lse, b.lse, impl, errors["lse"], spec.dtype, scales["lse"], exact=False)
-    if grad:
-        check_runs(measure, "dq", a.grads["dq"], b.grads["dq"], impl, errors["dq"], spec.dtype, scales["dq"],
-                   exact=False)
-        for name in ("dk", "dv"):
-            g = b.grads[name]
-            summed = g.view(spec.B, spec.Hkv, G, *g.shape[2:]).sum(2)
-            check_runs(measure, name, a.grads[name], summed, impl, errors[name], spec.dtype, scales[name],
-                       exact=False)
+    for name in quantities(a, errors, grad):
+        want = b.get(name)
+        if name in ("dk", "dv"):  # the grouped K / V gradient is the sum over its query heads
+            want = want.view(spec.B, spec.Hkv, G, *want.shape[2:]).sum(2)
+        check_runs(measure, name, a.get(name), want, impl, errors[name], spec.dtype, scales[name], exact=False)
 
 
 @given(data=st.data())
@@ -75,13 +69,9 @@ def test_batch_elements_are_independent(impl, device, measure, data):
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, spec, other, grad=grad)
     errors, scales = _references(spec, inputs, impl, grad=grad)
-    names = ["out"] + (["lse"] if a.lse is not None and "lse" in errors else []) + (["dq", "dk", "dv"] if grad else [])
-
-    def part(run, name):
-        return run.out if name == "out" else run.lse if name == "lse" else run.grads[name]
-
+    names = quantities(a, errors, grad)
     for name in names:
-        check_runs(measure, name, part(b, name)[:1], part(a, name)[:1], impl, errors[name], spec.dtype, scales[name])
+        check_runs(measure, name, b.get(name)[:1], a.get(name)[:1], impl, errors[name], spec.dtype, scales[name])
 
     alone_spec = spec.replace(B=1, key_lengths=None if spec.key_lengths is None else spec.key_lengths[:1])
     if not impl.covers(alone_spec):
@@ -96,7 +86,7 @@ def test_batch_elements_are_independent(impl, device, measure, data):
         alone.key_padding_mask = inputs.key_padding_mask[:1].clone()
     c = run_impl(impl, alone_spec, alone)
     for name in [n for n in names if n in ("out", "lse")]:
-        check_runs(measure, name, part(c, name), part(a, name)[:1], impl, errors[name], spec.dtype, scales[name],
+        check_runs(measure, name, c.get(name), a.get(name)[:1], impl, errors[name], spec.dtype, scales[name],
                    exact=False)
 
 
@@ -119,15 +109,9 @@ def test_key_permutation_equivariance(impl, device, measure, data):
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, spec, shuffled, grad=grad)
     errors, scales = _references(spec, inputs, impl, grad=grad)
-    check_runs(measure, "out", b.out, a.out, impl, errors["out"], spec.dtype, scales["out"], exact=False)
-    if a.lse is not None and "lse" in errors:
-        check_runs(measure, "lse", b.lse, a.lse, impl, errors["lse"], spec.dtype, scales["lse"], exact=False)
-    if grad:
-        check_runs(measure, "dq", b.grads["dq"], a.grads["dq"], impl, errors["dq"], spec.dtype, scales["dq"],
-                   exact=False)
-        for name in ("dk", "dv"):
-            check_runs(measure, name, b.grads[name], a.grads[name][:, :, perm], impl, errors[name], spec.dtype,
-                       scales[name], exact=False)
+    for name in quantities(a, errors, grad):
+        want = a.get(name)[:, :, perm] if name in ("dk", "dv") else a.get(name)
+        check_runs(measure, name, b.get(name), want, impl, errors[name], spec.dtype, scales[name], exact=False)
 
 
 @given(data=st.data())

@@ -67,10 +67,9 @@ def rel_error(a, b) -> float:
 
 
 def close(a, b, tol):
-    a, b = a.to(F64), b.to(F64)
     assert torch.isfinite(a).all()
-    err = (a - b).abs().max().item()
-    assert err <= tol * max(1.0, b.abs().max().item()), f"max error {err:.3g} > {tol}"
+    err = rel_error(a, b)
+    assert err <= tol, f"max error {err:.3g} (relative to max(1, max |b|)) > {tol}"
 
 
 # -- routing ------------------------------------------------------------------------------------
