@@ -64,6 +64,7 @@ class Impl:
     reference: bool = False  # the naive impl the tolerance rule measures others against
     bug: str = ""  # bug-zoo members: the bug class this deliberately broken impl carries
     memory: str = ""  # "linear": promises O(S) extra memory (blockwise / fused); perf checks the slope
+    compiles: bool = False  # its first call compiles (Triton, torch.compile): a CUDA sweep prewarms it in parallel
     origin: str = field(default="", compare=False)  # where it was found
 
     def __post_init__(self) -> None:

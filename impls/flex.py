@@ -129,6 +129,7 @@ FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_pa
 
 flex = Impl(
     memory="linear",
+    compiles=True,
     name="flex",
     variant="dense",
     fn=attention,

@@ -16,6 +16,7 @@ flex = Impl(
     features=MOA_FEATURES - {"dropout"},  # flex has no attention dropout
     devices=("cuda",),
     dtypes=FLEX_DTYPES,
+    compiles=True,
     description="compiled FlexAttention over the gathered tokens, experts as heads, null key prepended",
 )
 
@@ -26,5 +27,6 @@ flex_ar = Impl(
     features=AR_FEATURES - {"dropout"},
     devices=("cuda",),
     dtypes=FLEX_DTYPES,
+    compiles=True,
     description="compiled FlexAttention, experts as heads and windows as batch",
 )

@@ -153,7 +153,12 @@ def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **k
     if interpret:
         sizes = ker.INTERPRET_CONFIG
         ker.RAW[kind][(_cdiv(length, sizes[block]), heads)](**kwargs, **sizes)
-    elif autotune_enabled():
+        return
+    # float32 is the accuracy path: no mul+add contraction, so the backward's recomputed logits
+    # round exactly like the forward's (with fusion, s * scale - m became one FMA in one kernel
+    # and two roundings in the other: p = 1 + 1e-5 for a lone key, dv off by |s| eps)
+    kwargs["enable_fp_fusion"] = kwargs["DOT_PREC"] != "ieee"
+    if autotune_enabled():
         ker.TUNED[kind][lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
     else:
         _launch_first_that_fits(ker, kind, length, block, heads, kwargs)
@@ -343,6 +348,7 @@ triton_dense = Impl(
     dtypes=("float32", "float16", "bfloat16"),
     requires=("triton",),
     supports=supports,
+    compiles=True,
     description="attnbench's fused Triton kernel (FA2 scheme): block-skipping windows, GQA without repeat, "
     "padding, bias with gradient; cpu only under TRITON_INTERPRET=1",
 )

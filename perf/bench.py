@@ -31,7 +31,7 @@ from attnbench.registry import MODULE_VARIANTS, VARIANTS, Impl, registry
 from attnbench.reports.schema import PerfRow, Results, environment
 from attnbench.spec import Inputs, Spec
 
-from . import memory, slow, work
+from . import memory, prewarm, slow, work
 from .gate import DEFAULT_REFERENCE, resolve_reference
 from .sweeps import Cell, cell_key, sweep_cells
 from .timing import is_cuda, measure_peaks, peak_memory, synchronize, time_call
@@ -375,13 +375,16 @@ def run_bench(
     reference: str | dict | None = DEFAULT_REFERENCE,
     budget_s: float | None = -1,
     cells: list[Cell] | None = None,
+    prewarm_workers: int | None = None,
 ) -> Results:
     """Sweep every available implementation of the selected variants; see the module docstring.
 
     quick: the small sweep (< 2 min on a 2-core CPU, a few minutes on an H100). device:
     "cpu", "cuda" or "cuda:N" (default: CUDA when present). impls: implementation names
     ("sdpa_flash" or "dense/sdpa_flash"). out: a .json path (or a directory, which gets
-    bench.json). budget_s: the sweep's time budget (default per device and quick; None = none).
+    bench.json). budget_s: the sweep's time budget (default per device and quick; None = none),
+    prewarming included. prewarm_workers: processes that compile the compiling implementations
+    first (perf/prewarm.py); None = one per spare core on CUDA, none on the CPU; 0 = off.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in ("cpu", "cuda"):
@@ -398,12 +401,32 @@ def run_bench(
     started = time.perf_counter()
     results = Results(env=environment(), peaks=measure_peaks(device))
     results.env.update(bench_env(quick, device, settings, reference))
+    warmed = _prewarm(cells, chosen, device, settings, prewarm_workers, say)
+    if warmed is not None:
+        results.env["prewarm"] = warmed.as_dict()
+        if settings.budget_s is not None:
+            settings = dataclasses.replace(settings, budget_s=max(settings.budget_s - warmed.seconds, 0.0))
     results.perf = finalize(run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say), reference)
     memory.attach(results)
     results.env["bench_seconds"] = round(time.perf_counter() - started, 1)
     if out is not None:
         save(results, out)
     return results
+
+
+def _prewarm(cells, impls, device, settings, workers, say) -> prewarm.Summary | None:
+    """Compile the compiling implementations' cells in parallel first (at most 40% of the budget)."""
+    if workers is None:
+        workers = prewarm.default_workers() if is_cuda(device) else 0
+    groups = prewarm.plan([(c, i) for c in cells for i, reason in candidates(c, impls) if reason is None])
+    if workers < 1 or not groups:
+        return None
+    limit = 0.4 * settings.budget_s if settings.budget_s is not None else 600.0
+    say(f"prewarm: {len(groups)} (implementation, problem) groups on {min(workers, len(groups))} worker processes")
+    summary = prewarm.prewarm(groups, workers, limit, say)
+    say(f"prewarm: {summary.done} done, {len(summary.failed)} failed, {summary.timed_out} left, "
+        f"{summary.seconds:.0f} s (serially {summary.worker_seconds:.0f} s)")
+    return summary
 
 
 def bench_env(quick: bool, device: str, settings: Settings, reference) -> dict[str, Any]:
@@ -483,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", action="append", default=None)
     p.add_argument("--reference", default=DEFAULT_REFERENCE)
     p.add_argument("--budget", type=float, default=-1, help="sweep time budget in s (default per sweep; 0 = none)")
+    p.add_argument("--prewarm", type=int, default=None,
+                   help="worker processes that compile first (default: spare cores on CUDA, 0 on the CPU; 0 = off)")
     p.add_argument("--merge", nargs="+", default=None, help="merge xdist shard files instead of running")
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -494,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = None if args.budget == 0 else args.budget
         say = None if args.quiet else (lambda msg: print(msg, flush=True))
         results = run_bench(args.quick, args.device, args.variant, args.impl, None, say,
-                            reference=args.reference, budget_s=budget)
+                            reference=args.reference, budget_s=budget, prewarm_workers=args.prewarm)
     if args.out:
         print(f"wrote {save(results, args.out)}")
     print(f"peaks: {json.dumps(results.peaks)}")

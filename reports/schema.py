@@ -172,8 +172,21 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env["cudnn"] = torch.backends.cudnn.version()
-    env["commit"] = _run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent)
+    env["commit"] = commit()
     return env
+
+
+def commit() -> str | None:
+    """ATTNBENCH_COMMIT when set (a copied working tree may carry a stale .git: say which commit
+    it really is), else HEAD, with "-dirty" when tracked files differ from it."""
+    given = os.environ.get("ATTNBENCH_COMMIT", "").strip()
+    if given:
+        return given
+    here = Path(__file__).resolve().parent
+    head = _run(["git", "rev-parse", "--short", "HEAD"], cwd=here)
+    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
+        head += "-dirty"
+    return head
 
 
 def _version(mod: str) -> str | None:

@@ -301,6 +301,24 @@ def test_gpu_matches_oracle(compiled, name, dtype):
     check(spec, lse_grad=name == "padding_bias_d64")
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("Sq", [1, 37])
+def test_gpu_float32_lone_key_dv_is_exact(compiled, Sq):
+    """Pinned (H100 property run): with one visible key p is exactly 1, so dv must equal dO
+    bit for bit; the backward's recomputed logits rounded differently from the forward's (FMA
+    contraction) and gave dv off by |s| eps (1.3e-5 at logits ~100)."""
+    spec = Spec(Hq=2, Sq=Sq, Sk=1, D=64, scale=2.0, magnitude=3.0, dtype="float32", device="cuda")
+    inputs = spec.make_inputs(requires_grad=True)
+    out, _ = tri.attention(inputs.q, inputs.k, inputs.v, spec.config())
+    dv, = torch.autograd.grad(out, [inputs.v], inputs.grad_out)
+    assert torch.equal(out, inputs.v.detach().expand_as(out))
+    if Sq == 1:
+        assert torch.equal(dv, inputs.grad_out)
+    else:  # a sum of Sq rows of dO: only the summation order may differ
+        want = inputs.grad_out.double().sum(dim=2, keepdim=True)
+        assert (dv.double() - want).abs().max() <= Sq * 1.2e-7 * inputs.grad_out.abs().sum(dim=2).max()
+
+
+@pytest.mark.gpu
 def test_gpu_autotuned(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

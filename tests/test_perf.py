@@ -403,6 +403,25 @@ def test_slowdown_wraps_the_implementation_under_its_own_name(monkeypatch):
             slow.parse(bad)
 
 
+def test_prewarm_groups_compiling_impls_and_survives_a_failing_one():
+    """Real spawned workers: a cell's modes form one group, impls that do not compile are left
+    out, and a pair that fails in its worker is reported (the sweep will time it anyway)."""
+    from attnbench.perf import prewarm
+
+    naive = registry().get("dense/naive")
+    compiling = Impl(name="naive", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
+    ghost = Impl(name="ghost", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
+    spec = Spec(B=1, Hq=2, Sq=16, D=8, causal=True)
+    cells = [Cell("dense", mode, spec=spec) for mode in ("fwd", "fwdbwd")]
+    groups = prewarm.plan([(c, i) for c in cells for i in (compiling, ghost, naive)])
+    assert [(g.impl_key, [c.mode for c in g.cells]) for g in groups] == [
+        ("dense/naive", ["fwd", "fwdbwd"]), ("dense/ghost", ["fwd", "fwdbwd"])]
+    summary = prewarm.prewarm(groups, workers=2, timeout_s=120)
+    assert summary.done == 1 and summary.timed_out == 0, summary
+    assert len(summary.failed) == 1 and "dense/ghost" in summary.failed[0] and "not found" in summary.failed[0]
+    assert summary.as_dict()["groups"] == 2
+
+
 def test_gpu_pool_pinning(monkeypatch):
     from attnbench.perf import conftest
 
