@@ -211,8 +211,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
-    result = gate(current, baseline, threshold=args.threshold, reference=args.reference)
-    console.print(result.table())
+    result = gate(current, baseline, threshold=args.threshold, reference=args.reference,
+                  fail_on_missing=args.fail_on_missing, judge_host_bound=args.judge_host_bound)
+    console.print(result.table(verbose=args.verbose))
     console.print(("[green]gate passed[/]" if result.ok else "[red]gate failed[/]") + f" (threshold {args.threshold:.0%})")
     return 0 if result.ok else 1
 
@@ -294,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", default=None, help="baseline results.json (default: the committed one for this GPU)")
     sp.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown of time ratios (default 0.10)")
     sp.add_argument("--reference", default=None, help="reference implementation for the ratios")
+    sp.add_argument("--fail-on-missing", action="store_true", help="fail when a baseline cell did not run")
+    sp.add_argument("--judge-host-bound", action="store_true",
+                    help="judge cells whose time follows the host CPU too (both runs from one host)")
+    sp.add_argument("--verbose", action="store_true", help="list every cell")
     sp.set_defaults(func=cmd_gate)
 
     sp = sub.add_parser("run", help="the main job: verify + quick benchmark + report on this machine")

@@ -60,6 +60,10 @@ def attention(
     if compiled:
         out, aux = _compiled_flex()(q, k, v, **kwargs)
     else:
+        if not torch.is_grad_enabled():  # eager flex refuses inputs that require grad even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+            bias = bias.detach() if bias is not None else None
+            kwargs["score_mod"] = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out, aux = flex_attention(q, k, v, **kwargs)

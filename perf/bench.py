@@ -201,6 +201,8 @@ def measure(impl: Impl, cell: Cell, settings: Settings, peaks: dict, inputs: lis
         timing = _time(case, cell, settings, row)
         row.ms, row.ms_p20, row.ms_p80, row.timer = timing.ms, timing.p20, timing.p80, timing.timer
         row.reps, row.first_ms = timing.reps, round(timing.first_ms, 3)
+        if timing.host_ms is not None:
+            row.host_ms = round(timing.host_ms, 4)
         row.mem_bytes = peak_memory(case.prepare, case.run, cell.device)
         row.tflops = _round(work.tflops(flops, row.ms))
         row.gbps = _round(work.gbps(nbytes, row.ms))

@@ -11,6 +11,12 @@ cells and cells whose reference did not run are reported and do not fail it (unl
 fail_on_missing). A cell whose preferred reference did not run falls back to the registry's
 reference implementation of the variant, in both runs alike.
 
+Host-bound cells: a CUDA timing whose enqueueing took >= 80% of its GPU time (row.host_ms,
+perf/timing.HOST_BOUND) kept the GPU waiting on the host, so its time follows the host CPU
+(which differs between machines of the same GPU model) and the reference's ratio does not
+cancel that. A change past the threshold in such a cell is `host_bound`: reported, not failing,
+unless judge_host_bound (compare runs from one host, e.g. two runs in one CI job, with it on).
+
     python -m attnbench.perf.gate current.json --baseline perf/baselines/h100.json
 """
 
@@ -27,10 +33,12 @@ from pathlib import Path
 
 from attnbench.reports.schema import PerfRow, Results
 
+from .timing import HOST_BOUND
+
 DEFAULT_REFERENCE = "sdpa_flash"
 BASELINES = Path(__file__).resolve().parent / "baselines"
 FAILING = ("regressed", "broken")
-ORDER = ("broken", "regressed", "noisy", "missing", "no_reference", "improved", "new", "reference", "ok", "not_ok")
+ORDER = ("broken", "regressed", "host_bound", "noisy", "missing", "no_reference", "improved", "new", "reference", "ok", "not_ok")
 
 
 @dataclass
@@ -39,7 +47,7 @@ class GateRow:
     mode: str
     cell: str  # a short label of the shape
     impl: str
-    status: str  # ok | improved | regressed | noisy | broken | missing | new | no_reference | reference | not_ok
+    status: str  # ok | improved | regressed | noisy | host_bound | broken | missing | new | no_reference | reference | not_ok
     base_ratio: float | None = None
     cur_ratio: float | None = None
     change: float | None = None  # cur_ratio / base_ratio - 1
@@ -105,7 +113,7 @@ class GateResult:
                               ("now ratio", "right"), ("change", "right"), ("note", "left")):
             t.add_column(name, justify=justify, overflow="fold")
         style = {"regressed": "red", "broken": "red", "improved": "green", "missing": "yellow",
-                 "no_reference": "yellow", "noisy": "yellow"}
+                 "no_reference": "yellow", "noisy": "yellow", "host_bound": "yellow"}
         hidden = len([r for r in self.rows if r.status not in ("ok", "reference", "not_ok")]) - len(self.shown())
         if not self.shown(verbose):
             t.caption = f"every judged cell is within {self.threshold:.0%} of the baseline"
@@ -201,6 +209,12 @@ def _registry_reference(variant: str) -> list[str]:
         return []
 
 
+def host_share(r: PerfRow | None) -> float | None:
+    """Host enqueue time over GPU time of a CUDA timing (None when not recorded)."""
+    host = getattr(r, "host_ms", None) if r is not None else None
+    return host / r.ms if host is not None and r.ms else None
+
+
 def _spread(r: PerfRow) -> float | None:
     if r.ms_p20 is None or r.ms_p80 is None or not r.ms:
         return None
@@ -213,6 +227,7 @@ def gate(
     threshold: float = 0.10,
     reference: str | dict | None = None,
     fail_on_missing: bool = False,
+    judge_host_bound: bool = False,
 ) -> GateResult:
     """Judge every (cell, implementation) of the baseline and the current run; see the module
     docstring. reference: an implementation name, or {variant: name}; default sdpa_flash where
@@ -231,7 +246,8 @@ def gate(
         # The cell's reference: the first of the chain that ran in this cell in both runs.
         ref = next((n for n in chains[variant] if _ok(base.get(n)) and _ok(cur.get(n))), None)
         for impl in list(base) + [i for i in cur if i not in base]:
-            row = _judge(base.get(impl), cur.get(impl), base.get(ref), cur.get(ref), impl == ref, threshold)
+            row = _judge(base.get(impl), cur.get(impl), base.get(ref), cur.get(ref), impl == ref, threshold,
+                         judge_host_bound)
             if row is not None:
                 row.reference = ref
                 rows.append(row)
@@ -242,7 +258,7 @@ def gate(
 
 
 def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow | None,
-           is_ref: bool, threshold: float) -> GateRow | None:
+           is_ref: bool, threshold: float, judge_host_bound: bool = False) -> GateRow | None:
     some = b or c
     if some.status == "unsupported" and (b is None or c is None or b.status == c.status):
         return None  # never ran, nothing to compare
@@ -271,8 +287,13 @@ def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow
     # The measurement's own resolution: the widest p20-p80 spread (relative to the median) of the
     # four timings behind the two ratios. A change inside it is not evidence either way.
     band = max((s for s in map(_spread, (b, c, rb, rc)) if s is not None), default=0.0)
+    host = max((h for h in map(host_share, (b, c)) if h is not None), default=None)
     if abs(row.change) > threshold:
-        if abs(row.change) <= band:
+        if not judge_host_bound and host is not None and host >= HOST_BOUND:
+            row.status = "host_bound"
+            row.note = (f"{row.change:+.0%}, but the host's enqueueing took {host:.0%} of the GPU time: "
+                        "this time follows the host CPU; not judged (--judge-host-bound)")
+        elif abs(row.change) <= band:
             row.status = "noisy"
             row.note = f"{row.change:+.0%} is within the timings' p20-p80 spread ({band:.0%}): not judged"
         else:
@@ -307,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.10)
     p.add_argument("--reference", default=None)
     p.add_argument("--fail-on-missing", action="store_true")
+    p.add_argument("--judge-host-bound", action="store_true",
+                   help="judge host-bound cells too (both runs from one host)")
     p.add_argument("--verbose", action="store_true", help="list every cell, not only the ones worth reading")
     args = p.parse_args(argv)
     baseline = args.baseline or default_baseline()
@@ -314,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no baseline given and none committed for this device; use --baseline", file=sys.stderr)
         return 2
     result = gate(Results.load(args.current), Results.load(baseline), args.threshold, args.reference,
-                  args.fail_on_missing)
+                  args.fail_on_missing, args.judge_host_bound)
     try:
         from rich.console import Console
 

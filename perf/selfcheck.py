@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     cells2 = [c for c in cells if c.key() in reached]
     say(f"run1: {len(reached)} of {len(cells)} cells in {run1.env['bench_seconds']} s; run2 repeats them")
 
-    run2 = bench.run_bench(args.quick, device, progress=say, reference=args.reference, budget_s=None, cells=cells2)
+    # run1 compiled everything in this process: no prewarm again; one host, so host-bound cells are judged
+    run2 = bench.run_bench(args.quick, device, progress=say, reference=args.reference, budget_s=None, cells=cells2,
+                           prewarm_workers=0)
     run2.save(out / "run2.json")
-    same = gate(run2, run1, args.threshold, args.reference)
+    same = gate(run2, run1, args.threshold, args.reference, judge_host_bound=True)
 
     (key, times), = slowdown.items()
     variant, name = key.split("/", 1)
@@ -75,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ref_names = reference_chain(variant, args.reference)
     cells3 = [c for c in cells2 if c.variant == variant]
     run3 = bench.run_bench(args.quick, device, progress=say, reference=args.reference, budget_s=None,
-                           cells=cells3, impls=[n for n in dict.fromkeys([name, *ref_names])
+                           cells=cells3, prewarm_workers=0, impls=[n for n in dict.fromkeys([name, *ref_names])
                                                 if registry().impls.get(f"{variant}/{n}")])
     del os.environ[slow.ENV]
     run3.save(out / "run3.json")
-    slowed = gate(run3, run1, args.threshold, args.reference)
+    slowed = gate(run3, run1, args.threshold, args.reference, judge_host_bound=True)
 
     failed_impls = sorted({r.impl for r in slowed.failures})
     report = {

@@ -29,6 +29,12 @@ class Timing:
     reps: int
     timer: str  # cuda_events | cuda_graph | wall_clock
     first_ms: float  # the first call alone: compilation, autotuning, allocation
+    host_ms: float | None = None  # CUDA: median host time to enqueue one timed call (see HOST_BOUND)
+
+
+# A CUDA call whose enqueueing takes this share of its GPU time kept the GPU waiting on the host:
+# its time follows the host CPU (a Python loop of small kernels), not the GPU.
+HOST_BOUND = 0.8
 
 
 def is_cuda(device: str) -> bool:
@@ -71,19 +77,21 @@ class _Clock:
         self.cuda = is_cuda(device)
         self.device = device
         self.pairs: list[Any] = []
+        self.host: list[float] = []  # CUDA: host ms from the start event to the stop event's record
 
     def start(self) -> Any:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            return event
+            return event, time.perf_counter()
         return time.perf_counter()
 
     def stop(self, started: Any) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.pairs.append((started, event))
+            self.host.append((time.perf_counter() - started[1]) * 1e3)
+            self.pairs.append((started[0], event))
         else:
             self.pairs.append((started, time.perf_counter()))
 
@@ -166,7 +174,8 @@ def time_call(
     if second[0] > budget / 3:  # too slow to repeat much: the steady calls we can afford
         samples = second + _timed(prepare, run, clock, flusher, 1 if second[0] > budget else 2, n_sets, 1)
         ms, p20, p80 = summarize(samples)
-        return Timing(ms, p20, p80, len(samples), timer, first_ms)
+        host_ms = statistics.median(clock.host[-len(samples):]) if clock.cuda and timer != "cuda_graph" else None
+        return Timing(ms, p20, p80, len(samples), timer, first_ms, host_ms)
     estimate = min(second + _timed(prepare, run, clock, no_flush, 2, n_sets, 1))  # min: robust to a busy host
     estimate = max(estimate, 1e-3)
     n_warm = int(min(max(warmup_ms / estimate, 1), 1000))
@@ -176,7 +185,8 @@ def time_call(
         n_rep = max(1, int(budget / estimate))
     samples = _timed(prepare, run, clock, flusher, n_rep, n_sets)
     ms, p20, p80 = summarize(samples)
-    return Timing(ms, p20, p80, n_rep, timer, first_ms)
+    host_ms = statistics.median(clock.host[-n_rep:]) if clock.cuda and timer != "cuda_graph" else None
+    return Timing(ms, p20, p80, n_rep, timer, first_ms, host_ms)
 
 
 def peak_memory(prepare: Callable[[int], Any], run: Callable[[Any], Any], device: str) -> int | None:
