@@ -45,6 +45,7 @@ score_mod; compiled on CUDA, eager forward only on the CPU).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,7 +210,10 @@ def _flex_core(device: torch.device) -> Callable:
     if device.type != "cuda":
         return _flex_routed
     if "cuda" not in _FLEX:
-        _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=False)
+        # ATTNBENCH_FLEX_DYNAMIC=1 (GPU property runs, a new routed size per example): torch's
+        # automatic dynamic shapes instead of one static compile per size
+        dynamic = None if os.environ.get("ATTNBENCH_FLEX_DYNAMIC", "0") == "1" else False
+        _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=dynamic)
     return _FLEX["cuda"]
 
 
