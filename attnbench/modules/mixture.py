@@ -193,13 +193,22 @@ def _positive_int(name: str, value) -> int:
 _FLEX = {}
 
 
+FLEX_MIN_HEAD_DIM = 16  # the compiled flex kernel refuses smaller head dims
+
+
 def _flex_routed(q, k, v, valid, heads_per_expert: int):
-    """FlexAttention over routed tokens; heads h of expert h // heads_per_expert; invalid keys -inf."""
+    """FlexAttention over routed tokens; heads h of expert h // heads_per_expert; invalid keys -inf.
+    Head dims under 16 are zero-padded (q.k and p @ v unchanged; the padded outputs are cut)."""
+    dim, dim_v = q.shape[-1], v.shape[-1]
+    if min(dim, dim_v) < FLEX_MIN_HEAD_DIM:
+        pad = max(0, FLEX_MIN_HEAD_DIM - dim)
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        v = F.pad(v, (0, max(0, FLEX_MIN_HEAD_DIM - dim_v)))
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(valid[b, h // heads_per_expert, kv_idx], score, float("-inf"))
 
-    return flex_attention(q, k, v, score_mod=score_mod, scale=q.shape[-1] ** -0.5)
+    return flex_attention(q, k, v, score_mod=score_mod, scale=dim ** -0.5)[..., :dim_v]
 
 
 def _flex_core(device: torch.device) -> Callable:
