@@ -247,7 +247,7 @@ def attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base,
+    dk, dv, k, v, q_base, do_base, lse_row, bias_base,
     sqm, sdm, sbm, sbn,
     offs_n, offs_d, offs_dv,
     m_lo, m_hi, Sq, Sk, D, DV, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
@@ -291,8 +291,6 @@ def _dkdv_inner(
             hi = _key_hi(p_rows, right, Sk, W, LF, SHIFT_B, HAS_BLOCK)
             vis = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :])
             p_t = tl.where(vis, p_t, 0.0)
-        if HAS_KPM:
-            p_t = tl.where(kp[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -354,24 +352,32 @@ def attn_bwd_dkdv(
         bias_base = Bias + b * sbb + h * sbh
         lse_row = (b * Hq + h) * Sq
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
+            dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
             offs_n, offs_d, offs_dv, m0, f_lo, Sq, Sk, D, DV, qk_scale,
             off, left, right, W, LB, LF, SHIFT_B, M2, INVL, Delta,
             True, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
         )
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
+            dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
             offs_n, offs_d, offs_dv, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
             off, left, right, W, LB, LF, SHIFT_B, M2, INVL, Delta,
             False, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
         )
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, kp, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
+            dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
             offs_n, offs_d, offs_dv, f_hi, m1, Sq, Sk, D, DV, qk_scale,
             off, left, right, W, LB, LF, SHIFT_B, M2, INVL, Delta,
             True, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
         )
 
+    if HAS_KPM:
+        # A padded key's p is 0 for every query, and p row j feeds only dk[j] and dv[j]: zero those
+        # rows here instead of masking p in the loop. (Masking p_t with kp inside the loop made
+        # Triton 3.6 fail in TritonGPURemoveLayoutConversions, "operand does not dominate this
+        # use", for a bias + padding + lengths not multiple of 16, D=256; H100, 2026-11-23.)
+        # tl.where, not a product: a padded key's own logit may overflow p to inf (or hold NaN).
+        dk = tl.where(kp[:, None], dk, 0.0)
+        dv = tl.where(kp[:, None], dv, 0.0)
     dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     dv_ptrs = DVal + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
