@@ -45,7 +45,6 @@ score_mod; compiled on CUDA, eager forward only on the CPU).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,10 +218,15 @@ def _flex_core(device: torch.device) -> Callable:
     if device.type != "cuda":
         return _flex_routed
     if "cuda" not in _FLEX:
-        # ATTNBENCH_FLEX_DYNAMIC=1 (GPU property runs, a new routed size per example): torch's
-        # automatic dynamic shapes instead of one static compile per size
-        dynamic = None if os.environ.get("ATTNBENCH_FLEX_DYNAMIC", "0") == "1" else False
-        _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=dynamic)
+        # Static shapes always. Automatic dynamic shapes (tried for the GPU property runs, where
+        # every example has new routed sizes) gave wrong outputs on the H100, torch 2.11: errors
+        # up to 4.6 and batch elements leaking into each other, at 1-2 routed tokens. Above the
+        # recompile limit dynamo would run the eager path instead, so the limit is raised.
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name) and getattr(cfg, name) < 64:
+                setattr(cfg, name, 64)
+        _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=False)
     return _FLEX["cuda"]
 
 
