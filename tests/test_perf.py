@@ -440,6 +440,41 @@ def test_prewarm_groups_compiling_impls_and_survives_a_failing_one():
     assert summary.as_dict()["groups"] == 2
 
 
+SLEEPY = """
+import time
+from attnbench.registry import Impl, registry
+
+_naive = registry().get("dense/naive")
+
+def _fn(q, k, v, cfg, key_padding_mask=None, bias=None):
+    if q.shape[2] == 7:  # this problem's first call never ends (a stuck compile)
+        time.sleep(600)
+    return _naive.fn(q, k, v, cfg, key_padding_mask, bias)
+
+impl = Impl(name="sleepy", variant="dense", fn=_fn, features=_naive.features, compiles=True)
+"""
+
+
+def test_prewarm_cuts_a_stuck_worker_and_names_what_it_left(tmp_path, monkeypatch):
+    """An implementation named as package.module:object is loaded in the workers too; a group
+    that never finishes is cut 1.5 x max(longest group, 10 s) after every group has started."""
+    from attnbench.perf import prewarm
+
+    (tmp_path / "sleepy_impl.py").write_text(SLEEPY)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers start with the parent's sys.path
+    naive = registry().get("dense/naive")
+    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features, compiles=True,
+                  origin="sleepy_impl:impl")
+    cells = [Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=S, D=8)) for S in (7, 16)]
+    groups = prewarm.plan([(c, sleepy) for c in cells])
+    start = time.perf_counter()
+    summary = prewarm.prewarm(groups, workers=2, timeout_s=300)
+    elapsed = time.perf_counter() - start
+    assert summary.done == 1 and summary.timed_out == 1 and not summary.failed, summary
+    assert len(summary.left) == 1 and "S7" in summary.left[0]
+    assert elapsed < 60, f"the stuck group was waited on for {elapsed:.0f} s"
+
+
 def test_gpu_pool_pinning(monkeypatch):
     from attnbench.perf import conftest
 
