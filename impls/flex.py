@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention import flex_attention as _flex
 
 from attnbench import masks
+from attnbench.modules.common import FLEX_MIN_HEAD_DIM, allow_recompiles
 from attnbench.registry import Impl
 from attnbench.spec import Block, Config, Spec
 
@@ -50,6 +51,9 @@ def attention(
         raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
     if compiled is None:
         compiled = q.device.type == "cuda"
+    if not compiled and not torch.is_grad_enabled():  # eager flex refuses inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+        bias = bias.detach() if bias is not None else None
     block_mask = _block_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, compiled)
     score_mod = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != Hkv)
@@ -60,10 +64,6 @@ def attention(
     if compiled:
         out, aux = _compiled_flex()(q, k, v, **kwargs)
     else:
-        if not torch.is_grad_enabled():  # eager flex refuses inputs that require grad even under no_grad
-            q, k, v = q.detach(), k.detach(), v.detach()
-            bias = bias.detach() if bias is not None else None
-            kwargs["score_mod"] = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out, aux = flex_attention(q, k, v, **kwargs)
@@ -110,12 +110,8 @@ def _cached_block_mask(causal: bool, window, block: Block | None, align: str, Sq
 
 @functools.cache
 def _compiled_flex():
-    # One compiled kernel per shape/mask structure; a benchmark sweep recompiles often, and
-    # dynamo's default limit (8) would silently fall back to the unfused eager path.
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < 64:
-            setattr(cfg, name, 64)
+    # One compiled kernel per shape/mask structure; a benchmark sweep recompiles often.
+    allow_recompiles()
     # ATTNBENCH_FLEX_DYNAMIC=1 (property runs on the GPU): torch's default automatic dynamic
     # shapes, so the second length seen compiles a size-generic kernel instead of one per shape.
     # Benchmarks keep static shapes, the fastest kernels and what the published figures use.
@@ -124,8 +120,8 @@ def _compiled_flex():
 
 
 def _min_head_dim(spec: Spec) -> str | None:
-    if min(spec.D, spec.Dv) < 16:
-        return f"flex (compiled) needs head dims >= 16, got D={spec.D}, Dv={spec.Dv}"
+    if min(spec.D, spec.Dv) < FLEX_MIN_HEAD_DIM:
+        return f"flex (compiled) needs head dims >= {FLEX_MIN_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}"
     return None
 
 

@@ -51,8 +51,11 @@ class Summary:
     seconds: float = 0.0
     worker_seconds: float = 0.0  # summed over tasks: the serial time it replaced
     failed: list[str] = field(default_factory=list)
-    timed_out: int = 0
     left: list[str] = field(default_factory=list)  # groups not finished when prewarming stopped
+
+    @property
+    def timed_out(self) -> int:
+        return len(self.left)
 
     def as_dict(self) -> dict:
         return {
@@ -105,7 +108,6 @@ def prewarm(
             try:
                 i, seconds, error = results.next(timeout=max(deadline - time.perf_counter(), 0.001))
             except multiprocessing.TimeoutError:
-                summary.timed_out = len(pending)
                 summary.left = [groups[j].label() for j in sorted(pending)]
                 say(f"prewarm: stopped after {time.perf_counter() - start:.0f} s, {len(pending)} groups left "
                     "to the sweep: " + "; ".join(summary.left))

@@ -172,6 +172,19 @@ NORMS: dict[str, type[nn.Module]] = {
 }
 
 
+# torch.compile'd FlexAttention: its kernel refuses head dims under this.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Raise dynamo's recompile limit (default 8) to `limit`: a compiled attention sees a new
+    static shape per problem, and above the limit dynamo silently runs the eager path instead."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
 def l2norm(t: torch.Tensor) -> torch.Tensor:
     # In float32 at least: F.normalize's eps (1e-12) underflows to 0 in float16, so a zero row
     # (a padded position) would give NaN and a tiny one an infinite gradient.

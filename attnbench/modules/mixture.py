@@ -54,6 +54,8 @@ from torch import nn
 
 from attnbench.spec import Block, Config
 
+from .common import FLEX_MIN_HEAD_DIM, allow_recompiles
+
 try:  # imported here, not inside the compiled function: an import there breaks the graph
     from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # torch < 2.5: strategy="flex" is unavailable
@@ -192,9 +194,6 @@ def _positive_int(name: str, value) -> int:
 _FLEX = {}
 
 
-FLEX_MIN_HEAD_DIM = 16  # the compiled flex kernel refuses smaller head dims
-
-
 def _flex_routed(q, k, v, valid, heads_per_expert: int):
     """FlexAttention over routed tokens; heads h of expert h // heads_per_expert; invalid keys -inf.
     Head dims under 16 are zero-padded (q.k and p @ v unchanged; the padded outputs are cut)."""
@@ -222,10 +221,7 @@ def _flex_core(device: torch.device) -> Callable:
         # every example has new routed sizes) gave wrong outputs on the H100, torch 2.11: errors
         # up to 4.6 and batch elements leaking into each other, at 1-2 routed tokens. Above the
         # recompile limit dynamo would run the eager path instead, so the limit is raised.
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name) and getattr(cfg, name) < 64:
-                setattr(cfg, name, 64)
+        allow_recompiles()
         _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=False)
     return _FLEX["cuda"]
 
