@@ -176,13 +176,17 @@ NORMS: dict[str, type[nn.Module]] = {
 FLEX_MIN_HEAD_DIM = 16
 
 
-def allow_recompiles(limit: int = 64) -> None:
-    """Raise dynamo's recompile limit (default 8) to `limit`: a compiled attention sees a new
-    static shape per problem, and above the limit dynamo silently runs the eager path instead."""
+def allow_recompiles(limit: int = 4096) -> None:
+    """Raise dynamo's recompile limits (default 8 per frame, 256 in all) to `limit`: a compiled
+    attention sees a new static shape per problem, and a property run sees hundreds. Past the
+    limit dynamo would silently run the eager path instead, so hitting it is made an error: a
+    run never reports the eager kernel under the compiled one's name."""
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < limit:
             setattr(cfg, name, limit)
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:
