@@ -191,10 +191,27 @@ def make_case(impl: Impl, cell: Cell, inputs: list | None = None) -> KernelCase 
     return ModuleCaseRunner(impl, cell, n_input_sets(cell))
 
 
-def measure(impl: Impl, cell: Cell, settings: Settings, peaks: dict, inputs: list | None = None) -> PerfRow:
-    """Time one implementation on one cell; failures become rows, never exceptions."""
+_CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+                   ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """torch.compile's on-disk cache hits and misses so far in this process (FX graphs, AOT
+    autograd): whether a compiled implementation's first call loaded what prewarm built."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {name: int(counters[group][name]) for group, name in _CACHE_COUNTERS}
+
+
+def measure(impl: Impl, cell: Cell, settings: Settings, peaks: dict, inputs: list | None = None,
+            first_calls: list | None = None) -> PerfRow:
+    """Time one implementation on one cell; failures become rows, never exceptions.
+    first_calls: for implementations that compile, gets the cache counts of their first call."""
     row = _blank(cell, impl, "ok", "")
     case = None
+    before = compile_cache_counts() if impl.compiles and first_calls is not None else None
     try:
         case = make_case(impl, cell, inputs)
         flops, nbytes = case.work()
@@ -203,6 +220,10 @@ def measure(impl: Impl, cell: Cell, settings: Settings, peaks: dict, inputs: lis
         row.reps, row.first_ms = timing.reps, round(timing.first_ms, 3)
         if timing.host_ms is not None:
             row.host_ms = round(timing.host_ms, 4)
+        if before is not None:
+            after = compile_cache_counts()
+            first_calls.append({"impl": impl.key, "cell": cell.label(), "first_ms": row.first_ms,
+                                **{k: after[k] - before[k] for k in after if after[k] != before[k]}})
         row.mem_bytes = peak_memory(case.prepare, case.run, cell.device)
         row.tflops = _round(work.tflops(flops, row.ms))
         row.gbps = _round(work.gbps(nbytes, row.ms))
@@ -286,12 +307,14 @@ def run_cells(
     settings: Settings,
     peaks: dict,
     progress: Callable[[str], None] | None = None,
+    first_calls: list | None = None,
 ) -> list[PerfRow]:
-    """Run every (cell, implementation) pair; rows in cell order."""
+    """Run every (cell, implementation) pair; rows in cell order. first_calls: see measure."""
     say = progress or (lambda msg: None)
     start = time.perf_counter()
     plan = [(cell, impl, reason) for cell in cells for impl, reason in candidates(cell, impls)]
     rows: list[PerfRow] = []
+    first_calls = first_calls if first_calls is not None else []
     cache = InputCache()
     for n, (cell, impl, reason) in enumerate(plan, 1):
         elapsed = time.perf_counter() - start
@@ -305,7 +328,7 @@ def run_cells(
             except Exception as exc:
                 row = _blank(cell, impl, "oom" if "out of memory" in str(exc) else "error", _reason(exc))
             else:
-                row = measure(impl, cell, settings, peaks, inputs)
+                row = measure(impl, cell, settings, peaks, inputs, first_calls)
         rows.append(row)
         say(f"[{n}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: {_describe(row)}")
     cache.clear()
@@ -408,7 +431,11 @@ def run_bench(
         results.env["prewarm"] = warmed.as_dict()
         if settings.budget_s is not None:
             settings = dataclasses.replace(settings, budget_s=max(settings.budget_s - warmed.seconds, 0.0))
-    results.perf = finalize(run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say), reference)
+    first_calls: list[dict] = []
+    rows = run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say, first_calls=first_calls)
+    results.perf = finalize(rows, reference)
+    if first_calls:  # where the compiling implementations' first-call seconds went
+        results.env["first_calls"] = first_calls
     memory.attach(results)
     results.env["bench_seconds"] = round(time.perf_counter() - started, 1)
     if out is not None:

@@ -15,12 +15,17 @@ and otherwise ignored: the sweep runs that pair again and records what happens t
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
+import queue
+import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from attnbench.registry import Impl
 
@@ -52,6 +57,7 @@ class Summary:
     worker_seconds: float = 0.0  # summed over tasks: the serial time it replaced
     failed: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)  # groups not finished when prewarming stopped
+    stacks: dict[str, str] = field(default_factory=dict)  # left group -> its worker's Python stacks then
 
     @property
     def timed_out(self) -> int:
@@ -61,7 +67,7 @@ class Summary:
         return {
             "workers": self.workers, "groups": self.groups, "done": self.done, "seconds": round(self.seconds, 1),
             "worker_seconds": round(self.worker_seconds, 1), "failed": self.failed, "timed_out": self.timed_out,
-            "left": self.left,
+            "left": self.left, "stacks": self.stacks,
         }
 
 
@@ -91,43 +97,102 @@ def prewarm(
     progress: Callable[[str], None] | None = None,
 ) -> Summary:
     """Run each group's first calls in `workers` spawned processes, at most `timeout_s` in all.
-    Stragglers are cut short: from the moment fewer groups are left than workers (every group has
-    started), the rest get 1.5x the longest group seen (a worker once sat 115 s past all others)."""
+    Stragglers are cut short: once every group has started, a group still running 1.5x
+    max(longest finished group, 10 s) after its own start is stopped (a worker once sat 115 s
+    past all others, twice on the same group). Before the pool goes, each straggler's worker
+    dumps its Python stacks (SIGUSR1, faulthandler) into `Summary.stacks`."""
     say = progress or (lambda msg: None)
     summary = Summary(workers=min(workers, len(groups)), groups=len(groups))
     if not groups or workers < 1:
         return summary
-    start = time.perf_counter()
-    deadline = start + timeout_s
-    longest, all_started = 0.0, None
+    start = time.monotonic()
+    longest = 0.0
     pending = set(range(len(groups)))
+    started: dict[int, tuple[int, float]] = {}  # group -> (worker pid, monotonic start)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with _env(WORKER_ENV), ctx.Pool(summary.workers) as pool:
+    starts = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="attnbench-prewarm-") as stack_dir, _env(WORKER_ENV), \
+            ctx.Pool(summary.workers, initializer=_init_worker, initargs=(starts, stack_dir)) as pool:
         results = pool.imap_unordered(_warm, list(enumerate(groups)))
-        for _ in groups:
-            try:
-                i, seconds, error = results.next(timeout=max(deadline - time.perf_counter(), 0.001))
-            except multiprocessing.TimeoutError:
+        while pending:
+            _drain(starts, started)
+            now = time.monotonic()
+            if now - start > timeout_s or _stragglers(pending, started, longest, now):
                 summary.left = [groups[j].label() for j in sorted(pending)]
-                say(f"prewarm: stopped after {time.perf_counter() - start:.0f} s, {len(pending)} groups left "
-                    "to the sweep: " + "; ".join(summary.left))
+                summary.stacks = _dump_stacks({groups[j].label(): started.get(j) for j in sorted(pending)}, stack_dir)
+                say(f"prewarm: stopped after {now - start:.0f} s, {len(pending)} groups left to the sweep: "
+                    + "; ".join(summary.left))
+                for label, stack in summary.stacks.items():
+                    say(f"prewarm: where {label} was:\n{stack}")
                 break
+            try:
+                i, seconds, error = results.next(timeout=0.5)
+            except multiprocessing.TimeoutError:
+                continue
             pending.discard(i)
             longest = max(longest, seconds)
-            if all_started is None and len(pending) < summary.workers:
-                all_started = time.perf_counter()
-            if all_started is not None:
-                deadline = min(start + timeout_s, all_started + 1.5 * max(longest, 10.0))
             summary.worker_seconds += seconds
             if error is None:
                 summary.done += 1
             else:
                 summary.failed.append(f"{groups[i].label()}: {error}")
-            say(f"prewarm [{summary.done + len(summary.failed)}/{len(groups)} {time.perf_counter() - start:.0f}s] "
+            say(f"prewarm [{summary.done + len(summary.failed)}/{len(groups)} {time.monotonic() - start:.0f}s] "
                 f"{groups[i].label()}: {'ok' if error is None else error[:100]} ({seconds:.1f} s)")
         pool.terminate()
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = time.monotonic() - start
     return summary
+
+
+def _stragglers(pending: set[int], started: dict[int, tuple[int, float]], longest: float, now: float) -> bool:
+    """True when every pending group has started and one has run past 1.5x max(longest, 10 s)."""
+    if not pending or any(i not in started for i in pending):
+        return False
+    limit = 1.5 * max(longest, 10.0)
+    return any(now - started[i][1] > limit for i in pending)
+
+
+def _drain(starts, started: dict[int, tuple[int, float]]) -> None:
+    while True:
+        try:
+            i, pid, t = starts.get_nowait()
+        except queue.Empty:
+            return
+        started[i] = (pid, t)
+
+
+def _dump_stacks(running: dict[str, tuple[int, float] | None], stack_dir: str) -> dict[str, str]:
+    """Ask each straggler's worker for its Python stacks; the last 3,000 characters of each."""
+    if not hasattr(signal, "SIGUSR1"):
+        return {}
+    for entry in running.values():
+        if entry is not None:
+            try:
+                os.kill(entry[0], signal.SIGUSR1)
+            except OSError:
+                pass
+    time.sleep(1.0)
+    stacks = {}
+    for label, entry in running.items():
+        if entry is None:
+            continue
+        try:
+            text = Path(stack_dir, f"{entry[0]}.txt").read_text(errors="replace")
+        except OSError:
+            continue
+        stacks[label] = text[-3000:]
+    return stacks
+
+
+_STARTS = None  # in a worker: where it reports the start of each group
+_STACK_FILE = None  # in a worker: kept open for faulthandler
+
+
+def _init_worker(starts, stack_dir: str) -> None:
+    global _STARTS, _STACK_FILE
+    _STARTS = starts
+    if hasattr(signal, "SIGUSR1"):
+        _STACK_FILE = open(Path(stack_dir, f"{os.getpid()}.txt"), "w")
+        faulthandler.register(signal.SIGUSR1, file=_STACK_FILE, all_threads=True)
 
 
 @contextmanager
@@ -149,6 +214,8 @@ def _warm(task: tuple[int, Group]) -> tuple[int, float, str | None]:
     """In a worker: one untimed call per cell of the group; returns (index, seconds, error)."""
     i, group = task
     start = time.perf_counter()
+    if _STARTS is not None:
+        _STARTS.put((i, os.getpid(), time.monotonic()))
     try:
         impl = _resolve(group)
         from .bench import make_case

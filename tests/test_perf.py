@@ -457,7 +457,8 @@ impl = Impl(name="sleepy", variant="dense", fn=_fn, features=_naive.features, co
 
 def test_prewarm_cuts_a_stuck_worker_and_names_what_it_left(tmp_path, monkeypatch):
     """An implementation named as package.module:object is loaded in the workers too; a group
-    that never finishes is cut 1.5 x max(longest group, 10 s) after every group has started."""
+    that never finishes is cut 1.5 x max(longest group, 10 s) after its start (every group has
+    started by then), and the stack of the stuck worker says where it was."""
     from attnbench.perf import prewarm
 
     (tmp_path / "sleepy_impl.py").write_text(SLEEPY)
@@ -473,6 +474,9 @@ def test_prewarm_cuts_a_stuck_worker_and_names_what_it_left(tmp_path, monkeypatc
     assert summary.done == 1 and summary.timed_out == 1 and not summary.failed, summary
     assert len(summary.left) == 1 and "S7" in summary.left[0]
     assert elapsed < 60, f"the stuck group was waited on for {elapsed:.0f} s"
+    if hasattr(__import__("signal"), "SIGUSR1"):
+        stack = summary.stacks[summary.left[0]]
+        assert "sleepy_impl.py" in stack and "_fn" in stack, stack
 
 
 def test_gpu_pool_pinning(monkeypatch):
@@ -505,3 +509,19 @@ def test_quick_bench_on_the_cpu_is_under_two_minutes(tmp_path):
     # no_grad with inputs that require grad once did, in every cell)
     errors = [f"{r.variant}/{r.impl} {r.mode}: {r.reason}" for r in results.perf if r.status in ("error", "oom")]
     assert not errors, errors
+
+
+def test_first_calls_of_compiling_impls_are_recorded():
+    """The sweep keeps, per compiling implementation's first call, its time and torch.compile's
+    cache hits and misses (env.first_calls): where prewarm did not help shows up there."""
+    naive = registry().get("dense/naive")
+    compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
+    cell = Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=8, D=8))
+    settings = bench.Settings.default(True, "cpu")
+    calls: list = []
+    row = bench.measure(compiling, cell, settings, {}, first_calls=calls)
+    assert row.status == "ok" and len(calls) == 1, (row, calls)
+    assert calls[0]["impl"] == "dense/naive_c" and calls[0]["first_ms"] == row.first_ms
+    bench.measure(naive, cell, settings, {}, first_calls=calls)
+    assert len(calls) == 1  # naive does not compile
+    assert set(bench.compile_cache_counts()) >= {"fxgraph_cache_hit", "fxgraph_cache_miss"}
