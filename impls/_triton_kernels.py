@@ -562,13 +562,21 @@ CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 RAW = {"fwd": attn_fwd, "dkdv": attn_bwd_dkdv, "dq": attn_bwd_dq}
 PRUNE = {kind: _pruner(kind) for kind in CONFIGS}
 
+
+
+def _tune_bench(kernel_call, quantiles):
+    # The autotuner's default (25 ms warm-up + 100 ms per config, three kernels, up to ~10
+    # configs each) made a first fwd+bwd call cost seconds; a config's rank needs far less.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 if INTERPRET:
     TUNED = dict(RAW)
 else:
     TUNED = {
         kind: triton.autotune(
             CONFIGS[kind], key=TUNE_KEY + (["STORE_DBIAS"] if kind == "dq" else []),
-            prune_configs_by={"early_config_prune": PRUNE[kind]},
+            prune_configs_by={"early_config_prune": PRUNE[kind]}, do_bench=_tune_bench,
         )(RAW[kind])
         for kind in CONFIGS
     }
