@@ -33,6 +33,7 @@ from attnbench.spec import Block, Config, Spec
 flex_attention = _flex.flex_attention
 create_block_mask = _flex.create_block_mask
 AuxRequest = getattr(_flex, "AuxRequest", None)  # torch >= 2.9; older ones use return_lse
+DECODE_BELOW = 128  # Inductor lowers queries shorter than this with its flex-decoding kernel
 
 
 def attention(
@@ -57,6 +58,10 @@ def attention(
     block_mask = _block_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, compiled)
     score_mod = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != Hkv)
+    if compiled and Hq != Hkv and block_mask is not None and Sq < DECODE_BELOW:
+        # torch 2.11: the flex-decoding kernel (chosen for Sq < 128) fails to lower with grouped
+        # heads and a block mask (NoValidChoicesError; canary in tests/test_gpu_flex.py)
+        kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
     if AuxRequest is not None:
         kwargs["return_aux"] = AuxRequest(lse=True)
     else:

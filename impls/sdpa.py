@@ -74,7 +74,7 @@ def attention(
         raise ValueError(f"sdpa_{backend}: the {backend} backend takes no attention mask or bias")
     with sdpa_kernel(BACKENDS[backend]), dropout_rng(cfg, q.device):
         if masked:
-            return _masked(q, k, v, cfg, key_padding_mask, bias, kw), None
+            return _masked(q, k, v, cfg, key_padding_mask, bias, kw, backend), None
         return _unmasked(q, k, v, cfg, backend, kw), None
 
 
@@ -94,7 +94,7 @@ def _unmasked(q, k, v, cfg: Config, backend: str, kw: dict) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Sq, Sk), **kw)
     if backend == "flash":
         raise RuntimeError(f"sdpa_flash: flash attention cannot run bottom-right causal for q {tuple(q.shape)}")
-    return _masked(q, k, v, cfg, None, None, kw)
+    return _masked(q, k, v, cfg, None, None, kw, backend)
 
 
 def _top_left_causal(q, k, v, kw: dict) -> torch.Tensor:
@@ -119,17 +119,22 @@ def _lower_right_runs(q, k, v, cfg: Config, backend: str, gqa: bool) -> bool:
     return not flash and can_use_efficient_attention(params, False)
 
 
-def _masked(q, k, v, cfg: Config, key_padding_mask, bias, kw: dict) -> torch.Tensor:
+def _masked(q, k, v, cfg: Config, key_padding_mask, bias, kw: dict, backend: str = "math") -> torch.Tensor:
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
     vis = dense_mask(cfg, B, Sq, Sk, key_padding_mask, q.device)  # (B, 1, Sq, Sk) or None
     if vis is not None:
         # SDPA adds the mask to the logits, so a NaN in a key no query may see (garbage in
-        # padding or an unused cache slot) would still reach every row: zero such keys first.
+        # padding or an unused cache slot) would still reach every row: zero such keys first,
+        # and their values (p = 0 times an inf value, or dP = dO v^T overflowing in fp16, is NaN).
         dead = ~vis.any(-2, keepdim=True).transpose(-1, -2)  # (B, 1, Sk, 1)
-        k = k.masked_fill(dead, 0.0)
+        k, v = k.masked_fill(dead, 0.0), v.masked_fill(dead, 0.0)
     if bias is None:
         empty = ~vis.any(-1, keepdim=True)
         mask = vis | empty
+        if backend == "cudnn":
+            # cuDNN (9.19, torch 2.11) treats a bool mask like a large finite negative bias: a
+            # masked key with logits near 1e4-1e5 leaks through (measured on the H100). -inf does not.
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     else:
         mask = bias.to(q.dtype)
         if vis is not None:

@@ -5,6 +5,7 @@
 #   env:   SELECT='triton or flex'  only these property rows (pytest -k)
 #          DONE='a.jsonl b.jsonl'   skip rows that passed (or do not apply) in these row files (resume)
 #          TESTS=0                  skip the unit tests
+#          NODES=file               only these property nodeids, in this order (one per line)
 #          WORKERS=14               xdist workers (default nproc/2, at most 8)
 # Measured on the H100 (2026-11-23): every non-Triton, non-flex property row (289) in 184 s with
 # 7 workers; OMP_NUM_THREADS=2 matters (16 torch threads per worker made it 5x slower).
@@ -26,6 +27,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     echo "gpu unit tests: exit $? : $(tail -n 1 "$out/gpu_tests.log")"
 fi
 sel=(); [ -n "${SELECT:-}" ] && sel=(-k "$SELECT")
+targets=(properties); [ -n "${NODES:-}" ] && mapfile -t targets < "$NODES"
 skip=()
 if [ -n "${DONE:-}" ]; then
     # passed and unsupported rows are skipped; failed ones run again
@@ -33,7 +35,7 @@ if [ -n "${DONE:-}" ]; then
 [print(r['nodeid']) for r in rows if r['status'] in ('pass', 'skip')]" $DONE >"$out/done.txt"
     skip=(--attnbench-skip-file "$out/done.txt")
 fi
-timeout "${2:-400}" python3 -m pytest properties -p attnbench.plugin --device cuda --hypothesis-profile ci \
+timeout "${2:-400}" python3 -m pytest "${targets[@]}" -p attnbench.plugin --device cuda --hypothesis-profile ci \
     "${sel[@]}" "${common[@]}" "${skip[@]}" --attnbench-results /tmp/gpu_rows.jsonl \
     >"$out/gpu_properties.log" 2>&1
 echo "gpu properties: exit $? : $(tail -n 1 "$out/gpu_properties.log")"
