@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attnbench-results", default=None, help="append correctness rows here (JSON lines)")
     g.addoption("--attnbench-stream", action="store_true", help="print one machine-readable line per started/finished test")
     g.addoption("--attnbench-skip-file", default=None, help="deselect the node ids listed in this file (used on restart)")
+    g.addoption("--attnbench-only-file", default=None,
+                help="run only the node ids listed in this file, in its order (GPU runs that cannot finish everything)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -160,11 +162,15 @@ def measure():
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     path = config.getoption("attnbench_skip_file")
-    if not path or not Path(path).exists():
-        return
-    skip = set(Path(path).read_text().split("\n"))
-    config.hook.pytest_deselected(items=[i for i in items if i.nodeid in skip])
-    items[:] = [i for i in items if i.nodeid not in skip]
+    if path and Path(path).exists():
+        skip = set(Path(path).read_text().split("\n"))
+        config.hook.pytest_deselected(items=[i for i in items if i.nodeid in skip])
+        items[:] = [i for i in items if i.nodeid not in skip]
+    path = config.getoption("attnbench_only_file")
+    if path:
+        order = {n: k for k, n in enumerate(x.strip() for x in Path(path).read_text().splitlines()) if n}
+        config.hook.pytest_deselected(items=[i for i in items if i.nodeid not in order])
+        items[:] = sorted((i for i in items if i.nodeid in order), key=lambda i: order[i.nodeid])
 
 
 def pytest_runtest_logstart(nodeid: str, location) -> None:

@@ -27,7 +27,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     echo "gpu unit tests: exit $? : $(tail -n 1 "$out/gpu_tests.log")"
 fi
 sel=(); [ -n "${SELECT:-}" ] && sel=(-k "$SELECT")
-targets=(properties); [ -n "${NODES:-}" ] && mapfile -t targets < "$NODES"
+[ -n "${NODES:-}" ] && sel+=(--attnbench-only-file "$NODES")
 skip=()
 if [ -n "${DONE:-}" ]; then
     # passed and unsupported rows are skipped; failed ones run again
@@ -35,7 +35,7 @@ if [ -n "${DONE:-}" ]; then
 [print(r['nodeid']) for r in rows if r['status'] in ('pass', 'skip')]" $DONE >"$out/done.txt"
     skip=(--attnbench-skip-file "$out/done.txt")
 fi
-timeout "${2:-400}" python3 -m pytest "${targets[@]}" -p attnbench.plugin --device cuda --hypothesis-profile ci \
+timeout "${2:-400}" python3 -m pytest properties -p attnbench.plugin --device cuda --hypothesis-profile ci \
     "${sel[@]}" "${common[@]}" "${skip[@]}" --attnbench-results /tmp/gpu_rows.jsonl \
     >"$out/gpu_properties.log" 2>&1
 echo "gpu properties: exit $? : $(tail -n 1 "$out/gpu_properties.log")"

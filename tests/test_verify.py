@@ -79,3 +79,21 @@ def test_crashing_impl_is_contained(tmp_path, monkeypatch):
     assert rows[("crashy", "test_second_property_runs")].status == "pass"
     assert rows[("naive", "test_forward_matches_oracle")].status == "pass"
     assert outcome.crashed
+
+
+def test_only_file_keeps_the_listed_rows_in_its_order(tmp_path):
+    """--attnbench-only-file (GPU runs that cannot finish everything: the rows that matter first)."""
+    import subprocess
+    import sys
+
+    wanted = ["properties/test_structure.py::test_batch_elements_are_independent[dense/naive]",
+              "properties/test_masking.py::test_window_edges[dense/naive]"]
+    only = tmp_path / "only.txt"
+    only.write_text("\n".join(wanted) + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "properties", "-p", "attnbench.plugin", "--device", "cpu", "-q",
+         "--collect-only", "-p", "no:cacheprovider", "--attnbench-only-file", str(only)],
+        capture_output=True, text=True, timeout=300,
+    )
+    listed = [line for line in out.stdout.splitlines() if line.startswith("properties/")]
+    assert listed == wanted, out.stdout[-2000:] + out.stderr[-2000:]
