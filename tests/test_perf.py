@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from types import SimpleNamespace
@@ -525,3 +526,15 @@ def test_first_calls_of_compiling_impls_are_recorded():
     bench.measure(naive, cell, settings, {}, first_calls=calls)
     assert len(calls) == 1  # naive does not compile
     assert set(bench.compile_cache_counts()) >= {"fxgraph_cache_hit", "fxgraph_cache_miss"}
+
+
+def test_prewarm_gives_every_process_one_triton_cache(monkeypatch):
+    """Workers and the sweep must look in the same Triton cache (Inductor moves a process to its
+    own directory the first time it compiles, so without this the two disagreed)."""
+    from attnbench.perf import prewarm
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    path = prewarm.share_triton_cache()
+    assert path and os.environ["TRITON_CACHE_DIR"] == path
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    assert prewarm.share_triton_cache() == "/somewhere/else"  # a user's choice stands

@@ -206,7 +206,11 @@ def _flex_routed(q, k, v, valid, heads_per_expert: int):
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(valid[b, h // heads_per_expert, kv_idx], score, float("-inf"))
 
-    return flex_attention(q, k, v, score_mod=score_mod, scale=dim ** -0.5)[..., :dim_v]
+    # Routed sets are short (Sq < 128 picks Inductor's flex-decoding kernel), and with it the
+    # compiled call gave wrong rows and leaked across batch elements on the H100 (torch 2.11,
+    # static and dynamic shapes alike): the main flex kernel is forced on CUDA.
+    options = {"FORCE_USE_FLEX_ATTENTION": True} if q.is_cuda else None
+    return flex_attention(q, k, v, score_mod=score_mod, scale=dim ** -0.5, kernel_options=options)[..., :dim_v]
 
 
 def _flex_core(device: torch.device) -> Callable:
