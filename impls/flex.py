@@ -124,9 +124,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=dynamic)
 
 
-def _min_head_dim(spec: Spec) -> str | None:
+# Inductor's flex templates pad head dims to powers of two; in float32 the forward's smallest
+# config then needs more shared memory than the H100 has once the two padded dims add up past
+# 256 (torch 2.11, measured: D=160 -> 344 KB, D=96 / Dv=192 -> 246 KB, limit 227 KB; found by
+# the GPU property rows). "No valid triton configs" is the error it raises.
+FP32_PADDED_DIMS_MAX = 256
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _flex_limits(spec: Spec) -> str | None:
     if min(spec.D, spec.Dv) < FLEX_MIN_HEAD_DIM:
         return f"flex (compiled) needs head dims >= {FLEX_MIN_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}"
+    padded = _pow2(spec.D) + _pow2(spec.Dv)
+    if spec.dtype == "float32" and padded > FP32_PADDED_DIMS_MAX:
+        return (f"flex (compiled) in float32 with head dims D={spec.D}, Dv={spec.Dv} (padded {_pow2(spec.D)} + "
+                f"{_pow2(spec.Dv)} > {FP32_PADDED_DIMS_MAX}): no kernel config fits the GPU's shared memory")
     return None
 
 
@@ -141,7 +156,7 @@ flex = Impl(
     features=FORWARD | {"backward", "bias_grad"},
     devices=("cuda",),
     dtypes=("float32", "float16", "bfloat16"),
-    supports=_min_head_dim,
+    supports=_flex_limits,
     description="torch.compile'd FlexAttention: mask_mod block mask + bias score_mod, lse via return_aux",
 )
 flex_local = flex.for_variant(

@@ -498,3 +498,15 @@ def test_flash_attn_declines_what_it_cannot_do() -> None:
     inp = spec.make_inputs()
     with pytest.raises(ValueError, match="key_padding_mask"):
         flash_attn_mod.attention(inp.q, inp.k, inp.v, spec.config(), inp.key_padding_mask)
+
+
+def test_flex_declares_the_float32_head_dims_that_do_not_fit() -> None:
+    """Found by the GPU property rows (H100, torch 2.11): float32 with padded head dims adding up
+    past 256 has no flex kernel config that fits in shared memory. Declared, so the properties
+    skip those draws instead of failing on them."""
+    limit = flex_mod._flex_limits
+    assert limit(Spec(D=160, dtype="float32")) is not None
+    assert limit(Spec(D=96, Dv=192, dtype="float32")) is not None
+    assert limit(Spec(D=128, dtype="float32")) is None
+    assert limit(Spec(D=160, dtype="bfloat16")) is None and limit(Spec(D=256, dtype="float16")) is None
+    assert "head dims >= 16" in limit(Spec(D=8, dtype="bfloat16"))
