@@ -169,7 +169,7 @@ def _head_dim_limit(most: int, multiple: int = 1) -> Callable[[Spec], str | None
 def _scale_zero(spec: Spec) -> str | None:
     # Measured on the H100 (torch 2.11, cuDNN 9.19): with scale=0 the flash and cuDNN kernels
     # give NaN under is_causal and silently skip dropout (kept fraction 1.0 at p=0.5).
-    # Upstream bugs; pinned (xfail) in tests/test_impls_dense.py so a fix shows up.
+    # Upstream bugs; canaries in tests/test_impls_dense.py fail once torch fixes them.
     return "scale=0 (upstream bug: NaN with causal, dropout not applied)" if spec.scale == 0 else None
 
 
@@ -234,7 +234,7 @@ sdpa_cudnn = Impl(
     devices=("cuda",),
     dtypes=("float16", "bfloat16"),
     supports=_all(_head_dim_limit(256, 8), _scale_zero, _cudnn_keys),
-    description="torch SDPA, cuDNN backend; windows and padding as a dense bool attn_mask (no bias)",
+    description="torch SDPA, cuDNN backend; windows and padding as a dense -inf float attn_mask (no bias)",
 )
 
 # Windowed attention through the same calls (an explicit band mask).
