@@ -91,8 +91,8 @@ def test_only_file_keeps_the_listed_rows_in_its_order(tmp_path):
     only = tmp_path / "only.txt"
     only.write_text("\n".join(wanted) + "\n")
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "properties", "-p", "attnbench.plugin", "--device", "cpu", "-q",
-         "--collect-only", "-p", "no:cacheprovider", "--attnbench-only-file", str(only)],
+        [sys.executable, "-P", "-m", "pytest", "properties", "-p", "attnbench.plugin", "--device", "cpu", "-q",
+         "--import-mode=importlib", "--collect-only", "-p", "no:cacheprovider", "--attnbench-only-file", str(only)],
         capture_output=True, text=True, timeout=300,
     )
     listed = [line for line in out.stdout.splitlines() if line.startswith("properties/")]
