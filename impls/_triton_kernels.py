@@ -563,7 +563,6 @@ RAW = {"fwd": attn_fwd, "dkdv": attn_bwd_dkdv, "dq": attn_bwd_dq}
 PRUNE = {kind: _pruner(kind) for kind in CONFIGS}
 
 
-
 def _tune_bench(kernel_call, quantiles):
     # The autotuner's default (25 ms warm-up + 100 ms per config, three kernels, up to ~10
     # configs each) made a first fwd+bwd call cost seconds; a config's rank needs far less.

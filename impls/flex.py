@@ -26,7 +26,7 @@ import torch
 from torch.nn.attention import flex_attention as _flex
 
 from attnbench import masks
-from attnbench.modules.common import FLEX_MIN_HEAD_DIM, allow_recompiles
+from attnbench.modules.common import FLEX_MAIN_KERNEL, FLEX_MIN_HEAD_DIM, allow_recompiles
 from attnbench.registry import Impl
 from attnbench.spec import Block, Config, Spec
 
@@ -59,9 +59,7 @@ def attention(
     score_mod = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != Hkv)
     if compiled and Hq != Hkv and block_mask is not None and Sq < DECODE_BELOW:
-        # torch 2.11: the flex-decoding kernel (chosen for Sq < 128) fails to lower with grouped
-        # heads and a block mask (NoValidChoicesError; canary in tests/test_impls_dense.py)
-        kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
+        kwargs["kernel_options"] = FLEX_MAIN_KERNEL  # the decoding kernel fails to lower here
     if AuxRequest is not None:
         kwargs["return_aux"] = AuxRequest(lse=True)
     else:

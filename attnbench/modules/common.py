@@ -175,6 +175,13 @@ NORMS: dict[str, type[nn.Module]] = {
 # torch.compile'd FlexAttention: its kernel refuses head dims under this.
 FLEX_MIN_HEAD_DIM = 16
 
+# kernel_options for compiled FlexAttention that keep it on its main kernel. Inductor lowers
+# queries shorter than 128 with a flex-decoding kernel which, on torch 2.11 (H100), fails to
+# lower with grouped heads and a block mask (NoValidChoicesError) and gives wrong rows, leaking
+# across batch elements, with a score_mod that reads a captured per-batch tensor (MoA flex).
+# Canary: tests/test_impls_dense.py::test_flex_decoding_with_gqa_and_a_mask_still_fails_upstream.
+FLEX_MAIN_KERNEL = {"FORCE_USE_FLEX_ATTENTION": True}
+
 
 def allow_recompiles(limit: int = 4096) -> None:
     """Raise dynamo's recompile limits (default 8 per frame, 256 in all) to `limit`: a compiled

@@ -54,7 +54,7 @@ from torch import nn
 
 from attnbench.spec import Block, Config
 
-from .common import FLEX_MIN_HEAD_DIM, allow_recompiles
+from .common import FLEX_MAIN_KERNEL, FLEX_MIN_HEAD_DIM, allow_recompiles
 
 try:  # imported here, not inside the compiled function: an import there breaks the graph
     from torch.nn.attention.flex_attention import flex_attention
@@ -206,10 +206,8 @@ def _flex_routed(q, k, v, valid, heads_per_expert: int):
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(valid[b, h // heads_per_expert, kv_idx], score, float("-inf"))
 
-    # Routed sets are short (Sq < 128 picks Inductor's flex-decoding kernel), and with it the
-    # compiled call gave wrong rows and leaked across batch elements on the H100 (torch 2.11,
-    # static and dynamic shapes alike): the main flex kernel is forced on CUDA.
-    options = {"FORCE_USE_FLEX_ATTENTION": True} if q.is_cuda else None
+    # Routed sets are short: on CUDA keep flex off its decoding kernel (see FLEX_MAIN_KERNEL).
+    options = FLEX_MAIN_KERNEL if q.is_cuda else None
     return flex_attention(q, k, v, score_mod=score_mod, scale=dim ** -0.5, kernel_options=options)[..., :dim_v]
 
 
