@@ -15,7 +15,8 @@ from typing import Any
 from attnbench.registry import MODULE_VARIANTS, VARIANTS
 from attnbench.spec import Block, Spec
 
-from .work import check_mode
+from .timing import is_cuda
+from .work import attention_flops, check_mode
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,17 @@ class _Base:
         return Spec(**{**self.fields, **changes})
 
 
+# A forward this small (tens of microseconds on an H100) is launch-bound: timed eagerly, the B=1
+# S=1024 causal cell moved 2-4x between leases of the same GPU model (host speed, not the kernel),
+# so such forwards are timed as CUDA graph replays, like the decoding cells. float32 counts 16x:
+# it runs on the FMA units, about 16x slower than bf16 / fp16 on the tensor cores.
+GRAPH_BELOW_FLOPS = 20e9
+
+
 def _kernel_cells(variant: str, spec: Spec, modes, tag: str, graph: bool = False) -> list[Cell]:
-    return [Cell(variant, m, spec=spec, graph=graph and m == "fwd", tags=(tag,)) for m in modes]
+    cost = attention_flops(spec, "fwd") * (16 if spec.dtype == "float32" else 1)
+    small = is_cuda(spec.device) and cost < GRAPH_BELOW_FLOPS
+    return [Cell(variant, m, spec=spec, graph=(graph or small) and m == "fwd", tags=(tag,)) for m in modes]
 
 
 def gpu_cells(quick: bool, device: str = "cuda") -> list[Cell]:

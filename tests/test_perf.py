@@ -228,6 +228,22 @@ def test_gate_reports_missing_new_and_broken_cells():
     assert not gate(run(drop=(("triton", 2048),)), run(), fail_on_missing=True).ok
 
 
+def test_gate_does_not_compare_a_cell_across_timers():
+    """Graph replays drop launch gaps that eager timings keep: a cell that changed timer is
+    reported as retimed, whatever its times did, and does not fail the gate."""
+    base, current = run(), run({**IMPLS, "triton": 1.2 * 3})
+    for r in base.perf:
+        r.timer = "cuda_events"
+    for r in current.perf:
+        r.timer = "cuda_graph" if r.shape["Sq"] == 1024 else "cuda_events"
+    result = gate(current, base)
+    by = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    assert by[("triton", "S1024")].status == "retimed" and "cuda_graph" in by[("triton", "S1024")].note
+    assert by[("sdpa_flash", "S1024")].status == "retimed"
+    assert by[("triton", "S2048")].status == "regressed"
+    assert [r.cell.split()[2] for r in result.failures] == ["S2048", "S4096"]
+
+
 def test_gate_reference_choice_and_fallback():
     base, current = run(), run({**IMPLS, "sdpa_flash": 2.0})  # the reference itself got 2x slower
     assert gate(current, base).ok  # ratios against it all shrink: no failure
@@ -309,6 +325,13 @@ def test_sweeps_are_valid_and_keys_survive_json():
     assert {c.mode for c in full} == {"fwd", "bwd", "fwdbwd"}
     assert {c.variant for c in full} >= {"dense", "local", "FlashAttentionTwo", "MixtureOfAttention"}
     assert any(c.graph for c in full)
+    # Launch-bound forwards are timed as graph replays; big ones, backwards and CPU cells are not.
+    by = {c.label(): c.graph for c in full}
+    assert by["dense B1 H16 S1024 D128 causal bfloat16 fwd"] is True
+    assert by["dense B1 H16 S2048 D128 causal bfloat16 fwdbwd"] is False
+    assert by["dense B4 H16 S4096 D128 causal bfloat16 fwd"] is False
+    assert by["dense B2 H16 S2048 D64 causal float32 fwd"] is False  # float32: slow enough eagerly
+    assert not any(c.graph for q in (True, False) for c in sweep_cells(q, "cpu"))
     assert sweep_cells(True, "cpu", ["local"]) and all(c.variant == "local" for c in sweep_cells(True, "cpu", ["local"]))
     with pytest.raises(ValueError, match="variants: unknown"):
         sweep_cells(True, "cpu", ["dens"])
