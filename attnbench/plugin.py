@@ -234,10 +234,16 @@ def _reason(report, call) -> str:
         return str(report.longrepr[2]).removeprefix("Skipped: ")
     if call.excinfo is not None:
         exc = call.excinfo.value
-        msg = str(exc).strip().splitlines()
-        first = next((line for line in msg if line.strip()), "")
-        return f"{type(exc).__name__}: {first}"[:400]
+        if isinstance(exc, BaseExceptionGroup):  # Hypothesis' "found N distinct failures": name each
+            parts = [f"({i}) {_first_line(e)[:300]}" for i, e in enumerate(exc.exceptions, 1)]
+            return f"{_first_line(exc)}: {'; '.join(parts)}"[:1200]
+        return _first_line(exc)[:400]
     return report.longreprtext.strip().splitlines()[-1][:400] if report.longreprtext else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    first = next((line for line in str(exc).strip().splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"
 
 
 _SPEC = re.compile(r"Spec\(")

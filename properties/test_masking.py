@@ -381,7 +381,11 @@ def test_padding_appended_changes_nothing(impl, device, measure, data):
     spec = draw_spec(data, impl, device)
     if spec is None:
         return
-    P = draw_int(data, 1, 17, 3, label="padding")
+    check_padding_appended(impl, spec, draw_int(data, 1, 17, 3, label="padding"), measure)
+
+
+def check_padding_appended(impl, spec: Spec, P: int, measure=lambda ratio: None) -> None:
+    """The body of test_padding_appended_changes_nothing for one spec and padding length P."""
     kpm_lengths = spec.key_lengths or (spec.Sk,) * spec.B
     padded = spec.replace(Sq=spec.Sq + P, Sk=spec.Sk + P, key_lengths=tuple(kpm_lengths))
     if not impl.covers(padded):

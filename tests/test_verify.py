@@ -46,7 +46,13 @@ IMPLS = textwrap.dedent("""
     def crash(q, k, v, cfg, key_padding_mask=None, bias=None):
         os.abort()
 
+    def twofold(q, k, v, cfg, key_padding_mask=None, bias=None):
+        if q.shape[2] == 1:
+            raise ValueError("no single query")
+        return top_left(q, k, v, cfg, key_padding_mask, bias)
+
     broken = Impl(name="toplefty", variant="dense", fn=top_left, features={"causal", "cross"})
+    twice = Impl(name="twofold", variant="dense", fn=twofold, features={"causal", "cross"})
     crashing = Impl(name="crashy", variant="dense", fn=crash, features={"causal", "cross"})
 """)
 
@@ -69,6 +75,14 @@ def test_broken_impl_is_reported_with_counterexample_and_replay(tmp_path, monkey
     assert bad.replay.startswith("attnbench verify --impl mykernels:broken --property test_forward_matches_oracle")
     assert bad.error_ratio > 1
     assert rows[("toplefty", "test_second_property_runs")].status == "pass"  # the run went on
+
+
+def test_each_of_several_distinct_failures_is_named(tmp_path, monkeypatch):
+    outcome = run(tmp_path, monkeypatch, "mykernels:twice")
+    bad = {r.property: r for r in outcome.results.correctness}["test_forward_matches_oracle"]
+    assert bad.status == "fail" and "2 distinct failures" in bad.reason
+    assert "(1) " in bad.reason and "(2) " in bad.reason
+    assert "ValueError: no single query" in bad.reason and "AssertionError: max error" in bad.reason
 
 
 def test_crashing_impl_is_contained(tmp_path, monkeypatch):
