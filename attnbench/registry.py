@@ -65,6 +65,7 @@ class Impl:
     bug: str = ""  # bug-zoo members: the bug class this deliberately broken impl carries
     memory: str = ""  # "linear": promises O(S) extra memory (blockwise / fused); perf checks the slope
     compiles: bool = False  # its first call compiles (Triton, torch.compile): a CUDA sweep prewarms it in parallel
+    tuning: Callable[[], dict] | None = None  # what its autotuner picked so far (a sweep stores it in env)
     origin: str = field(default="", compare=False)  # where it was found
 
     def __post_init__(self) -> None:

@@ -127,6 +127,11 @@ def _compiled_flex():
 # 256 (torch 2.11, measured: D=160 -> 344 KB, D=96 / Dv=192 -> 246 KB, limit 227 KB; found by
 # the GPU property rows). "No valid triton configs" is the error it raises.
 FP32_PADDED_DIMS_MAX = 256
+# In 16 bits Inductor sizes the tiles by D alone (H100 tables): D=64 gets a (128, 128) forward tile
+# in 3 stages, 256 KB once V is padded to 256 columns; 64 < D <= 128 gets a backward tile that
+# needs 241 KB at Dv > 128 (measured, torch 2.11, limit 227 KB; a grid of D 16-256 x Dv up to
+# 256, MHA / GQA, decode / main kernel: these were the only failures). Other D fit at any Dv <= 256.
+WIDE_V_FROM, WIDE_V_TO, WIDE_V_MAX = 64, 128, 128
 
 
 def _pow2(n: int) -> int:
@@ -140,6 +145,9 @@ def _flex_limits(spec: Spec) -> str | None:
     if spec.dtype == "float32" and padded > FP32_PADDED_DIMS_MAX:
         return (f"flex (compiled) in float32 with head dims D={spec.D}, Dv={spec.Dv} (padded {_pow2(spec.D)} + "
                 f"{_pow2(spec.Dv)} > {FP32_PADDED_DIMS_MAX}): no kernel config fits the GPU's shared memory")
+    if spec.dtype != "float32" and WIDE_V_FROM <= spec.D <= WIDE_V_TO and _pow2(spec.Dv) > WIDE_V_MAX:
+        return (f"flex (compiled) in {spec.dtype} with D={spec.D} and Dv={spec.Dv} (padded to {_pow2(spec.Dv)}): "
+                "Inductor picks its tiles by D alone, and at this Dv they need more shared memory than the GPU has")
     return None
 
 

@@ -334,6 +334,20 @@ def supports(spec: Spec) -> str | None:
     return None
 
 
+def tuning() -> dict:
+    """The autotuner's pick per kernel and tuning key so far (compiled kernels only)."""
+    ker = _KERNELS.get(False)
+    if ker is None or not autotune_enabled():
+        return {}
+    picks = {}
+    for kind, tuner in ker.TUNED.items():
+        names = list(getattr(tuner, "keys", ker.TUNE_KEY))
+        for key, config in getattr(tuner, "cache", {}).items():
+            label = ",".join(f"{n}={v}" for n, v in zip(names, key))
+            picks[f"{kind}[{label}]"] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return picks
+
+
 FEATURES = frozenset({
     "causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "bias_grad",
     "top_left", "dv", "backward", "lse", "deterministic",
@@ -349,6 +363,7 @@ triton_dense = Impl(
     requires=("triton",),
     supports=supports,
     compiles=True,
+    tuning=tuning,
     description="attnbench's fused Triton kernel (FA2 scheme): block-skipping windows, GQA without repeat, "
     "padding, bias with gradient; cpu only under TRITON_INTERPRET=1",
 )

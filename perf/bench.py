@@ -436,11 +436,31 @@ def run_bench(
     results.perf = finalize(rows, reference)
     if first_calls:  # where the compiling implementations' first-call seconds went
         results.env["first_calls"] = first_calls
+    tuning = autotuner_picks(chosen)
+    if tuning:  # which configs the autotuners chose: a cell slower than last time may be a different pick
+        results.env["tuning"] = tuning
     memory.attach(results)
     results.env["bench_seconds"] = round(time.perf_counter() - started, 1)
     if out is not None:
         save(results, out)
     return results
+
+
+def autotuner_picks(impls: Iterable[Impl]) -> dict[str, dict]:
+    """{impl key: its autotuner's picks} for implementations that declare `tuning`; a failing
+    report is recorded as its error, never raised."""
+    picks, seen = {}, set()
+    for impl in impls:
+        if impl.tuning is None or impl.tuning in seen:  # one kernel serving two variants reports once
+            continue
+        seen.add(impl.tuning)
+        try:
+            got = impl.tuning()
+        except Exception as exc:
+            got = {"error": _reason(exc)}
+        if got:
+            picks[impl.key] = got
+    return picks
 
 
 def _prewarm(cells, impls, device, settings, workers, say) -> prewarm.Summary | None:

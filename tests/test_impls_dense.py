@@ -220,6 +220,25 @@ def test_flex_decoding_with_gqa_and_a_mask_still_fails_upstream(spec: Spec) -> N
 
 
 
+@pytest.mark.parametrize("D, Dv, phase", [
+    pytest.param(64, 192, "forward", marks=gpu), pytest.param(128, 256, "backward", marks=gpu),
+])
+def test_flex_wide_values_still_do_not_fit_upstream(D: int, Dv: int, phase: str) -> None:
+    """Canary for the 16-bit declaration in impls/flex.py (WIDE_V_*): fails once torch fits these
+    shapes (a smaller tile, or tiles sized by Dv too), and the declaration can go."""
+    spec = Spec(Hq=4, Hkv=2, Sq=130, D=D, Dv=Dv, dtype="float16", device="cuda")
+    inp = spec.make_inputs(requires_grad=True)
+    try:
+        out, _ = flex_mod.attention(inp.q, inp.k, inp.v, spec.config())
+        out.sum().backward()
+        torch.cuda.synchronize()
+    except Exception as exc:  # torch._inductor.exc.InductorError: No valid triton configs ... out of resource
+        assert "No valid triton configs" in str(exc) or "out of resource" in str(exc), exc
+        return
+    pytest.fail(f"torch {torch.__version__} runs flex {phase} at D={D}, Dv={Dv} in float16 now: narrow "
+                "WIDE_V_* in impls/flex.py and update NOTES.md")
+
+
 @pytest.mark.parametrize("dtype, big", [pytest.param("bfloat16", 1e4, marks=gpu), pytest.param("float16", 256.0, marks=gpu)])
 @pytest.mark.parametrize("S", [2, 200])
 def test_sdpa_cudnn_masked_keys_with_large_logits_do_not_leak(dtype: str, big: float, S: int) -> None:
@@ -510,4 +529,16 @@ def test_flex_declares_the_float32_head_dims_that_do_not_fit() -> None:
     assert limit(Spec(D=96, Dv=192, dtype="float32")) is not None
     assert limit(Spec(D=128, dtype="float32")) is None
     assert limit(Spec(D=160, dtype="bfloat16")) is None and limit(Spec(D=256, dtype="float16")) is None
+
+
+def test_flex_declares_the_16bit_wide_values_that_do_not_fit() -> None:
+    """Found by the padding property on the H100 (torch 2.11; fp16, GQA, D=64, Dv=192), then
+    mapped by a grid of head dims: Inductor sizes flex's tiles by D alone, so D=64 (forward) and
+    64 < D <= 128 (backward) with V padded past 128 columns need more shared memory than the GPU has."""
+    limit = flex_mod._flex_limits
+    for D, Dv in ((64, 192), (64, 256), (128, 192), (128, 256), (96, 160)):
+        for dtype in ("float16", "bfloat16"):
+            assert "shared memory" in limit(Spec(D=D, Dv=Dv, dtype=dtype)), (D, Dv, dtype)
+    for D, Dv in ((64, 128), (128, 128), (32, 256), (16, 256), (256, 256), (256, 64), (128, 32)):
+        assert limit(Spec(D=D, Dv=Dv, dtype="float16")) is None, (D, Dv)
     assert "head dims >= 16" in limit(Spec(D=8, dtype="bfloat16"))

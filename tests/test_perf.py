@@ -561,3 +561,19 @@ def test_prewarm_gives_every_process_one_triton_cache(monkeypatch):
     assert path and os.environ["TRITON_CACHE_DIR"] == path
     monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
     assert prewarm.share_triton_cache() == "/somewhere/else"  # a user's choice stands
+
+
+def test_autotuner_picks_are_collected_once_per_tuner_and_never_raise():
+    from attnbench.impls.naive import attention
+
+    def picks():
+        return {"fwd[Sq=8]": {"BLOCK_M": 64}}
+
+    def broken():
+        raise RuntimeError("no tuner")
+
+    a = Impl(name="tuned", variant="dense", fn=attention, tuning=picks)
+    got = bench.autotuner_picks([a, a.for_variant("local"), Impl(name="plain", variant="dense", fn=attention),
+                                 Impl(name="bad", variant="dense", fn=attention, tuning=broken)])
+    assert got == {"dense/tuned": {"fwd[Sq=8]": {"BLOCK_M": 64}}, "dense/bad": {"error": "RuntimeError: no tuner"}}
+
