@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnbench.spec import Block, Config
+from attnbench.spec import Block, Config, Spec
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -91,3 +91,37 @@ def materialize(mod: MaskMod | None, B: int, Sq: int, Sk: int, device) -> torch.
 
 def dense_mask(cfg: Config, B: int, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
     return materialize(from_config(cfg, Sq, Sk, key_padding_mask), B, Sq, Sk, device)
+
+
+def row_bounds(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row i, the visible key interval [lo_i, hi_i] before key padding.
+
+    Causal, sliding and blocked windows each cut an interval out of the keys, so their
+    intersection is one interval too; hi < lo means an empty row.
+    """
+    p = torch.arange(spec.Sq, dtype=torch.int64)
+    if spec.align == "bottom_right":
+        p = p + (spec.Sk - spec.Sq)
+    lo = torch.zeros_like(p)
+    hi = torch.full_like(p, spec.Sk - 1)
+    if spec.causal:
+        hi = torch.minimum(hi, p)
+    if spec.window is not None:
+        left, right = spec.window
+        if left is not None:
+            lo = torch.maximum(lo, p - left)
+        if right is not None:
+            hi = torch.minimum(hi, p + right)
+    if spec.block is not None:
+        w = spec.block.window_size
+        bucket = torch.div(p, w, rounding_mode="floor")
+        lo = torch.maximum(lo, (bucket - spec.block.look_backward) * w)
+        hi = torch.minimum(hi, (bucket + spec.block.look_forward + 1) * w - 1)
+    return lo, hi
+
+
+def visible_counts(spec: Spec) -> torch.Tensor:
+    """(B, Sq) keys each query row sees, from the spec's structure and key_lengths (not key_drop)."""
+    lo, hi = row_bounds(spec)
+    lengths = torch.tensor(spec.key_lengths or (spec.Sk,) * spec.B, dtype=torch.int64)
+    return (torch.minimum(hi[None, :], lengths[:, None] - 1) - lo[None, :] + 1).clamp(min=0)

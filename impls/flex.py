@@ -127,10 +127,14 @@ def _compiled_flex():
 # 256 (torch 2.11, measured: D=160 -> 344 KB, D=96 / Dv=192 -> 246 KB, limit 227 KB; found by
 # the GPU property rows). "No valid triton configs" is the error it raises.
 FP32_PADDED_DIMS_MAX = 256
-# In 16 bits Inductor sizes the tiles by D alone (H100 tables): D=64 gets a (128, 128) forward tile
-# in 3 stages, 256 KB once V is padded to 256 columns; 64 < D <= 128 gets a backward tile that
-# needs 241 KB at Dv > 128 (measured, torch 2.11, limit 227 KB; a grid of D 16-256 x Dv up to
-# 256, MHA / GQA, decode / main kernel: these were the only failures). Other D fit at any Dv <= 256.
+# In 16 bits Inductor sizes the tiles by D alone: forward (BLOCK_M, BLOCK_N, stages) from its H100
+# table for D in {64, 128, 256}, (64, 64, 3) otherwise. _forward_smem_16bit reproduces the bytes
+# Triton asked for in both forward failures seen (D=64 / Dv=192: 262144; D=160 with a bias:
+# 245760). The backward tile of 64 <= D <= 128 needs 246784 B once Dv pads past 128 (measured, torch
+# 2.11 on the H100: a grid of D 16-256 x Dv up to 256, MHA / GQA, decode / main kernel; these were
+# the only failures without a bias).
+FWD_TILES_16BIT = {64: (128, 128, 3), 128: (128, 64, 3), 256: (64, 32, 3)}
+SMEM_LIMIT = 232448  # bytes per block on the H100 (227 KB)
 WIDE_V_FROM, WIDE_V_TO, WIDE_V_MAX = 64, 128, 128
 
 
@@ -145,10 +149,24 @@ def _flex_limits(spec: Spec) -> str | None:
     if spec.dtype == "float32" and padded > FP32_PADDED_DIMS_MAX:
         return (f"flex (compiled) in float32 with head dims D={spec.D}, Dv={spec.Dv} (padded {_pow2(spec.D)} + "
                 f"{_pow2(spec.Dv)} > {FP32_PADDED_DIMS_MAX}): no kernel config fits the GPU's shared memory")
-    if spec.dtype != "float32" and WIDE_V_FROM <= spec.D <= WIDE_V_TO and _pow2(spec.Dv) > WIDE_V_MAX:
-        return (f"flex (compiled) in {spec.dtype} with D={spec.D} and Dv={spec.Dv} (padded to {_pow2(spec.Dv)}): "
-                "Inductor picks its tiles by D alone, and at this Dv they need more shared memory than the GPU has")
+    if spec.dtype != "float32":
+        need = _forward_smem_16bit(spec.D, spec.Dv, spec.bias is not None)
+        wide_v_backward = WIDE_V_FROM <= spec.D <= WIDE_V_TO and _pow2(spec.Dv) > WIDE_V_MAX
+        if need > SMEM_LIMIT or wide_v_backward:
+            where = f"forward needs {need} B" if need > SMEM_LIMIT else "backward needs 246784 B"
+            return (f"flex (compiled) in {spec.dtype} with D={spec.D}, Dv={spec.Dv}{', bias' if spec.bias else ''}: "
+                    f"Inductor sizes its tiles by D alone, and its {where} of shared memory (GPU: {SMEM_LIMIT})")
+    if spec.bias is not None and spec.Sq == spec.Sk == 1:
+        return "flex (compiled) with a bias and Sq = Sk = 1: its backward fails to compile (upstream)"
     return None
+
+
+def _forward_smem_16bit(D: int, Dv: int, bias: bool) -> int:
+    """Shared memory of Inductor's default 16-bit flex forward tile (H100 table, torch 2.11): Q,
+    plus num_stages K and V tiles, plus one float32 score tile when a score_mod reads a tensor."""
+    bm, bn, stages = FWD_TILES_16BIT.get(D, (64, 64, 3))
+    pd, pdv = _pow2(D), _pow2(Dv)
+    return 2 * (bm * pd + stages * bn * (pd + pdv)) + (4 * bm * bn if bias else 0)
 
 
 FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse"}

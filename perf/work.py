@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
+from attnbench.masks import row_bounds
 from attnbench.spec import Spec
 
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -27,33 +28,6 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode: unknown mode {mode!r}; one of {MODES}")
     return mode
-
-
-def row_bounds(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query row i, the visible key interval [lo_i, hi_i] before key padding.
-
-    Causal, sliding and blocked windows each cut an interval out of the keys, so their
-    intersection is one interval too; hi < lo means an empty row.
-    """
-    p = torch.arange(spec.Sq, dtype=torch.int64)
-    if spec.align == "bottom_right":
-        p = p + (spec.Sk - spec.Sq)
-    lo = torch.zeros_like(p)
-    hi = torch.full_like(p, spec.Sk - 1)
-    if spec.causal:
-        hi = torch.minimum(hi, p)
-    if spec.window is not None:
-        left, right = spec.window
-        if left is not None:
-            lo = torch.maximum(lo, p - left)
-        if right is not None:
-            hi = torch.minimum(hi, p + right)
-    if spec.block is not None:
-        w = spec.block.window_size
-        bucket = torch.div(p, w, rounding_mode="floor")
-        lo = torch.maximum(lo, (bucket - spec.block.look_backward) * w)
-        hi = torch.minimum(hi, (bucket + spec.block.look_forward + 1) * w - 1)
-    return lo, hi
 
 
 def visible_pairs(spec: Spec, key_padding_mask: torch.Tensor | None = None) -> int:

@@ -17,7 +17,7 @@ export ATTNBENCH_TRITON_AUTOTUNE=0  # first fitting config: correctness does not
 # dynamic shapes, fewer compiles, but a different kernel; MoA flex gave wrong outputs under it)
 export ATTNBENCH_FLEX_DYNAMIC=${ATTNBENCH_FLEX_DYNAMIC:-0}
 # one in-process compile per worker: 15 workers each with a 16-process compile pool thrash the host
-export TORCHINDUCTOR_COMPILE_THREADS=1
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 workers=${WORKERS:-$(( $(nproc) / 2 ))}; [ -z "${WORKERS:-}" ] && [ "$workers" -gt 8 ] && workers=8
