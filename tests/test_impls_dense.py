@@ -174,6 +174,8 @@ UPSTREAM = {
     "cudnn single key": ("cudnn", True, Spec(Sq=1, Sk=1, D=16, dtype="float16")),
     "cudnn one padded key": ("cudnn", True, Spec(Sq=2, Sk=64, D=64, scale=1.0, key_lengths=(1,), dtype="float16")),
     "cudnn one key in a window": ("cudnn", True, Spec(Sq=1, Sk=64, dtype="float16", window=(0, None), magnitude=3.0)),
+    "cudnn one key in the last row": ("cudnn", True, Spec(Hq=2, Hkv=1, Sq=23, Sk=64, dtype="float16", window=(0, None),
+                                                            magnitude=3.0)),
 }
 
 
@@ -563,10 +565,14 @@ def test_flex_declares_a_bias_with_one_query_and_one_key() -> None:
     assert limit(Spec(B=2, Sq=1)) is None and limit(Spec(B=2, Sq=2, bias="full")) is None
 
 
-def test_sdpa_cudnn_declares_masks_that_leave_every_row_one_key() -> None:
+def test_sdpa_cudnn_declares_non_causal_masks_that_leave_a_row_one_key() -> None:
+    """The three NaN-gradient cases seen on the H100 are refused; causal masks (row 0 sees one key)
+    and rows that all see two or more keys are not."""
     why = sdpa_mod.sdpa_cudnn.supports
     assert "one key" in why(Spec(Sq=1, Sk=64, dtype="float16", device="cuda", window=(0, None)))
     assert "one key" in why(Spec(Sq=2, Sk=64, dtype="float16", device="cuda", key_lengths=(1,)))
+    assert "one key" in why(Spec(Hq=2, Hkv=1, Sq=23, Sk=64, dtype="float16", device="cuda", window=(0, None)))
     assert why(Spec(Sq=8, dtype="float16", device="cuda", causal=True, window=(3, 0))) is None  # row 0: one key
+    assert why(Spec(Sq=8, dtype="float16", device="cuda", window=(1, 1))) is None
     assert why(Spec(Sq=1, Sk=64, dtype="float16", device="cuda", window=(1, None))) is None
     assert why(Spec(Sq=4, Sk=64, dtype="float16", device="cuda", causal=True)) is None
