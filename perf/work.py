@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from attnbench.masks import row_bounds
+from attnbench.masks import row_bounds, visible_counts
 from attnbench.spec import Spec
 
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -40,8 +40,7 @@ def visible_pairs(spec: Spec, key_padding_mask: torch.Tensor | None = None) -> i
     if key_padding_mask is None and spec.key_drop > 0:
         raise ValueError("key_padding_mask: a spec with key_drop > 0 needs its mask to count visible pairs")
     if key_padding_mask is None:
-        lengths = spec.key_lengths or (spec.Sk,) * spec.B
-        return sum(int((torch.minimum(hi, torch.tensor(n - 1)) - lo + 1).clamp(min=0).sum()) for n in lengths)
+        return int(visible_counts(spec).sum())
     keep = key_padding_mask.detach().to("cpu", torch.int64)
     if tuple(keep.shape) != (spec.B, spec.Sk):
         raise ValueError(f"key_padding_mask: expected shape ({spec.B}, {spec.Sk}), got {tuple(keep.shape)}")
