@@ -130,12 +130,13 @@ FP32_PADDED_DIMS_MAX = 256
 # In 16 bits Inductor sizes the tiles by D alone: forward (BLOCK_M, BLOCK_N, stages) from its H100
 # table for D in {64, 128, 256}, (64, 64, 3) otherwise. _forward_smem_16bit reproduces the bytes
 # Triton asked for in both forward failures seen (D=64 / Dv=192: 262144; D=160 with a bias:
-# 245760). The backward tile of 64 <= D <= 128 needs 246784 B once Dv pads past 128 (measured, torch
+# 245760). The backward tile of 64 <= D <= 128 needs WIDE_V_BACKWARD_SMEM once Dv pads past 128 (measured, torch
 # 2.11 on the H100: a grid of D 16-256 x Dv up to 256, MHA / GQA, decode / main kernel; these were
 # the only failures without a bias).
 FWD_TILES_16BIT = {64: (128, 128, 3), 128: (128, 64, 3), 256: (64, 32, 3)}
 SMEM_LIMIT = 232448  # bytes per block on the H100 (227 KB)
 WIDE_V_FROM, WIDE_V_TO, WIDE_V_MAX = 64, 128, 128
+WIDE_V_BACKWARD_SMEM = 246784
 
 
 def _pow2(n: int) -> int:
@@ -145,15 +146,14 @@ def _pow2(n: int) -> int:
 def _flex_limits(spec: Spec) -> str | None:
     if min(spec.D, spec.Dv) < FLEX_MIN_HEAD_DIM:
         return f"flex (compiled) needs head dims >= {FLEX_MIN_HEAD_DIM}, got D={spec.D}, Dv={spec.Dv}"
-    padded = _pow2(spec.D) + _pow2(spec.Dv)
-    if spec.dtype == "float32" and padded > FP32_PADDED_DIMS_MAX:
+    if spec.dtype == "float32" and _pow2(spec.D) + _pow2(spec.Dv) > FP32_PADDED_DIMS_MAX:
         return (f"flex (compiled) in float32 with head dims D={spec.D}, Dv={spec.Dv} (padded {_pow2(spec.D)} + "
                 f"{_pow2(spec.Dv)} > {FP32_PADDED_DIMS_MAX}): no kernel config fits the GPU's shared memory")
     if spec.dtype != "float32":
         need = _forward_smem_16bit(spec.D, spec.Dv, spec.bias is not None)
         wide_v_backward = WIDE_V_FROM <= spec.D <= WIDE_V_TO and _pow2(spec.Dv) > WIDE_V_MAX
         if need > SMEM_LIMIT or wide_v_backward:
-            where = f"forward needs {need} B" if need > SMEM_LIMIT else "backward needs 246784 B"
+            where = f"forward needs {need} B" if need > SMEM_LIMIT else f"backward needs {WIDE_V_BACKWARD_SMEM} B"
             return (f"flex (compiled) in {spec.dtype} with D={spec.D}, Dv={spec.Dv}{', bias' if spec.bias else ''}: "
                     f"Inductor sizes its tiles by D alone, and its {where} of shared memory (GPU: {SMEM_LIMIT})")
     if spec.bias is not None and spec.Sq == spec.Sk == 1:
