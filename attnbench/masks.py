@@ -120,8 +120,17 @@ def row_bounds(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def visible_counts(spec: Spec) -> torch.Tensor:
-    """(B, Sq) keys each query row sees, from the spec's structure and key_lengths (not key_drop)."""
+def visible_counts(spec: Spec, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Sq) keys each query row sees. Padding counts through `key_padding_mask` when given,
+    else through the mask spec.make_inputs gives (exact for key_drop too: spec.padding_keep)."""
     lo, hi = row_bounds(spec)
-    lengths = torch.tensor(spec.key_lengths or (spec.Sk,) * spec.B, dtype=torch.int64)
-    return (torch.minimum(hi[None, :], lengths[:, None] - 1) - lo[None, :] + 1).clamp(min=0)
+    keep = key_padding_mask if key_padding_mask is not None else spec.padding_keep()
+    if keep is None:
+        keep = torch.ones(spec.B, spec.Sk, dtype=torch.int64)
+    keep = keep.detach().to("cpu", torch.int64)
+    if tuple(keep.shape) != (spec.B, spec.Sk):
+        raise ValueError(f"key_padding_mask: expected shape ({spec.B}, {spec.Sk}), got {tuple(keep.shape)}")
+    # kept keys in [lo, hi] from a prefix sum: c[hi + 1] - c[lo]
+    c = torch.nn.functional.pad(keep.cumsum(-1), (1, 0))
+    lo_c, hi_c = lo.clamp(0, spec.Sk), (hi + 1).clamp(0, spec.Sk)
+    return (c[:, hi_c] - c[:, lo_c]) * (hi >= lo)

@@ -234,11 +234,52 @@ def _reason(report, call) -> str:
         return str(report.longrepr[2]).removeprefix("Skipped: ")
     if call.excinfo is not None:
         exc = call.excinfo.value
-        if isinstance(exc, BaseExceptionGroup):  # Hypothesis' "found N distinct failures": name each
-            parts = [f"({i}) {_first_line(e)[:300]}" for i, e in enumerate(exc.exceptions, 1)]
-            return f"{_first_line(exc)}: {'; '.join(parts)}"[:1200]
+        if isinstance(exc, BaseExceptionGroup):  # Hypothesis' "found N distinct failures": name each,
+            parts = []  # with its own falsifying spec (Hypothesis notes it on each sub-exception)
+            for i, e in enumerate(exc.exceptions, 1):
+                case = _failing_case(e)
+                parts.append(f"({i}) {_first_line(e)[:300]}" + (f" [{case}]" if case else ""))
+            return f"{_first_line(exc)}: {'; '.join(parts)}"[:2000]
         return _first_line(exc)[:400]
     return report.longreprtext.strip().splitlines()[-1][:400] if report.longreprtext else ""
+
+
+def _failing_case(exc: BaseException) -> str | None:
+    """The example Hypothesis noted on one exception: its Spec(...) if it drew one, else the call."""
+    for note in map(str, getattr(exc, "__notes__", ())):
+        if note.startswith(("Falsifying", "Failing test case")):
+            if "Spec(" in note:
+                return _counterexample(note)
+            # no Spec drawn: the drawn arguments with plain values (fixtures like impl= are objects)
+            call = re.sub(r"  # [^\n]*", "", note.split("(", 1)[-1])  # "  # or any other generated value"
+            args = [a for a in _top_level_args(call) if _PLAIN.fullmatch(a)]
+            return ", ".join(a for a in args if not a.startswith("device="))[:300] or None
+    return None
+
+
+_PLAIN = re.compile(r"\w+=(-?[\d.]+(?:e[+-]?\d+)?|True|False|None|'[^']*')")
+
+
+def _top_level_args(call: str) -> list[str]:
+    """Split "a=1, b=f(2, 3)) ..." at its top-level commas, up to the unmatched ")"."""
+    args, depth, start, quote = [], 0, 0, None
+    for i, ch in enumerate(call):
+        if depth == 0 and not quote and ch == ")":
+            call = call[:i]
+            break
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(call[start:i].strip())
+            start = i + 1
+    args.append(call[start:].strip())
+    return [a for a in args if a]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -252,7 +293,7 @@ _SPEC = re.compile(r"Spec\(")
 def _counterexample(text: str) -> str | None:
     """The Spec(...) of Hypothesis' falsifying example (parentheses balanced); else the last
     Spec(...) in the failure text."""
-    falsifying = text.find("Falsifying")
+    falsifying = max(text.find("Falsifying"), text.find("Failing test case"))  # older / newer Hypothesis
     starts = [m.start() for m in _SPEC.finditer(text)]
     after = [s for s in starts if falsifying >= 0 and s > falsifying]
     for start in after[:1] or list(reversed(starts)):
@@ -262,7 +303,7 @@ def _counterexample(text: str) -> str | None:
             depth -= text[i] == ")"
             if depth == 0:
                 return " ".join(text[start : i + 1].split())
-    m = re.search(r"Falsifying (?:explicit )?example: (.+?)(?:\n\n|$)", text, re.S)
+    m = re.search(r"(?:Falsifying (?:explicit )?example|Failing test case): (.+?)(?:\n\n|$)", text, re.S)
     return " ".join(m.group(1).split())[:600] if m else None
 
 

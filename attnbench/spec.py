@@ -241,12 +241,8 @@ class Spec:
     # -- inputs --------------------------------------------------------------------
     def make_inputs(self, requires_grad: bool = False) -> Inputs:
         g = torch.Generator().manual_seed(self.seed)
-        f64 = dict(dtype=torch.float64, generator=g)
-        m = self.magnitude
-        q = m * torch.randn(self.B, self.Hq, self.Sq, self.D, **f64)
-        k = m * torch.randn(self.B, self.Hkv, self.Sk, self.D, **f64)
-        v = torch.randn(self.B, self.Hkv, self.Sk, self.Dv, **f64)
-        grad_out = torch.randn(self.B, self.Hq, self.Sq, self.Dv, **f64)
+        q, k, v, grad_out = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in self._normal_shapes())
+        q, k = self.magnitude * q, self.magnitude * k
         kpm = self._key_padding_mask(g)
         bias = self._bias(g)
 
@@ -262,6 +258,22 @@ class Spec:
             bias=None if bias is None else cast(bias, requires_grad),
             grad_out=cast(grad_out, False),
         )
+
+    def _normal_shapes(self) -> list[tuple[int, ...]]:
+        """q, k, v, grad_out: what make_inputs draws first, in this order."""
+        B, Hq, Hkv, Sq, Sk = self.B, self.Hq, self.Hkv, self.Sq, self.Sk
+        return [(B, Hq, Sq, self.D), (B, Hkv, Sk, self.D), (B, Hkv, Sk, self.Dv), (B, Hq, Sq, self.Dv)]
+
+    def padding_keep(self) -> torch.Tensor | None:
+        """The (B, Sk) bool key padding mask make_inputs gives (True = keep), on the cpu; None
+        without padding. With key_drop it replays make_inputs' draws, so mind the cost at large sizes."""
+        if not self.has_padding:
+            return None
+        g = torch.Generator().manual_seed(self.seed)
+        if self.key_drop > 0:
+            for shape in self._normal_shapes():
+                torch.randn(*shape, dtype=torch.float64, generator=g)
+        return self._key_padding_mask(g)
 
     def _key_padding_mask(self, g: torch.Generator) -> torch.Tensor | None:
         if not self.has_padding:

@@ -181,21 +181,39 @@ def _all(*checks: Callable[[Spec], str | None]) -> Callable[[Spec], str | None]:
 
 
 def _cudnn_keys(spec: Spec) -> str | None:
-    # measured: "No available kernel" for Sk=1 (Sq=1 and Sk=2 run), fp16 and bf16
-    return f"Sk={spec.Sk}: cuDNN has no kernel for a single key" if spec.Sk < 2 else None
+    # measured: "No available kernel" for Sk=1 (Sq=1 and Sk=2 run), fp16 and bf16. Top-left causal
+    # with Sq < Sk and no other mask hands SDPA only the first Sq keys (_top_left_causal).
+    if spec.Sk < 2:
+        return f"Sk={spec.Sk}: cuDNN has no kernel for a single key"
+    if spec.Sq < 2 and _explicit_mask(spec) is None and spec.causal and spec.align == "top_left" and spec.Sq < spec.Sk:
+        return "top-left causal with Sq=1 runs on the first key alone: cuDNN has no kernel for a single key"
+    return None
+
+
+def _explicit_mask(spec: Spec) -> str | None:
+    """What makes the adapter call SDPA with an attn_mask (cuDNN), or None for the is_causal / no-mask paths."""
+    if spec.window is not None or spec.block is not None:
+        return "a window"
+    if spec.has_padding:
+        return "key padding"
+    if spec.causal and spec.align == "bottom_right" and spec.Sq < spec.Sk:
+        return "bottom-right causal with Sq < Sk"
+    return None
 
 
 def _cudnn_single_key(spec: Spec) -> str | None:
     # Measured (H100, torch 2.11, cuDNN 9.19): NaN dq, dk, dv for a row that sees exactly one key
-    # through the -inf mask of a non-causal call, on some inputs: Sq=1 and Sq=23 (GQA) with Sk=64,
-    # window (0, None), D=16, fp16, magnitude 3 (the last row sees only the last key); Sq=2, Sk=64,
-    # one unpadded key. Other inputs of those shapes gave no NaN, so it is input-dependent and
-    # declared by structure. Causal masks leave row 0 one key too; their rows pass everywhere
-    # (every causal property row, and the causal window benchmarks), so they stay claimed.
-    if spec.Sk < 2 or spec.causal or not (spec.window or spec.block or spec.key_lengths):
+    # through the -inf attn_mask, on some inputs: Sq=1 and Sq=23 (GQA) with Sk=64, window (0, None),
+    # D=16, fp16, magnitude 3 (the last row sees only the last key); Sq=2, Sk=64, one unpadded key;
+    # and (sixth session) a causal spec with key padding. Other inputs of those shapes gave no NaN,
+    # so it is input-dependent and declared by structure. Causal windows without padding leave
+    # row 0 one key too; their rows pass everywhere (every causal window property row, and the
+    # window benchmarks), so they stay claimed. Padding counts through the mask make_inputs draws.
+    if spec.Sk < 2 or _explicit_mask(spec) is None or (spec.causal and not spec.has_padding):
         return None
     if bool((visible_counts(spec) == 1).any()):
-        return "a non-causal mask leaves some row one key: cuDNN's backward gives NaN there on some inputs (upstream)"
+        return (f"{_explicit_mask(spec)} leaves some row one key: cuDNN's backward gives NaN there on some "
+                "inputs (upstream)")
     return None
 
 

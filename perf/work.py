@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from attnbench.masks import row_bounds, visible_counts
+from attnbench.masks import visible_counts
 from attnbench.spec import Spec
 
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -36,20 +36,9 @@ def visible_pairs(spec: Spec, key_padding_mask: torch.Tensor | None = None) -> i
     Key padding from `key_lengths` is exact without the mask; a spec with `key_drop`
     (random padding) needs its actual mask (Inputs.key_padding_mask).
     """
-    lo, hi = row_bounds(spec)
     if key_padding_mask is None and spec.key_drop > 0:
         raise ValueError("key_padding_mask: a spec with key_drop > 0 needs its mask to count visible pairs")
-    if key_padding_mask is None:
-        return int(visible_counts(spec).sum())
-    keep = key_padding_mask.detach().to("cpu", torch.int64)
-    if tuple(keep.shape) != (spec.B, spec.Sk):
-        raise ValueError(f"key_padding_mask: expected shape ({spec.B}, {spec.Sk}), got {tuple(keep.shape)}")
-    # Kept keys in [lo, hi] from a prefix sum: c[hi + 1] - c[lo].
-    c = torch.nn.functional.pad(keep.cumsum(-1), (1, 0))
-    nonempty = hi >= lo
-    lo_c, hi_c = lo.clamp(0, spec.Sk), (hi + 1).clamp(0, spec.Sk)
-    counts = (c[:, hi_c] - c[:, lo_c]) * nonempty
-    return int(counts.sum())
+    return int(visible_counts(spec, key_padding_mask).sum())
 
 
 def attention_flops(spec: Spec, mode: str = "fwd", key_padding_mask: torch.Tensor | None = None) -> float:

@@ -176,6 +176,8 @@ UPSTREAM = {
     "cudnn one key in a window": ("cudnn", True, Spec(Sq=1, Sk=64, dtype="float16", window=(0, None), magnitude=3.0)),
     "cudnn one key in the last row": ("cudnn", True, Spec(Hq=2, Hkv=1, Sq=23, Sk=64, dtype="float16", window=(0, None),
                                                             magnitude=3.0)),
+    "cudnn top-left causal, one query": ("cudnn", True, Spec(Sq=1, Sk=2, D=16, dtype="float16", causal=True,
+                                                               align="top_left")),
 }
 
 
@@ -565,10 +567,17 @@ def test_flex_declares_a_bias_with_one_query_and_one_key() -> None:
     assert limit(Spec(B=2, Sq=1)) is None and limit(Spec(B=2, Sq=2, bias="full")) is None
 
 
-def test_sdpa_cudnn_declares_non_causal_masks_that_leave_a_row_one_key() -> None:
-    """The three NaN-gradient cases seen on the H100 are refused; causal masks (row 0 sees one key)
-    and rows that all see two or more keys are not."""
+def test_sdpa_cudnn_declares_masks_that_leave_a_row_one_key() -> None:
+    """The NaN-gradient cases seen on the H100 are refused (an attn_mask that leaves a row one key,
+    padding included); causal windows without padding (row 0 sees one key) and rows that all see
+    two or more keys are not."""
     why = sdpa_mod.sdpa_cudnn.supports
+    assert "key padding leaves" in why(Spec(Sq=1, Sk=64, dtype="float16", device="cuda", causal=True, key_lengths=(1,)))
+    assert "key padding leaves" in why(Spec(Sq=4, Sk=4, dtype="float16", device="cuda", causal=True, key_lengths=(4,)))
+    assert why(Spec(Sq=4, Sk=6, dtype="float16", device="cuda", causal=True, key_lengths=(6,))) is None
+    # random padding counts through the very mask make_inputs draws (seed 0: rows 0 and 3 see one key)
+    drop = Spec(Sq=4, Sk=8, dtype="float16", device="cuda", window=(1, 0), key_drop=0.25)
+    assert "one key" in why(drop) and why(drop.replace(seed=4)) is None
     assert "one key" in why(Spec(Sq=1, Sk=64, dtype="float16", device="cuda", window=(0, None)))
     assert "one key" in why(Spec(Sq=2, Sk=64, dtype="float16", device="cuda", key_lengths=(1,)))
     assert "one key" in why(Spec(Hq=2, Hkv=1, Sq=23, Sk=64, dtype="float16", device="cuda", window=(0, None)))
@@ -576,3 +585,12 @@ def test_sdpa_cudnn_declares_non_causal_masks_that_leave_a_row_one_key() -> None
     assert why(Spec(Sq=8, dtype="float16", device="cuda", window=(1, 1))) is None
     assert why(Spec(Sq=1, Sk=64, dtype="float16", device="cuda", window=(1, None))) is None
     assert why(Spec(Sq=4, Sk=64, dtype="float16", device="cuda", causal=True)) is None
+
+
+def test_sdpa_cudnn_declares_top_left_causal_with_one_query() -> None:
+    """Top-left causal with Sq=1 < Sk hands cuDNN the first key alone: "No available kernel" (H100,
+    padding property, sixth session). With a mask the adapter passes every key, so it runs."""
+    why = sdpa_mod.sdpa_cudnn.supports
+    assert "single key" in why(Spec(Sq=1, Sk=2, dtype="float16", device="cuda", causal=True, align="top_left"))
+    assert why(Spec(Sq=2, Sk=5, dtype="float16", device="cuda", causal=True, align="top_left")) is None
+    assert why(Spec(Sq=1, Sk=5, dtype="float16", device="cuda", causal=True)) is None  # bottom-right: 5 keys

@@ -165,3 +165,19 @@ def test_alibi_slopes():
     assert alibi_slopes(8).tolist() == pytest.approx([2.0 ** -(i + 1) for i in range(8)])
     six = alibi_slopes(6)  # 4 of the power-of-two series, then every other one of the 8-series
     assert six.tolist() == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+
+
+def test_padding_keep_and_visible_counts_follow_the_mask_make_inputs_draws() -> None:
+    """visible_counts (cuDNN's one-key declaration) sees the random key_drop mask the tests use."""
+    from attnbench.masks import visible_counts
+
+    for seed in range(4):
+        spec = Spec(B=2, Hq=4, Hkv=2, Sq=5, Sk=9, D=8, Dv=16, window=(2, 1), key_drop=0.25, bias="full", seed=seed)
+        kpm = spec.make_inputs().key_padding_mask
+        assert torch.equal(spec.padding_keep(), kpm)
+        assert torch.equal(visible_counts(spec), visible_counts(spec, kpm))
+        rows = range(4, 9)  # bottom-right: query i sits at key i + Sk - Sq and sees keys p-2 .. p+1
+        want = [[int(kpm[b, max(0, p - 2): min(9, p + 2)].sum()) for p in rows] for b in range(2)]
+        assert visible_counts(spec).tolist() == want
+    assert Spec(Sq=3).padding_keep() is None
+    assert Spec(Sq=3, Sk=5, key_lengths=(2,)).padding_keep().tolist() == [[True, True, False, False, False]]

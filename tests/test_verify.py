@@ -83,6 +83,8 @@ def test_each_of_several_distinct_failures_is_named(tmp_path, monkeypatch):
     assert bad.status == "fail" and "2 distinct failures" in bad.reason
     assert "(1) " in bad.reason and "(2) " in bad.reason
     assert "ValueError: no single query" in bad.reason and "AssertionError: max error" in bad.reason
+    # each with its own minimal example (this property draws S, not a Spec)
+    assert "[S=1, causal=" in bad.reason and "[S=2, causal=True]" in bad.reason
 
 
 def test_crashing_impl_is_contained(tmp_path, monkeypatch):
