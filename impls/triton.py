@@ -158,10 +158,30 @@ def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **k
     # round exactly like the forward's (with fusion, s * scale - m became one FMA in one kernel
     # and two roundings in the other: p = 1 + 1e-5 for a lone key, dv off by |s| eps)
     kwargs["enable_fp_fusion"] = kwargs["DOT_PREC"] != "ieee"
-    if autotune_enabled():
-        ker.TUNED[kind][lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
-    else:
+    if not autotune_enabled():
         _launch_first_that_fits(ker, kind, length, block, heads, kwargs)
+        return
+    key = _pick_key(ker, kind, kwargs)
+    config = _PICKS.get(key)
+    if config is None:  # first call with this key: the autotuner tunes (or finds its pick), then we keep it
+        tuner = ker.TUNED[kind]
+        tuner[lambda meta: (_cdiv(length, meta[block]), heads)](**kwargs)
+        _PICKS[key] = tuner.best_config
+    else:
+        ker.RAW[kind][(_cdiv(length, config.kwargs[block]), heads)](**kwargs, **config.all_kwargs())
+
+
+# The autotuner's pick per tuning key. A repeat call launches the pick directly: the Autotuner's
+# own dispatch rebuilds dicts of all ~45 arguments on every call (host time, see NOTES.md).
+_PICKS: dict[tuple, object] = {}
+
+
+def _pick_key(ker: ModuleType, kind: str, kwargs: dict) -> tuple:
+    """What the autotuner keys on: its key arguments and the tensors' dtypes (here: q's, the
+    bias's and the padding mask's; the rest follow q), plus the device."""
+    q = kwargs["Q"]
+    return (kind, q.device, q.dtype, kwargs["Bias"].dtype, kwargs["KPM"].dtype, kwargs.get("STORE_DBIAS"),
+            *(kwargs[name] for name in ker.TUNE_KEY))
 
 
 def _launch_first_that_fits(ker: ModuleType, kind: str, length: int, block: str, heads: int, kwargs: dict) -> None:

@@ -328,7 +328,9 @@ def test_gpu_autotuned(monkeypatch):
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", "1")
-    check(Spec(B=2, Hq=4, Hkv=2, Sq=1000, Sk=1000, D=64, causal=True, dtype="bfloat16", device="cuda"))
+    spec = Spec(B=2, Hq=4, Hkv=2, Sq=1000, Sk=1000, D=64, causal=True, dtype="bfloat16", device="cuda")
+    check(spec)  # tunes
+    check(spec)  # launches the kept pick directly
 
 
 def test_without_autotuning_a_config_out_of_shared_memory_falls_back(monkeypatch):
@@ -371,3 +373,42 @@ def test_without_autotuning_a_config_out_of_shared_memory_falls_back(monkeypatch
     with pytest.raises(OutOfResources):
         tri._launch_first_that_fits(fake, "fwd", 160, "BLOCK_M", 1, args)
     assert len(tried) == len(ker.CONFIGS["fwd"])  # every config was tried before giving up
+
+
+def test_autotuned_launch_keeps_the_pick_and_launches_it_directly(monkeypatch):
+    """The autotuner runs once per tuning key; repeat calls launch its pick on the raw kernel
+    (skipping the Autotuner's per-call dispatch), with the pick's block sizes in the grid."""
+    import types
+
+    import triton
+
+    calls = []
+    pick = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3)
+
+    class FakeTuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def launch(**kw):
+                calls.append(("tuner", grid({"BLOCK_M": 64}), kw["Sq"]))
+                FakeTuner.best_config = pick
+
+            return launch
+
+    class FakeRaw:
+        def __getitem__(self, grid):
+            def launch(**kw):
+                calls.append(("raw", grid, kw["BLOCK_M"], kw["num_warps"], kw["num_stages"]))
+
+            return launch
+
+    fake = types.SimpleNamespace(TUNE_KEY=["Sq", "Sk"], TUNED={"fwd": FakeTuner()}, RAW={"fwd": FakeRaw()})
+    monkeypatch.setattr(tri, "kernels", lambda interpret=None: fake)
+    monkeypatch.setattr(tri, "_PICKS", {})
+    monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", "1")
+    q = torch.empty(1, 2, 200, 16, dtype=torch.float16)
+    args = dict(Q=q, Bias=q, KPM=q, Sq=200, Sk=300, DOT_PREC="tf32")
+    for _ in range(3):
+        tri._launch("fwd", 200, "BLOCK_M", 2, False, **args)
+    tri._launch("fwd", 200, "BLOCK_M", 2, False, **{**args, "Sk": 301})  # a new key tunes again
+    assert calls == [("tuner", (4, 2), 200), ("raw", (4, 2), 64, 4, 3), ("raw", (4, 2), 64, 4, 3), ("tuner", (4, 2), 200)]
