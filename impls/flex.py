@@ -127,6 +127,9 @@ def _compiled_flex():
 # 256 (torch 2.11, measured: D=160 -> 344 KB, D=96 / Dv=192 -> 246 KB, limit 227 KB; found by
 # the GPU property rows). "No valid triton configs" is the error it raises.
 FP32_PADDED_DIMS_MAX = 256
+# Above this head dim a float32 flex kernel with a mask_mod beyond causal compiles for minutes
+# (scripts/diag/flex_fp32_compile.py, sixth session): declared, so properties and sweeps skip it.
+FP32_FAST_COMPILE_DIM = 64
 # In 16 bits Inductor sizes the tiles by D alone: forward (BLOCK_M, BLOCK_N, stages) from its H100
 # table for D in {64, 128, 256}, (64, 64, 3) otherwise. _forward_smem_16bit reproduces the bytes
 # Triton asked for in both forward failures seen (D=64 / Dv=192: 262144; D=160 with a bias:
@@ -149,6 +152,11 @@ def _flex_limits(spec: Spec) -> str | None:
     if spec.dtype == "float32" and _pow2(spec.D) + _pow2(spec.Dv) > FP32_PADDED_DIMS_MAX:
         return (f"flex (compiled) in float32 with head dims D={spec.D}, Dv={spec.Dv} (padded {_pow2(spec.D)} + "
                 f"{_pow2(spec.Dv)} > {FP32_PADDED_DIMS_MAX}): no kernel config fits the GPU's shared memory")
+    if spec.dtype == "float32" and max(spec.D, spec.Dv) > FP32_FAST_COMPILE_DIM and (
+            spec.window is not None or spec.block is not None or spec.has_padding):
+        return (f"flex (compiled) in float32 with a head dim over {FP32_FAST_COMPILE_DIM} (D={spec.D}, Dv={spec.Dv}) "
+                "and a window or key padding: ptxas takes minutes per shape (H100, torch 2.11, D=96: 292 s with "
+                "a window, over 330 s with key padding; 110 s without a mask)")
     if spec.dtype != "float32":
         need = _forward_smem_16bit(spec.D, spec.Dv, spec.bias is not None)
         wide_v_backward = WIDE_V_FROM <= spec.D <= WIDE_V_TO and _pow2(spec.Dv) > WIDE_V_MAX

@@ -594,3 +594,15 @@ def test_sdpa_cudnn_declares_top_left_causal_with_one_query() -> None:
     assert "single key" in why(Spec(Sq=1, Sk=2, dtype="float16", device="cuda", causal=True, align="top_left"))
     assert why(Spec(Sq=2, Sk=5, dtype="float16", device="cuda", causal=True, align="top_left")) is None
     assert why(Spec(Sq=1, Sk=5, dtype="float16", device="cuda", causal=True)) is None  # bottom-right: 5 keys
+
+
+def test_flex_declares_slow_float32_compiles_with_window_or_padding() -> None:
+    """H100, torch 2.11 (sixth session): float32 flex at D=96 compiled for 292 s with a window and
+    over 330 s with key padding (110 s unmasked; 16 bits: 21 s), so the padding row never finished."""
+    limit = flex_mod._flex_limits
+    assert "ptxas takes minutes" in limit(Spec(Hq=3, Sq=108, D=96, window=(1, 27)))
+    assert "ptxas takes minutes" in limit(Spec(Hq=3, Sq=108, D=96, key_lengths=(100,)))
+    assert "ptxas takes minutes" in limit(Spec(Sq=8, D=64, Dv=96, block=Block(4, 1, 0)))
+    assert limit(Spec(Hq=3, Sq=108, D=96)) is None and limit(Spec(Sq=8, D=96, causal=True)) is None
+    assert limit(Spec(Sq=8, D=64, window=(1, 2))) is None
+    assert limit(Spec(Hq=3, Sq=108, D=96, window=(1, 27), dtype="float16")) is None
