@@ -209,11 +209,11 @@ def _cudnn_single_key(spec: Spec) -> str | None:
     # so it is input-dependent and declared by structure. Causal windows without padding leave
     # row 0 one key too; their rows pass everywhere (every causal window property row, and the
     # window benchmarks), so they stay claimed. Padding counts through the mask make_inputs draws.
-    if spec.Sk < 2 or _explicit_mask(spec) is None or (spec.causal and not spec.has_padding):
+    mask = _explicit_mask(spec)
+    if spec.Sk < 2 or mask is None or (spec.causal and not spec.has_padding):
         return None
     if bool((visible_counts(spec) == 1).any()):
-        return (f"{_explicit_mask(spec)} leaves some row one key: cuDNN's backward gives NaN there on some "
-                "inputs (upstream)")
+        return f"{mask} leaves some row one key: cuDNN's backward gives NaN there on some inputs (upstream)"
     return None
 
 
