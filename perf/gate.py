@@ -17,6 +17,10 @@ perf/timing.HOST_BOUND) kept the GPU waiting on the host, so its time follows th
 (which differs between machines of the same GPU model) and the reference's ratio does not
 cancel that. A change past the threshold in such a cell is `host_bound`: reported, not failing,
 unless judge_host_bound (compare runs from one host, e.g. two runs in one CI job, with it on).
+The reference is the denominator of every ratio in its cell, so a cell takes the first reference
+of the chain that was GPU-bound in both runs (seventh session: sdpa_flash, host-bound in the
+baseline at 0.32 ms, ran 26% faster in the next lease and "regressed" three implementations whose
+own times had not moved); if every candidate was host-bound, the cell's changes are host_bound.
 
     python -m attnbench.perf.gate current.json --baseline perf/baselines/h100.json
 """
@@ -217,6 +221,11 @@ def host_share(r: PerfRow | None) -> float | None:
     return host / r.ms if host is not None and r.ms else None
 
 
+def _host_bound(r: PerfRow | None) -> bool:
+    share = host_share(r)
+    return share is not None and share >= HOST_BOUND
+
+
 def _spread(r: PerfRow) -> float | None:
     if r.ms_p20 is None or r.ms_p80 is None or not r.ms:
         return None
@@ -245,8 +254,11 @@ def gate(
     for cid in list(base_cells) + [c for c in cur_cells if c not in base_cells]:
         base, cur = base_cells.get(cid, {}), cur_cells.get(cid, {})
         variant = next(iter((base or cur).values())).variant
-        # The cell's reference: the first of the chain that ran in this cell in both runs.
-        ref = next((n for n in chains[variant] if _ok(base.get(n)) and _ok(cur.get(n))), None)
+        # The cell's reference: the first of the chain that ran in this cell in both runs and was
+        # GPU-bound in both (a host-bound denominator moves every ratio of the cell with the host);
+        # failing that, the first that ran in both.
+        ran = [n for n in chains[variant] if _ok(base.get(n)) and _ok(cur.get(n))]
+        ref = next((n for n in ran if not _host_bound(base[n]) and not _host_bound(cur[n])), ran[0] if ran else None)
         for impl in list(base) + [i for i in cur if i not in base]:
             row = _judge(base.get(impl), cur.get(impl), base.get(ref), cur.get(ref), impl == ref, threshold,
                          judge_host_bound)
@@ -292,12 +304,14 @@ def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow
     # The measurement's own resolution: the widest p20-p80 spread (relative to the median) of the
     # four timings behind the two ratios. A change inside it is not evidence either way.
     band = max((s for s in map(_spread, (b, c, rb, rc)) if s is not None), default=0.0)
-    host = max((h for h in map(host_share, (b, c)) if h is not None), default=None)
+    # Host-bound timings among the four (the reference's too: it is the ratio's denominator).
+    host = max(((h, who) for who, r in (("", b), ("", c), ("the reference's ", rb), ("the reference's ", rc))
+                if (h := host_share(r)) is not None), default=None)
     if abs(row.change) > threshold:
-        if not judge_host_bound and host is not None and host >= HOST_BOUND:
+        if not judge_host_bound and host is not None and host[0] >= HOST_BOUND:
             row.status = "host_bound"
-            row.note = (f"{row.change:+.0%}, but the host's enqueueing took {host:.0%} of the GPU time: "
-                        "this time follows the host CPU; not judged (--judge-host-bound)")
+            row.note = (f"{row.change:+.0%}, but {host[1]}host enqueueing took {host[0]:.0%} of the GPU time: "
+                        "this ratio follows the host CPU; not judged (--judge-host-bound)")
         elif abs(row.change) <= band:
             row.status = "noisy"
             row.note = f"{row.change:+.0%} is within the timings' p20-p80 spread ({band:.0%}): not judged"

@@ -214,6 +214,39 @@ def test_gate_reports_host_bound_cells_unless_asked_to_judge_them():
     assert not gate(slower_host(0.3), run()).ok  # no host time recorded in either: judged
 
 
+def test_gate_takes_a_gpu_bound_reference_where_the_preferred_one_was_host_bound():
+    """Seventh session, H100: sdpa_flash (the reference) was host-bound in the baseline of one cell
+    and 26% faster in the next lease; flex, math and naive, unchanged in absolute time, all
+    "regressed" by +36%. The cell must take a GPU-bound reference instead (naive here)."""
+    def flash_faster_at_1k(results: Results) -> Results:
+        for r in results.perf:
+            if r.impl == "sdpa_flash" and r.shape["Sq"] == 1024:
+                r.ms, r.ms_p20, r.ms_p80 = (x / 1.35 for x in (r.ms, r.ms_p20, r.ms_p80))
+        return results
+
+    def flash_host_bound(results: Results, only_1k: bool = True) -> Results:
+        for r in results.perf:
+            if r.impl == "sdpa_flash" and (r.shape["Sq"] == 1024 or not only_1k):
+                r.host_ms = 0.85 * r.ms
+        return results
+
+    current, base = flash_faster_at_1k(run()), run()
+    assert {r.impl for r in gate(current, base).failures} == {"triton", "naive"}  # GPU-bound flex: judged
+    result = gate(current, flash_host_bound(base))
+    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    assert result.ok, str(result)
+    assert rows[("triton", "S1024")].reference == "naive" and rows[("triton", "S1024")].status == "ok"
+    assert rows[("sdpa_flash", "S1024")].status == "host_bound"  # its own speed-up, against naive
+    assert rows[("triton", "S2048")].reference == "sdpa_flash" and rows[("triton", "S2048")].status == "ok"
+    # With no GPU-bound candidate the host-bound reference is kept and its cell is not judged.
+    no_naive = {k: v for k, v in IMPLS.items() if k != "naive"}
+    current, base = flash_faster_at_1k(run(no_naive)), flash_host_bound(run(no_naive))
+    result = gate(current, base)
+    assert result.ok and result.counts["host_bound"] == 1
+    assert all("the reference's host enqueueing took 85%" in r.note for r in result.rows if r.status == "host_bound")
+    assert not gate(current, base, judge_host_bound=True).ok
+
+
 def test_gate_reports_missing_new_and_broken_cells():
     base = run(drop=(("naive", 4096),))
     current = run(drop=(("triton", 2048),), status={("naive", 2048): "oom"})
