@@ -231,7 +231,7 @@ def _status(report, call) -> str:
 
 def _reason(report, call) -> str:
     if report.skipped and isinstance(report.longrepr, tuple):
-        return str(report.longrepr[2]).removeprefix("Skipped: ")
+        return skip_reason(str(report.longrepr[2]))
     if call.excinfo is not None:
         exc = call.excinfo.value
         if isinstance(exc, BaseExceptionGroup):  # Hypothesis' "found N distinct failures": name each,
@@ -242,6 +242,13 @@ def _reason(report, call) -> str:
             return f"{_first_line(exc)}: {'; '.join(parts)}"[:2000]
         return _first_line(exc)[:400]
     return report.longreprtext.strip().splitlines()[-1][:400] if report.longreprtext else ""
+
+
+def skip_reason(text: str) -> str:
+    """A skip's own message: Hypothesis appends "Failing explicit example: ..." (the whole call)
+    to a skip raised inside an @example, which is not a failure and not part of the reason."""
+    text = text.removeprefix("Skipped: ")
+    return re.split(r"\n(?:Failing explicit example|Falsifying explicit example|Failing test case)", text)[0].strip()
 
 
 def _failing_case(exc: BaseException) -> str | None:

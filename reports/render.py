@@ -17,7 +17,7 @@ from attnbench.reports import tables as T
 from attnbench.reports.schema import CorrectnessRow, Results
 
 LEGEND = (
-    "✓ pass · ✗ fail · ! error (the check crashed) · – unsupported. "
+    "✓ pass · ✗ fail · ! error (the check crashed) · – unsupported · blank: not run in these results. "
     "The number is the worst measured error ÷ the allowed error: at most 1 passes."
 )
 _MARK = {"pass": "✓", "fail": "✗", "error": "!", "skip": "–"}

@@ -11,7 +11,7 @@ from attnbench import verify
 PROPERTY = textwrap.dedent("""
     import pytest
     import torch
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import example, given, settings, strategies as st
     from attnbench.oracles.dense import reference
     from attnbench.spec import Spec
 
@@ -31,6 +31,12 @@ PROPERTY = textwrap.dedent("""
 
     def test_second_property_runs(impl):
         assert impl.name
+
+    @settings(max_examples=2, database=None)
+    @example(S=1)
+    @given(S=st.integers(1, 3))
+    def test_skipped_in_an_explicit_example(impl, S):
+        pytest.skip(f"{impl.key} does not declare lse")
 """)
 
 IMPLS = textwrap.dedent("""
@@ -75,6 +81,9 @@ def test_broken_impl_is_reported_with_counterexample_and_replay(tmp_path, monkey
     assert bad.replay.startswith("attnbench verify --impl mykernels:broken --property test_forward_matches_oracle")
     assert bad.error_ratio > 1
     assert rows[("toplefty", "test_second_property_runs")].status == "pass"  # the run went on
+    # A skip inside an @example: Hypothesis appends "Failing explicit example: ..."; not a reason.
+    skipped = rows[("naive", "test_skipped_in_an_explicit_example")]
+    assert skipped.status == "skip" and skipped.reason == "dense/naive does not declare lse"
 
 
 def test_each_of_several_distinct_failures_is_named(tmp_path, monkeypatch):
