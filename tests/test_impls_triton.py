@@ -412,3 +412,83 @@ def test_autotuned_launch_keeps_the_pick_and_launches_it_directly(monkeypatch):
         tri._launch("fwd", 200, "BLOCK_M", 2, False, **args)
     tri._launch("fwd", 200, "BLOCK_M", 2, False, **{**args, "Sk": 301})  # a new key tunes again
     assert calls == [("tuner", (4, 2), 200), ("raw", (4, 2), 64, 4, 3), ("raw", (4, 2), 64, 4, 3), ("tuner", (4, 2), 200)]
+
+
+def test_launch_plans_call_the_compiled_kernel_per_specialization(monkeypatch):
+    """The first launch of a specialization goes through Triton's JIT (which returns the compiled
+    kernel); repeats call that kernel with every argument in signature order; a new int value, a
+    new dtype or a tensor address of another 16-byte alignment goes through the JIT again."""
+    import types
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("plan", grid, args))
+
+    class Raw:
+        arg_names = ["Q", "Sq", "BLOCK_M"]
+
+        def __getitem__(self, grid):
+            def launch(**kw):
+                calls.append(("jit", grid, kw["Sq"], kw["num_warps"]))
+                return Compiled()
+
+            return launch
+
+    fake = types.SimpleNamespace(RAW={"fwd": Raw()})
+    monkeypatch.setattr(tri, "_PLANS", {})
+    monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "1")
+    buf = torch.zeros(64, dtype=torch.float16)
+    q, q_odd = buf[:16], buf[1:17]  # q_odd's address is 2 bytes past a 16-byte boundary
+    meta = {"BLOCK_M": 64, "num_warps": 4}
+    tri._run(fake, "fwd", (4, 2), {"Q": q, "Sq": 200}, meta)
+    tri._run(fake, "fwd", (4, 2), {"Q": q, "Sq": 200}, meta)
+    tri._run(fake, "fwd", (5, 2), {"Q": q.clone(), "Sq": 200}, meta)  # new data and grid, same plan
+    assert calls[0] == ("jit", (4, 2), 200, 4)
+    assert calls[1] == ("plan", (4, 2, 1), (q, 200, 64))
+    assert calls[2][0] == "plan" and calls[2][1] == (5, 2, 1)
+    calls.clear()
+    tri._run(fake, "fwd", (4, 2), {"Q": q, "Sq": 201}, meta)  # another int value
+    tri._run(fake, "fwd", (4, 2), {"Q": q_odd, "Sq": 200}, meta)  # another alignment
+    tri._run(fake, "fwd", (4, 2), {"Q": q.float(), "Sq": 200}, meta)  # another dtype
+    tri._run(fake, "fwd", (4, 2), {"Q": q, "Sq": 200}, {**meta, "num_warps": 8})  # another config
+    assert [c[0] for c in calls] == ["jit"] * 4
+    calls.clear()
+    monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "0")
+    tri._run(fake, "fwd", (4, 2), {"Q": q, "Sq": 200}, meta)
+    assert [c[0] for c in calls] == ["jit"]
+
+
+@pytest.mark.gpu
+def test_gpu_plan_launches_equal_jit_launches(monkeypatch):
+    """The compiled-kernel launches give bit-identical forward and backward results to Triton's
+    JIT launches, over masks, grouped heads, padding, bias and a misaligned view (another plan)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in ("causal_1024_d128", "cross_gqa_window_d96", "padding_bias_d64"):
+        spec = GPU_SPECS[name].replace(device="cuda", dtype="bfloat16")
+        x = spec.make_inputs(requires_grad=True)
+
+        def run(q=x.q, spec=spec, x=x):
+            out, lse = tri.attention(q, x.k, x.v, spec.config(), x.key_padding_mask, x.bias)
+            return (out, lse, *torch.autograd.grad(out, [q, x.k, x.v], x.grad_out))
+
+        monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "0")
+        want = run()
+        monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "1")
+        hits = tri.PLAN_STATS["hits"]
+        for _ in range(3):  # the first builds the plans, the next two launch them
+            assert all(torch.equal(a, b) for a, b in zip(run(), want)), name
+        assert tri.PLAN_STATS["hits"] >= hits + 6, "the plans were not used"
+        if name != "causal_1024_d128":
+            continue
+        # a view 2 bytes off a 16-byte boundary: another specialization, its own plan
+        buf = torch.empty(x.q.numel() + 1, dtype=x.q.dtype, device="cuda")
+        q_odd = buf[1:].view_as(x.q).copy_(x.q.detach()).requires_grad_()
+        monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "0")
+        want = run(q_odd)
+        monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "1")
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(run(q_odd), want)), f"{name}, misaligned q"

@@ -3,7 +3,8 @@ of each layer of one call, outermost first, while the GPU is kept busy (so the t
 alone), then profiles the whole call with cProfile.
 
 Layers: attention() (checks + autograd Function + allocations + launch), _forward() (allocations +
-argument dict + launch), _launch() (autotuner dispatch), the tuned kernel called directly, the raw
+argument dict + launch), each also with ATTNBENCH_TRITON_PLANS=0 (every launch through Triton's
+JIT instead of the compiled kernel's launcher), _launch() (kept pick, plan or JIT), the tuned kernel called directly, the raw
 JIT kernel with the tuned config, and an empty Triton kernel with as many arguments. Also the same
 call with requires_grad inputs, and an SDPA call for scale.
 
@@ -76,6 +77,10 @@ def main() -> None:
     with torch.no_grad():
         us["attention (no grad)"] = host_us(lambda: tri.attention(q, k, v, cfg))
         us["_forward"] = host_us(lambda: tri._forward(q, k, v, cfg, None, None))
+        os.environ["ATTNBENCH_TRITON_PLANS"] = "0"  # every launch through Triton's JIT (seventh session)
+        us["attention (no grad), launch plans off"] = host_us(lambda: tri.attention(q, k, v, cfg))
+        us["_forward, launch plans off"] = host_us(lambda: tri._forward(q, k, v, cfg, None, None))
+        os.environ["ATTNBENCH_TRITON_PLANS"] = "1"
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     us["attention (requires_grad)"] = host_us(lambda: tri.attention(qg, kg, vg, cfg))
 
@@ -86,7 +91,21 @@ def main() -> None:
     kw = tri._common(q, k, v, cfg, None, None)
     kw.update(Out=out, LSE=lse, M2=m2, INVL=inv_l, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=H)
     us["_common (argument dict)"] = host_us(lambda: tri._common(q, k, v, cfg, None, None))
-    us["_launch (autotuner)"] = host_us(lambda: tri._launch("fwd", S, "BLOCK_M", B * H, False, **kw))
+    us["_launch (kept pick, launch plan)"] = host_us(lambda: tri._launch("fwd", S, "BLOCK_M", B * H, False, **kw))
+    os.environ["ATTNBENCH_TRITON_PLANS"] = "0"
+    us["_launch (kept pick, JIT launch)"] = host_us(lambda: tri._launch("fwd", S, "BLOCK_M", B * H, False, **kw))
+    os.environ["ATTNBENCH_TRITON_PLANS"] = "1"
+    g_out = torch.randn_like(q)
+
+    def fwd_bwd():
+        out, _ = tri.attention(qg, kg, vg, cfg)
+        torch.autograd.grad(out, [qg, kg, vg], g_out)
+
+    us["attention + backward"] = host_us(fwd_bwd, n=100)
+    os.environ["ATTNBENCH_TRITON_PLANS"] = "0"
+    us["attention + backward, launch plans off"] = host_us(fwd_bwd, n=100)
+    os.environ["ATTNBENCH_TRITON_PLANS"] = "1"
+    res["plan_stats"] = dict(tri.PLAN_STATS)
     ker = tri.kernels(False)
     kw2 = {**kw, "enable_fp_fusion": True}
     grid = lambda meta: (tri._cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
