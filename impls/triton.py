@@ -201,8 +201,8 @@ def _plan_key(kind: str, args: dict) -> tuple:
     """Everything Triton specializes a compiled kernel on: every non-tensor argument's exact value
     (stricter than Triton, which keys ints on == 1 and % 16), and per tensor its dtype, device and
     whether its address is 16-byte aligned (Triton's pointer specialization)."""
-    return (kind, *((n, (v.dtype, v.device, v.data_ptr() % 16 == 0)) if isinstance(v, torch.Tensor) else (n, v)
-                    for n, v in args.items()))
+    values = [(v.dtype, v.device, not v.data_ptr() % 16) if isinstance(v, torch.Tensor) else v for v in args.values()]
+    return kind, tuple(args), tuple(values)
 
 
 def _run(ker: ModuleType, kind: str, grid: tuple, kwargs: dict, meta: dict) -> None:
