@@ -181,7 +181,10 @@ def _drain(starts, started: dict[int, tuple[int, float]]) -> None:
 
 
 def _dump_stacks(running: dict[str, tuple[int, float] | None], stack_dir: str) -> dict[str, str]:
-    """Ask each straggler's worker for its Python stacks; the last 3,000 characters of each."""
+    """Ask each straggler's worker for its Python stacks; the last 3,000 characters of each,
+    under a line that says whether the worker was still there (on six H100 leases the flex
+    S=16384 group's file came back empty: a dead worker, whose task the pool never reports,
+    writes nothing; a live one answers SIGUSR1, and its watchdog dumps every STACK_EVERY_S)."""
     if not hasattr(signal, "SIGUSR1"):
         return {}
     for entry in running.values():
@@ -198,13 +201,33 @@ def _dump_stacks(running: dict[str, tuple[int, float] | None], stack_dir: str) -
         try:
             text = Path(stack_dir, f"{entry[0]}.txt").read_text(errors="replace")
         except OSError:
-            continue
-        stacks[label] = text[-3000:]
+            text = ""
+        state = worker_state(entry[0])
+        head = f"[worker {entry[0]}: {state}{'' if text.strip() else '; it wrote no stack'}]"
+        stacks[label] = f"{head}\n{text[-3000:]}" if text.strip() else head
     return stacks
+
+
+def worker_state(pid: int) -> str:
+    """'running', 'sleeping', ... from /proc where there is one; 'gone' once it has exited."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone (exited or killed)"
+    except OSError:
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "alive"
+    names = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "Z": "gone (a zombie: exited or killed)",
+             "T": "stopped"}
+    return names.get(fields[0], f"state {fields[0]}")
 
 
 _STARTS = None  # in a worker: where it reports the start of each group
 _STACK_FILE = None  # in a worker: kept open for faulthandler
+STACK_EVERY_S = 10.0  # a worker busy on one group this long dumps its stacks (then again, as often)
 
 
 def _init_worker(starts, stack_dir: str) -> None:
@@ -236,6 +259,8 @@ def _warm(task: tuple[int, Group]) -> tuple[int, float, str | None]:
     start = time.perf_counter()
     if _STARTS is not None:
         _STARTS.put((i, os.getpid(), time.monotonic()))
+    if _STACK_FILE is not None:  # a watchdog thread in C: needs no signal and no GIL to write
+        faulthandler.dump_traceback_later(STACK_EVERY_S, repeat=True, file=_STACK_FILE)
     try:
         impl = _resolve(group)
         from .bench import make_case
@@ -248,6 +273,9 @@ def _warm(task: tuple[int, Group]) -> tuple[int, float, str | None]:
             del case
     except Exception as exc:  # recorded; the sweep itself will run (and record) this pair
         return i, time.perf_counter() - start, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    finally:
+        if _STACK_FILE is not None:
+            faulthandler.cancel_dump_traceback_later()
     return i, time.perf_counter() - start, None
 
 

@@ -498,6 +498,7 @@ def test_prewarm_groups_compiling_impls_and_survives_a_failing_one():
 
 
 SLEEPY = """
+import os
 import time
 from attnbench.registry import Impl, registry
 
@@ -506,6 +507,8 @@ _naive = registry().get("dense/naive")
 def _fn(q, k, v, cfg, key_padding_mask=None, bias=None):
     if q.shape[2] == 7:  # this problem's first call never ends (a stuck compile)
         time.sleep(600)
+    if q.shape[2] == 5:  # this one kills its worker (the pool replaces it and never reports the task)
+        os._exit(3)
     return _naive.fn(q, k, v, cfg, key_padding_mask, bias)
 
 impl = Impl(name="sleepy", variant="dense", fn=_fn, features=_naive.features, compiles=True)
@@ -534,6 +537,26 @@ def test_prewarm_cuts_a_stuck_worker_and_names_what_it_left(tmp_path, monkeypatc
     if hasattr(__import__("signal"), "SIGUSR1"):
         stack = summary.stacks[summary.left[0]]
         assert "sleepy_impl.py" in stack and "_fn" in stack, stack
+        assert stack.startswith("[worker ") and "sleeping" in stack.splitlines()[0], stack
+
+
+def test_prewarm_says_when_a_cut_worker_is_gone(tmp_path, monkeypatch):
+    """A worker that dies mid-group (its task is then never reported) is cut like a stuck one,
+    and its entry says the worker is gone instead of an empty stack."""
+    from attnbench.perf import prewarm
+
+    if not hasattr(__import__("signal"), "SIGUSR1"):
+        pytest.skip("no SIGUSR1 here")
+    (tmp_path / "sleepy_impl.py").write_text(SLEEPY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    naive = registry().get("dense/naive")
+    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features, compiles=True,
+                  origin="sleepy_impl:impl")
+    cells = [Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=S, D=8)) for S in (5, 16)]
+    summary = prewarm.prewarm(prewarm.plan([(c, sleepy) for c in cells]), workers=2, timeout_s=120)
+    assert summary.done == 1 and summary.timed_out == 1, summary
+    head = summary.stacks[summary.left[0]].splitlines()[0]
+    assert "gone" in head and "wrote no stack" in head, head
 
 
 def test_gpu_pool_pinning(monkeypatch):
