@@ -13,8 +13,8 @@ import types
 
 import torch
 
-from attnbench.spec import Config
 from attnbench.impls import triton as tri
+from attnbench.spec import Config
 
 
 class _NoLaunch:
