@@ -11,9 +11,11 @@ Properties and benchmarks select implementations through `select()` and never na
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import pkgutil
 import traceback
@@ -47,9 +49,13 @@ class Impl:
     fn: for kernel variants, the attention function; for module variants, a factory
         `fn(**module_kwargs) -> nn.Module`.
     features: what it supports (names from attnbench.spec.FEATURES).
-    requires: importable modules it needs ("flash_attn"): missing ones make it unavailable.
+    requires: importable modules it needs ("flash_attn", "flash_attn.cute"): missing ones make it
+        unavailable.
+    available: optional check `available() -> reason | None` run after `requires` (a guarded
+        import, a compute capability): a reason makes it unavailable on this machine.
     supports: optional extra check `supports(spec) -> reason | None` for limits the feature
-        set cannot express (head dims, block multiples, ...).
+        set cannot express (head dims, block multiples, ...); one taking a second argument gets
+        the features asked for too (`supports(spec, needs)`: a limit of the backward alone).
     """
 
     name: str
@@ -59,7 +65,8 @@ class Impl:
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
     requires: tuple[str, ...] = ()
-    supports: Callable[[Spec], str | None] | None = None
+    supports: Callable[..., str | None] | None = None
+    available: Callable[[], str | None] | None = None
     description: str = ""
     reference: bool = False  # the naive impl the tolerance rule measures others against
     bug: str = ""  # bug-zoo members: the bug class this deliberately broken impl carries
@@ -93,11 +100,11 @@ class Impl:
     def unavailable(self) -> str | None:
         """Why this implementation cannot run on this machine at all, or None."""
         for mod in self.requires:
-            if importlib.util.find_spec(mod) is None:
+            if not _installed(mod):
                 return f"{mod} not installed"
         if "cpu" not in self.devices and not torch.cuda.is_available():
             return "needs CUDA"
-        return None
+        return self.available() if self.available is not None else None
 
     def device_ok(self, device: str) -> bool:
         return device.split(":")[0] in self.devices
@@ -108,15 +115,36 @@ class Impl:
             return f"device {spec.device} not supported"
         if spec.dtype not in self.dtypes:
             return f"dtype {spec.dtype} not supported"
-        missing = (spec.needs() | set(needs)) - self.features
+        wanted = spec.needs() | set(needs)
+        missing = wanted - self.features
         if missing:
             return f"unsupported features: {', '.join(sorted(missing))}"
-        if self.supports is not None:
-            return self.supports(spec)
-        return None
+        if self.supports is None:
+            return None
+        if _takes_needs(self.supports):
+            return self.supports(spec, frozenset(wanted))
+        return self.supports(spec)
 
     def covers(self, spec: Spec, needs: Iterable[str] = ()) -> bool:
         return self.why_not(spec, needs) is None
+
+
+def _installed(module: str) -> bool:
+    """find_spec without the ModuleNotFoundError it raises for a dotted name whose parent is missing."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def _takes_needs(supports: Callable) -> bool:
+    try:
+        params = inspect.signature(supports).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """flash_attn: adapter for the flash-attn package (FlashAttention-2, Dao-AILab).
 
+Available only where `flash_attn.flash_attn_func` exists: FlashAttention-4 (impls/flash_attn4.py)
+installs a `flash_attn` namespace package holding only `flash_attn.cute`, which must not make
+this adapter look available.
+
 UNTESTED: flash-attn cannot be installed on this project's machines (the CPU box or the lent
 H100 image), so this file has never run. The mapping is written from flash-attn's documented
 API (flash_attn_interface.py, v2.6+); the registry lists it as unavailable, "flash_attn not
@@ -27,6 +31,8 @@ float32/float64, head dims over 256.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +47,19 @@ def _flash():
     import flash_attn  # imported lazily: the registry must load this file without the package
 
     return flash_attn
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """None where flash-attn 2 imports and has flash_attn_func (cached: the import loads its
+    CUDA extension)."""
+    try:
+        module = _flash()
+    except Exception as exc:
+        return f"flash_attn does not import: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    if not callable(getattr(module, "flash_attn_func", None)):
+        return "flash_attn has no flash_attn_func (not flash-attn 2; FlashAttention-4 is impls/flash_attn4.py)"
+    return None
 
 
 def _window(cfg: Config) -> tuple[int, int]:
@@ -164,6 +183,7 @@ flash_attn = Impl(
     devices=("cuda",),
     dtypes=("float16", "bfloat16"),
     requires=("flash_attn",),
+    available=unavailable,
     supports=_supports,
     description="flash-attn 2 adapter (flash_attn_func / varlen for key padding); UNTESTED here",
 )

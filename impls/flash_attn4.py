@@ -1,0 +1,188 @@
+"""flash_attn4: adapter for FlashAttention-4 (flash-attn-4, the CuTe DSL kernels of Dao-AILab).
+
+FA4 installs `flash_attn.cute` (a `flash_attn` namespace package with no flash_attn_func of its
+own) and needs nvidia-cutlass-dsl; scripts/fa4_wheels.sh installs the wheel set on a GPU host.
+Written against flash-attn-4 4.0.0b36 (flash_attn/cute/interface.py).
+
+Convention map (contract -> FA4):
+- layout: contract tensors are (B, H, S, D); FA4 takes (B, S, H, D). transpose(1, 2) is a view
+  with a contiguous last dim; FA4 makes what it needs contiguous itself.
+- causal and windows are bottom-right aligned, like the contract: with p(i) = i + Sk - Sq, key
+  j is visible iff p(i) - left <= j <= p(i) + right. window_size=(left, right) takes None for
+  an unbounded side, as the contract does; causal with a window is the window with right = 0,
+  which is what FA4 makes of causal=True plus a window. top_left is not offered.
+- grouped heads: native (query head h reads kv head h // G), the contract's order.
+- scale: softmax_scale passes through (FA4 only defaults it when None, so 0 stays 0).
+- lse: return_lse=True gives (B, H, Sq) float32 in natural log (FA4 computes in base 2 and
+  multiplies by ln 2); a row with no visible key gets -inf and a zero output, as the contract
+  says. Varlen returns (H, total_q).
+- key padding: any mask pattern, through flash_attn_varlen_func on the kept keys only
+  (cu_seqlens). Gathering keys renumbers their positions and varlen aligns causal to each
+  sequence's own length, so padding with causal or a window is declined.
+- not offered: dropout (FA4 has none), bias, blocked windows, softcap (not in the contract;
+  passed as 0, FA4's "off"), float32 / float64.
+Every keyword is passed by name: FA4's fourth positional parameter is `qv` (MLA), not a mask.
+
+Limits (supports()), from interface.py's checks and what its tests verify:
+- Hopper (compute capability 9.x): head dims 8..256, multiples of 8 (16 bytes / element).
+  Backward: the tested shapes only, D == Dv <= 128, or (D, Dv) = (192, 128) without grouped
+  heads (upstream: "hdim > 192 backward: SM90 not supported yet", "SM90 GQA bwd currently
+  requires headdim == headdim_v").
+- Blackwell (10.x, 11.x): 8..128, or (192, 128), (256, 256), or Dv = 512 with D = 64 or Dv
+  (MLA); multiples of 8. Backward: D == Dv <= 128, (192, 128) or (256, 256).
+- Other GPUs: FA4 also runs SM80 / SM120 through an SM80 path without these checks; the
+  adapter declares the datacenter Hopper and Blackwell parts only.
+- fp8 (e4m3 / e5m2) is forward-only and SM100-only in FA4, and not a contract dtype yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.registry import Impl
+from attnbench.spec import Config, Spec
+
+MODULE = "flash_attn.cute"
+ARCHES = (9, 10, 11)  # compute capability majors declared: Hopper, Blackwell (SM100 / SM110)
+
+
+def _fa4():
+    # imported lazily: the registry loads this file on machines without the package
+    return importlib.import_module(MODULE)
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why FA4 cannot run here: `flash_attn.cute` must be found, import, and have
+    flash_attn_func, on a Hopper or Blackwell GPU. Cached: the import takes seconds."""
+    try:
+        found = importlib.util.find_spec(MODULE) is not None
+    except (ImportError, ValueError):  # no flash_attn at all, or a module without a spec
+        found = False
+    if not found:
+        return f"{MODULE} not installed (flash-attn-4; scripts/fa4_wheels.sh)"
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in ARCHES:
+        return f"needs a Hopper or Blackwell GPU (compute capability 9.x-11.x), this one is {major}.{minor}"
+    try:
+        module = _fa4()
+    except Exception as exc:  # a broken install: say what failed, never take the registry down
+        return f"{MODULE} does not import: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    if not callable(getattr(module, "flash_attn_func", None)):
+        return f"{MODULE} has no flash_attn_func (an unknown flash-attn-4 version)"
+    return None
+
+
+def _window(cfg: Config) -> tuple[int | None, int | None]:
+    return (None, None) if cfg.window is None else (cfg.window[0], cfg.window[1])
+
+
+def _check(q, k, cfg: Config, key_padding_mask, bias) -> None:
+    if bias is not None:
+        raise ValueError("bias: FlashAttention-4 takes no additive bias")
+    if cfg.block is not None:
+        raise ValueError("cfg.block: FlashAttention-4 has no blocked windows")
+    if cfg.align != "bottom_right":
+        raise ValueError(f"cfg.align: FlashAttention-4 is bottom-right aligned only, got {cfg.align!r}")
+    if cfg.dropout_p:
+        raise ValueError(f"cfg.dropout_p: FlashAttention-4 has no dropout, got {cfg.dropout_p}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k: Hq={q.shape[1]} is not divisible by Hkv={k.shape[1]}")
+    if key_padding_mask is not None and (cfg.causal or cfg.window is not None):
+        raise ValueError("key_padding_mask: with causal/window the varlen path would renumber key positions")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: Config,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, cfg, key_padding_mask, bias)
+    if key_padding_mask is not None:
+        return _varlen(q, k, v, cfg, key_padding_mask)
+    out, lse = _fa4().flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        softmax_scale=cfg.scale, causal=cfg.causal, window_size=_window(cfg), softcap=0.0, return_lse=True,
+    )
+    return out.transpose(1, 2), lse
+
+
+def _varlen(q, k, v, cfg: Config, kpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key padding without positional masks: attend over the kept keys of each batch element."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    kept = kpm.to(device=q.device, dtype=torch.bool)
+    lens = kept.sum(1, dtype=torch.int32)
+    cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sq
+    idx = kept.reshape(-1).nonzero().squeeze(1)
+    q_flat = q.transpose(1, 2).reshape(B * Sq, Hq, D)
+    k_flat = k.transpose(1, 2).reshape(B * Sk, Hkv, D)[idx]
+    v_flat = v.transpose(1, 2).reshape(B * Sk, Hkv, v.shape[3])[idx]
+    out, lse = _fa4().flash_attn_varlen_func(
+        q_flat, k_flat, v_flat, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=Sq,
+        max_seqlen_k=max(1, int(lens.max())), softmax_scale=cfg.scale, causal=False, softcap=0.0,
+        return_lse=True,
+    )
+    out = out.reshape(B, Sq, Hq, -1).transpose(1, 2)
+    return out, lse.reshape(Hq, B, Sq).transpose(0, 1)
+
+
+def _arch(spec: Spec) -> int:
+    return torch.cuda.get_device_capability(spec.device)[0]
+
+
+def head_dims(arch: int, D: int, Dv: int, backward: bool, gqa: bool) -> str | None:
+    """FA4's head-dim limits on a compute-capability major (see the module docstring)."""
+    if D % 8 or Dv % 8:
+        return f"head dims (D={D}, Dv={Dv}) must be multiples of 8"
+    if arch == 9:
+        if not (8 <= D <= 256 and 8 <= Dv <= 256):
+            return f"head dims (D={D}, Dv={Dv}): Hopper runs 8..256"
+        if backward and not ((D == Dv and D <= 128) or ((D, Dv) == (192, 128) and not gqa)):
+            return (f"backward with (D={D}, Dv={Dv}){' and grouped heads' if gqa else ''}: Hopper's backward "
+                    "runs D == Dv <= 128, or (192, 128) without grouped heads")
+        return None
+    forward_ok = (8 <= D <= 128 and 8 <= Dv <= 128) or (D, Dv) in ((192, 128), (256, 256)) or (
+        Dv == 512 and D in (64, Dv))
+    if not forward_ok:
+        return f"head dims (D={D}, Dv={Dv}): Blackwell runs 8..128, (192, 128), (256, 256) or Dv=512 (MLA)"
+    if backward and not ((D == Dv and D <= 128) or (D, Dv) in ((192, 128), (256, 256))):
+        return f"backward with (D={D}, Dv={Dv}): Blackwell's backward runs D == Dv <= 128, (192, 128), (256, 256)"
+    return None
+
+
+def _supports(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
+    if spec.has_padding and (spec.causal or spec.window is not None):
+        return "key padding with causal/window: varlen renumbers key positions"
+    arch = _arch(spec)
+    if arch not in ARCHES:
+        return f"compute capability {arch}.x: the adapter declares Hopper (9.x) and Blackwell (10.x, 11.x)"
+    return head_dims(arch, spec.D, spec.Dv, "backward" in needs, spec.Hkv != spec.Hq)
+
+
+FEATURES = {"causal", "sliding_window", "gqa", "cross", "key_padding", "dv", "backward", "lse"}
+
+flash_attn4 = Impl(
+    name="flash_attn4",
+    variant="dense",
+    fn=attention,
+    features=FEATURES,
+    devices=("cuda",),
+    dtypes=("float16", "bfloat16"),
+    available=unavailable,
+    supports=_supports,
+    memory="linear",
+    description="FlashAttention-4 (flash_attn.cute, CuTe DSL) adapter: flash_attn_func / varlen for key padding",
+)
+flash_attn4_local = flash_attn4.for_variant("local", "FlashAttention-4 sliding-window (window_size) adapter")
