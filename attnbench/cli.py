@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from attnbench.perf.gate import add_arguments as gate_arguments
 from attnbench.registry import VARIANTS, load_zoo, registry
 from attnbench.spec import FEATURES
 
@@ -199,23 +200,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from attnbench.perf.gate import default_baseline, gate
-    from attnbench.reports.schema import Results
+    from attnbench.perf import gate
 
-    baseline_path = args.baseline or default_baseline()
-    if baseline_path is None:
-        console.print("[red]error:[/] no baseline given and none committed for this device; use --baseline")
-        return 2
-    try:
-        current, baseline = Results.load(args.current), Results.load(baseline_path)
-    except (OSError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    result = gate(current, baseline, threshold=args.threshold, reference=args.reference,
-                  fail_on_missing=args.fail_on_missing, judge_host_bound=args.judge_host_bound)
-    console.print(result.table(verbose=args.verbose))
-    console.print(("[green]gate passed[/]" if result.ok else "[red]gate failed[/]") + f" (threshold {args.threshold:.0%})")
-    return 0 if result.ok else 1
+    return gate.run(args, say=lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True))
 
 
 # -- run: the main job -------------------------------------------------------------------
@@ -290,15 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rows", default=None, help="add correctness rows from a --attnbench-results file (JSON lines)")
     sp.set_defaults(func=cmd_report)
 
-    sp = sub.add_parser("gate", help="fail when a benchmark regressed against a baseline")
-    sp.add_argument("current", help="results.json of this run")
-    sp.add_argument("--baseline", default=None, help="baseline results.json (default: the committed one for this GPU)")
-    sp.add_argument("--threshold", type=float, default=0.10, help="allowed slowdown of time ratios (default 0.10)")
-    sp.add_argument("--reference", default=None, help="reference implementation for the ratios")
-    sp.add_argument("--fail-on-missing", action="store_true", help="fail when a baseline cell did not run")
-    sp.add_argument("--judge-host-bound", action="store_true",
-                    help="judge cells whose time follows the host CPU too (both runs from one host)")
-    sp.add_argument("--verbose", action="store_true", help="list every cell")
+    sp = sub.add_parser("gate", help="fail when a benchmark regressed against a baseline of the same device model")
+    gate_arguments(sp)
     sp.set_defaults(func=cmd_gate)
 
     sp = sub.add_parser("run", help="the main job: verify + quick benchmark + report on this machine")

@@ -22,6 +22,18 @@ of the chain that was GPU-bound in both runs (seventh session: sdpa_flash, host-
 baseline at 0.32 ms, ran 26% faster in the next lease and "regressed" three implementations whose
 own times had not moved); if every candidate was host-bound, the cell's changes are host_bound.
 
+Per device model: a run is compared only with a baseline of its own GPU model (env.device_name
+of a CUDA run; "cpu" for a CPU run). The default baseline is the committed one for the CURRENT
+RUN's model (perf/baselines/<model slug>.json, or any baseline file recording that model), not
+the model of the machine the gate runs on. Comparing two models is refused (exit 2) unless
+--cross-device asks for it, and then the result is a report with no verdict (exit 3): ratios
+move with the hardware (an H200's extra bandwidth sped up memory-bound reference cells and
+"regressed" 36 cells of an unchanged H100 baseline).
+
+Exit codes: 0 pass, 1 fail, 2 bad input (unreadable file, a time that is NaN / zero / negative
+/ not a number, a bad threshold, no baseline, two device models), 3 no verdict (no cell was
+judged in both runs, or a --cross-device report). Every error names its file.
+
     python -m attnbench.perf.gate current.json --baseline perf/baselines/h100.json
 """
 
@@ -29,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import statistics
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +54,17 @@ from attnbench.reports.schema import PerfRow, Results
 
 from .timing import HOST_BOUND
 
-DEFAULT_REFERENCE = "sdpa_flash"
+# The reference chain's head, best first: FlashAttention-4 where it runs (the fastest kernel on
+# Hopper), else torch's FlashAttention-2 backend. Per cell, the first that ran in both runs wins.
+DEFAULT_REFERENCE: tuple[str, ...] = ("flash_attn4", "sdpa_flash")
 BASELINES = Path(__file__).resolve().parent / "baselines"
 FAILING = ("regressed", "broken")
+JUDGED = ("ok", "regressed", "improved", "noisy", "host_bound")  # a cell compared in both runs
+EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NO_VERDICT = 0, 1, 2, 3
+
+
+class GateError(ValueError):
+    """Bad gate input: the message is one line and names the file (or the option) at fault."""
 ORDER = ("broken", "regressed", "host_bound", "noisy", "missing", "retimed", "no_reference", "improved", "new", "reference",
          "ok", "not_ok")
 
@@ -67,10 +89,11 @@ class GateRow:
 class GateResult:
     rows: list[GateRow]
     threshold: float
-    references: dict[str, str | None]  # the preferred reference per variant (cells fall back)
+    references: dict[str, str | None]  # per variant, the first of the chain that ran (cells fall back)
     fail_on_missing: bool = False
     drift: float | None = None  # median change of the reference's own time (machine speed)
     counts: Counter = field(default_factory=Counter)
+    devices: tuple[str, str] | None = None  # (current, baseline) device models when they differ (a report)
 
     def __post_init__(self) -> None:
         self.counts = Counter(r.status for r in self.rows)
@@ -81,8 +104,24 @@ class GateResult:
         return [r for r in self.rows if r.status in failing]
 
     @property
+    def judged(self) -> int:
+        """Cells compared in both runs (the reference's own rows not counted)."""
+        return sum(self.counts[s] for s in JUDGED)
+
+    @property
+    def verdict(self) -> str:
+        """pass | fail | no_verdict (nothing judged in both runs, or a cross-device report)."""
+        if self.devices is not None or not self.judged:
+            return "no_verdict"
+        return "fail" if self.failures else "pass"
+
+    @property
     def ok(self) -> bool:
-        return not self.failures
+        return self.verdict == "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return {"pass": EXIT_PASS, "fail": EXIT_FAIL, "no_verdict": EXIT_NO_VERDICT}[self.verdict]
 
     def summary(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items(), key=lambda x: ORDER.index(x[0])))
@@ -92,8 +131,14 @@ class GateResult:
                 used[r.variant][r.reference] += 1
         refs = ", ".join(f"{v}: {'/'.join(used[v])}" for v in sorted(used)) or "none"
         drift = f"; reference times moved {self.drift:+.1%} (median, cancels in ratios)" if self.drift is not None else ""
-        verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} cells)"
-        return f"gate {verdict} at threshold {self.threshold:.0%}: {counts}. References: {refs}{drift}"
+        if self.devices is not None:
+            verdict = (f"REPORT, no verdict: {self.devices[0]!r} against a {self.devices[1]!r} baseline "
+                       "(ratios move with the hardware)")
+        elif not self.judged:
+            verdict = "NO VERDICT: no cell ran in both runs"
+        else:
+            verdict = "PASS" if self.ok else f"FAIL ({len(self.failures)} cells)"
+        return f"gate {verdict} at threshold {self.threshold:.0%}: {counts or 'no cells'}. References: {refs}{drift}"
 
     def shown(self, verbose: bool = False, per_status: int = 15) -> list[GateRow]:
         """Rows worth reading, worst first; informational statuses capped at per_status rows."""
@@ -171,15 +216,19 @@ def cell_label(r: PerfRow) -> str:
     return " ".join(parts)
 
 
-def reference_chain(variant: str, reference: str | dict | None, recorded: Iterable[str] = ()) -> list[str]:
-    """Candidates for a variant's reference, best first: the preferred one (a name, or
-    {variant: name}; default sdpa_flash), the ones a stored run recorded, the registry's."""
+def reference_chain(variant: str, reference: str | dict | Iterable[str] | None,
+                    recorded: Iterable[str] = ()) -> list[str]:
+    """Candidates for a variant's reference, best first: the preferred ones (a name, names, or
+    {variant: name}; default DEFAULT_REFERENCE), the ones a stored run recorded, the registry's."""
     preferred = reference.get(variant) if isinstance(reference, dict) else reference
-    chain = [preferred or DEFAULT_REFERENCE, *recorded, *_registry_reference(variant)]
+    if not preferred:
+        preferred = DEFAULT_REFERENCE
+    head = [preferred] if isinstance(preferred, str) else list(preferred)
+    chain = [*head, *recorded, *_registry_reference(variant)]
     return list(dict.fromkeys(n for n in chain if n))
 
 
-def resolve_reference(variant: str, names: Iterable[str], reference: str | dict | None,
+def resolve_reference(variant: str, names: Iterable[str], reference: str | dict | Iterable[str] | None,
                       fallback: Iterable[str] = ()) -> str | None:
     """The first candidate of the reference chain that ran (is in `names`)."""
     names = set(names)
@@ -232,19 +281,82 @@ def _spread(r: PerfRow) -> float | None:
     return (r.ms_p80 - r.ms_p20) / r.ms
 
 
+def check_threshold(threshold: object) -> float:
+    """A finite fraction in (0, 10): 0.1 is 10%."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or not 0 < threshold < 10:
+        raise GateError(f"threshold: must be a finite fraction in (0, 10), e.g. 0.1 for 10%, got {threshold!r}")
+    return float(threshold)
+
+
+def device_model(env: dict) -> str | None:
+    """The device model a run's times belong to: "cpu" for a CPU sweep, else env.device_name."""
+    where = env.get("bench_device") or env.get("device")
+    if isinstance(where, str) and where.split(":")[0] == "cpu":
+        return "cpu"
+    name = env.get("device_name")
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def model_slug(model: str) -> str:
+    """A baseline file name for a device model: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+
+
+def check_times(results: Results, path: str | Path) -> None:
+    """Reject a run whose ok rows carry a time that is not a positive finite number, naming the
+    file and the row: a NaN, zero or negative time makes every ratio of its cell meaningless."""
+    if not results.perf:
+        raise GateError(f"{path}: has no perf rows to compare")
+    for n, r in enumerate(results.perf):
+        if r.status != "ok":
+            continue
+        for name in ("ms", "ms_p20", "ms_p80", "host_ms"):
+            value = getattr(r, name, None)
+            if value is None and name != "ms":
+                continue
+            good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+                value > 0 or (name == "host_ms" and value == 0))
+            if not good:
+                raise GateError(f"{path}: perf row {n} ({r.variant}/{r.impl} {r.mode}) has {name}={value!r}: "
+                                "not a positive finite time")
+
+
+def load(path: str | Path) -> Results:
+    """A results file for the gate; a file that cannot be read is a GateError naming it."""
+    try:
+        results = Results.load(path)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise GateError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    return results
+
+
 def gate(
     current: Results,
     baseline: Results,
     threshold: float = 0.10,
-    reference: str | dict | None = None,
+    reference: str | dict | Iterable[str] | None = None,
     fail_on_missing: bool = False,
     judge_host_bound: bool = False,
+    cross_device: bool = False,
+    paths: tuple[str, str] = ("current run", "baseline"),
 ) -> GateResult:
     """Judge every (cell, implementation) of the baseline and the current run; see the module
-    docstring. reference: an implementation name, or {variant: name}; default sdpa_flash where
-    it ran, else the baseline's recorded reference, else the variant's registry reference."""
-    if not isinstance(threshold, (int, float)) or not 0 < threshold < 10:
-        raise ValueError(f"threshold: must be a fraction in (0, 10), e.g. 0.1 for 10%, got {threshold!r}")
+    docstring. reference: an implementation name (or names, or {variant: name}); default
+    DEFAULT_REFERENCE where it ran, else the baseline's recorded reference, else the variant's
+    registry reference. Two device models raise GateError unless cross_device, which gives a
+    report with no verdict. paths name the two runs in errors."""
+    threshold = check_threshold(threshold)
+    for results, path in ((current, paths[0]), (baseline, paths[1])):
+        check_times(results, path)
+    models = device_model(current.env), device_model(baseline.env)
+    for path, model in zip(paths, models):
+        if model is None:
+            raise GateError(f"{path}: records no device model (env.device_name): cannot tell which baseline it matches")
+    if models[0] != models[1] and not cross_device:
+        raise GateError(f"{paths[0]} ran on {models[0]!r}, {paths[1]} on {models[1]!r}: the gate compares runs of "
+                        "one device model (a baseline per model in perf/baselines/; --cross-device for a report)")
     recorded = _recorded(baseline)
     variants = {r.variant for r in baseline.perf} | {r.variant for r in current.perf}
     chains = {v: reference_chain(v, reference, recorded.get(v, ())) for v in variants}
@@ -267,8 +379,11 @@ def gate(
                 rows.append(row)
         if ref is not None:
             drift.append(cur[ref].ms / base[ref].ms - 1)
-    refs = {v: c[0] if c else None for v, c in chains.items()}
-    return GateResult(rows, threshold, refs, fail_on_missing, statistics.median(drift) if drift else None)
+    ran = {(r.variant, r.impl) for r in (*baseline.perf, *current.perf) if _ok(r)}
+    refs = {v: next((n for n in c if (v, n) in ran), c[0] if c else None) for v, c in chains.items()}
+    devices = models if models[0] != models[1] else None
+    return GateResult(rows, threshold, refs, fail_on_missing, statistics.median(drift) if drift else None,
+                      devices=devices)
 
 
 def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow | None,
@@ -322,48 +437,77 @@ def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow
     return row
 
 
-def default_baseline(device_name: str | None = None) -> Path | None:
-    """The committed baseline whose device matches this machine's GPU, or None."""
-    if device_name is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        device_name = torch.cuda.get_device_name()
+def default_baseline(model: str | None) -> Path | None:
+    """The committed baseline of this device model: perf/baselines/<model slug>.json, else any
+    baseline file whose run recorded that model; None if there is none."""
+    if not model:
+        return None
+    named = BASELINES / f"{model_slug(model)}.json"
+    if named.is_file():
+        return named
     for path in sorted(BASELINES.glob("*.json")):
         try:
             env = json.loads(path.read_text()).get("env", {})
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             continue
-        if env.get("device_name") == device_name:
+        if isinstance(env, dict) and device_model(env) == model:
             return path
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m attnbench.perf.gate", description=__doc__.split("\n")[0])
-    p.add_argument("current")
-    p.add_argument("--baseline", default=None)
-    p.add_argument("--threshold", type=float, default=0.10)
-    p.add_argument("--reference", default=None)
-    p.add_argument("--fail-on-missing", action="store_true")
+def _threshold_arg(text: str) -> float:
+    try:
+        return check_threshold(float(text))
+    except (ValueError, GateError) as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, GateError) else
+                                         f"threshold: not a number: {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The gate's options (shared by `attnbench gate` and `python -m attnbench.perf.gate`)."""
+    p.add_argument("current", help="results.json of this run")
+    p.add_argument("--baseline", default=None,
+                   help="baseline results.json (default: the committed one for the current run's device model)")
+    p.add_argument("--threshold", type=_threshold_arg, default=0.10,
+                   help="allowed slowdown of time ratios, a fraction (default 0.10)")
+    p.add_argument("--reference", default=None, help="reference implementation for the ratios")
+    p.add_argument("--fail-on-missing", action="store_true", help="fail when a baseline cell did not run")
     p.add_argument("--judge-host-bound", action="store_true",
-                   help="judge host-bound cells too (both runs from one host)")
+                   help="judge cells whose time follows the host CPU too (both runs from one host)")
+    p.add_argument("--cross-device", action="store_true",
+                   help="compare runs of two device models anyway: a report with no verdict (exit 3)")
     p.add_argument("--verbose", action="store_true", help="list every cell, not only the ones worth reading")
-    args = p.parse_args(argv)
-    baseline = args.baseline or default_baseline()
-    if baseline is None:
-        print("error: no baseline given and none committed for this device; use --baseline", file=sys.stderr)
-        return 2
-    result = gate(Results.load(args.current), Results.load(baseline), args.threshold, args.reference,
-                  args.fail_on_missing, args.judge_host_bound)
+
+
+def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
+    """Load, check and gate; one line per error (exit 2), the table, then the verdict's exit code."""
+    try:
+        current = load(args.current)
+        baseline_path = args.baseline or default_baseline(device_model(current.env))
+        if baseline_path is None:
+            model = device_model(current.env)
+            raise GateError(f"{args.current}: no baseline committed for device model {model!r} "
+                            f"(perf/baselines/{model_slug(model or 'unknown')}.json); give --baseline")
+        baseline = load(baseline_path)
+        result = gate(current, baseline, args.threshold, args.reference, args.fail_on_missing,
+                      args.judge_host_bound, args.cross_device, paths=(str(args.current), str(baseline_path)))
+    except GateError as exc:
+        say(f"error: {exc}")
+        return EXIT_BAD_INPUT
     try:
         from rich.console import Console
 
         Console(width=160).print(result.table(verbose=args.verbose))
     except ImportError:
         print(result)
-    return 0 if result.ok else 1
+    say(f"gate: {result.verdict.replace('_', ' ')} against {baseline_path} (exit {result.exit_code})")
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnbench.perf.gate", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv), say=lambda msg: print(msg, file=sys.stderr))
 
 
 if __name__ == "__main__":
