@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from attnbench.registry import MODULE_VARIANTS, VARIANTS, Impl, registry
-from attnbench.reports.schema import PerfRow, Results, environment
+from attnbench.reports.schema import PerfRow, Results, environment, over_peak
 from attnbench.spec import Inputs, Spec
 
 from . import memory, prewarm, slow, work
@@ -229,6 +229,10 @@ def measure(impl: Impl, cell: Cell, settings: Settings, peaks: dict, inputs: lis
         row.gbps = _round(work.gbps(nbytes, row.ms))
         if row.tflops is not None and peaks.get("matmul_tflops"):
             row.pct_peak = _round(100 * row.tflops / peaks["matmul_tflops"])
+            if over_peak(row.pct_peak):
+                row.reason = "; ".join(filter(None, [row.reason, (
+                    f"measurement error: {row.pct_peak:.0f}% of the measured matmul peak "
+                    f"({peaks['matmul_tflops']:g} TFLOP/s): the peak probe read low or the work model over-counts")]))
         if row.gbps is not None and peaks.get("copy_gbps"):
             row.pct_bw = _round(100 * row.gbps / peaks["copy_gbps"])
         if flops is None:
@@ -530,7 +534,7 @@ def table(results: Results) -> str:
             continue
         mem = f"{r.mem_bytes / 2**20:.1f}" if r.mem_bytes is not None else "-"
         tf = f"{r.tflops:.3g}" if r.tflops is not None else "-"
-        pk = f"{r.pct_peak:.0f}" if r.pct_peak is not None else "-"
+        pk = f"{r.pct_peak:.0f}{'!' if over_peak(r.pct_peak) else ''}" if r.pct_peak is not None else "-"
         sp = f"{r.speedup:.2f}" if r.speedup is not None else "-"
         lines.append(f"{label:58} {r.impl:22} {r.ms:9.4f} {tf:>7} {pk:>5} {mem:>8} {sp:>6}")
     return "\n".join(lines)

@@ -19,7 +19,9 @@ Field conventions the reports rely on:
   `reason` says why). error_ratio is worst error / allowed error, so <= 1 passes; the report's
   matrix shows the worst ratio of each (variant, impl, property) cell.
 - PerfRow.pct_peak is a percentage (0-100) of peaks["matmul_tflops"]; when absent the report
-  derives it from tflops. ms / ms_p20 / ms_p80 are milliseconds; mem_bytes is bytes. `shape`
+  derives it from tflops. Above 100 it is a measurement error (over_peak): no attention kernel
+  outruns the matmul units it is built on, so the peak probe read low or the work model over-counts.
+  ms / ms_p20 / ms_p80 are milliseconds; mem_bytes is bytes. `shape`
   keys B, Sq, Sk are the sweep; rows that agree on every other shape key (and variant, mode)
   form one table and one plot.
 - ZooRow.caught_by lists the properties that killed the member; `detail` (optional) says what
@@ -77,6 +79,11 @@ class PerfRow:
     mem_bytes: int | None = None  # peak allocated minus inputs
     speedup: float | None = None  # reference time / this time
     timer: str = "cuda_events"  # or "wall_clock" on the CPU
+
+
+def over_peak(pct_peak: float | None) -> bool:
+    """A cell above 100% of the measured matmul peak: a measurement error, not a speed."""
+    return pct_peak is not None and pct_peak > 100.0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnbench.reports.schema import CorrectnessRow, PerfRow, Results, ZooRow
+from attnbench.reports.schema import CorrectnessRow, PerfRow, Results, ZooRow, over_peak
 
 # A matrix cell merges every row of one (variant, impl, property); the worst status wins.
 _SEVERITY = {"none": 0, "skip": 1, "pass": 2, "error": 3, "fail": 4}
@@ -353,7 +353,7 @@ def perf_cells(row: PerfRow, peaks: dict[str, Any]) -> list[str]:
         fmt_ms(row.ms),
         fmt_spread(row),
         fmt_num(row.tflops),
-        fmt_pct(pct),
+        fmt_pct(pct) + (" (!)" if over_peak(pct) else ""),
         fmt_num(row.gbps),
         fmt_bytes(row.mem_bytes),
         fmt_speedup(row.speedup),
@@ -379,11 +379,15 @@ def best_tflops(group: PerfGroup) -> dict[str, float]:
 
 
 def perf_notes(group: PerfGroup) -> list[str]:
-    """Why cells are missing: OOM / unsupported / error reasons, one line each."""
+    """Why cells are missing (OOM / unsupported / error reasons) and which cells read above 100%
+    of the matmul peak (measurement errors), one line each."""
     notes = []
     for row in group.sorted_rows():
         if row.status != "ok" and row.reason:
             notes.append(f"{row.impl} at S={seq_label(row.shape)}: {status_text(row)}: {row.reason}")
+        elif row.status == "ok" and over_peak(row.pct_peak):  # (!) in the % peak column
+            notes.append(f"{row.impl} at S={seq_label(row.shape)}: {row.pct_peak:.0f}% of the measured matmul peak is "
+                         "a measurement error (the peak probe read low, or the work model over-counts)")
     return notes
 
 
