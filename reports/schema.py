@@ -183,15 +183,20 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def commit() -> str | None:
+def commit(root: Path | None = None) -> str | None:
     """ATTNBENCH_COMMIT when set (a copied working tree may carry a stale .git: say which commit
-    it really is), else HEAD, with "-dirty" when tracked files differ from it."""
+    it really is), else HEAD of attnbench's own checkout, with "-dirty" when tracked files differ
+    from it. None where the package (or `root`) is not the top of a git checkout: a copy inside
+    another repository's folder would otherwise record that repository's commit."""
     given = os.environ.get("ATTNBENCH_COMMIT", "").strip()
     if given:
         return given
-    here = Path(__file__).resolve().parent
-    head = _run(["git", "rev-parse", "--short", "HEAD"], cwd=here)
-    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here):
+    root = (root or Path(__file__).resolve().parent.parent).resolve()  # reports/ sits at the top
+    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=root)
+    if top is None or Path(top).resolve() != root:
+        return None
+    head = _run(["git", "rev-parse", "--short", "HEAD"], cwd=root)
+    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root):
         head += "-dirty"
     return head
 
