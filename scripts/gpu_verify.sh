@@ -35,9 +35,12 @@ if [ -n "${DONE:-}" ]; then
 [print(r['nodeid']) for r in rows if r['status'] in ('pass', 'skip')]" $DONE >"$out/done.txt"
     skip=(--attnbench-skip-file "$out/done.txt")
 fi
+# rows go to a fresh folder per call: the plugin appends, and a reused machine keeps /tmp
+rows=$(mktemp -d /tmp/attnbench-rows.XXXXXX)
 timeout "${2:-400}" python3 -m pytest properties -p attnbench.plugin --device cuda --hypothesis-profile ci \
-    "${sel[@]}" "${common[@]}" "${skip[@]}" --attnbench-results /tmp/gpu_rows.jsonl \
+    "${sel[@]}" "${common[@]}" "${skip[@]}" --attnbench-results "$rows/gpu_rows.jsonl" \
     >"$out/gpu_properties.log" 2>&1
 echo "gpu properties: exit $? : $(tail -n 1 "$out/gpu_properties.log")"
-cat /tmp/gpu_rows.jsonl.gw* >"$out/gpu_rows.jsonl" 2>/dev/null
+cat "$rows"/gpu_rows.jsonl* >"$out/gpu_rows.jsonl" 2>/dev/null
+rm -rf "$rows"
 grep -E "^(FAILED|ERROR)" "$out"/gpu_*.log | cut -c1-160 | head -40
