@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import faulthandler
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 import signal
 import tempfile
 import time
@@ -97,9 +97,15 @@ def prewarm(
     progress: Callable[[str], None] | None = None,
 ) -> Summary:
     """Run each group's first calls in `workers` spawned processes, at most `timeout_s` in all.
-    Stragglers are cut short (see _stragglers): a worker sat 20-75 s past all others on three
-    leases, always on the same group. Before the pool goes, each straggler's worker
-    dumps its Python stacks (SIGUSR1, faulthandler) into `Summary.stacks`."""
+
+    Each worker has its own task and result pipes (no queue shared between workers): a worker
+    that dies (a segfault, os._exit, the kernel's out-of-memory killer) fails its own group at
+    once, with its exit code or signal, and cannot wedge the others. In multiprocessing.Pool a
+    dead worker's task is never reported, and one killed while holding the shared queue's lock
+    blocks every other worker; on an H200 12 of 46 groups were left that way (4 workers gone,
+    6 sleeping). A dead worker is not replaced: the survivors take the remaining groups.
+    Stragglers are cut short (see _stragglers); before that, each straggler's worker dumps its
+    Python stacks (SIGUSR1, faulthandler) into `Summary.stacks`."""
     say = progress or (lambda msg: None)
     summary = Summary(workers=min(workers, len(groups)), groups=len(groups))
     if not groups or workers < 1:
@@ -107,40 +113,132 @@ def prewarm(
     share_triton_cache()
     start = time.monotonic()
     longest = 0.0
-    pending = set(range(len(groups)))
+    unsent = list(range(len(groups)))
+    running: dict[_Worker, int] = {}
     started: dict[int, tuple[int, float]] = {}  # group -> (worker pid, monotonic start)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    starts = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="attnbench-prewarm-") as stack_dir, _env(WORKER_ENV), \
-            ctx.Pool(summary.workers, initializer=_init_worker, initargs=(starts, stack_dir)) as pool:
-        results = pool.imap_unordered(_warm, list(enumerate(groups)))
-        while pending:
-            _drain(starts, started)
-            now = time.monotonic()
-            if now - start > timeout_s or _stragglers(pending, started, longest, now):
-                summary.left = [groups[j].label() for j in sorted(pending)]
-                summary.stacks = _dump_stacks({groups[j].label(): started.get(j) for j in sorted(pending)}, stack_dir)
-                say(f"prewarm: stopped after {now - start:.0f} s, {len(pending)} groups left to the sweep: "
-                    + "; ".join(summary.left))
+    with tempfile.TemporaryDirectory(prefix="attnbench-prewarm-") as stack_dir:
+        with _env(WORKER_ENV):
+            idle = [_Worker(ctx, stack_dir) for _ in range(summary.workers)]
+        live = list(idle)
+        try:
+            while unsent or running:
+                while idle and unsent:
+                    worker, i = idle.pop(), unsent.pop(0)
+                    worker.send(i, groups[i])
+                    running[worker] = i
+                if not running:  # every worker died: the sweep compiles the rest itself
+                    break
+                now = time.monotonic()
+                left = set(running.values()) | set(unsent)
+                if now - start > timeout_s or _stragglers(left, started, longest, now):
+                    break
+                for worker in _ready(running, timeout=0.5):
+                    i = running[worker]
+                    outcome = worker.outcome(started)
+                    if outcome is None:  # it only said it started
+                        continue
+                    del running[worker]
+                    seconds, error = outcome
+                    if worker.dead:
+                        live.remove(worker)
+                    else:
+                        idle.append(worker)
+                        longest = max(longest, seconds)
+                    summary.worker_seconds += seconds
+                    if error is None:
+                        summary.done += 1
+                    else:
+                        summary.failed.append(f"{groups[i].label()}: {error}")
+                    say(f"prewarm [{summary.done + len(summary.failed)}/{len(groups)} {time.monotonic() - start:.0f}s] "
+                        f"{groups[i].label()}: {'ok' if error is None else error[:100]} ({seconds:.1f} s)")
+            remaining = sorted(set(running.values()) | set(unsent))
+            if remaining:
+                summary.left = [groups[j].label() for j in remaining]
+                summary.stacks = _dump_stacks({groups[j].label(): started.get(j) for j in remaining}, stack_dir)
+                say(f"prewarm: stopped after {time.monotonic() - start:.0f} s, {len(remaining)} groups left to the "
+                    "sweep: " + "; ".join(summary.left))
                 for label, stack in summary.stacks.items():
                     say(f"prewarm: where {label} was:\n{stack}")
-                break
-            try:
-                i, seconds, error = results.next(timeout=0.5)
-            except multiprocessing.TimeoutError:
-                continue
-            pending.discard(i)
-            longest = max(longest, seconds)
-            summary.worker_seconds += seconds
-            if error is None:
-                summary.done += 1
-            else:
-                summary.failed.append(f"{groups[i].label()}: {error}")
-            say(f"prewarm [{summary.done + len(summary.failed)}/{len(groups)} {time.monotonic() - start:.0f}s] "
-                f"{groups[i].label()}: {'ok' if error is None else error[:100]} ({seconds:.1f} s)")
-        pool.terminate()
+        finally:
+            for worker in live:
+                worker.stop()
     summary.seconds = time.monotonic() - start
     return summary
+
+
+class _Worker:
+    """One spawned worker process with its own task and result pipes."""
+
+    def __init__(self, ctx, stack_dir: str) -> None:
+        task_recv, self.tasks = ctx.Pipe(duplex=False)
+        self.results, result_send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_worker_main, args=(task_recv, result_send, stack_dir), daemon=True)
+        self.process.start()
+        task_recv.close()
+        result_send.close()
+        self.dead = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send(self, i: int, group: Group) -> None:
+        self.tasks.send((i, group))
+
+    def outcome(self, started: dict[int, tuple[int, float]]) -> tuple[float, str | None] | None:
+        """Read what the worker said: a start (recorded in `started`; returns None) or the
+        (seconds, error) of its group. A worker that died instead says how."""
+        while self.results.poll():
+            try:
+                kind, i, *rest = self.results.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "start":
+                started[i] = (rest[0], rest[1])
+                continue
+            return rest[0], rest[1]
+        if self.process.is_alive():
+            return None
+        self.process.join(5)
+        self.dead = True
+        since = max((t for pid, t in started.values() if pid == self.pid), default=None)
+        elapsed = time.monotonic() - since if since is not None else 0.0
+        return elapsed, f"worker {self.pid} died: {exit_reason(self.process.exitcode)}"
+
+    def stop(self) -> None:
+        try:
+            self.tasks.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(2)
+        if self.process.is_alive():
+            self.process.kill()  # a straggler still compiling, or stuck
+            self.process.join(5)
+
+
+def _ready(running: dict[_Worker, int], timeout: float) -> list[_Worker]:
+    """Workers with a result to read, or whose process has ended."""
+    by_handle = {}
+    for worker in running:
+        by_handle[worker.results] = worker
+        by_handle[worker.process.sentinel] = worker
+    ready = multiprocessing.connection.wait(list(by_handle), timeout=timeout)
+    return list(dict.fromkeys(by_handle[h] for h in ready))
+
+
+def exit_reason(code: int | None) -> str:
+    """A worker's exit code in words: a negative one is the signal that ended it."""
+    if code is None:
+        return "no exit code (still running?)"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (the kernel's out-of-memory killer sends it: see dmesg)" if name == "SIGKILL" else ""
+    return f"killed by {name}{hint}"
 
 
 def share_triton_cache() -> str:
@@ -169,15 +267,6 @@ def _stragglers(pending: set[int], started: dict[int, tuple[int, float]], longes
         return False
     ran = [now - started[i][1] for i in pending]
     return max(ran) > 1.5 * max(longest, 10.0) or min(ran) > max(longest, 10.0)
-
-
-def _drain(starts, started: dict[int, tuple[int, float]]) -> None:
-    while True:
-        try:
-            i, pid, t = starts.get_nowait()
-        except queue.Empty:
-            return
-        started[i] = (pid, t)
 
 
 def _dump_stacks(running: dict[str, tuple[int, float] | None], stack_dir: str) -> dict[str, str]:
@@ -225,17 +314,37 @@ def worker_state(pid: int) -> str:
     return names.get(fields[0], f"state {fields[0]}")
 
 
-_STARTS = None  # in a worker: where it reports the start of each group
 _STACK_FILE = None  # in a worker: kept open for faulthandler
 STACK_EVERY_S = 10.0  # a worker busy on one group this long dumps its stacks (then again, as often)
 
 
-def _init_worker(starts, stack_dir: str) -> None:
-    global _STARTS, _STACK_FILE
-    _STARTS = starts
+def _init_worker(stack_dir: str) -> None:
+    global _STACK_FILE
     if hasattr(signal, "SIGUSR1"):
         _STACK_FILE = open(Path(stack_dir, f"{os.getpid()}.txt"), "w")
         faulthandler.register(signal.SIGUSR1, file=_STACK_FILE, all_threads=True)
+
+
+def _worker_main(tasks, results, stack_dir: str) -> None:
+    """A worker's loop: (index, group) tasks in, ("start", ...) then ("done", index, seconds,
+    error) out; None ends it. The registry loads first (imports of every implementation, seconds
+    with FlashAttention-4's), so no group's time, which the straggler rule reads, carries it."""
+    _init_worker(stack_dir)
+    try:
+        from attnbench.registry import registry
+
+        registry()
+    except Exception:  # the group's own _resolve reports it
+        pass
+    while True:
+        try:
+            task = tasks.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if task is None:
+            return
+        results.send(("start", task[0], os.getpid(), time.monotonic()))
+        results.send(("done", *_warm(task)))
 
 
 @contextmanager
@@ -257,8 +366,6 @@ def _warm(task: tuple[int, Group]) -> tuple[int, float, str | None]:
     """In a worker: one untimed call per cell of the group; returns (index, seconds, error)."""
     i, group = task
     start = time.perf_counter()
-    if _STARTS is not None:
-        _STARTS.put((i, os.getpid(), time.monotonic()))
     if _STACK_FILE is not None:  # a watchdog thread in C: needs no signal and no GIL to write
         faulthandler.dump_traceback_later(STACK_EVERY_S, repeat=True, file=_STACK_FILE)
     try:
