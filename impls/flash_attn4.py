@@ -165,6 +165,8 @@ def head_dims(arch: int, D: int, Dv: int, backward: bool, gqa: bool) -> str | No
 def _supports(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     if spec.has_padding and (spec.causal or spec.window is not None):
         return "key padding with causal/window: varlen renumbers key positions"
+    if not torch.cuda.is_available():
+        return "needs CUDA"
     arch = _arch(spec)
     if arch not in ARCHES:
         return f"compute capability {arch}.x: the adapter declares Hopper (9.x) and Blackwell (10.x, 11.x)"
