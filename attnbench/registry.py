@@ -103,7 +103,8 @@ class Impl:
         if self.dtypes is None:
             object.__setattr__(self, "dtypes", ("float32",) if module else ALL_DTYPES)
         object.__setattr__(self, "dtypes", tuple(self.dtypes))
-        hooks = [n for n in ("weights", "route", "decode") if getattr(self, n) is not None] + (["options"] if self.options else [])
+        hooks = [n for n in ("weights", "route", "decode") if getattr(self, n) is not None]
+        hooks += ["options"] if self.options else []
         if hooks and not module:
             raise ValueError(f"Impl {self.name!r}: {', '.join(hooks)} apply to module variants only, not {self.variant!r}")
         if not isinstance(self.options, Mapping) or not all(isinstance(v, tuple) for v in self.options.values()):

@@ -6,8 +6,8 @@ naive dense kernel, the tolerance reference for the other mixture implementation
 
 from __future__ import annotations
 
-from attnbench.modules.mixture import MixtureOfAttention, MixtureOfAutoregressiveAttention, factory
 from attnbench.modules.hooks import seed_hooks
+from attnbench.modules.mixture import MixtureOfAttention, MixtureOfAutoregressiveAttention, factory
 from attnbench.registry import Impl
 
 MOA_FEATURES = frozenset({"backward", "cross", "key_padding", "dropout"})

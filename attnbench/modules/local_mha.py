@@ -135,5 +135,6 @@ class LocalMHA(nn.Module):
                 raise ValueError(f"{NAME}: cache {name} must have shape (batch, {self.heads}, past, {self.dim_head}), "
                                  f"got {tuple(t.shape)}")
         if cache[0].shape != cache[1].shape:
-            raise ValueError(f"{NAME}: cache k and v must have one shape, got {tuple(cache[0].shape)} and {tuple(cache[1].shape)}")
+            shapes = f"{tuple(cache[0].shape)} and {tuple(cache[1].shape)}"
+            raise ValueError(f"{NAME}: cache k and v must have one shape, got {shapes}")
         return cache[0], cache[1]
