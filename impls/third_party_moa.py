@@ -63,9 +63,10 @@ class UpstreamAutoregressive(nn.Module):
 # Declared limits: the seed's router="straight_through" has no upstream counterpart (upstream
 # routes by coordinate descent only), so cases draw router="coor_descent" alone.
 OPTIONS = {"router": ("coor_descent",)}
-# The autoregressive variant crashes (a torch.cat size mismatch) with a routed window of 1 or 2
-# tokens (NOTES.md): drawn from 3 and 4 only.
-AR_OPTIONS = {**OPTIONS, "local_attn_window_size": (3, 4), "routed_window_size": (None, 3)}
+# The autoregressive variant crashes (a torch.cat size mismatch) whenever its routed window is no
+# longer than num_routed_queries and the sequence spans more than two windows (NOTES.md): cases
+# draw num_routed_queries 1..2 and windows of 3..4 only, so that every window routes.
+AR_OPTIONS = {**OPTIONS, "num_routed_queries": (1, 2), "local_attn_window_size": (3, 4), "routed_window_size": (None, 3)}
 
 lucidrains = Impl(
     name="lucidrains",
