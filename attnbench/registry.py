@@ -19,7 +19,7 @@ import inspect
 import os
 import pkgutil
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +40,23 @@ VARIANTS: dict[str, str] = {
     "MixtureOfAutoregressiveAttention": "seed module: the strictly causal routed mixture",
 }
 MODULE_VARIANTS = tuple(v for v in VARIANTS if v[0].isupper())
+ALL_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How a module decodes through its cache (the decoding properties).
+
+    step(module, x, cache, mask=None) -> (out, cache): run the tokens `x` (batch, n, dim)
+        after the ones already in `cache` (None before the first step) and return their
+        outputs and the new cache; `mask` is the (batch, tokens so far) keep-mask when passed.
+    max_chunk: the most tokens one step takes (None: any number).
+    mask: whether step takes a keep-mask.
+    """
+
+    step: Callable
+    max_chunk: int | None = None
+    mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,7 @@ class Impl:
     fn: Callable
     features: frozenset[str] = frozenset()
     devices: tuple[str, ...] = ("cpu", "cuda")
-    dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
+    dtypes: tuple[str, ...] | None = None  # default: all four for kernels, ("float32",) for modules
     requires: tuple[str, ...] = ()
     supports: Callable[..., str | None] | None = None
     available: Callable[[], str | None] | None = None
@@ -74,10 +91,33 @@ class Impl:
     compiles: bool = False  # its first call compiles (Triton, torch.compile): a CUDA sweep prewarms it in parallel
     tuning: Callable[[], dict] | None = None  # what its autotuner picked so far (a sweep stores it in env)
     origin: str = field(default="", compare=False)  # where it was found
+    # Module variants only (properties/test_modules.py says which tier needs which):
+    # options: constructor option -> the values this module takes; cases draw only those.
+    options: Mapping[str, tuple] = field(default_factory=dict, compare=False)
+    # weights: the white-box tier's map from the module's parameters to the variant's reference
+    #   layout: {reference name: own parameter name or fn(module) -> tensor}, or
+    #   fn(module) -> {reference name: tensor}. None: oracle agreement and gradients are unsupported.
+    weights: Mapping[str, str | Callable] | Callable | None = field(default=None, compare=False)
+    # route: fn(module, x, context=None, mask=None, context_mask=None) -> an object with
+    #   q_index, q_valid, kv_index, kv_valid (the routed mixtures' decisions); None: not exposed.
+    route: Callable | None = field(default=None, compare=False)
+    decode: Decoder | None = field(default=None, compare=False)  # decoding through a cache
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"Impl {self.name!r}: unknown variant {self.variant!r}; one of {sorted(VARIANTS)}")
+        module = self.variant in MODULE_VARIANTS
+        if self.dtypes is None:
+            object.__setattr__(self, "dtypes", ("float32",) if module else ALL_DTYPES)
+        object.__setattr__(self, "dtypes", tuple(self.dtypes))
+        hooks = [n for n in ("weights", "route", "decode") if getattr(self, n) is not None]
+        hooks += ["options"] if self.options else []
+        if hooks and not module:
+            raise ValueError(f"Impl {self.name!r}: {', '.join(hooks)} apply to module variants only, not {self.variant!r}")
+        if not isinstance(self.options, Mapping) or not all(isinstance(v, tuple) for v in self.options.values()):
+            raise ValueError(f"Impl {self.name!r}: options must map an option name to a tuple of the values it takes")
+        if self.decode is not None and not isinstance(self.decode, Decoder):
+            raise ValueError(f"Impl {self.name!r}: decode must be a Decoder, got {type(self.decode).__name__}")
         object.__setattr__(self, "features", frozenset(self.features))
         unknown = self.features - FEATURES
         if unknown:

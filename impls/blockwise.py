@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from attnbench.modules.hooks import seed_hooks
 from attnbench.registry import Impl
 from attnbench.spec import Config
 
@@ -315,6 +316,8 @@ blockwise_flash_attention_two = Impl(
     variant="FlashAttentionTwo",
     fn=_flash_attention_two,
     features={"causal", "cross", "key_padding", "backward", "deterministic"},
+    dtypes=("float64", "float32", "float16", "bfloat16"),
     memory="linear",
+    **seed_hooks("FlashAttentionTwo"),
     description="FlashAttentionTwo on the blockwise kernel (q_bucket_size / k_bucket_size honoured)",
 )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnbench.modules.hooks import seed_hooks
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
 
@@ -224,6 +225,8 @@ bucketed_local_mha = Impl(
     variant="LocalMHA",
     fn=_local_mha,
     features={"causal", "sliding_window", "blocked_window", "key_padding", "backward", "deterministic"},
+    dtypes=("float64", "float32", "float16", "bfloat16"),
     memory="linear",
+    **seed_hooks("LocalMHA"),
     description="LocalMHA on the bucketed look-around kernel",
 )

@@ -3,7 +3,7 @@ ONE dense-kernel call for all experts (and all causal windows)."""
 
 from __future__ import annotations
 
-from attnbench.impls.moa_loop import AR_FEATURES, MOA_FEATURES
+from attnbench.impls.moa_loop import AR_FEATURES, AR_HOOKS, MOA_FEATURES, MOA_HOOKS
 from attnbench.modules.mixture import MixtureOfAttention, MixtureOfAutoregressiveAttention, factory
 from attnbench.registry import Impl
 
@@ -12,6 +12,7 @@ batched = Impl(
     variant="MixtureOfAttention",
     fn=factory(MixtureOfAttention, strategy="batched"),
     features=MOA_FEATURES,
+    **MOA_HOOKS,
     description="experts folded into the batch: batched projections (einsum) and one fused kernel call",
 )
 
@@ -20,5 +21,6 @@ batched_ar = Impl(
     variant="MixtureOfAutoregressiveAttention",
     fn=factory(MixtureOfAutoregressiveAttention, strategy="batched"),
     features=AR_FEATURES,
+    **AR_HOOKS,
     description="experts and windows folded into the batch: one fused kernel call",
 )

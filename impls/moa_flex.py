@@ -4,6 +4,7 @@ routed keys masked by a score_mod (compiled; CUDA only: flex has no CPU backward
 from __future__ import annotations
 
 from attnbench.impls.moa_loop import AR_FEATURES, MOA_FEATURES
+from attnbench.modules.hooks import seed_hooks
 from attnbench.modules.mixture import MixtureOfAttention, MixtureOfAutoregressiveAttention, factory
 from attnbench.registry import Impl
 
@@ -14,6 +15,7 @@ flex = Impl(
     variant="MixtureOfAttention",
     fn=factory(MixtureOfAttention, strategy="flex"),
     features=MOA_FEATURES - {"dropout"},  # flex has no attention dropout
+    **seed_hooks("MixtureOfAttention"),
     devices=("cuda",),
     dtypes=FLEX_DTYPES,
     compiles=True,
@@ -25,6 +27,7 @@ flex_ar = Impl(
     variant="MixtureOfAutoregressiveAttention",
     fn=factory(MixtureOfAutoregressiveAttention, strategy="flex"),
     features=AR_FEATURES - {"dropout"},
+    **seed_hooks("MixtureOfAutoregressiveAttention"),
     devices=("cuda",),
     dtypes=FLEX_DTYPES,
     compiles=True,

@@ -6,17 +6,22 @@ naive dense kernel, the tolerance reference for the other mixture implementation
 
 from __future__ import annotations
 
+from attnbench.modules.hooks import seed_hooks
 from attnbench.modules.mixture import MixtureOfAttention, MixtureOfAutoregressiveAttention, factory
 from attnbench.registry import Impl
 
 MOA_FEATURES = frozenset({"backward", "cross", "key_padding", "dropout"})
 AR_FEATURES = frozenset({"backward", "causal", "key_padding", "dropout"})
+MOA_DTYPES = ("float64", "float32", "float16", "bfloat16")
+MOA_HOOKS = dict(dtypes=MOA_DTYPES, **seed_hooks("MixtureOfAttention"))
+AR_HOOKS = dict(dtypes=MOA_DTYPES, **seed_hooks("MixtureOfAutoregressiveAttention"))
 
 loop = Impl(
     name="loop",
     variant="MixtureOfAttention",
     fn=factory(MixtureOfAttention, strategy="loop"),
     features=MOA_FEATURES,
+    **MOA_HOOKS,
     description="per-expert loop: gather, project, one dense-kernel call per expert (kernel chosen by the module)",
 )
 
@@ -25,6 +30,7 @@ loop_ar = Impl(
     variant="MixtureOfAutoregressiveAttention",
     fn=factory(MixtureOfAutoregressiveAttention, strategy="loop"),
     features=AR_FEATURES,
+    **AR_HOOKS,
     description="per-expert loop over causal windowed routing; windows folded into the batch",
 )
 
@@ -33,6 +39,7 @@ naive = Impl(
     variant="MixtureOfAttention",
     fn=factory(MixtureOfAttention, strategy="loop", kernel="naive"),
     features=MOA_FEATURES,
+    **MOA_HOOKS,
     reference=True,
     description="per-expert loop with the naive dense kernel (materialized scores); the tolerance reference",
 )
@@ -42,6 +49,7 @@ naive_ar = Impl(
     variant="MixtureOfAutoregressiveAttention",
     fn=factory(MixtureOfAutoregressiveAttention, strategy="loop", kernel="naive"),
     features=AR_FEATURES,
+    **AR_HOOKS,
     reference=True,
     description="per-expert loop with the naive dense kernel; the tolerance reference",
 )

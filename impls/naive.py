@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from attnbench.masks import dense_mask
+from attnbench.modules.hooks import seed_hooks
 from attnbench.registry import Impl
 from attnbench.spec import Config
 
@@ -83,6 +84,7 @@ naive_flash_attention_two = Impl(
     features={"causal", "cross", "key_padding", "backward", "deterministic"},
     dtypes=_MODULE_DTYPES,
     reference=True,
+    **seed_hooks("FlashAttentionTwo"),
     description="FlashAttentionTwo module on the naive kernel (bucket sizes ignored)",
 )
 
@@ -93,6 +95,7 @@ naive_multi_query_attention = Impl(
     features={"causal", "gqa", "cross", "key_padding", "bias", "bias_grad", "dropout", "backward", "deterministic"},
     dtypes=_MODULE_DTYPES,
     reference=True,
+    **seed_hooks("MultiQueryAttention"),
     description="MultiQueryAttention (attn_impl='torch') on the naive kernel; KV cache, GQA, ALiBi bias",
 )
 
@@ -106,5 +109,6 @@ naive_local_mha = Impl(
     },
     dtypes=_MODULE_DTYPES,
     reference=True,
+    **seed_hooks("LocalMHA"),
     description="LocalMHA on the naive kernel (dense band mask)",
 )

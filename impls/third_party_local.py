@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 
-from attnbench.registry import Impl
+from attnbench.modules.common import same_layout
+from attnbench.registry import Decoder, Impl
 from attnbench.spec import Config, Spec
 
 
@@ -88,17 +89,17 @@ local_attention = Impl(
 )
 
 
-# -- LocalMHA ----------------------------------------------------------------------------------
+# -- LocalMHA ---------------------------------------------------------------------------------
 def local_mha(**kwargs):
     """local-attention's LocalMHA built from the seed document's constructor arguments.
 
-    Parameter layout (to_qkv, to_out, norm, q_scale, k_scale) is the seed's, so the module
-    oracle reads it directly. The library always passes dim=dim_head to LocalAttention, which
-    turns on a rotary embedding; the seed module has a positional embedding only with
-    use_xpos, so the adapter passes use_rotary_pos_emb=use_xpos. xpos_scale_base defaults to
-    sqrt(dim) as the seed document says (the library's own default is window_size // 2).
-    attn_bias is not mapped: the library's is a per-window (heads, w, (lb+1+lf) w) tensor,
-    not the seed's (batch, heads, seq, seq), so the adapter refuses it.
+    The library always passes dim=dim_head to LocalAttention, which turns on a rotary embedding;
+    the seed module has a positional embedding only with use_xpos, so the adapter passes
+    use_rotary_pos_emb=use_xpos. xpos_scale_base defaults to sqrt(dim) as the seed document says
+    (the library's own default is window_size // 2). attn_bias is not mapped: the library's is a
+    per-window (heads, w, (lb+1+lf) w) tensor, not the seed's (batch, heads, seq, seq), so the
+    adapter refuses it. Its parameters (to_qkv, to_out, norm, q_scale, k_scale) have the seed's
+    names, so the white-box weights map is the identity.
     """
     from local_attention import LocalMHA
 
@@ -110,16 +111,20 @@ def local_mha(**kwargs):
                              causal=causal, prenorm=prenorm, qk_rmsnorm=qk_rmsnorm, qk_scale=qk_scale,
                              use_xpos=use_xpos, xpos_scale_base=scale_base, exact_windowsize=exact_windowsize,
                              use_rotary_pos_emb=use_xpos)
-            # what the seed module exposes and the module oracle reads
-            self.dim, self.dim_head, self.qk_scale = dim, dim_head, qk_scale
-            self.use_xpos, self.xpos_scale_base = use_xpos, scale_base
 
-        def forward(self, x, mask=None, attn_bias=None):
+        def forward(self, x, mask=None, attn_bias=None, cache=None, return_cache=False):
             if attn_bias is not None:
                 raise ValueError("attn_bias: local-attention's LocalMHA takes a per-window bias, not (B, H, S, S)")
-            return super().forward(x, mask=mask)
+            return super().forward(x, mask=mask, cache=cache, return_cache=return_cache)
 
     return LucidrainsLocalMHA(**kwargs)
+
+
+def decode_local_mha(module, x, cache, mask=None):
+    """The library's cache: (k, v) stacked; a step with a cache takes exactly one token."""
+    if mask is not None:
+        raise ValueError("mask: local-attention's LocalMHA decodes without a mask")
+    return module(x, cache=cache, return_cache=True)
 
 
 local_attention_local_mha = Impl(
@@ -127,6 +132,9 @@ local_attention_local_mha = Impl(
     variant="LocalMHA",
     fn=local_mha,
     features={"causal", "sliding_window", "blocked_window", "key_padding", "backward"},
+    dtypes=("float32", "float64"),
+    weights=same_layout,
+    decode=Decoder(decode_local_mha, max_chunk=1),
     requires=("local_attention",),
     description="lucidrains local-attention LocalMHA (rotary only with use_xpos; no attn_bias)",
 )

@@ -4,11 +4,12 @@ An optional extra (`pip install attnbench[third-party]`); unavailable when the p
 Its own conventions, kept (the adapter declares them rather than bending the suite):
 - routing is CoLT5 coordinate descent with straight-through weights (forward value exactly 1);
   use_triton selects its triton coordinate descent (CUDA), flash_attn torch SDPA. None -> False.
-- its parameters have their own layout, so the float64 oracles cannot read them; it is compared
-  by properties (masks, causality, batch independence), not against mixture_reference.
-Known disagreements with SEMANTICS.md (minimal counterexamples in NOTES.md, tests in
-tests/test_mixture.py): with seq <= num_routed_queries the local branch is dropped and experts
-are averaged; the autoregressive variant routes queries by top-k inside a window (not causal).
+- its forward router weights are exactly 1, not the contract's, so no `weights` map is declared:
+  it is verified by the black-box tier (batch independence, causality, masks, padding, the null
+  output its outputs imply), not against mixture_reference (the white-box tier reports it
+  unsupported).
+Known disagreements with SEMANTICS.md: minimal counterexamples in NOTES.md, tests in
+tests/test_mixture.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from attnbench.registry import Impl
 
 OURS_ONLY = ("router", "kernel", "strategy")
+DTYPES = ("float32", "float64")  # checked on the CPU; float16 / bfloat16 untested (the AR variant refuses them)
 
 
 def _upstream_kwargs(kwargs: dict) -> dict:
@@ -58,12 +60,21 @@ class UpstreamAutoregressive(nn.Module):
         return self.inner(x)
 
 
+# Declared limits: the seed's router="straight_through" has no upstream counterpart (upstream
+# routes by coordinate descent only), so cases draw router="coor_descent" alone.
+OPTIONS = {"router": ("coor_descent",)}
+# The autoregressive variant crashes (a torch.cat size mismatch) whenever its routed window is no
+# longer than num_routed_queries and the sequence spans more than two windows (NOTES.md): cases
+# draw num_routed_queries 1..2 and windows of 3..4 only, so that every window routes.
+AR_OPTIONS = {**OPTIONS, "num_routed_queries": (1, 2), "local_attn_window_size": (3, 4), "routed_window_size": (None, 3)}
+
 lucidrains = Impl(
     name="lucidrains",
     variant="MixtureOfAttention",
     fn=UpstreamMixture,
-    features={"backward", "cross", "key_padding"},
-    dtypes=("float64", "float32", "float16", "bfloat16"),
+    features={"backward", "cross", "key_padding", "dropout"},
+    dtypes=DTYPES,
+    options=OPTIONS,
     requires=("mixture_of_attention",),
     description="lucidrains/mixture-of-attention (PyPI); coordinate-descent routing, straight-through weights",
 )
@@ -72,7 +83,9 @@ lucidrains_ar = Impl(
     name="lucidrains",
     variant="MixtureOfAutoregressiveAttention",
     fn=UpstreamAutoregressive,
-    features={"backward"},
+    features={"backward", "causal", "dropout"},
+    dtypes=DTYPES,
+    options=AR_OPTIONS,
     requires=("mixture_of_attention",),
-    description="lucidrains/mixture-of-attention autoregressive variant (no mask; window top-k, not causal)",
+    description="lucidrains/mixture-of-attention autoregressive variant (no mask)",
 )

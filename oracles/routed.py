@@ -288,3 +288,44 @@ def autoregressive_mixture_reference(module, x: torch.Tensor, mask: torch.Tensor
         rows.append(row)
     total = torch.stack(rows)
     return _combine(module, x64, total, counts.to(x.device), mask, True, None)
+
+
+# -- how far the routing is from a tie ------------------------------------------------------------
+
+
+def _cut_gap(s: torch.Tensor, k: int) -> float:
+    """The gap between the k-th and the (k+1)-th largest of a 1-D score row (inf if <= k of them)."""
+    if s.numel() <= k:
+        return math.inf
+    top = torch.topk(s, k + 1).values
+    return float(top[k - 1] - top[k])
+
+
+def decision_margin(q_router: torch.Tensor, kv_router: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None,
+                    mask: torch.Tensor | None, context_mask: torch.Tensor | None, kq: int, kk: int,
+                    window: int | None = None) -> float:
+    """The smallest score gap any routing decision rests on, in float64: how far the scores are
+    from a tie that could send a token either way. `window` set: the autoregressive decisions
+    (key/values: top-kk of each prefix [0, i R); queries: score against the previous window's
+    threshold), else the top-k cuts of the whole rows."""
+    x = x.detach().to(F64)
+    ctx = x if context is None else context.detach().to(F64)
+    keep = _keep(mask, x).cpu()
+    ckeep = keep if context is None else _keep(context_mask, ctx).cpu()
+    sq, skv = scores64(x, q_router.detach()).cpu(), scores64(ctx, kv_router.detach()).cpu()
+    B, E, N = sq.shape
+    gaps = [math.inf]
+    for b in range(B):
+        for g in range(E):
+            if window is None:
+                gaps += [_cut_gap(sq[b, g][keep[b]], kq), _cut_gap(skv[b, g][ckeep[b]], kk)]
+                continue
+            for start in range(window, N, window):
+                past = keep[b, :start]
+                gaps.append(_cut_gap(skv[b, g, :start][past], kk))
+                prev = torch.sort(sq[b, g, start - window : start][keep[b, start - window : start]], descending=True).values
+                if window > kq and len(prev) >= kq:
+                    t = torch.arange(start, min(start + window, N))
+                    near = (sq[b, g, t] - prev[kq - 1]).abs()[keep[b, t]]
+                    gaps += [float(near.min())] if near.numel() else []
+    return min(gaps)

@@ -344,9 +344,18 @@ def test_effective_flops_helper_counts_visible_pairs() -> None:
 
 
 # -- the LocalMHA adapter against the module oracle ----------------------------------------
+def _lucidrains(**kw):
+    """The adapter's module plus the seed settings local_mha_reference reads off a module (the
+    property suite reads them off the reference layout instead, through the weights map)."""
+    module = tpl.local_mha(**kw)
+    module.dim, module.dim_head, module.qk_scale = kw["dim"], kw.get("dim_head", 64), kw.get("qk_scale", 8)
+    module.use_xpos, module.xpos_scale_base = kw.get("use_xpos", False), math.sqrt(kw["dim"])
+    return module
+
+
 def _module_case(seed: int, S: int, **kw):
     torch.manual_seed(seed)
-    module = tpl.local_mha(dim=16, window_size=4, dim_head=8, heads=2, **kw).double().eval()
+    module = _lucidrains(dim=16, window_size=4, dim_head=8, heads=2, **kw).double().eval()
     x = torch.randn(2, S, 16, dtype=torch.float64)
     return module, x
 
@@ -389,7 +398,7 @@ def test_local_mha_non_causal_xpos_shifts_query_positions_by_window_size() -> No
     from attnbench.oracles import modules as oracle
 
     torch.manual_seed(0)
-    module = tpl.local_mha(dim=2, window_size=1, dim_head=2, heads=1, use_xpos=True).double()
+    module = _lucidrains(dim=2, window_size=1, dim_head=2, heads=1, use_xpos=True).double()
     x = torch.randn(1, 2, 2, dtype=torch.float64)
     got = module(x)
     assert not torch.allclose(got, oracle.local_mha_reference(module, x), atol=1e-6)
@@ -412,7 +421,7 @@ def test_local_mha_padding_and_empty_rows_disagree() -> None:
     from attnbench.oracles.modules import local_mha_reference
 
     torch.manual_seed(0)
-    module = tpl.local_mha(dim=1, window_size=2, dim_head=1, heads=1).double()
+    module = _lucidrains(dim=1, window_size=2, dim_head=1, heads=1).double()
     x = torch.randn(1, 1, 1, dtype=torch.float64)
     assert not torch.allclose(module(x), local_mha_reference(module, x))  # autopad key visible
     keep_none = torch.zeros(1, 1, dtype=torch.bool)

@@ -617,6 +617,33 @@ def test_local_mha_bad_input(call, exc, match):
         call(local())
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("options", [{}, {"qk_rmsnorm": True}, {"use_xpos": True, "prenorm": True}], ids=str)
+def test_local_mha_cache_decoding_equals_the_full_causal_pass(exact, options):
+    """A prefix of 3, then one token at a time, through the cache: the full causal pass's
+    outputs (sliding and blocked windows, qk-norm, xpos), with a keep-mask over all tokens."""
+    m = build(LocalMHA, dim=DIM, window_size=2, dim_head=8, heads=2, causal=True, exact_windowsize=exact, **options)
+    x, mask = randn(2, 7, DIM, seed=1), keep(2, 7)
+    full = m(x, mask=mask)
+    out, cache = m(x[:, :3], mask=mask[:, :3], return_cache=True)
+    outs = [out]
+    for t in range(3, 7):
+        out, cache = m(x[:, t : t + 1], mask=mask[:, : t + 1], cache=cache, return_cache=True)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
+    assert cache[0].shape == (2, 2, 7, 8)
+
+
+def test_local_mha_cache_needs_causal_and_a_pair_of_tensors():
+    with pytest.raises(ValueError, match="causal=True"):
+        local()(randn(1, 1, DIM), cache=(randn(1, 2, 3, 8), randn(1, 2, 3, 8)))
+    m = local(causal=True)
+    with pytest.raises(TypeError, match="pair"):
+        m(randn(1, 1, DIM), cache=randn(1, 2, 3, 8))
+    with pytest.raises(ValueError, match="cache k"):
+        m(randn(1, 1, DIM), cache=(randn(1, 3, 3, 8), randn(1, 3, 3, 8)))
+
+
 # -- the module Impls and the oracle table ----------------------------------------------
 @pytest.mark.parametrize(
     "variant,kw,oracle,select",

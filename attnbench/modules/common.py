@@ -20,6 +20,11 @@ Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 # -- kernels ---------------------------------------------------------------------------
+def same_layout(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The white-box weight map of a module in the seed layout: every parameter by its own name."""
+    return dict(module.named_parameters())
+
+
 def naive_kernel() -> Kernel:
     from attnbench.impls.naive import attention  # lazy: impls/naive.py imports the modules
 
@@ -221,20 +226,25 @@ class RotaryXPos(nn.Module):
         self.theta = float(theta)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        S, D = q.shape[-2], self.dim_head
+        """Keys sit at positions 0 .. Sk-1 and queries at the last Sq of them (a decoding step
+        with a cache has Sq < Sk)."""
+        Sq, Sk, D = q.shape[-2], k.shape[-2], self.dim_head
         calc = torch.float64 if q.dtype == torch.float64 else torch.float32
         half = torch.arange(0, D, 2, device=q.device, dtype=calc)
         inv_freq = 1.0 / self.theta ** (half / D)
         zeta = (half + 0.4 * D) / (1.4 * D)
-        t = torch.arange(S, device=q.device, dtype=calc)
-        freqs = t[:, None] * inv_freq[None]
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        power = (t - S // 2)[:, None] / self.scale_base
-        scale = zeta[None] ** power
-        scale = torch.cat((scale, scale), dim=-1)
-        cos, sin = freqs.cos(), freqs.sin()
-        q_out = (q.to(calc) * cos + rotate_half(q.to(calc)) * sin) * scale
+
+        def tables(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            freqs = t[:, None] * inv_freq[None]
+            freqs = torch.cat((freqs, freqs), dim=-1)
+            scale = zeta[None] ** ((t - Sk // 2)[:, None] / self.scale_base)
+            return freqs.cos(), freqs.sin(), torch.cat((scale, scale), dim=-1)
+
+        t = torch.arange(Sk, device=q.device, dtype=calc)
+        cos, sin, scale = tables(t)
         k_out = (k.to(calc) * cos + rotate_half(k.to(calc)) * sin) / scale
+        cos, sin, scale = cos[Sk - Sq :], sin[Sk - Sq :], scale[Sk - Sq :]
+        q_out = (q.to(calc) * cos + rotate_half(q.to(calc)) * sin) * scale
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
 

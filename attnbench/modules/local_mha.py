@@ -99,19 +99,42 @@ class LocalMHA(nn.Module):
     def prenorm(self) -> bool:
         return self.norm is not None
 
-    def forward(self, x, mask=None, attn_bias=None) -> torch.Tensor:
+    def forward(self, x, mask=None, attn_bias=None, cache=None, return_cache=False):
+        """cache: (k, v) of the tokens before x, each (batch, heads, past, dim_head), as a call with
+        return_cache=True returns it (keys before rotary); x then holds the next tokens, always
+        causal (`mask` and `attn_bias` cover all past + new tokens: (batch, past + seq) and
+        (batch, heads, seq, past + seq)). return_cache: also return the (k, v) of every token so far."""
         x = check_input(x, "x", self.dim, NAME)
         B, S, _ = x.shape
-        mask = keep_mask(mask, B, S, "mask", NAME)
-        attn_bias = check_bias(attn_bias, (B, self.heads, S, S), "attn_bias", NAME)
         if self.norm is not None:
             x = self.norm(x)
         q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
         if self.qk_rmsnorm:
             q = l2norm(q) * self.q_scale
             k = l2norm(k) * self.k_scale
-        if self.rotary is not None:
-            q, k = self.rotary(q, k)
-        cfg = dropout_config(self.cfg, self.dropout, self.training)
-        out = self.kernel(q, k, v, cfg, key_padding_mask=mask, bias=attn_bias)[0]
-        return self.to_out(merge_heads(out))
+        cfg = self.cfg
+        if cache is not None:
+            if not self.causal:
+                raise ValueError(f"{NAME}: cache: decoding through a cache needs causal=True")
+            past_k, past_v = self._check_cache(cache, B, k)
+            k, v = torch.cat((past_k.to(k.dtype), k), dim=2), torch.cat((past_v.to(v.dtype), v), dim=2)
+        Sk = k.shape[2]
+        mask = keep_mask(mask, B, Sk, "mask", NAME)
+        attn_bias = check_bias(attn_bias, (B, self.heads, S, Sk), "attn_bias", NAME)
+        qr, kr = (q, k) if self.rotary is None else self.rotary(q, k)
+        cfg = dropout_config(cfg, self.dropout, self.training)
+        out = self.to_out(merge_heads(self.kernel(qr, kr, v, cfg, key_padding_mask=mask, bias=attn_bias)[0]))
+        return (out, (k, v)) if return_cache else out
+
+    def _check_cache(self, cache, B: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(cache, (tuple, list)) and len(cache) == 2 and all(isinstance(t, torch.Tensor) for t in cache)):
+            raise TypeError(f"{NAME}: cache must be a (k, v) pair of tensors")
+        want = (B, self.heads, self.dim_head)
+        for name, t in zip("kv", cache):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
+                raise ValueError(f"{NAME}: cache {name} must have shape (batch, {self.heads}, past, {self.dim_head}), "
+                                 f"got {tuple(t.shape)}")
+        if cache[0].shape != cache[1].shape:
+            shapes = f"{tuple(cache[0].shape)} and {tuple(cache[1].shape)}"
+            raise ValueError(f"{NAME}: cache k and v must have one shape, got {shapes}")
+        return cache[0], cache[1]
