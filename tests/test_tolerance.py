@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from attnbench.impls.naive import naive as NAIVE  # the dense reference, without loading the registry
 from attnbench.properties import harness as H
 from attnbench.properties import tolerance as T
 from attnbench.properties.calibrate import old_allowed
 from attnbench.properties.orderings import ORDERINGS
-from attnbench.registry import registry
 from attnbench.spec import Config, Spec
 
 
@@ -200,7 +200,7 @@ def test_scale_first_is_no_false_alarm_though_the_old_rule_raised_one():
     inputs = H.fresh_inputs(spec)
     with torch.no_grad():
         got = H.call(ORDERINGS["scale_first"], inputs, spec.config())
-        ref = H.run_impl(registry().reference("dense"), spec, inputs)
+        ref = H.run_impl(NAIVE, spec, inputs)
         want = H.run_oracle(spec, inputs)
     terms, _ = T.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.grad_out, spec.config(), None, None)
     error, ref_error = T.max_error(got.out, want.out)[0], T.max_error(ref.out, want.out)[0]
@@ -227,16 +227,15 @@ def test_the_model_alone_passes_a_correct_ordering_against_an_exact_reference():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_every_correct_ordering_passes_pinned_edge_specs(dtype):
     """A few edges per dtype (the calibration draws thousands: properties/calibrate.py)."""
-    naive = registry().reference("dense")
     specs = [
         Spec(Sq=9, Sk=5, causal=True, window=(2, 0), magnitude=8.0),
         Spec(B=2, Hq=4, Hkv=2, Sq=17, key_lengths=(17, 0), bias="full", bias_neginf=0.2, magnitude=3.0),
         Spec(Sq=1, Sk=24, D=64, scale=2.0, magnitude=8.0),
     ]
     for spec in (s.replace(dtype=dtype) for s in specs):
-        inputs = H.fresh_inputs(spec, naive, grad=True)
+        inputs = H.fresh_inputs(spec, NAIVE, grad=True)
         want = H.run_oracle(spec, inputs, grad=True)
-        ref = H.run_impl(naive, spec, H.clone_inputs(inputs), grad=True)
+        ref = H.run_impl(NAIVE, spec, H.clone_inputs(inputs), grad=True)
         scales = H.scales_of(spec, inputs)
         for name, fn in ORDERINGS.items():
             got = H.call(fn, H.clone_inputs(inputs), spec.config(), grad=True)
@@ -253,7 +252,7 @@ def test_the_model_still_catches_a_wrong_scale():
     cfg = spec.config()
     with torch.no_grad():
         wrong = ORDERINGS["scale_first"](inputs.q, inputs.k, inputs.v, Config(scale=32**-0.5))
-        ref = H.run_impl(registry().reference("dense"), spec, inputs)
+        ref = H.run_impl(NAIVE, spec, inputs)
         want = H.run_oracle(spec, inputs)
     assert cfg.scale == pytest.approx(16**-0.5)
     verdict = T.compare("out", wrong[0], want.out, ref.out, "float32", H.scales_of(spec, inputs)["out"])
