@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from collections import defaultdict
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs == 1:
         results = map(_job, chunks)
     else:
-        results = ProcessPoolExecutor(args.jobs).map(_job, chunks)
+        # spawn, not fork: a forked worker cannot use CUDA once the parent has touched it
+        results = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")).map(_job, chunks)
     for dtype, rs in results:
         rows[dtype].extend(rs)
     report = dict(
