@@ -279,7 +279,14 @@ def _dkdv_inner(
             m2 = tl.load(M2 + lse_row + offs_m)
             inv_l = tl.load(INVL + lse_row + offs_m)
             delta = tl.load(Delta + lse_row + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if DOT_PREC == "ieee":
+            # float32: the logits as the forward computed them, q @ k^T, then transposed. p is
+            # exp2(s - m2) with the forward's m2, exact for the row's top key only if s rounds as
+            # in the forward; k @ q^T sums in another order on some backends (numpy's OpenBLAS
+            # under the interpreter), and |s| * eps of error then lands on p = 1.
+            s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PREC)) * qk_scale  # (BLOCK_N, BLOCK_M)
+        else:
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
         if HAS_BIAS:
             b_ptrs = bias_base + offs_m[None, :] * sbm + offs_n[:, None] * sbn
             bias = tl.load(b_ptrs, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk), other=0.0)

@@ -148,7 +148,7 @@ def reference_error(quantity: str, spec: Spec, ref: Run, oracle: Run) -> tuple[f
 
 
 def scales_of(spec: Spec, inputs: Inputs, cfg: Config | None = None) -> dict[str, float]:
-    """The tolerance floor's term magnitudes for this call (tolerance.term_scales)."""
+    """The tolerance error model's scale per quantity for this call (tolerance.term_scales)."""
     return tolerance.term_scales(
         inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias
     )

@@ -1,7 +1,8 @@
 """Agreement with the float64 oracle: forward (out, lse), gradients, float64 gradcheck.
 
 Each quantity goes through the tolerance rule (properties/tolerance.py): at most K times the
-naive reference's error in the same dtype on the same device, plus a floor.
+naive reference's error in the same dtype on the same device, plus what the error model allows
+any correct order of operations.
 """
 
 from __future__ import annotations

@@ -187,6 +187,21 @@ def test_no_keys_and_no_queries(interp):
     assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
 
 
+@pytest.mark.parametrize("D", [16, 64])
+def test_float32_lone_key_dv_is_exact(interp, D):
+    """With window (0, 0) every query sees one key, so p is exactly 1 and dv must equal dO bit
+    for bit. The dk/dv kernel computed its logits as k @ q^T while the forward computed q @ k^T;
+    numpy's OpenBLAS (the interpreter's dot) sums the two in different orders off its micro-tile
+    diagonal (Sk = Sq + 7 puts query i's key there), and the recomputed p = exp2(s - m2) was off
+    by |s| eps (dv 37x naive's error at logits ~100)."""
+    spec = Spec(Sq=16, Sk=23, D=D, window=(0, 0), scale=1.0, magnitude=8.0, dtype="float32")
+    inputs = spec.make_inputs(requires_grad=True)
+    out, _ = tri.attention(inputs.q, inputs.k, inputs.v, spec.config())
+    dv, = torch.autograd.grad(out, [inputs.v], inputs.grad_out)
+    assert torch.equal(out, inputs.v.detach()[:, :, 7:])
+    assert torch.equal(dv[:, :, 7:], inputs.grad_out)
+
+
 def test_deterministic(interp):
     spec = Spec(Hq=2, Hkv=1, Sq=18, Sk=20, causal=True, bias="per_head")
     first = _run(tri.attention, spec, spec.make_inputs(requires_grad=True))
