@@ -1,7 +1,8 @@
 """The terminal: live progress while a run goes, a summary after it, and run comparisons.
 
-Everything fits a 100-column terminal: tables are grouped by variant, wide matrices are split
-into column chunks, long text wraps and long replay commands break into shell continuations.
+Everything fits the terminal it is printed on, 80 columns included (at most 100 are used):
+tables are grouped by variant, wide matrices are split into column chunks, long text wraps and
+long replay commands break into shell continuations.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ _MAX_REASON_LINES = 12
 def _console(console: Console | None) -> Console:
     if console is not None:
         return console
-    probe = Console()
-    return Console(width=min(WIDTH, probe.width) if probe.is_terminal else WIDTH)
+    return Console(width=min(WIDTH, Console().width), emoji=False)
 
 
 def _unicode(console: Console) -> bool:
@@ -212,6 +212,31 @@ def summary(results: Results, console: Console | None = None) -> None:
             console.print(Text(T.zoo_note(results), style="dim"), overflow="fold")
     if not (results.correctness or results.perf or results.zoo):
         console.print("nothing to report: the results have no rows")
+
+
+def not_verified(lines: list[str], console: Console | None = None, title: str = "Not verified") -> None:
+    """What was asked for but checked nothing, and why, one line each (nothing when empty)."""
+    if not lines:
+        return
+    console = _console(console)
+    _rule(console, f"{title} ({len(lines)})")
+    for line in lines:
+        console.print(Text(f"  {line}", style="yellow"), overflow="fold")
+
+
+def verdict(results: Results, code: int, meaning: str, console: Console | None = None) -> None:
+    """The last line of a verify or run: the counts, the exit code and what it means."""
+    console = _console(console)
+    word = {0: "PASS", 1: "FAIL", 2: "ERROR", 3: "NOT VERIFIED"}.get(code, "EXIT")
+    if results.zoo:
+        counts = T.zoo_summary(results.zoo)
+    else:
+        c = T.counts(T.checked_rows(results))
+        counts = ", ".join(f"{c[k]} {label}" for k, label in
+                           (("pass", "pass"), ("fail", "fail"), ("error", "error"), ("skip", "unsupported")))
+    style = "bold green" if code == 0 else "bold red"
+    console.print()
+    console.print(Text(f"verdict: {word} · {counts} · exit {code}: {meaning}", style=style), soft_wrap=True)
 
 
 def _rule(console: Console, title: str) -> None:
