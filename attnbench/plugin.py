@@ -91,7 +91,6 @@ def _apply_seed(config: pytest.Config) -> None:
 
 _ROWS = pytest.StashKey[list]()
 _WORST = pytest.StashKey[float]()
-_LAST = pytest.StashKey[float]()
 
 
 # -- selection ---------------------------------------------------------------------------
@@ -161,9 +160,8 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 def record_ratio(ratio: float) -> None:
-    """Record one measured error / allowed error for the running test. A passing test reports
-    its worst ratio; a failing one the ratio of the check that failed (the last one recorded:
-    Hypothesis runs the minimal failing example last, and a check records before it asserts)."""
+    """Record one measured error / allowed error for the running test; a passing test reports
+    its worst (a failing one the ratio its failure states, see _failed_ratio)."""
     if not _CURRENT:
         return
     item = _CURRENT[-1]
@@ -171,7 +169,6 @@ def record_ratio(ratio: float) -> None:
     worst = item.stash.get(_WORST, None)
     if worst is None or ratio > worst:
         item.stash[_WORST] = ratio
-    item.stash[_LAST] = ratio
 
 
 @pytest.fixture(scope="session")
@@ -194,6 +191,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = sorted((i for i in items if i.nodeid in order), key=lambda i: order[i.nodeid])
     if _STREAM:  # the number of checks this process will run, for a true progress total
         _emit({"event": "collected", "total": sum(isinstance(_impl_of(i), Impl) for i in items)})
+        _emit({"event": "requested", **requested(config)})
+
+
+def requested(config: pytest.Config) -> dict:
+    """What this run was asked to verify, for the runner's no-silent-pass check: the keys of the
+    implementations (named with --impl, else every available one of the selected variants),
+    whether they were named, and the implementation sources that failed to load (they would
+    have run when none was named)."""
+    if config.getoption("zoo"):
+        return {"impls": [], "explicit": True, "broken": []}
+    names, variants = config.getoption("impl"), config.getoption("variant")
+    reg = registry()
+    if names:
+        impls = reg.resolve(names, variants)
+    else:
+        impls = [i for i in reg.select(available_only=True) if not variants or i.variant in variants]
+    broken = [] if names else [f"{b.origin}: failed to load: {b.reason}" for b in reg.broken]
+    return {"impls": list(dict.fromkeys(i.key for i in impls)), "explicit": bool(names), "broken": broken}
 
 
 def _select_properties(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -258,7 +273,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         "status": _status(report, call),
         "device": item.config.getoption("device") or "cpu",
         "reason": _reason(report, call) if (failed or report.skipped) else "",
-        "error_ratio": _failed_ratio(item) if failed else item.stash.get(_WORST, None),
+        "error_ratio": _failed_ratio(call) if failed else item.stash.get(_WORST, None),
         "counterexample": _counterexample(text) if failed else None,
         "seed": _seed(text, item.config) if failed else None,
         "replay": replay_command(item, impl) if failed else None,
@@ -274,11 +289,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         _emit(row)
 
 
-def _failed_ratio(item: pytest.Item) -> float | None:
-    """The ratio of the check that failed: the last one recorded, when it is over 1. A failure
-    that is not a tolerance check (an exception, a wrong shape) has no ratio of its own."""
-    last = item.stash.get(_LAST, None)
-    return last if last is not None and last > 1 else None
+def _failed_ratio(call) -> float | None:
+    """The ratio of the check that failed, as its message states it (the tolerance rule says
+    "(ratio 6.66e+05; ..."), so a failure's header and reason give one number. Examples tried
+    on the way (other explicit examples, shrinking) have other ratios and do not count; a
+    failure that is not a tolerance check (an exception, a wrong shape) has no ratio."""
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if exc is None:
+        return None
+    ratios = []
+    for e in [exc, *getattr(exc, "exceptions", ())]:
+        stated = getattr(e, "ratio", None)
+        if isinstance(stated, (int, float)):
+            ratios.append(float(stated))
+        else:
+            ratios += [float(m) for m in _RATIO.findall(str(e).split("\n", 1)[0])]
+    return max(ratios) if ratios else None
+
+
+_RATIO = re.compile(r"\(ratio ([-+.\deE]+|inf|nan)\b")
 
 
 def _failure_text(report, call) -> str:
@@ -338,7 +367,10 @@ def _failing_case(exc: BaseException) -> str | None:
     """The example Hypothesis noted on one exception: its Spec(...) / ModuleCase(...) if it drew
     one, else its plain drawn arguments."""
     text = "\n".join(map(str, getattr(exc, "__notes__", ())))
-    return _counterexample(text) if _FALSIFYING.search(text) else None
+    if not _FALSIFYING.search(text):
+        return None
+    case = _counterexample(text)
+    return case[len("dict(") : -1] if case and case.startswith("dict(") else case
 
 
 def _plain_args(note: str) -> str | None:
@@ -390,13 +422,12 @@ def _counterexample(text: str) -> str | None:
     falsifying = m.start() if m else -1
     starts = [m.start() for m in _CASE.finditer(text)]
     after = [s for s in starts if falsifying >= 0 and s > falsifying]
-    if after or falsifying < 0:
-        for start in after[:1] or list(reversed(starts)):
-            case = _balanced(text, start)
-            if case:
-                return case
-        return None
-    return _plain_args(text[falsifying:])
+    for start in after[:1] or list(reversed(starts)):
+        case = _balanced(text, start)
+        if case:
+            return case
+    args = _plain_args(text[falsifying:]) if falsifying >= 0 else None
+    return f"dict({args})" if args else None
 
 
 def _balanced(text: str, start: int) -> str | None:

@@ -62,7 +62,7 @@ def pytest_args(
         "-p", "attnbench.plugin",
         "-p", "no:cacheprovider",
         "--import-mode=importlib",
-        "-q", "--no-header", "-p", "no:randomly",
+        "-q", "--no-header", "-p", "no:randomly", "-p", "no:benchmark",
         f"--hypothesis-profile={profile}",
         "--device", device,
     ]
@@ -143,7 +143,7 @@ def run(
     outcome = Outcome(results=results, log="\n".join(log_parts), crashed=crashed, collect_error=collect_error,
                       usage_error=child.usage_error, seed=seed)
     if not (outcome.usage_error or outcome.collect_error or zoo):
-        outcome.not_verified = not_verified(rows, impls=impls, variants=variants, properties=properties)
+        outcome.not_verified = not_verified(rows, child.requested, properties=properties)
         if outcome.not_verified:
             results.env["not_verified"] = outcome.not_verified
     return outcome
@@ -168,6 +168,7 @@ class _Child:
         self.rows, self.done = rows, done
         self.on_row, self.on_start, self.on_collect = on_row, on_start, on_collect
         self.usage_error: str | None = None
+        self.requested: dict = {}  # what the test process was asked to verify (plugin.requested)
 
     def run(self, args, env) -> tuple[dict | None, list[str], int]:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
@@ -189,6 +190,8 @@ class _Child:
             elif kind == "collected":
                 if self.on_collect:
                     self.on_collect(int(event["total"]))
+            elif kind == "requested":
+                self.requested = event
             elif kind == "usage_error":
                 self.usage_error = str(event["message"])
             else:
@@ -226,43 +229,32 @@ def _crash_row(started: dict, code: int, tail: list[str]) -> CorrectnessRow:
 CHECKED = ("pass", "fail", "error")  # statuses of a check that ran; "skip" verified nothing
 
 
-def not_verified(
-    rows: list[CorrectnessRow],
-    *,
-    impls: Iterable[str] = (),
-    variants: Iterable[str] = (),
-    properties: Iterable[str] = (),
-) -> list[str]:
+def not_verified(rows: list[CorrectnessRow], requested: dict, properties: Iterable[str] = ()) -> list[str]:
     """What a verify run was asked for but checked nothing of, one "what: why" line each.
 
-    - every implementation named with --impl, and without --impl (and without --property)
-      every available implementation of the selected variants;
+    requested: the test process' account (plugin.requested): implementation keys, whether they
+    were named with --impl, and the sources that failed to load. Judged:
+    - every named implementation; without --impl and --property, every available one;
     - every --property;
     - without --impl, every implementation source that failed to load (it would have run).
     """
-    from attnbench.registry import registry
-
-    reg = registry()
-    names, variants, properties = list(impls), list(variants), list(properties)
+    properties = list(properties)
     out = []
-    if names:
-        wanted = reg.resolve(names, variants)
-    elif properties:
-        wanted = []  # a property asked of every implementation: judged per property below
-    else:
-        wanted = [i for i in reg.select(available_only=True) if not variants or i.variant in variants]
-    for impl in dict.fromkeys(wanted):
-        mine = [r for r in rows if r.variant == impl.variant and r.impl == impl.name]
+    judged = requested.get("impls", []) if requested.get("explicit") or not properties else []
+    for key in judged:
+        variant, _, name = key.partition("/")
+        mine = [r for r in rows if r.variant == variant and r.impl == name]
         if not any(r.status in CHECKED for r in mine):
-            out.append(f"{impl.key}: {_why_nothing(mine, f'no selected property applies to the {impl.variant} variant')}")
+            out.append(f"{key}: {_why_nothing(mine, f'no selected property applies to the {variant} variant')}")
     prop_names = list(dict.fromkeys(r.property for r in rows))
     for p in properties:
         chosen = {p} if p in prop_names else {n for n in prop_names if p in n}
         mine = [r for r in rows if r.property in chosen]
         if not any(r.status in CHECKED for r in mine):
             out.append(f"property {p}: {_why_nothing(mine, 'no selected implementation has it')}")
-    if not names:
-        out += [f"{b.origin}: failed to load: {b.reason}" for b in reg.broken]
+    out += requested.get("broken", [])
+    if not requested and not rows:
+        out.append("the test process reported nothing: no check ran")
     return out
 
 
