@@ -198,12 +198,13 @@ def summary(results: Results, console: Console | None = None) -> None:
             console.print(*([table] if n == 0 else ["", table]), sep="\n")
         _failures(checked, console)
     if results.perf:
-        _rule(console, "Performance")
+        label = T.timing_label(results)
+        _rule(console, "Performance" + (f" · {label}" if label else ""))
         for n, group in enumerate(T.perf_groups(results.perf)):
             if n:
                 console.print()
             console.print(_perf_table(group, results.peaks))
-            for note in T.perf_notes(group):
+            for note in T.perf_notes(group, results.peaks):
                 console.print(Text(f"  {note}", style="dim"), overflow="fold")
     if results.zoo:
         _rule(console, T.zoo_summary(results.zoo))
@@ -338,7 +339,7 @@ def _perf_table(group: T.PerfGroup, peaks: dict) -> Table:
     for name in headers:
         table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=name != "impl",
                          overflow="fold", max_width=18 if name == "impl" else None)  # fmt: skip
-    best = T.best_tflops(group)
+    best = T.best_tflops(group, peaks)
     last = None
     for row, cells in zip(group.sorted_rows(), texts):
         label = T.seq_label(row.shape)
@@ -350,6 +351,8 @@ def _perf_table(group: T.PerfGroup, peaks: dict) -> Table:
         style = ""
         if row.status != "ok":
             style = "red"
+        elif T.suspect(row, peaks):
+            style = "yellow"
         elif row.tflops is not None and best.get(label) == row.tflops and len(group.impls) > 1:
             style = "bold green"
         table.add_row(*cells, style=style)
@@ -384,6 +387,8 @@ def comparison(
     console.print(Text(f"{names[1]}: {T.headline(b)}", style="dim"), overflow="fold")
     if not cmp.same_device():
         console.print(Text("different devices: time ratios compare machines, not code", style="bold yellow"))
+    if cmp.peak_warning():
+        console.print(Text(f"warning: {cmp.peak_warning()}", style="bold yellow"), overflow="fold")
     diff = cmp.env_diff()
     if diff:
         table = Table(title="environment changes", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
@@ -427,14 +432,14 @@ def _compare_perf(cmp: T.Comparison, console: Console, na: str, nb: str) -> None
             ratio = c.ratio
             table.add_row(
                 T.seq_label(c.shape), c.impl, _ms_or_status(c.a), _ms_or_status(c.b),
-                "" if ratio is None else f"{ratio:.2f}×",
+                "" if ratio is None else T.fmt_times(ratio),
                 T.fmt_num(c.a.tflops if c.a else None), T.fmt_num(c.b.tflops if c.b else None),
                 Text("" if c.verdict in ("same", "n/a") else c.verdict, style=_VERDICT_STYLE.get(c.verdict, "")),
             )  # fmt: skip
         console.print(table)
         means = T.geomean_ratios(changes)
         if means:
-            text = ", ".join(f"{impl} {r:.2f}×" for impl, r in means.items())
+            text = ", ".join(f"{impl} {T.fmt_times(r)}" for impl, r in means.items())
             console.print(Text(f"  geometric mean {nb} ÷ {na}: {text}", style="dim"), overflow="fold")
 
 
