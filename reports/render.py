@@ -175,7 +175,7 @@ def _md_failures(rows: list[CorrectnessRow]) -> list[str]:
         mark = _MARK.get(row.status, "!")
         lines += [f"### {mark} {T.failure_title(row)}", ""]
         if row.error_ratio is not None:
-            lines += [f"Error ratio **{T.fmt_ratio(row.error_ratio)}** (worst error ÷ allowed).", ""]
+            lines += [f"Error ratio **{row.error_ratio:.3g}** (the failing check's error ÷ allowed).", ""]
         lines += ["Reason:", "", *_fence(row.reason or "no reason given", "text"), ""]
         if row.counterexample:
             lines += ["Minimal counterexample:", "", *_fence(row.counterexample, "python"), ""]
@@ -349,8 +349,8 @@ def _html_failures(rows: list[CorrectnessRow]) -> list[str]:
         mark = _MARK.get(row.status, "!")
         parts = [f'<div class="{cls}"><h3>{_e(mark)} {_e(T.failure_title(row))}</h3><dl>']
         if row.error_ratio is not None:
-            parts.append(f'<dt>error ratio</dt><dd class="text"><b>{_e(T.fmt_ratio(row.error_ratio))}</b>'
-                         " (worst error ÷ allowed)</dd>")  # fmt: skip
+            parts.append(f'<dt>error ratio</dt><dd class="text"><b>{_e(f"{row.error_ratio:.3g}")}</b>'
+                         " (the failing check's error ÷ allowed)</dd>")  # fmt: skip
         parts.append(f'<dt>reason</dt><dd class="text">{_e(row.reason or "no reason given")}</dd>')
         if row.counterexample:
             parts.append(f"<dt>counterexample</dt><dd>{_pre(row.counterexample)}</dd>")

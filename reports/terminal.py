@@ -289,7 +289,7 @@ def _failures(rows: list[CorrectnessRow], console: Console) -> None:
         head = Text(f"{mark} " if row.status == "fail" else "! ", style=style)
         head.append(T.failure_title(row), style="bold")
         if row.error_ratio is not None:
-            head.append(f"  (error ratio {T.fmt_ratio(row.error_ratio)})", style=style)
+            head.append(f"  (error ratio {row.error_ratio:.3g})", style=style)
         console.print(head, overflow="fold")
         reason = (row.reason or "no reason given").splitlines()
         if len(reason) > _MAX_REASON_LINES:

@@ -208,7 +208,7 @@ PROPERTY = textwrap.dedent("""
 def test_an_unknown_property_stops_the_run(tmp_path):
     (tmp_path / "test_prop.py").write_text(PROPERTY)
     outcome = verify.run(impls=["dense/naive"], properties=["test_rnus"], paths=[str(tmp_path / "test_prop.py")])
-    assert outcome.usage_error.startswith("unknown property 'test_rnus'; did you mean test_runs?")
+    assert outcome.usage_error.startswith("unknown property 'test_rnus'; did you mean test_runs")
     assert not outcome.results.correctness
 
 
