@@ -316,3 +316,30 @@ def test_a_comparison_warns_on_different_peaks_and_never_prints_zero_ratios():
     assert "measured peaks differ" in cmp.peak_warning() and "-20%" in cmp.peak_warning()
     assert T.fmt_times(cmp.perf[0].ratio) == "0.0004×"
     assert not T.compare_runs(a, a).peak_warning()
+
+
+def test_the_bench_bar_advances_and_names_its_cell():
+    import io
+
+    from rich.console import Console
+
+    from attnbench.reports.terminal import Progress
+
+    with Progress(console=Console(file=io.StringIO())) as progress:
+        cli._bench_progress(progress, "measuring the cpu peaks (matmul, copy)")
+        assert progress.message.startswith("measuring") and progress.total is None
+        cli._bench_progress(progress, "[3/7 12s] dense fwd S=128 · naive: 1.2 ms, 0.1 TFLOP/s")
+        assert (progress.done, progress.total, progress.failed) == (3, 7, 0)
+        assert progress.message == "dense fwd S=128 · naive: 1.2 ms, 0.1 TFLOP/s"
+        cli._bench_progress(progress, "[4/7 13s] dense fwd S=256 · blockwise: error (ValueError: x)")
+        assert (progress.done, progress.failed) == (4, 1)
+
+
+def test_failures_decide_the_exit_code_before_what_was_not_verified():
+    from attnbench.reports.schema import CorrectnessRow
+
+    failed = verify.Outcome(Results(correctness=[CorrectnessRow("dense", "x", "test_a", "fail")]),
+                            not_verified=["dense/y: every check skipped: needs CUDA"])
+    assert cli.verify_code(failed) == cli.EXIT_FAILED
+    assert cli.verify_code(verify.Outcome(Results(), not_verified=["property p: ..."])) == cli.EXIT_NOTHING
+    assert cli.verify_code(verify.Outcome(Results())) == cli.EXIT_OK
