@@ -4,20 +4,41 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from attnbench.perf.gate import add_arguments as gate_arguments
-from attnbench.registry import VARIANTS, load_zoo, registry
+from attnbench.registry import VARIANTS, error_line, is_target, load_zoo, registry
 from attnbench.spec import FEATURES
 
-console = Console(width=max(100, min(Console().width, 140)))
+# The terminal's own width (80 columns when output is not a terminal), at most 100 for reading;
+# no emoji codes: `--impl mod:x` must not print ❌.
+console = Console(width=min(Console().width, 100), emoji=False)
 
 PROFILES = ("ci", "dev", "thorough")
+
+# Exit codes of verify and run (also in --help and README's Commands section).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
+EXIT_MEANING = {
+    EXIT_OK: "every requested check ran and passed",
+    EXIT_FAILED: "a check failed or crashed",
+    EXIT_USAGE: "bad usage or input; nothing was checked",
+    EXIT_NOTHING: "something requested was not checked at all",
+}
+EXIT_EPILOG = "exit codes: " + "; ".join(f"{code}: {text}" for code, text in EXIT_MEANING.items())
+
+
+def error(message: str) -> int:
+    """A one-line error for bad input (never markup, never a traceback); returns EXIT_USAGE."""
+    console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), soft_wrap=True)
+    return EXIT_USAGE
 
 
 def default_device() -> str:
@@ -34,7 +55,10 @@ def _prepare_env(device: str) -> None:
 
 # -- list --------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    reg = registry(extra=[t for t in args.impl if ":" in t])
+    problem = _check_impl_args(args)
+    if problem:
+        return error(problem)
+    reg = registry(extra=[t for t in args.impl if is_target(t)])
     impls = load_zoo() if args.zoo else list(reg.impls.values())
     for variant in VARIANTS:
         rows = sorted((i for i in impls if i.variant == variant), key=lambda i: (not i.reference, i.name))
@@ -52,9 +76,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column("features", overflow="fold")
         for impl in rows:
             why = impl.unavailable()
-            status = "[green]available[/]" if why is None else f"[yellow]unavailable: {why}[/]"
+            status = "[green]available[/]" if why is None else f"[yellow]unavailable: {escape(why)}[/]"
             if args.zoo:
-                status = f"[red]{getattr(impl, 'bug', '') or impl.description}[/]"
+                status = f"[red]{escape(getattr(impl, 'bug', '') or impl.description)}[/]"
             dtypes = " ".join(d.replace("bfloat", "bf").replace("float", "f") for d in impl.dtypes)
             table.add_row(impl.name + ("*" if impl.reference else ""), status,
                           f"{' '.join(impl.devices)} / {dtypes}", _features(impl.features))
@@ -62,7 +86,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     console.print("[dim]* the variant's reference: the tolerance rule measures others against its error. "
                   "features: what the implementation declares; properties only draw cases it declares.[/]")
     for b in reg.broken:
-        console.print(f"[red]failed to load[/] {b.origin}: {b.reason}")
+        console.print(Text("failed to load ", style="red") + Text(f"{b.origin}: {b.reason}"))
     return 0
 
 
@@ -76,24 +100,44 @@ def _features(features: frozenset[str]) -> str:
 
 # -- verify ------------------------------------------------------------------------------
 def _check_impl_args(args: argparse.Namespace) -> str | None:
-    """A clear message for an unknown implementation or variant, before anything runs."""
+    """A one-line message for a bad selection (variant, implementation, device), before anything runs."""
     for v in args.variant:
         if v not in VARIANTS:
             return f"unknown variant {v!r}; one of: {', '.join(VARIANTS)}"
-    if args.zoo:
+    problem = _check_device(args.device)
+    if problem:
+        return problem
+    if getattr(args, "zoo", False):
         names = {i.key for i in load_zoo()} | {i.name for i in load_zoo()}
         bad = [n for n in args.impl if n not in names]
         return f"unknown bug-zoo member(s) {bad}; see `attnbench list --zoo`" if bad else None
     reg = registry()
     for name in args.impl:
         try:
-            if ":" in name:
-                reg.load_spec(name)
-            else:
-                reg.get(name)
-        except (KeyError, ValueError, TypeError, ImportError, AttributeError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) else str(exc)
-            return f"--impl {name}: {msg}"
+            impls = reg.resolve([name], args.variant)
+        except KeyError as exc:
+            return f"--impl {name}: {exc.args[0]}"
+        except Exception as exc:  # the module named cannot be imported: say why, in one line
+            return f"--impl {name}: {error_line(exc)}"
+        outside = [i.key for i in impls if args.variant and i.variant not in args.variant]
+        if outside and len(outside) == len(impls):
+            return f"--impl {name} is {', '.join(outside)}, outside the selected --variant {' '.join(args.variant)}"
+    return None
+
+
+def _check_device(device: str | None) -> str | None:
+    if device is None:
+        return None
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        return f"--device {device}: expected cpu, cuda or cuda:N"
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"--device {device}: no CUDA device on this machine (torch.cuda.is_available() is False)"
+        if index and int(index) >= torch.cuda.device_count():
+            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
 
 
@@ -112,39 +156,69 @@ def do_verify(args: argparse.Namespace):
             progress.update(variant=row.variant, impl=row.impl, done=counts["done"], failed=counts["failed"],
                             message=f"{row.property}: {row.status}")
 
-        def on_start(nodeid: str) -> None:
-            name = nodeid.split("::")[-1]
-            progress.update(message=f"running {name}")
+        def on_start(event: dict) -> None:
+            name = event.get("property") or event["nodeid"].split("::")[-1]
+            progress.update(variant=event.get("variant"), impl=event.get("impl"), message=f"running {name}")
+
+        def on_collect(left: int) -> None:  # a (re)started test process: what is done plus what it will run
+            progress.update(total=counts["done"] + left)
 
         outcome = verify.run(
             impls=args.impl, variants=args.variant, properties=args.property, profile=args.profile,
-            device=device, seed=args.seed, zoo=args.zoo, on_row=on_row, on_start=on_start,
+            device=device, seed=args.seed, zoo=args.zoo, on_row=on_row, on_start=on_start, on_collect=on_collect,
         )
     return outcome
+
+
+def _suite_problem(outcome) -> int | None:
+    """EXIT_USAGE with its one-line error when the suite refused the selection or could not start."""
+    if outcome.usage_error:
+        return error(outcome.usage_error)
+    if outcome.collect_error:
+        console.print(Text("error: the property suite could not be collected:\n", style="bold red")
+                      + Text(outcome.collect_error))
+        return EXIT_USAGE
+    return None
+
+
+def verify_code(outcome, zoo: bool = False) -> int:
+    """The exit code of a finished verify (EXIT_MEANING)."""
+    if zoo:
+        return EXIT_FAILED if any(z.status != "caught" for z in outcome.results.zoo) else EXIT_OK
+    if outcome.failures:
+        return EXIT_FAILED
+    return EXIT_NOTHING if outcome.not_verified else EXIT_OK
+
+
+def finish(outcome, code: int) -> int:
+    """Print what was not verified and the verdict, as the command's last lines; return code."""
+    from attnbench.reports.terminal import not_verified, verdict
+
+    not_verified(outcome.not_verified, console=console)
+    verdict(outcome.results, code, EXIT_MEANING[code], console=console)
+    return code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     problem = _check_impl_args(args)
     if problem:
-        console.print(f"[red]error:[/] {problem}")
-        return 2
+        return error(problem)
     from attnbench.reports.render import write_all
     from attnbench.reports.terminal import summary
 
     outcome = do_verify(args)
-    if outcome.collect_error:
-        console.print(f"[red]the property suite could not be collected:[/]\n{outcome.collect_error}")
-        return 2
+    stop = _suite_problem(outcome)
+    if stop is not None:
+        return stop
     summary(outcome.results, console=console)
     if args.out:
         paths = write_all(outcome.results, args.out)
-        console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     if args.zoo:
         missed = [z.member for z in outcome.results.zoo if z.status != "caught"]
         if missed:
-            console.print(f"[red]bug-zoo members not caught:[/] {', '.join(missed)}")
-        return 1 if missed else 0
-    return 1 if outcome.failures else 0
+            console.print(Text("bug-zoo members not caught: ", style="red") + Text(", ".join(missed)))
+    return finish(outcome, verify_code(outcome, args.zoo))
 
 
 # -- bench / report / gate ---------------------------------------------------------------
@@ -154,20 +228,51 @@ def do_bench(args: argparse.Namespace, quick: bool):
 
     device = args.device or default_device()
     _prepare_env(device)
+    # package.module:object targets are loaded here and handed to the sweep by key
+    impls = [i.key for i in registry().resolve(args.impl, args.variant)] if args.impl else None
     with Progress() as progress:
-        return run_bench(quick=quick, device=device, variants=args.variant or None, impls=args.impl or None,
-                         out=None, progress=lambda msg: progress.update(message=msg))
+        return run_bench(quick=quick, device=device, variants=args.variant or None, impls=impls,
+                         out=None, progress=lambda msg: _bench_progress(progress, msg))
+
+
+_BENCH_STEP = re.compile(r"\[(\d+)/(\d+)[^\]]*\]\s*(.*)")
+
+
+def _bench_progress(progress, message: str) -> None:
+    """The sweep says "[n/N 12s] cell · impl: result" after each cell: the bar advances to n of N
+    and shows that cell; other messages (peaks, prewarming) are shown as they come."""
+    m = _BENCH_STEP.match(message)
+    if m is None:
+        progress.update(message=message)
+        return
+    done, total, text = int(m.group(1)), int(m.group(2)), m.group(3)
+    failed = progress.failed + bool(_BENCH_BROKEN.search(text))
+    progress.update(total=total, done=done, failed=min(failed, done), message=text)
+
+
+_BENCH_BROKEN = re.compile(r": (?:error|oom|crashed|timeout)\b")  # a cell that did not measure
+
+
+def _broken_sources(args: argparse.Namespace) -> list[str]:
+    """Implementation sources that failed to load, when this command would have run them
+    (no --impl: every implementation was asked for)."""
+    return [] if args.impl else [f"{b.origin}: failed to load: {b.reason}" for b in registry().broken]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    problem = _check_impl_args(args)
+    if problem:
+        return error(problem)
     from attnbench.reports.render import write_all
-    from attnbench.reports.terminal import summary
+    from attnbench.reports.terminal import not_verified, summary
 
     results = do_bench(args, quick=args.quick)
     summary(results, console=console)
     paths = write_all(results, args.out)
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
+    broken = _broken_sources(args)
+    not_verified(broken, console=console, title="Not measured")
+    return EXIT_NOTHING if broken else EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -175,27 +280,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     from attnbench.reports.schema import Results
     from attnbench.reports.terminal import summary
 
+    if len(args.results) > 2:
+        return error("report takes one results file, or two to compare")
     runs = []
     for path in args.results:
         try:
             runs.append(Results.load(path))
         except (OSError, ValueError) as exc:
-            console.print(f"[red]error:[/] cannot read {path}: {exc}")
-            return 2
+            return error(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
     if args.rows:  # correctness rows streamed by the plugin (--attnbench-results), e.g. from a GPU run
         from attnbench.verify import results_from_rows
 
-        runs[0] = runs[0].merge(results_from_rows(args.rows))
+        try:
+            runs[0] = runs[0].merge(results_from_rows(args.rows))
+        except (OSError, ValueError, TypeError) as exc:
+            return error(f"{args.rows}: {exc}")
     out = args.out or str(Path(args.results[0]).resolve().parent)
     if len(runs) == 1:
         summary(runs[0], console=console)
         paths = write_all(runs[0], out)
-    elif len(runs) == 2:
-        paths = compare(runs[0], runs[1], out, console=console)
     else:
-        console.print("[red]error:[/] report takes one results file, or two to compare")
-        return 2
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        paths = compare(runs[0], runs[1], out, console=console)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     return 0
 
 
@@ -207,6 +313,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 # -- run: the main job -------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    problem = _check_impl_args(args)
+    if problem:
+        return error(problem)
     from attnbench.reports.render import write_all
     from attnbench.reports.terminal import summary
 
@@ -216,9 +325,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.rule(f"attnbench run on {device}: verify ({args.profile} profile)")
     start = time.perf_counter()
     outcome = do_verify(args)
-    if outcome.collect_error:
-        console.print(f"[red]the property suite could not be collected:[/]\n{outcome.collect_error}")
-        return 2
+    stop = _suite_problem(outcome)
+    if stop is not None:
+        return stop
     console.rule(f"quick benchmark on {device}")
     try:
         perf = do_bench(args, quick=True)
@@ -231,8 +340,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     results.peaks = perf.peaks or results.peaks
     summary(results, console=console)
     paths = write_all(results, args.out)
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s")
-    return 1 if outcome.failures else 0
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s",
+                  markup=False)
+    return finish(outcome, verify_code(outcome, args.zoo))
 
 
 # -- parser ------------------------------------------------------------------------------
@@ -254,12 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_list)
 
     def verify_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--property", action="append", default=[], help="only properties matching this name")
+        sp.add_argument("--property", action="append", default=[],
+                        help="only this property: its exact name, or a part of its name (repeatable; "
+                        "a name that matches no property is an error)")
         sp.add_argument("--profile", choices=PROFILES, default="ci", help="Hypothesis profile (default ci)")
-        sp.add_argument("--seed", type=int, default=None, help="Hypothesis seed (randomizes the ci profile)")
+        sp.add_argument("--seed", type=int, default=None,
+                        help="Hypothesis seed (randomizes the ci profile; dev and thorough draw one and print it)")
         sp.add_argument("--zoo", action="store_true", help="run the suite against the bug zoo; print the kill table")
 
-    sp = sub.add_parser("verify", help="run the property suite against implementations")
+    sp = sub.add_parser("verify", help="run the property suite against implementations", epilog=EXIT_EPILOG)
     selection(sp)
     verify_opts(sp)
     sp.add_argument("--out", default=None, help="also write results.json / report.md / report.html here")
@@ -281,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate_arguments(sp)
     sp.set_defaults(func=cmd_gate)
 
-    sp = sub.add_parser("run", help="the main job: verify + quick benchmark + report on this machine")
+    sp = sub.add_parser("run", help="the main job: verify + quick benchmark + report on this machine",
+                        epilog=EXIT_EPILOG)
     selection(sp)
     verify_opts(sp)
     sp.add_argument("--out", default="results", help="directory for results.json / report.md / report.html")

@@ -12,16 +12,19 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from attnbench.registry import Impl, load_zoo, registry
+from attnbench.cache import cache_dir
+from attnbench.registry import Impl, is_target, load_zoo, registry
 
 STREAM_PREFIX = "@@attnbench "
 _STREAM = False
@@ -33,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--variant", action="append", default=[], help="only these variants (repeatable)")
     g.addoption("--device", default=None, help="cpu or cuda (default: cpu)")
     g.addoption("--zoo", action="store_true", help="run against the bug zoo instead of the registered implementations")
+    g.addoption("--property", action="append", default=[],
+                help="only this property (its exact name, or a part of its name); unknown names are an error (repeatable)")
     g.addoption("--attnbench-results", default=None, help="append correctness rows here (JSON lines)")
     g.addoption("--attnbench-stream", action="store_true", help="print one machine-readable line per started/finished test")
     g.addoption("--attnbench-skip-file", default=None, help="deselect the node ids listed in this file (used on restart)")
@@ -48,7 +53,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_ROWS] = []
     global _STREAM
     _STREAM = bool(config.getoption("attnbench_stream"))
+    _hypothesis_home()
     _apply_seed(config)
+
+
+def _hypothesis_home() -> None:
+    """Hypothesis' files (example database, caches) go to attnbench's cache directory, never into
+    a `.hypothesis/` folder of whatever directory the user runs from (HYPOTHESIS_STORAGE_DIRECTORY
+    still wins when set)."""
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        return
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    set_hypothesis_home_dir(cache_dir("hypothesis"))
 
 
 def _apply_seed(config: pytest.Config) -> None:
@@ -81,10 +100,7 @@ def selected_impls(config: pytest.Config, variants: tuple[str, ...]) -> list[Imp
     if config.getoption("zoo"):
         pool = [i for i in load_zoo() if not names or i.key in names or i.name in names]
     elif names:
-        reg = registry(extra=[n for n in names if ":" in n])
-        pool = []
-        for n in names:
-            pool.extend([i for i in reg.impls.values() if i.origin == n] if ":" in n else [reg.get(n)])
+        pool = registry().resolve(names, wanted_variants or ())
     else:
         pool = registry().select(available_only=True)
     out = []
@@ -144,7 +160,8 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 def record_ratio(ratio: float) -> None:
-    """Record one measured error / allowed error for the running test; the worst is reported."""
+    """Record one measured error / allowed error for the running test; a passing test reports
+    its worst (a failing one the ratio its failure states, see _failed_ratio)."""
     if not _CURRENT:
         return
     item = _CURRENT[-1]
@@ -161,6 +178,7 @@ def measure():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _select_properties(config, items)
     path = config.getoption("attnbench_skip_file")
     if path and Path(path).exists():
         skip = set(Path(path).read_text().split("\n"))
@@ -171,11 +189,63 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         order = {n: k for k, n in enumerate(x.strip() for x in Path(path).read_text().splitlines()) if n}
         config.hook.pytest_deselected(items=[i for i in items if i.nodeid not in order])
         items[:] = sorted((i for i in items if i.nodeid in order), key=lambda i: order[i.nodeid])
+    if _STREAM:  # the number of checks this process will run, for a true progress total
+        _emit({"event": "collected", "total": sum(isinstance(_impl_of(i), Impl) for i in items)})
+        _emit({"event": "requested", **requested(config)})
 
 
-def pytest_runtest_logstart(nodeid: str, location) -> None:
+def requested(config: pytest.Config) -> dict:
+    """What this run was asked to verify, for the runner's no-silent-pass check: the keys of the
+    implementations (named with --impl, else every available one of the selected variants),
+    whether they were named, and the implementation sources that failed to load (they would
+    have run when none was named)."""
+    if config.getoption("zoo"):
+        return {"impls": [], "explicit": True, "broken": []}
+    names, variants = config.getoption("impl"), config.getoption("variant")
+    reg = registry()
+    if names:
+        impls = reg.resolve(names, variants)
+    else:
+        impls = [i for i in reg.select(available_only=True) if not variants or i.variant in variants]
+    broken = [] if names else [f"{b.origin}: failed to load: {b.reason}" for b in reg.broken]
+    return {"impls": list(dict.fromkeys(i.key for i in impls)), "explicit": bool(names), "broken": broken}
+
+
+def _select_properties(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--property P keeps the tests named P, or when none is, those whose name contains P. A P
+    that matches no property at all is a usage error: checking nothing must never pass."""
+    wanted = config.getoption("property")
+    if not wanted:
+        return
+    names = {getattr(i, "originalname", i.name) for i in items}
+    keep: set[str] = set()
+    for p in wanted:
+        found = {p} if p in names else {n for n in names if p in n}
+        if not found:
+            close = difflib.get_close_matches(p, sorted(names), n=2, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            message = f"unknown property {p!r}; {hint}known: {', '.join(sorted(names))}"
+            if _STREAM:
+                _emit({"event": "usage_error", "message": message})
+            raise pytest.UsageError(message)
+        keep |= found
+    config.hook.pytest_deselected(items=[i for i in items if getattr(i, "originalname", i.name) not in keep])
+    items[:] = [i for i in items if getattr(i, "originalname", i.name) in keep]
+
+
+def _impl_of(item: pytest.Item):
+    return item.callspec.params.get("impl") if hasattr(item, "callspec") else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem) -> None:
     if _STREAM:
-        _emit({"event": "start", "nodeid": nodeid})
+        impl = _impl_of(item)
+        event = {"event": "start", "nodeid": item.nodeid}
+        if isinstance(impl, Impl):  # what a crash of this test is reported against, and how to replay it
+            event.update(variant=impl.variant, impl=impl.name, property=getattr(item, "originalname", item.name),
+                         replay=replay_command(item, impl))
+        _emit(event)
 
 
 def _emit(event: dict) -> None:
@@ -195,7 +265,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     finished = (report.when == "call") or (report.when == "setup" and (report.failed or report.skipped))
     if not finished:
         return
-    text = report.longreprtext if (failed or report.skipped) else ""
+    text = _failure_text(report, call) if failed else ""
     row = {
         "variant": impl.variant,
         "impl": impl.name,
@@ -203,7 +273,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         "status": _status(report, call),
         "device": item.config.getoption("device") or "cpu",
         "reason": _reason(report, call) if (failed or report.skipped) else "",
-        "error_ratio": item.stash.get(_WORST, None),
+        "error_ratio": _failed_ratio(call) if failed else item.stash.get(_WORST, None),
         "counterexample": _counterexample(text) if failed else None,
         "seed": _seed(text, item.config) if failed else None,
         "replay": replay_command(item, impl) if failed else None,
@@ -217,6 +287,48 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.sections.append(("attnbench replay", detail))
     if _STREAM:
         _emit(row)
+
+
+def _failed_ratio(call) -> float | None:
+    """The ratio of the check that failed, as its message states it (the tolerance rule says
+    "(ratio 6.66e+05; ..."), so a failure's header and reason give one number. Examples tried
+    on the way (other explicit examples, shrinking) have other ratios and do not count; a
+    failure that is not a tolerance check (an exception, a wrong shape) has no ratio."""
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if exc is None:
+        return None
+    ratios = []
+    for e in [exc, *getattr(exc, "exceptions", ())]:
+        stated = getattr(e, "ratio", None)
+        if isinstance(stated, (int, float)):
+            ratios.append(float(stated))
+        else:
+            ratios += [float(m) for m in _RATIO.findall(str(e).split("\n", 1)[0])]
+    return max(ratios) if ratios else None
+
+
+_RATIO = re.compile(r"\(ratio ([-+.\deE]+|inf|nan)\b")
+
+
+def _failure_text(report, call) -> str:
+    """The failure's message and Hypothesis' notes on it (falsifying example, reproduction
+    blob), read from the exception itself; else pytest's text without its `E ` markers."""
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if exc is None:
+        return strip_markers(report.longreprtext)
+    parts = [str(exc), *map(str, getattr(exc, "__notes__", ()))]
+    for sub in getattr(exc, "exceptions", ()):
+        parts += [str(sub), *map(str, getattr(sub, "__notes__", ()))]
+    text = "\n".join(parts)
+    return text if _FALSIFYING.search(text) else strip_markers(report.longreprtext)
+
+
+_FALSIFYING = re.compile(r"Falsifying (?:explicit )?example|Failing test case")
+
+
+def strip_markers(text: str) -> str:
+    """pytest's failure text without the `E   ` it puts before each line of an exception."""
+    return re.sub(r"(?m)^E(?: {1,3}|$)", "", text)
 
 
 def _status(report, call) -> str:
@@ -252,16 +364,20 @@ def skip_reason(text: str) -> str:
 
 
 def _failing_case(exc: BaseException) -> str | None:
-    """The example Hypothesis noted on one exception: its Spec(...) if it drew one, else the call."""
-    for note in map(str, getattr(exc, "__notes__", ())):
-        if note.startswith(("Falsifying", "Failing test case")):
-            if "Spec(" in note:
-                return _counterexample(note)
-            # no Spec drawn: the drawn arguments with plain values (fixtures like impl= are objects)
-            call = re.sub(r"  # [^\n]*", "", note.split("(", 1)[-1])  # "  # or any other generated value"
-            args = [a for a in _top_level_args(call) if _PLAIN.fullmatch(a)]
-            return ", ".join(a for a in args if not a.startswith("device="))[:300] or None
-    return None
+    """The example Hypothesis noted on one exception: its Spec(...) / ModuleCase(...) if it drew
+    one, else its plain drawn arguments."""
+    text = "\n".join(map(str, getattr(exc, "__notes__", ())))
+    if not _FALSIFYING.search(text):
+        return None
+    case = _counterexample(text)
+    return case[len("dict(") : -1] if case and case.startswith("dict(") else case
+
+
+def _plain_args(note: str) -> str | None:
+    """The drawn arguments of a falsifying call with plain values (fixtures like impl= are objects)."""
+    call = re.sub(r"  # [^\n]*", "", note.split("(", 1)[-1])  # "  # or any other generated value"
+    args = [a for a in _top_level_args(call) if _PLAIN.fullmatch(a)]
+    return ", ".join(a for a in args if not a.startswith("device="))[:300] or None
 
 
 _PLAIN = re.compile(r"\w+=(-?[\d.]+(?:e[+-]?\d+)?|True|False|None|'[^']*')")
@@ -294,39 +410,57 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-_SPEC = re.compile(r"Spec\(")
+_CASE = re.compile(r"\b(?:Spec|ModuleCase)\(")  # the drawn cases whose repr pastes back into Python
 
 
 def _counterexample(text: str) -> str | None:
-    """The Spec(...) of Hypothesis' falsifying example (parentheses balanced); else the last
+    """The minimal failing case as Python: the Spec(...) or ModuleCase(...) of Hypothesis'
+    falsifying example (parentheses balanced); else its plain drawn arguments; else the last
     Spec(...) in the failure text."""
-    falsifying = max(text.find("Falsifying"), text.find("Failing test case"))  # older / newer Hypothesis
-    starts = [m.start() for m in _SPEC.finditer(text)]
+    text = strip_markers(text)
+    m = _FALSIFYING.search(text)
+    falsifying = m.start() if m else -1
+    starts = [m.start() for m in _CASE.finditer(text)]
     after = [s for s in starts if falsifying >= 0 and s > falsifying]
     for start in after[:1] or list(reversed(starts)):
-        depth = 0
-        for i in range(start + len("Spec"), len(text)):
-            depth += text[i] == "("
-            depth -= text[i] == ")"
-            if depth == 0:
-                return " ".join(text[start : i + 1].split())
-    m = re.search(r"(?:Falsifying (?:explicit )?example|Failing test case): (.+?)(?:\n\n|$)", text, re.S)
-    return " ".join(m.group(1).split())[:600] if m else None
+        case = _balanced(text, start)
+        if case:
+            return case
+    args = _plain_args(text[falsifying:]) if falsifying >= 0 else None
+    return f"dict({args})" if args else None
 
 
-def _seed(text: str, config: pytest.Config) -> str | None:
-    m = re.search(r"@reproduce_failure\((.+?)\)", text)
-    if m:
-        return f"@reproduce_failure({m.group(1)})"
+def _balanced(text: str, start: int) -> str | None:
+    """The call that starts at text[start] up to its closing parenthesis, on one line."""
+    depth = 0
+    for i in range(text.index("(", start), len(text)):
+        depth += text[i] == "("
+        depth -= text[i] == ")"
+        if depth == 0:
+            return re.sub(r"\(\s+", "(", re.sub(r",?\s*\)$", ")", " ".join(text[start : i + 1].split())))
+    return None
+
+
+def _seed(text: str, config: pytest.Config) -> str:
+    """What `attnbench verify --seed` takes to draw the same examples: the seed of the run, or
+    for a derandomized profile a note that every run draws the same ones."""
     seed = config.getoption("hypothesis_seed", None)
     profile = config.getoption("hypothesis_profile", None) or "default"
-    return f"--hypothesis-seed={seed}" if seed is not None else f"derandomized ({profile} profile)"
+    if seed is not None:
+        return str(seed)
+    m = re.search(r"@reproduce_failure\((.+?)\)", text)  # a random run without a seed (plain pytest)
+    if m:
+        return f"none given; Hypothesis' blob: @reproduce_failure({m.group(1)})"
+    return f"derandomized ({profile} profile)"
 
 
 def replay_command(item: pytest.Item, impl: Impl) -> str:
+    """One shell command that re-runs this property against this implementation only, with the
+    same profile, seed and device; it works pasted from any directory."""
     cfg = item.config
-    impl_arg = impl.origin if ":" in (impl.origin or "") else impl.key
-    parts = ["attnbench", "verify", "--impl", impl_arg, "--property", getattr(item, "originalname", item.name)]
+    target = impl_target(impl)
+    parts = [*cli_command(), "verify", "--impl", target, "--variant", impl.variant,
+             "--property", getattr(item, "originalname", item.name)]
     if cfg.getoption("zoo"):
         parts.append("--zoo")
     profile = cfg.getoption("hypothesis_profile", None)
@@ -338,7 +472,42 @@ def replay_command(item: pytest.Item, impl: Impl) -> str:
     dev = cfg.getoption("device")
     if dev:
         parts += ["--device", dev]
-    return " ".join(shlex.quote(p) for p in parts)
+    command = shlex.join(parts)
+    path = os.environ.get("PYTHONPATH", "")
+    if is_target(target) and path:  # where the named module was found, made absolute
+        path = os.pathsep.join(str(Path(p).resolve()) for p in path.split(os.pathsep) if p)
+        command = f"PYTHONPATH={shlex.quote(path)} {command}"
+    return command
+
+
+def impl_target(impl: Impl) -> str:
+    """How --impl names exactly this implementation: its key for registered ones; for one loaded
+    from package.module:object, the module attribute bound to it, else object[variant/name]
+    (one member of a list)."""
+    origin = impl.origin or ""
+    if not is_target(origin):
+        return impl.key
+    module_name, _, attr = origin.partition(":")
+    module = sys.modules.get(module_name)
+    obj = module
+    for part in attr.split(".") if attr else []:
+        obj = getattr(obj, part, None)
+    if obj is impl:
+        return origin
+    names = [name for name, value in vars(module).items() if value is impl] if module is not None else []
+    return f"{module_name}:{names[0]}" if names else f"{origin}[{impl.key}]"
+
+
+def cli_command() -> list[str]:
+    """The attnbench command of this environment: `attnbench` when that is what the shell finds,
+    else the script's full path (an environment that is not activated)."""
+    script = Path(sys.executable).parent / "attnbench"
+    found = shutil.which("attnbench")
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        return ["attnbench"]
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "attnbench.cli"]
 
 
 def _append_row(config: pytest.Config, row: dict) -> None:

@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import os
 import pkgutil
+import re
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ class Registry:
             try:
                 self.add_module(importlib.import_module(name), origin=name)
             except Exception as exc:  # one broken file never aborts the run
-                self.broken.append(Broken(name, _reason(exc)))
+                self.broken.append(Broken(name, error_line(exc)))
 
     def load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -233,20 +234,32 @@ class Registry:
                 obj = ep.load()
                 self._add_object(obj, origin=f"entry point {ep.name} = {ep.value}")
             except Exception as exc:
-                self.broken.append(Broken(f"entry point {ep.value}", _reason(exc)))
+                self.broken.append(Broken(f"entry point {ep.value}", error_line(exc)))
 
     def load_spec(self, target: str) -> list[Impl]:
-        """Load `package.module:object` (an Impl, a list of them, or a module of them)."""
-        mod_name, _, attr = target.partition(":")
-        if not mod_name:
-            raise ValueError(f"--impl {target!r}: expected package.module:object")
+        """Load `package.module:object` (an Impl, a list of them, or a module of them).
+
+        `package.module:object[variant/name]` loads the same object and returns only the one
+        implementation of that key (or name): a replay of one member of a list."""
+        m = _TARGET.fullmatch(target.strip())
+        if m is None:
+            raise ValueError(f"--impl {target!r}: expected package.module:object or package.module:object[variant/name]")
+        mod_name, attr, pick = m.group("module"), m.group("attr"), m.group("pick")
         module = importlib.import_module(mod_name)
         obj = module
         for part in attr.split(".") if attr else []:
             if not hasattr(obj, part):
                 raise ValueError(f"--impl {target!r}: {mod_name} has no attribute {attr!r}")
             obj = getattr(obj, part)
-        return self._add_object(obj, origin=target)
+        items = self._add_object(obj, origin=target.partition("[")[0])
+        if pick is None:
+            return items
+        chosen = [i for i in items if pick in (i.key, i.name)]
+        if len(chosen) != 1:
+            keys = ", ".join(i.key for i in items)
+            problem = "is ambiguous" if chosen else "matches none"
+            raise ValueError(f"--impl {target!r}: [{pick}] {problem} of its implementations ({keys})")
+        return chosen
 
     def _add_object(self, obj, origin: str) -> list[Impl]:
         if isinstance(obj, Impl):
@@ -264,16 +277,30 @@ class Registry:
             self.add(impl)
         return items
 
-    def get(self, key: str) -> Impl:
+    def get(self, key: str, variants: Iterable[str] = ()) -> Impl:
+        """The implementation of this key ("dense/naive") or name ("naive"); a name is looked up
+        within `variants` when given, so `naive` with variants ("local",) is local/naive."""
         if key in self.impls:
             return self.impls[key]
+        variants = set(variants)
         matches = [i for i in self.impls.values() if i.name == key]
+        if variants and len(matches) > 1:
+            matches = [i for i in matches if i.variant in variants] or matches
         if len(matches) == 1:
             return matches[0]
         known = ", ".join(sorted(self.impls))
         if matches:
-            raise KeyError(f"implementation {key!r} is ambiguous: {', '.join(i.key for i in matches)}")
+            raise KeyError(f"implementation {key!r} is ambiguous: {', '.join(i.key for i in matches)}; "
+                           "name one as variant/name or add --variant")
         raise KeyError(f"unknown implementation {key!r}; known: {known}")
+
+    def resolve(self, names: Iterable[str], variants: Iterable[str] = ()) -> list[Impl]:
+        """The implementations the --impl arguments name: keys, names (looked up within
+        `variants`) and package.module:object targets."""
+        out: list[Impl] = []
+        for n in names:
+            out.extend(self.load_spec(n) if is_target(n) else [self.get(n, variants)])
+        return out
 
     def select(
         self,
@@ -296,7 +323,20 @@ class Registry:
         return refs[0]
 
 
-def _reason(exc: BaseException) -> str:
+_TARGET = re.compile(r"(?P<module>[A-Za-z_][\w.]*):(?P<attr>[\w.]*)(?:\[(?P<pick>[^\]]+)\])?")
+
+
+def is_target(text: str) -> bool:
+    """Whether an --impl argument names a Python object (package.module:object) rather than a key."""
+    return _TARGET.fullmatch(text.strip()) is not None
+
+
+def error_line(exc: BaseException) -> str:
+    """One line: the exception and where it happened (for a syntax error, the file and line)."""
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}:{exc.lineno})"
+    if isinstance(exc, ModuleNotFoundError):  # where the import machinery noticed says nothing
+        return f"{type(exc).__name__}: {exc}"
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" ({last[0].filename.split('/')[-1]}:{last[0].lineno})" if last else ""
     return f"{type(exc).__name__}: {exc}{where}"
@@ -327,7 +367,7 @@ def registry(extra: Iterable[str] = ()) -> Registry:
             try:
                 reg.load_spec(target)
             except Exception as exc:
-                reg.broken.append(Broken(target, _reason(exc)))
+                reg.broken.append(Broken(target, error_line(exc)))
         _REGISTRY = reg
     for target in extra:
         _REGISTRY.load_spec(target)

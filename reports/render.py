@@ -131,7 +131,8 @@ def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: st
                 lines += [f"![{fig.alt}]({plot_dir}/{fig.name}.svg)", ""]
             headers, rows = T.perf_table(g, results.peaks)
             lines += _md_table(headers, rows, right={i for i, h in enumerate(headers) if h != "impl"})
-            lines += [f"- {n}" for n in T.perf_notes(g)] + ([""] if T.perf_notes(g) else [])
+            notes = T.perf_notes(g, results.peaks)
+            lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     error_figs = [f for f in figures or [] if f.name.startswith("errors-")]
     if checked and (error_figs or figures is None):
         lines += ["## Error ratios", ""]
@@ -174,7 +175,7 @@ def _md_failures(rows: list[CorrectnessRow]) -> list[str]:
         mark = _MARK.get(row.status, "!")
         lines += [f"### {mark} {T.failure_title(row)}", ""]
         if row.error_ratio is not None:
-            lines += [f"Error ratio **{T.fmt_ratio(row.error_ratio)}** (worst error ÷ allowed).", ""]
+            lines += [f"Error ratio **{row.error_ratio:.3g}** (the failing check's error ÷ allowed).", ""]
         lines += ["Reason:", "", *_fence(row.reason or "no reason given", "text"), ""]
         if row.counterexample:
             lines += ["Minimal counterexample:", "", *_fence(row.counterexample, "python"), ""]
@@ -190,11 +191,13 @@ def _perf_legend(results: Results) -> str:
     peak = f" of the measured {peaks.get('dtype', '')} matmul peak ({peaks['matmul_tflops']:g} TFLOP/s)" if (
         peaks.get("matmul_tflops")
     ) else ""
-    timers = sorted({r.timer for r in results.perf if r.timer})
+    timers = T.timing_label(results) or ", ".join(sorted({r.timer for r in results.perf if r.timer}))
     return (
-        f"ms is the median ({', '.join(timers) or 'timer unknown'}); noise is half the p20–p80 range; "
+        f"ms is the median ({timers or 'timer unknown'}); noise is half the p20–p80 range; "
         f"% peak is{peak or ' of the matmul peak'}; memory is the peak allocated beyond the inputs; "
-        "speedup is the reference implementation's time ÷ this time. OOM and unsupported cells name their reason."
+        "speedup is the reference implementation's time ÷ this time. OOM and unsupported cells name their reason; "
+        f"? marks a cell not to trust (noise over {T.NOISE_LIMIT:.0f}% or over {T.PEAK_LIMIT:.0f}% of the peak), "
+        "never ranked as the winner."
     )
 
 
@@ -346,8 +349,8 @@ def _html_failures(rows: list[CorrectnessRow]) -> list[str]:
         mark = _MARK.get(row.status, "!")
         parts = [f'<div class="{cls}"><h3>{_e(mark)} {_e(T.failure_title(row))}</h3><dl>']
         if row.error_ratio is not None:
-            parts.append(f'<dt>error ratio</dt><dd class="text"><b>{_e(T.fmt_ratio(row.error_ratio))}</b>'
-                         " (worst error ÷ allowed)</dd>")  # fmt: skip
+            parts.append(f'<dt>error ratio</dt><dd class="text"><b>{_e(f"{row.error_ratio:.3g}")}</b>'
+                         " (the failing check's error ÷ allowed)</dd>")  # fmt: skip
         parts.append(f'<dt>reason</dt><dd class="text">{_e(row.reason or "no reason given")}</dd>')
         if row.counterexample:
             parts.append(f"<dt>counterexample</dt><dd>{_pre(row.counterexample)}</dd>")
@@ -377,7 +380,7 @@ def _html_perf(results: Results, by_name: dict[str, P.Plot], no_plots: bool) -> 
         fig = by_name.get(f"perf-{g.slug}")
         if fig:
             out.append(_figure(fig))
-        best = T.best_tflops(g)
+        best = T.best_tflops(g, results.peaks)
         headers, texts = T.perf_table(g, results.peaks)
         rows, classes, last = [], [], None
         for r, text in zip(g.sorted_rows(), texts):
@@ -395,7 +398,7 @@ def _html_perf(results: Results, by_name: dict[str, P.Plot], no_plots: bool) -> 
             classes.append(" ".join(cls))
         num = {i for i, h in enumerate(headers) if h != "impl"}
         out.append(_table([_e(h) for h in headers], rows, num=num, row_cls=classes))
-        notes = T.perf_notes(g)
+        notes = T.perf_notes(g, results.peaks)
         if notes:
             out.append('<ul class="legend">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
     return out
@@ -429,7 +432,7 @@ def _compare_perf_rows(cmp: T.Comparison) -> list[tuple[str, list[list[str]], li
         changes.append(c)
         ratio = c.ratio
         rows.append([
-            T.seq_label(c.shape), c.impl, _ms(c.a), _ms(c.b), "" if ratio is None else f"{ratio:.2f}×",
+            T.seq_label(c.shape), c.impl, _ms(c.a), _ms(c.b), "" if ratio is None else T.fmt_times(ratio),
             T.fmt_num(c.a.tflops if c.a else None), T.fmt_num(c.b.tflops if c.b else None),
             "" if c.verdict in ("same", "n/a") else c.verdict,
         ])  # fmt: skip
@@ -437,7 +440,7 @@ def _compare_perf_rows(cmp: T.Comparison) -> list[tuple[str, list[list[str]], li
     out = []
     for title, rows, verdicts, changes in groups.values():
         means = T.geomean_ratios(changes)
-        line = ", ".join(f"{impl} {r:.2f}×" for impl, r in means.items())
+        line = ", ".join(f"{impl} {T.fmt_times(r)}" for impl, r in means.items())
         out.append((title, rows, verdicts, f"Geometric mean time ratio: {line}." if line else ""))
     return out
 
@@ -459,6 +462,8 @@ def compare_markdown(cmp: T.Comparison, names: tuple[str, str] = ("A", "B")) -> 
     lines = [f"# attnbench comparison: {a} → {b}", "", f"- **{a}:** {T.headline(cmp.a)}", f"- **{b}:** {T.headline(cmp.b)}", ""]
     if not cmp.same_device():
         lines += ["> **Different devices:** time ratios compare machines, not code.", ""]
+    if cmp.peak_warning():
+        lines += [f"> **Warning:** {cmp.peak_warning()}.", ""]
     lines += [f"**{len(regressions)} regression(s), {len(improvements)} improvement(s)** "
               f"(slower = over {1 + cmp.threshold:.2f}× and outside the p20–p80 noise).", ""]  # fmt: skip
     if regressions:
@@ -495,6 +500,8 @@ def compare_html(cmp: T.Comparison, names: tuple[str, str] = ("A", "B")) -> str:
     ]
     if not cmp.same_device():
         body.append('<div class="banner">Different devices: time ratios compare machines, not code.</div>')
+    if cmp.peak_warning():
+        body.append(f'<div class="banner">Warning: {_e(cmp.peak_warning())}.</div>')
     body.append(
         '<div class="cards">'
         f'<div class="card {"bad" if regressions else "good"}"><div class="big">{len(regressions)}</div>'

@@ -119,17 +119,45 @@ class Results:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Results:
-        data = json.loads(Path(path).read_text())
-        if data.get("schema", "").split("/")[0] != SCHEMA.split("/")[0]:
-            raise ValueError(f"{path}: not an attnbench results file (schema {data.get('schema')!r})")
-        if data["schema"] != SCHEMA:
-            raise ValueError(f"{path}: schema {data['schema']!r}, this attnbench reads {SCHEMA!r}")
+        """Read and check a results file. Every problem (unreadable, not JSON, not an object,
+        another schema, a missing field, a wrong type) is a ResultsFileError naming the file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResultsFileError(f"{path}: cannot read it ({exc.__class__.__name__}: {exc})") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ResultsFileError(f"{path}: not valid JSON ({exc})") from exc
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ResultsFileError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Results:
+        """Results from parsed JSON, checked against the schema (ValueError says what is wrong)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not an attnbench results file: expected a JSON object, got {_json_type(data)}")
+        schema = data.get("schema")
+        if not isinstance(schema, str) or schema.split("/")[0] != SCHEMA.split("/")[0]:
+            raise ValueError(f"not an attnbench results file (schema {schema!r})")
+        if schema != SCHEMA:
+            raise ValueError(f"schema {schema!r}, this attnbench reads {SCHEMA!r}")
+        for key, kind in (("env", dict), ("peaks", dict), ("correctness", list), ("perf", list), ("zoo", list),
+                          ("created", str)):
+            if key in data and not isinstance(data[key], kind):
+                raise ValueError(f"{key!r} must be {_KIND_NAMES[kind]}, got {_json_type(data[key])}")
+        for key in ("matmul_tflops", "copy_gbps"):
+            value = data.get("peaks", {}).get(key)
+            if value is not None and not _is_number(value):
+                raise ValueError(f"peaks.{key} must be a number, got {_json_type(value)} {value!r}")
         return cls(
             env=data.get("env", {}),
             peaks=data.get("peaks", {}),
-            correctness=[_row(CorrectnessRow, r) for r in data.get("correctness", [])],
-            perf=[_row(PerfRow, r) for r in data.get("perf", [])],
-            zoo=[_row(ZooRow, r) for r in data.get("zoo", [])],
+            correctness=[_row(CorrectnessRow, r, f"correctness[{n}]") for n, r in enumerate(data.get("correctness", []))],
+            perf=[_row(PerfRow, r, f"perf[{n}]") for n, r in enumerate(data.get("perf", []))],
+            zoo=[_row(ZooRow, r, f"zoo[{n}]") for n, r in enumerate(data.get("zoo", []))],
             created=data.get("created", ""),
         )
 
@@ -151,7 +179,53 @@ def _row_dict(row) -> dict[str, Any]:
     return data
 
 
-def _row(cls, data: dict[str, Any]):
+class ResultsFileError(ValueError):
+    """A results file that cannot be used; the message names the file and the problem."""
+
+
+_KIND_NAMES = {dict: "an object", list: "an array", str: "a string"}
+# The JSON types each annotated field type accepts ("| None" adds null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "float": (int, float), "int": (int,), "dict[str, Any]": (dict,), "list[str]": (list,),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if _is_number(value):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _check_row(cls, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be an object, got {_json_type(data)}")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in data:
+            if required:
+                raise ValueError(f"{where}: the field {f.name!r} is missing")
+            continue
+        value, kind = data[f.name], str(f.type)
+        optional = kind.endswith(" | None")
+        accepted = _FIELD_TYPES.get(kind.removesuffix(" | None"))
+        if value is None and optional or accepted is None:
+            continue
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            want = "a number" if float in accepted else _KIND_NAMES.get(accepted[0], accepted[0].__name__)
+            raise ValueError(f"{where}.{f.name} must be {want}{' or null' if optional else ''}, "
+                             f"got {_json_type(value)} {value!r}"[:300])
+
+
+def _row(cls, data: dict[str, Any], where: str = "row"):
+    _check_row(cls, data, where)
     names = {f.name for f in dataclasses.fields(cls)}
     row = cls(**{k: v for k, v in data.items() if k in names})
     for k, v in data.items():  # keep what a newer writer added

@@ -86,9 +86,17 @@ def fmt_bytes(n: int | float | None) -> str:
 
 
 def fmt_speedup(x: float | None) -> str:
+    """A speedup or time ratio: three significant digits, so a small one never reads 0.00×."""
     if x is None:
         return ""
-    return f"{x:.0f}×" if x >= 100 else f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
+    if x >= 100:
+        return f"{x:.0f}×"
+    if x >= 10:
+        return f"{x:.1f}×"
+    return f"{x:.2f}×" if x >= 1 else f"{x:.3g}×"
+
+
+fmt_times = fmt_speedup  # the same rule for the b ÷ a time ratios of a comparison
 
 
 def fmt_spread(row: PerfRow) -> str:
@@ -349,11 +357,13 @@ def perf_cells(row: PerfRow, peaks: dict[str, Any]) -> list[str]:
     if row.status != "ok":
         return head + [status_text(row), "", "", "", "", fmt_bytes(row.mem_bytes), ""]
     pct = pct_peak(row, peaks)
+    noise_flag = " ?" if (noise_pct(row) or 0) > NOISE_LIMIT else ""
+    peak_flag = " ?" if over_peak(pct) else ""
     return head + [
         fmt_ms(row.ms),
-        fmt_spread(row),
+        fmt_spread(row) + noise_flag,
         fmt_num(row.tflops),
-        fmt_pct(pct) + (" (!)" if over_peak(pct) else ""),
+        fmt_pct(pct) + peak_flag,
         fmt_num(row.gbps),
         fmt_bytes(row.mem_bytes),
         fmt_speedup(row.speedup),
@@ -368,27 +378,64 @@ def perf_table(group: PerfGroup, peaks: dict[str, Any]) -> tuple[list[str], list
     return [PERF_HEADERS[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 
-def best_tflops(group: PerfGroup) -> dict[str, float]:
-    """Highest TFLOP/s per sequence label, to highlight the winner of each row block."""
+NOISE_LIMIT = 50.0  # % : half the p20-p80 range over the median; noisier cells are not measurements to rank
+PEAK_LIMIT = 100.0  # % of the measured peak: more is a timing or peak error (schema.over_peak)
+
+
+def noise_pct(row: PerfRow) -> float | None:
+    if row.ms is None or row.ms_p20 is None or row.ms_p80 is None or row.ms <= 0:
+        return None
+    return 50 * (row.ms_p80 - row.ms_p20) / row.ms
+
+
+def suspect(row: PerfRow, peaks: dict[str, Any]) -> str:
+    """Why a measured cell cannot be trusted ("" when it can): noise over NOISE_LIMIT, or over
+    PEAK_LIMIT of the measured peak. Such a cell is flagged and never shown as the winner."""
+    if row.status != "ok":
+        return ""
+    why = []
+    noise = noise_pct(row)
+    if noise is not None and noise > NOISE_LIMIT:
+        why.append(f"noise ±{noise:.0f}% (over {NOISE_LIMIT:.0f}%)")
+    pct = pct_peak(row, peaks)
+    if over_peak(pct):
+        why.append(f"{pct:.0f}% of the measured matmul peak is a measurement error (over {PEAK_LIMIT:.0f}%: "
+                   "the peak probe read low, or the work model over-counts)")
+    return "; ".join(why)
+
+
+def best_tflops(group: PerfGroup, peaks: dict[str, Any] | None = None) -> dict[str, float]:
+    """Highest TFLOP/s per sequence label among the trusted cells, to highlight the winner of
+    each row block."""
     best: dict[str, float] = {}
     for row in group.rows:
-        if row.status == "ok" and row.tflops is not None:
+        if row.status == "ok" and row.tflops is not None and not suspect(row, peaks or {}):
             label = seq_label(row.shape)
             best[label] = max(best.get(label, 0.0), row.tflops)
     return best
 
 
-def perf_notes(group: PerfGroup) -> list[str]:
-    """Why cells are missing (OOM / unsupported / error reasons) and which cells read above 100%
-    of the matmul peak (measurement errors), one line each."""
+def perf_notes(group: PerfGroup, peaks: dict[str, Any] | None = None) -> list[str]:
+    """Why cells are missing (OOM / unsupported / error reasons) or flagged `?` (not trusted),
+    one line each."""
     notes = []
     for row in group.sorted_rows():
         if row.status != "ok" and row.reason:
             notes.append(f"{row.impl} at S={seq_label(row.shape)}: {status_text(row)}: {row.reason}")
-        elif row.status == "ok" and over_peak(row.pct_peak):  # (!) in the % peak column
-            notes.append(f"{row.impl} at S={seq_label(row.shape)}: {row.pct_peak:.0f}% of the measured matmul peak is "
-                         "a measurement error (the peak probe read low, or the work model over-counts)")
+        why = suspect(row, peaks or {})
+        if why:
+            notes.append(f"{row.impl} at S={seq_label(row.shape)}: ? not trusted: {why}")
     return notes
+
+
+def timing_label(results: Results) -> str:
+    """How the times were taken, for every renderer's performance heading: CPU figures are wall
+    clock, and with the Triton interpreter its kernels run as Python."""
+    timers = {r.timer for r in results.perf}
+    if "wall_clock" not in timers:
+        return "CUDA events" if timers == {"cuda_events"} else ""
+    interpreted = results.env.get("triton_interpret") and any("triton" in r.impl for r in results.perf)
+    return "wall clock; Triton interpreted" if interpreted else "wall clock"
 
 
 # -- bug zoo ---------------------------------------------------------------------------
@@ -481,6 +528,9 @@ def correctness_line(rows: list[CorrectnessRow]) -> str:
 
 
 # -- comparing two runs ----------------------------------------------------------------
+PEAK_DIFF = 0.10  # measured peaks further apart than this make a comparison warn
+
+
 @dataclass
 class PerfChange:
     variant: str
@@ -533,12 +583,25 @@ class Comparison:
     def same_device(self) -> bool:
         return (self.a.env or {}).get("device_name") == (self.b.env or {}).get("device_name")
 
+    def peak_warning(self) -> str:
+        """A warning when the two runs' measured peaks differ by more than PEAK_DIFF: the
+        machines (or their clocks, or their load) differed, so time ratios compare them too."""
+        parts = []
+        for key, unit in (("matmul_tflops", "TFLOP/s matmul"), ("copy_gbps", "GB/s copy")):
+            pa, pb = (self.a.peaks or {}).get(key), (self.b.peaks or {}).get(key)
+            if pa and pb and abs(pb / pa - 1) > PEAK_DIFF:
+                parts.append(f"{fmt_num(pa)} → {fmt_num(pb)} {unit} ({100 * (pb / pa - 1):+.0f}%)")
+        if not parts:
+            return ""
+        return ("measured peaks differ by more than " f"{PEAK_DIFF:.0%}: {', '.join(parts)}; "
+                "time ratios compare the machines' state too")
+
     def regressions(self) -> list[str]:
         """Everything that got worse, one line each: slower cells, new failures, missed bugs."""
         out = []
         for c in self.perf:
             if c.verdict == "slower":
-                out.append(f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: {c.ratio:.2f}× slower")
+                out.append(f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: {fmt_times(c.ratio)} slower")
             elif c.verdict == "broke":
                 out.append(f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: now {status_text(c.b)}")
         for c in self.correctness:
@@ -551,7 +614,7 @@ class Comparison:
 
     def improvements(self) -> list[str]:
         out = [
-            f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: {1 / c.ratio:.2f}× faster"
+            f"{c.variant}/{c.impl} {c.mode} S={seq_label(c.shape)}: {fmt_times(1 / c.ratio)} faster"
             for c in self.perf
             if c.verdict == "faster" and c.ratio
         ]

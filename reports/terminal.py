@@ -1,7 +1,8 @@
 """The terminal: live progress while a run goes, a summary after it, and run comparisons.
 
-Everything fits a 100-column terminal: tables are grouped by variant, wide matrices are split
-into column chunks, long text wraps and long replay commands break into shell continuations.
+Everything fits the terminal it is printed on, 80 columns included (at most 100 are used):
+tables are grouped by variant, wide matrices are split into column chunks, long text wraps and
+long replay commands break into shell continuations.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ _MAX_REASON_LINES = 12
 def _console(console: Console | None) -> Console:
     if console is not None:
         return console
-    probe = Console()
-    return Console(width=min(WIDTH, probe.width) if probe.is_terminal else WIDTH)
+    return Console(width=min(WIDTH, Console().width), emoji=False)
 
 
 def _unicode(console: Console) -> bool:
@@ -198,12 +198,13 @@ def summary(results: Results, console: Console | None = None) -> None:
             console.print(*([table] if n == 0 else ["", table]), sep="\n")
         _failures(checked, console)
     if results.perf:
-        _rule(console, "Performance")
+        label = T.timing_label(results)
+        _rule(console, "Performance" + (f" · {label}" if label else ""))
         for n, group in enumerate(T.perf_groups(results.perf)):
             if n:
                 console.print()
             console.print(_perf_table(group, results.peaks))
-            for note in T.perf_notes(group):
+            for note in T.perf_notes(group, results.peaks):
                 console.print(Text(f"  {note}", style="dim"), overflow="fold")
     if results.zoo:
         _rule(console, T.zoo_summary(results.zoo))
@@ -212,6 +213,31 @@ def summary(results: Results, console: Console | None = None) -> None:
             console.print(Text(T.zoo_note(results), style="dim"), overflow="fold")
     if not (results.correctness or results.perf or results.zoo):
         console.print("nothing to report: the results have no rows")
+
+
+def not_verified(lines: list[str], console: Console | None = None, title: str = "Not verified") -> None:
+    """What was asked for but checked nothing, and why, one line each (nothing when empty)."""
+    if not lines:
+        return
+    console = _console(console)
+    _rule(console, f"{title} ({len(lines)})")
+    for line in lines:
+        console.print(Text(f"  {line}", style="yellow"), overflow="fold")
+
+
+def verdict(results: Results, code: int, meaning: str, console: Console | None = None) -> None:
+    """The last line of a verify or run: the counts, the exit code and what it means."""
+    console = _console(console)
+    word = {0: "PASS", 1: "FAIL", 2: "ERROR", 3: "NOT VERIFIED"}.get(code, "EXIT")
+    if results.zoo:
+        counts = T.zoo_summary(results.zoo)
+    else:
+        c = T.counts(T.checked_rows(results))
+        counts = ", ".join(f"{c[k]} {label}" for k, label in
+                           (("pass", "pass"), ("fail", "fail"), ("error", "error"), ("skip", "unsupported")))
+    style = "bold green" if code == 0 else "bold red"
+    console.print()
+    console.print(Text(f"verdict: {word} · {counts} · exit {code}: {meaning}", style=style), soft_wrap=True)
 
 
 def _rule(console: Console, title: str) -> None:
@@ -263,7 +289,7 @@ def _failures(rows: list[CorrectnessRow], console: Console) -> None:
         head = Text(f"{mark} " if row.status == "fail" else "! ", style=style)
         head.append(T.failure_title(row), style="bold")
         if row.error_ratio is not None:
-            head.append(f"  (error ratio {T.fmt_ratio(row.error_ratio)})", style=style)
+            head.append(f"  (error ratio {row.error_ratio:.3g})", style=style)
         console.print(head, overflow="fold")
         reason = (row.reason or "no reason given").splitlines()
         if len(reason) > _MAX_REASON_LINES:
@@ -313,7 +339,7 @@ def _perf_table(group: T.PerfGroup, peaks: dict) -> Table:
     for name in headers:
         table.add_column(name, justify="left" if name == "impl" else "right", no_wrap=name != "impl",
                          overflow="fold", max_width=18 if name == "impl" else None)  # fmt: skip
-    best = T.best_tflops(group)
+    best = T.best_tflops(group, peaks)
     last = None
     for row, cells in zip(group.sorted_rows(), texts):
         label = T.seq_label(row.shape)
@@ -325,6 +351,8 @@ def _perf_table(group: T.PerfGroup, peaks: dict) -> Table:
         style = ""
         if row.status != "ok":
             style = "red"
+        elif T.suspect(row, peaks):
+            style = "yellow"
         elif row.tflops is not None and best.get(label) == row.tflops and len(group.impls) > 1:
             style = "bold green"
         table.add_row(*cells, style=style)
@@ -359,6 +387,8 @@ def comparison(
     console.print(Text(f"{names[1]}: {T.headline(b)}", style="dim"), overflow="fold")
     if not cmp.same_device():
         console.print(Text("different devices: time ratios compare machines, not code", style="bold yellow"))
+    if cmp.peak_warning():
+        console.print(Text(f"warning: {cmp.peak_warning()}", style="bold yellow"), overflow="fold")
     diff = cmp.env_diff()
     if diff:
         table = Table(title="environment changes", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
@@ -402,14 +432,14 @@ def _compare_perf(cmp: T.Comparison, console: Console, na: str, nb: str) -> None
             ratio = c.ratio
             table.add_row(
                 T.seq_label(c.shape), c.impl, _ms_or_status(c.a), _ms_or_status(c.b),
-                "" if ratio is None else f"{ratio:.2f}×",
+                "" if ratio is None else T.fmt_times(ratio),
                 T.fmt_num(c.a.tflops if c.a else None), T.fmt_num(c.b.tflops if c.b else None),
                 Text("" if c.verdict in ("same", "n/a") else c.verdict, style=_VERDICT_STYLE.get(c.verdict, "")),
             )  # fmt: skip
         console.print(table)
         means = T.geomean_ratios(changes)
         if means:
-            text = ", ".join(f"{impl} {r:.2f}×" for impl, r in means.items())
+            text = ", ".join(f"{impl} {T.fmt_times(r)}" for impl, r in means.items())
             console.print(Text(f"  geometric mean {nb} ÷ {na}: {text}", style="dim"), overflow="fold")
 
 

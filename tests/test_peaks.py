@@ -54,7 +54,7 @@ def test_a_cell_above_the_peak_is_a_measurement_error():
     group = tables.PerfGroup(variant="dense", mode="fwd", shape={}, rows=[row, honest])
     cells = [tables.perf_cells(r, {}) for r in (row, honest)]
     pct = tables.PERF_HEADERS.index("% peak")
-    assert cells[0][pct].endswith("(!)") and not cells[1][pct].endswith("(!)")
+    assert cells[0][pct].endswith("?") and not cells[1][pct].endswith("?")
     notes = tables.perf_notes(group)
     assert len(notes) == 1 and "measurement error" in notes[0]
     assert "!" in bench.table(bench.Results(perf=[row]))

@@ -4,6 +4,8 @@ is contained, and the run goes on to the end."""
 
 from __future__ import annotations
 
+import ast
+import re
 import textwrap
 
 from attnbench import verify
@@ -27,7 +29,15 @@ PROPERTY = textwrap.dedent("""
         out, _ = impl.fn(x.q, x.k, x.v, spec.config(), x.key_padding_mask, x.bias)
         err = (out.double() - reference(spec, x)[0]).abs().max().item()
         measure(err / 1e-4)
-        assert err < 1e-4, f"max error {err:.3g} for {spec.short()}"
+        assert err < 1e-4, f"max error {err:.3g} (ratio {err / 1e-4:.3g}) for {spec.short()}"
+
+    @settings(max_examples=20, deadline=None, derandomize=True, database=None)
+    @given(S=st.integers(1, 1000))
+    def test_ratio_shrinks(impl, measure, S):
+        if impl.name != "toplefty":
+            return
+        measure(S + 1.0)  # every example fails; the minimal one (S=1) with the smallest ratio
+        assert False, f"max error {S + 1.0:g} (ratio {S + 1.0:g}) for S={S}"
 
     def test_second_property_runs(impl):
         assert impl.name
@@ -78,8 +88,15 @@ def test_broken_impl_is_reported_with_counterexample_and_replay(tmp_path, monkey
     assert bad.status == "fail"
     assert "max error" in bad.reason
     assert bad.counterexample.startswith("Spec(") and "causal=True" in bad.counterexample
-    assert bad.replay.startswith("attnbench verify --impl mykernels:broken --property test_forward_matches_oracle")
-    assert bad.error_ratio > 1
+    assert "E " not in bad.counterexample
+    ast.parse(bad.counterexample, mode="eval")  # valid Python
+    assert "--impl mykernels:broken --variant dense --property test_forward_matches_oracle" in bad.replay
+    # one ratio per failure: the header's is the failing check's, the one the reason gives
+    assert bad.error_ratio == float(re.search(r"\(ratio ([\d.e+-]+)\)", bad.reason).group(1))
+    # one ratio per failure when the examples tried on the way had larger ones
+    shrunk = rows[("toplefty", "test_ratio_shrinks")]
+    assert shrunk.status == "fail" and "(ratio 2)" in shrunk.reason and shrunk.error_ratio == 2.0
+    assert shrunk.counterexample == "dict(S=1)"
     assert rows[("toplefty", "test_second_property_runs")].status == "pass"  # the run went on
     # A skip inside an @example: Hypothesis appends "Failing explicit example: ..."; not a reason.
     skipped = rows[("naive", "test_skipped_in_an_explicit_example")]
