@@ -69,15 +69,135 @@ def clone_inputs(inputs: Inputs) -> Inputs:
     )
 
 
-def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False) -> Run:
-    """Run a kernel fn; with grad, backpropagate inputs.grad_out and collect the gradients."""
+class ContractError(AssertionError):
+    """An implementation broke the call contract (dtype, shape, device, inputs unchanged,
+    finite output for finite inputs); the message names the broken clause."""
+
+
+INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out")
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's raw bits as integers, so equal means bit-identical (NaN included)."""
+    return t if t.dtype == torch.bool else t.view(_BITS[t.element_size()])
+
+
+def snapshot(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors an implementation must not change (one device copy each, no sync)."""
+    return {n: t.detach().clone() for n, t in tensors.items() if t is not None}
+
+
+def _changed_flags(tensors: dict[str, torch.Tensor | None], before: dict[str, torch.Tensor]) -> list[tuple[str, object]]:
+    flags = []
+    for n, copy in before.items():
+        t = tensors[n]
+        same_layout = t is not None and t.shape == copy.shape and t.dtype == copy.dtype
+        flags.append((f"mutated its input {n} in place",
+                      (_bits(t.detach()) != _bits(copy)).any() if same_layout else True))
+    return flags
+
+
+def _finite_flags(out_or_grads: dict[str, torch.Tensor | None], inputs_finite) -> list[tuple[str, object]]:
+    """NaN / inf anywhere in out or a gradient, or NaN / +inf in lse, while every input is finite:
+    then the oracle is finite there (lse may be -inf on empty rows), so the run must be too."""
+    flags = []
+    for n, t in out_or_grads.items():
+        if t is None:
+            continue
+        t = t.detach()
+        bad = (t.isnan() | (t == float("inf"))) if n == "lse" else ~torch.isfinite(t)
+        flags.append((n, bad.any() & inputs_finite))
+    return flags
+
+
+def _inputs_finite(inputs: Inputs):
+    """Whether q, k, v are finite and the bias holds no NaN / +inf (a -inf bias is a masked key)."""
+    ok = torch.isfinite(inputs.q).all() & torch.isfinite(inputs.k).all() & torch.isfinite(inputs.v).all()
+    if inputs.bias is not None:
+        b = inputs.bias.detach()
+        ok = ok & ~(b.isnan() | (b == float("inf"))).any()
+    return ok
+
+
+def _where_bad(name: str, t: torch.Tensor) -> str:
+    t = t.detach().cpu()
+    bad = (t.isnan() | (t == float("inf"))) if name == "lse" else ~torch.isfinite(t)
+    idx = bad.nonzero()
+    what = "NaN" if t.isnan().any() else "inf"
+    return (f"returned {what} in {name} at index {tuple(int(i) for i in idx[0])} ({len(idx)} of {t.numel()} "
+            "entries) where the oracle is finite (all inputs finite)")
+
+
+def _raise_flagged(who: str, flags: list[tuple[str, object]], tensors: dict[str, torch.Tensor | None]) -> None:
+    """One device-to-host transfer for all flags; raise ContractError naming the first broken clause."""
+    if not flags:
+        return
+    on_device = [f for _, f in flags if isinstance(f, torch.Tensor)]
+    dev = on_device[0].device if on_device else "cpu"
+    values = torch.stack([torch.as_tensor(f).reshape(()).to(dev) for _, f in flags]).tolist()
+    for (what, _), hit in zip(flags, values):
+        if hit:
+            why = what if what.startswith("mutated") else _where_bad(what, tensors[what])
+            raise ContractError(f"contract: {who} {why}")
+
+
+def check_result(who: str, result: object, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse) after checking the kernel convention's types, dtypes, shapes and devices:
+    out (B, Hq, Sq, Dv) in q's dtype on q's device; lse None or (B, Hq, Sq) float32 / float64."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ContractError(f"contract: {who} returned {type(result).__name__}, expected (out, lse_or_None)")
+    out, lse = result
+    B, Hq, Sq, _ = q.shape
+    want = (B, Hq, Sq, v.shape[3])
+    if not isinstance(out, torch.Tensor):
+        raise ContractError(f"contract: {who} returned {type(out).__name__} for out, expected a tensor")
+    if out.dtype != q.dtype:
+        raise ContractError(f"contract: {who} returned {_name(out.dtype)} out for {_name(q.dtype)} inputs")
+    if tuple(out.shape) != want:
+        raise ContractError(f"contract: {who} returned out of shape {tuple(out.shape)}, expected (B, Hq, Sq, Dv) = {want}")
+    if out.device != q.device:
+        raise ContractError(f"contract: {who} returned out on {out.device} for inputs on {q.device}")
+    if lse is not None:
+        if not isinstance(lse, torch.Tensor):
+            raise ContractError(f"contract: {who} returned {type(lse).__name__} for lse, expected a tensor or None")
+        if lse.dtype not in (torch.float32, torch.float64):
+            raise ContractError(f"contract: {who} returned {_name(lse.dtype)} lse for {_name(q.dtype)} inputs "
+                                "(lse is float32 or float64)")
+        if tuple(lse.shape) != want[:3]:
+            raise ContractError(f"contract: {who} returned lse of shape {tuple(lse.shape)}, expected (B, Hq, Sq) = {want[:3]}")
+        if lse.device != q.device:
+            raise ContractError(f"contract: {who} returned lse on {lse.device} for inputs on {q.device}")
+    return out, lse
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str | None = None) -> Run:
+    """Run a kernel fn; with grad, backpropagate inputs.grad_out and collect the gradients.
+
+    With `who` (the implementation's name) the call contract is checked around it, forward and
+    backward: result types, dtypes, shapes and devices (check_result), every input (q, k, v,
+    bias, key_padding_mask, grad_out) bit-identical afterwards, and out, lse and the gradients
+    finite wherever the oracle is (all inputs finite). A broken clause raises ContractError
+    naming it. The flags of each pass come back in one device-to-host transfer.
+    """
     leaves = {n: getattr(inputs, n) for n in GRAD_NAMES}
     leaves = {n: t for n, t in leaves.items() if t is not None and t.requires_grad}
     for t in leaves.values():
         t.grad = None
+    given = {n: getattr(inputs, n) for n in INPUT_NAMES}
+    before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
         result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias)
-    if not (isinstance(result, tuple) and len(result) == 2):
+    if who:
+        out, lse = check_result(who, result, inputs.q, inputs.v)
+        finite = _inputs_finite(inputs)
+        found = {"out": out, "lse": lse}
+        _raise_flagged(who, _changed_flags(given, before) + _finite_flags(found, finite), found)
+    elif not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"kernel result: expected (out, lse_or_None), got {type(result).__name__}")
     out, lse = result
     run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
@@ -88,11 +208,31 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False) -> Run:
         for n, t in leaves.items():
             g = t.grad
             run.grads["d" + n] = torch.zeros_like(t) if g is None else g.detach().clone()
+        if who:
+            _raise_flagged(who, _changed_flags(given, before) + _finite_flags(run.grads, finite), run.grads)
     return run
 
 
 def run_impl(impl: Impl, spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:
-    return call(impl.fn, inputs, cfg or spec.config(), grad=grad)
+    return call(impl.fn, inputs, cfg or spec.config(), grad=grad, who=impl.key)
+
+
+def module_call(who: str, run: Callable[[], torch.Tensor], tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """A module variant's forward `run()` under its contract: the output is a tensor of x's
+    shape, dtype and device, and no input tensor (x, context, mask, bias) changes."""
+    x = tensors["x"]
+    before = snapshot(tensors)
+    out = run()
+    if not isinstance(out, torch.Tensor):
+        raise ContractError(f"contract: {who} returned {type(out).__name__}, expected a tensor")
+    if out.dtype != x.dtype:
+        raise ContractError(f"contract: {who} returned {_name(out.dtype)} output for {_name(x.dtype)} input x")
+    if out.shape != x.shape:
+        raise ContractError(f"contract: {who} returned output of shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ContractError(f"contract: {who} returned output on {out.device} for x on {x.device}")
+    _raise_flagged(who, _changed_flags(tensors, before), {})
+    return out
 
 
 def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:
