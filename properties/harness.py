@@ -6,6 +6,7 @@ Properties use these few helpers so that every check goes through the one tolera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -88,58 +89,72 @@ def snapshot(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]
     return {n: t.detach().clone() for n, t in tensors.items() if t is not None}
 
 
-def _changed_flags(tensors: dict[str, torch.Tensor | None], before: dict[str, torch.Tensor]) -> list[tuple[str, object]]:
+def _changed(tensors: dict[str, torch.Tensor | None], before: dict[str, torch.Tensor]) -> list[tuple[str, object]]:
+    """Per snapshot, a flag "changed since": a bool on the CPU (torch.equal), a device tensor
+    elsewhere (no sync here; _raise_flagged reads all flags at once)."""
     flags = []
     for n, copy in before.items():
         t = tensors[n]
-        same_layout = t is not None and t.shape == copy.shape and t.dtype == copy.dtype
-        flags.append((f"mutated its input {n} in place",
-                      (_bits(t.detach()) != _bits(copy)).any() if same_layout else True))
+        what = f"mutated its input {n} in place"
+        if t is None or t.shape != copy.shape or t.dtype != copy.dtype:
+            flags.append((what, True))
+        elif t.device.type == "cpu":
+            flags.append((what, not torch.equal(_bits(t.detach()), _bits(copy))))
+        else:
+            flags.append((what, (_bits(t.detach()) != _bits(copy)).any()))
     return flags
 
 
-def _finite_flags(out_or_grads: dict[str, torch.Tensor | None], inputs_finite) -> list[tuple[str, object]]:
-    """NaN / inf anywhere in out or a gradient, or NaN / +inf in lse, while every input is finite:
-    then the oracle is finite there (lse may be -inf on empty rows), so the run must be too."""
-    flags = []
-    for n, t in out_or_grads.items():
-        if t is None:
-            continue
-        t = t.detach()
-        bad = (t.isnan() | (t == float("inf"))) if n == "lse" else ~torch.isfinite(t)
-        flags.append((n, bad.any() & inputs_finite))
-    return flags
+def _sums(results: dict[str, torch.Tensor | None]) -> list[tuple[str, object]]:
+    """One float64 sum per result: NaN or +inf in it means a NaN or an infinity somewhere (exact
+    up to float64 overflow, which _non_finite re-checks), -inf only from -inf entries."""
+    return [(n, t.detach().sum(dtype=torch.float64)) for n, t in results.items() if t is not None]
 
 
-def _inputs_finite(inputs: Inputs):
-    """Whether q, k, v are finite and the bias holds no NaN / +inf (a -inf bias is a masked key)."""
-    ok = torch.isfinite(inputs.q).all() & torch.isfinite(inputs.k).all() & torch.isfinite(inputs.v).all()
-    if inputs.bias is not None:
+def _inputs_finite(inputs: Inputs) -> bool:
+    """q, k, v finite and the bias free of NaN / +inf (a -inf bias is a masked key): then the
+    oracle is finite everywhere but lse's empty rows, so the run must be too."""
+    ok = all(bool(torch.isfinite(t.detach()).all()) for t in (inputs.q, inputs.k, inputs.v))
+    if ok and inputs.bias is not None:
         b = inputs.bias.detach()
-        ok = ok & ~(b.isnan() | (b == float("inf"))).any()
+        ok = not bool((b.isnan() | (b == float("inf"))).any())
     return ok
 
 
-def _where_bad(name: str, t: torch.Tensor) -> str:
+def _non_finite(who: str, name: str, t: torch.Tensor) -> str | None:
+    """Where `t` is not finite (lse: NaN or +inf), as a contract message; None if it is."""
     t = t.detach().cpu()
     bad = (t.isnan() | (t == float("inf"))) if name == "lse" else ~torch.isfinite(t)
     idx = bad.nonzero()
+    if not len(idx):
+        return None
     what = "NaN" if t.isnan().any() else "inf"
-    return (f"returned {what} in {name} at index {tuple(int(i) for i in idx[0])} ({len(idx)} of {t.numel()} "
-            "entries) where the oracle is finite (all inputs finite)")
+    return (f"contract: {who} returned {what} in {name} at index {tuple(int(i) for i in idx[0])} ({len(idx)} of "
+            f"{t.numel()} entries) where the oracle is finite (all inputs finite)")
 
 
-def _raise_flagged(who: str, flags: list[tuple[str, object]], tensors: dict[str, torch.Tensor | None]) -> None:
-    """One device-to-host transfer for all flags; raise ContractError naming the first broken clause."""
-    if not flags:
-        return
-    on_device = [f for _, f in flags if isinstance(f, torch.Tensor)]
-    dev = on_device[0].device if on_device else "cpu"
-    values = torch.stack([torch.as_tensor(f).reshape(()).to(dev) for _, f in flags]).tolist()
+def _raise_flagged(who: str, flags: list[tuple[str, object]], inputs: Inputs | None = None,
+                   results: dict[str, torch.Tensor | None] | None = None) -> None:
+    """Read every flag and sum in one device-to-host transfer; raise ContractError naming the
+    first broken clause: a mutated input, or a non-finite result while every input is finite."""
+    sums = _sums(results or {})
+    on_device = [f for _, f in flags + sums if isinstance(f, torch.Tensor) and f.device.type != "cpu"]
+    if on_device:
+        dev = on_device[0].device
+        values = torch.stack([torch.as_tensor(f, dtype=torch.float64).reshape(()).to(dev)
+                              for _, f in flags + sums]).tolist()
+    else:  # on the CPU reading a scalar costs no synchronization
+        values = [float(f) for _, f in flags + sums]
     for (what, _), hit in zip(flags, values):
         if hit:
-            why = what if what.startswith("mutated") else _where_bad(what, tensors[what])
-            raise ContractError(f"contract: {who} {why}")
+            raise ContractError(f"contract: {who} {what}")
+    suspect = [n for (n, _), total in zip(sums, values[len(flags):])
+               if math.isnan(total) or total == math.inf or (n != "lse" and total == -math.inf)]
+    if suspect and _inputs_finite(inputs):
+        for n in suspect:
+            why = _non_finite(who, n, results[n])
+            if why:
+                raise ContractError(why)
 
 
 def check_result(who: str, result: object, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -194,9 +209,7 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
         result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias)
     if who:
         out, lse = check_result(who, result, inputs.q, inputs.v)
-        finite = _inputs_finite(inputs)
-        found = {"out": out, "lse": lse}
-        _raise_flagged(who, _changed_flags(given, before) + _finite_flags(found, finite), found)
+        _raise_flagged(who, _changed(given, before), inputs, {"out": out, "lse": lse})
     elif not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"kernel result: expected (out, lse_or_None), got {type(result).__name__}")
     out, lse = result
@@ -209,7 +222,7 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
             g = t.grad
             run.grads["d" + n] = torch.zeros_like(t) if g is None else g.detach().clone()
         if who:
-            _raise_flagged(who, _changed_flags(given, before) + _finite_flags(run.grads, finite), run.grads)
+            _raise_flagged(who, _changed(given, before), inputs, run.grads)
     return run
 
 
@@ -231,7 +244,7 @@ def module_call(who: str, run: Callable[[], torch.Tensor], tensors: dict[str, to
         raise ContractError(f"contract: {who} returned output of shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
     if out.device != x.device:
         raise ContractError(f"contract: {who} returned output on {out.device} for x on {x.device}")
-    _raise_flagged(who, _changed_flags(tensors, before), {})
+    _raise_flagged(who, _changed(tensors, before))
     return out
 
 
