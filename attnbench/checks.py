@@ -7,6 +7,7 @@ Nothing is broadcast silently and nothing is upcast silently: a call that breaks
 gets a one-line ValueError naming the argument. The checks read shapes and dtypes only, so they
 cost no device synchronization.
 
+`check_result` is the other side of the convention: what a kernel must return.
 `no_keys` is the contract's answer when Sk = 0 (every row empty), for kernels that cannot
 compute it themselves.
 """
@@ -68,6 +69,44 @@ def check_call(q: object, k: object, v: object, cfg: object, key_padding_mask: o
         fits = bias.dim() <= 4 and all(b in (1, f) for b, f in zip(reversed(bias.shape), reversed(full)))
         if not fits:
             bad(f"bias shape {tuple(bias.shape)} does not broadcast to (B, Hq, Sq, Sk) = {full}")
+
+
+class ContractError(AssertionError):
+    """An implementation broke the call contract (result dtype, shape or device; inputs
+    unchanged; finite results for finite inputs); the message names the broken clause."""
+
+
+def check_result(who: str, result: object, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse) after checking the kernel convention's types, dtypes, shapes and devices:
+    out (B, Hq, Sq, Dv) in q's dtype on q's device; lse None or (B, Hq, Sq) float32 / float64."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ContractError(f"contract: {who} returned {type(result).__name__}, expected (out, lse_or_None)")
+    out, lse = result
+    B, Hq, Sq, _ = q.shape
+    want = (B, Hq, Sq, v.shape[3])
+    if not isinstance(out, torch.Tensor):
+        raise ContractError(f"contract: {who} returned {type(out).__name__} for out, expected a tensor")
+    if out.dtype != q.dtype:
+        raise ContractError(f"contract: {who} returned {dtype_name(out.dtype)} out for {dtype_name(q.dtype)} inputs")
+    if tuple(out.shape) != want:
+        raise ContractError(f"contract: {who} returned out of shape {tuple(out.shape)}, expected (B, Hq, Sq, Dv) = {want}")
+    if out.device != q.device:
+        raise ContractError(f"contract: {who} returned out on {out.device} for inputs on {q.device}")
+    if lse is not None:
+        if not isinstance(lse, torch.Tensor):
+            raise ContractError(f"contract: {who} returned {type(lse).__name__} for lse, expected a tensor or None")
+        if lse.dtype not in (torch.float32, torch.float64):
+            raise ContractError(f"contract: {who} returned {dtype_name(lse.dtype)} lse for {dtype_name(q.dtype)} inputs "
+                                "(lse is float32 or float64)")
+        if tuple(lse.shape) != want[:3]:
+            raise ContractError(f"contract: {who} returned lse of shape {tuple(lse.shape)}, expected (B, Hq, Sq) = {want[:3]}")
+        if lse.device != q.device:
+            raise ContractError(f"contract: {who} returned lse on {lse.device} for inputs on {q.device}")
+    return out, lse
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def no_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

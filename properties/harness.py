@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from attnbench.checks import ContractError, check_result, dtype_name
 from attnbench.oracles import dense as oracle_dense
 from attnbench.properties import tolerance
 from attnbench.registry import Impl, registry
@@ -68,11 +69,6 @@ def clone_inputs(inputs: Inputs) -> Inputs:
         key_padding_mask=None if inputs.key_padding_mask is None else inputs.key_padding_mask.clone(),
         bias=c(inputs.bias), grad_out=inputs.grad_out.clone(),
     )
-
-
-class ContractError(AssertionError):
-    """An implementation broke the call contract (dtype, shape, device, inputs unchanged,
-    finite output for finite inputs); the message names the broken clause."""
 
 
 INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out")
@@ -157,39 +153,6 @@ def _raise_flagged(who: str, flags: list[tuple[str, object]], inputs: Inputs | N
                 raise ContractError(why)
 
 
-def check_result(who: str, result: object, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out, lse) after checking the kernel convention's types, dtypes, shapes and devices:
-    out (B, Hq, Sq, Dv) in q's dtype on q's device; lse None or (B, Hq, Sq) float32 / float64."""
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise ContractError(f"contract: {who} returned {type(result).__name__}, expected (out, lse_or_None)")
-    out, lse = result
-    B, Hq, Sq, _ = q.shape
-    want = (B, Hq, Sq, v.shape[3])
-    if not isinstance(out, torch.Tensor):
-        raise ContractError(f"contract: {who} returned {type(out).__name__} for out, expected a tensor")
-    if out.dtype != q.dtype:
-        raise ContractError(f"contract: {who} returned {_name(out.dtype)} out for {_name(q.dtype)} inputs")
-    if tuple(out.shape) != want:
-        raise ContractError(f"contract: {who} returned out of shape {tuple(out.shape)}, expected (B, Hq, Sq, Dv) = {want}")
-    if out.device != q.device:
-        raise ContractError(f"contract: {who} returned out on {out.device} for inputs on {q.device}")
-    if lse is not None:
-        if not isinstance(lse, torch.Tensor):
-            raise ContractError(f"contract: {who} returned {type(lse).__name__} for lse, expected a tensor or None")
-        if lse.dtype not in (torch.float32, torch.float64):
-            raise ContractError(f"contract: {who} returned {_name(lse.dtype)} lse for {_name(q.dtype)} inputs "
-                                "(lse is float32 or float64)")
-        if tuple(lse.shape) != want[:3]:
-            raise ContractError(f"contract: {who} returned lse of shape {tuple(lse.shape)}, expected (B, Hq, Sq) = {want[:3]}")
-        if lse.device != q.device:
-            raise ContractError(f"contract: {who} returned lse on {lse.device} for inputs on {q.device}")
-    return out, lse
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str | None = None) -> Run:
     """Run a kernel fn; with grad, backpropagate inputs.grad_out and collect the gradients.
 
@@ -239,7 +202,7 @@ def module_call(who: str, run: Callable[[], torch.Tensor], tensors: dict[str, to
     if not isinstance(out, torch.Tensor):
         raise ContractError(f"contract: {who} returned {type(out).__name__}, expected a tensor")
     if out.dtype != x.dtype:
-        raise ContractError(f"contract: {who} returned {_name(out.dtype)} output for {_name(x.dtype)} input x")
+        raise ContractError(f"contract: {who} returned {dtype_name(out.dtype)} output for {dtype_name(x.dtype)} input x")
     if out.shape != x.shape:
         raise ContractError(f"contract: {who} returned output of shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
     if out.device != x.device:
