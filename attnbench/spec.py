@@ -67,6 +67,54 @@ class Config:
     dropout_p: float = 0.0
     dropout_seed: int = 0
 
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"Config.{name}: {why}")
+
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            bad("scale", f"must be a finite number, got {self.scale!r}")
+        if not isinstance(self.causal, (bool, int)) or self.causal not in (0, 1):
+            bad("causal", f"must be a bool, got {self.causal!r}")
+        if self.window is not None:
+            if isinstance(self.window, list):
+                object.__setattr__(self, "window", tuple(self.window))
+            why = window_problem(self.window)
+            if why:
+                bad("window", why)
+        if self.block is not None:
+            why = block_problem(self.block)
+            if why:
+                bad("block", why)
+        if self.align not in ALIGNS:
+            bad("align", f"unknown alignment {self.align!r}; one of {ALIGNS}")
+        if isinstance(self.dropout_p, bool) or not isinstance(self.dropout_p, (int, float)) or not 0 <= self.dropout_p < 1:
+            bad("dropout_p", f"must be in [0, 1), got {self.dropout_p!r}")
+        if isinstance(self.dropout_seed, bool) or not isinstance(self.dropout_seed, int):
+            bad("dropout_seed", f"must be an int, got {self.dropout_seed!r}")
+
+
+def window_problem(window: object) -> str | None:
+    """What is wrong with a sliding window (left, right), each None or an int >= 0; None if fine."""
+    if not isinstance(window, tuple) or len(window) != 2:
+        return f"must be (left, right), got {window!r}"
+    for side, w in zip(("left", "right"), window):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            return f"{side} edge must be None or an int >= 0, got {w!r}"
+    return None
+
+
+def block_problem(block: object) -> str | None:
+    """What is wrong with a blocked window; None if fine."""
+    if not isinstance(block, Block):
+        return f"must be a Block(window_size, look_backward, look_forward), got {block!r}"
+    if isinstance(block.window_size, bool) or not isinstance(block.window_size, int) or block.window_size < 1:
+        return f"window_size must be an int >= 1, got {block.window_size!r}"
+    for name in ("look_backward", "look_forward"):
+        value = getattr(block, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{name} must be an int >= 0, got {value!r}"
+    return None
+
 
 @dataclass
 class Inputs:
@@ -138,19 +186,11 @@ class Spec:
             bad("device", f"unknown device {self.device!r}; 'cpu' or 'cuda[:n]'")
         if self.scale is not None and not math.isfinite(self.scale):
             bad("scale", f"must be finite, got {self.scale!r}")
-        if self.window is not None:
-            if len(self.window) != 2:
-                bad("window", f"must be (left, right), got {self.window!r}")
-            for side, w in zip(("left", "right"), self.window):
-                if w is not None and (not isinstance(w, int) or w < 0):
-                    bad("window", f"{side} edge must be None or an int >= 0, got {w!r}")
-        if self.block is not None:
-            b = self.block
-            if not isinstance(b.window_size, int) or b.window_size < 1:
-                bad("block", f"window_size must be an int >= 1, got {b.window_size!r}")
-            for name in ("look_backward", "look_forward"):
-                if not isinstance(getattr(b, name), int) or getattr(b, name) < 0:
-                    bad("block", f"{name} must be an int >= 0, got {getattr(b, name)!r}")
+        for name, problem in (("window", window_problem), ("block", block_problem)):
+            value = getattr(self, name)
+            why = None if value is None else problem(value)
+            if why:
+                bad(name, why)
         if self.key_lengths is not None:
             if len(self.key_lengths) != self.B:
                 bad("key_lengths", f"needs one length per batch element ({self.B}), got {len(self.key_lengths)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from attnbench.checks import check_call
 from attnbench.modules.hooks import seed_hooks
 from attnbench.registry import Impl
 from attnbench.spec import Config
@@ -38,36 +39,14 @@ def attention(
     k_bucket_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) (float32, float64 for float64)."""
-    _check(q, k, v, key_padding_mask, bias, q_bucket_size, k_bucket_size)
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="blockwise")
+    _check_buckets(q_bucket_size, k_bucket_size)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     return _Blockwise.apply(q, k, v, bias, key_padding_mask, cfg, int(q_bucket_size), int(k_bucket_size))
 
 
-def _check(q, k, v, kpm, bias, qbs, kbs) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-d tensor (B, H, S, D), got {getattr(t, 'shape', type(t))}")
-    B, Hq, Sq, D = q.shape
-    _, Hkv, Sk, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k: shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head dim")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v: shape {tuple(v.shape)} does not match k {tuple(k.shape)} in (B, Hkv, Sk)")
-    if Hq % Hkv:
-        raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
-    if kpm is not None and tuple(kpm.shape) != (B, Sk):
-        raise ValueError(f"key_padding_mask: expected shape ({B}, {Sk}), got {tuple(kpm.shape)}")
-    if bias is not None:
-        if bias.dim() > 4:
-            raise ValueError(f"bias: at most 4 dims, got shape {tuple(bias.shape)}")
-        try:
-            torch.broadcast_shapes(bias.shape, (B, Hq, Sq, Sk))
-        except RuntimeError:
-            raise ValueError(f"bias: shape {tuple(bias.shape)} does not broadcast to {(B, Hq, Sq, Sk)}") from None
-        b4 = bias.shape[-4:] if bias.dim() == 4 else (1,) * (4 - bias.dim()) + tuple(bias.shape)
-        if b4[1] not in (1, Hq):
-            raise ValueError(f"bias: head dim must be 1 or Hq={Hq}, got {b4[1]}")
+def _check_buckets(qbs, kbs) -> None:
     for name, size in (("q_bucket_size", qbs), ("k_bucket_size", kbs)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"{name}: must be a positive int, got {size!r}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnbench.checks import check_call
 from attnbench.modules.hooks import seed_hooks
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
@@ -141,6 +142,7 @@ def _visibility(cfg: Config, Sq: int, Sk: int, qb0: int, nq: int, g: Geometry, d
 
 def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, geom: Geometry | None = None):
     """Look-around local attention; returns (out, lse). `geom` overrides the bucket geometry."""
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="bucketed")
     if bias is not None:
         raise ValueError("bias: bucketed attention does not take an additive bias")
     if cfg.dropout_p > 0:
@@ -149,8 +151,6 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, geom: Geom
         raise ValueError("cfg.window / cfg.block: bucketed attention needs a sliding or blocked window")
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    if Hq % Hkv:
-        raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
     G = Hq // Hkv
     g = geom or geometry(cfg, Sq, Sk)
     off = _offset(cfg, Sq, Sk)

@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention import flex_attention as _flex
 
 from attnbench import masks
+from attnbench.checks import check_call, no_keys
 from attnbench.modules.common import FLEX_MAIN_KERNEL, FLEX_MIN_HEAD_DIM, allow_recompiles
 from attnbench.registry import Impl
 from attnbench.spec import Block, Config, Spec
@@ -46,10 +47,11 @@ def attention(
     compiled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv), lse (B, Hq, Sq). compiled defaults to True on CUDA, False on the CPU."""
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="flex")
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
+    if Sk == 0:  # no keys: every row is empty (flex cannot build a block mask over zero keys)
+        return no_keys(q, k, v, bias)
     if compiled is None:
         compiled = q.device.type == "cuda"
     if not compiled and not torch.is_grad_enabled():  # eager flex refuses inputs that require grad even under no_grad
@@ -95,9 +97,7 @@ def bias_mod(bias: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int):
 def _block_mask(cfg: Config, B: int, Sq: int, Sk: int, kpm, device, compiled: bool):
     if kpm is None:
         return _cached_block_mask(cfg.causal, cfg.window, cfg.block, cfg.align, Sq, Sk, str(device), compiled)
-    if tuple(kpm.shape) != (B, Sk):
-        raise ValueError(f"key_padding_mask: expected shape ({B}, {Sk}), got {tuple(kpm.shape)}")
-    mod = masks.from_config(cfg, Sq, Sk, kpm.to(device=device, dtype=torch.bool))
+    mod = masks.from_config(cfg, Sq, Sk, kpm.to(device=device))
     return create_block_mask(mod, B, None, Sq, Sk, device=device, _compile=compiled)
 
 

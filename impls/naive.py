@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from attnbench.checks import check_call
 from attnbench.masks import dense_mask
 from attnbench.modules.hooks import seed_hooks
 from attnbench.registry import Impl
@@ -11,6 +12,7 @@ from attnbench.spec import Config
 
 
 def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse: bool = True):
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="naive")
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -22,8 +24,8 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse
     mask = dense_mask(cfg, B, Sq, Sk, key_padding_mask, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    # Empty rows (every logit -inf): exclude them from the softmax so they give 0, not NaN.
-    m = s.amax(-1, keepdim=True)
+    # Empty rows (every logit -inf, or Sk = 0): exclude them from the softmax so they give 0, not NaN.
+    m = s.amax(-1, keepdim=True) if Sk else s.new_full((*s.shape[:-1], 1), float("-inf"))
     empty = m == float("-inf")
     m = torch.where(empty, torch.zeros_like(m), m)
     p = torch.exp(s - m)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPAParams, SDPBackend, can_use_efficient_attention, can_use_flash_attention, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from attnbench.checks import check_call, no_keys
 from attnbench.masks import dense_mask, visible_counts
 from attnbench.registry import Impl
 from attnbench.rng import dropout_rng
@@ -61,9 +62,10 @@ def attention(
 ) -> tuple[torch.Tensor, None]:
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown SDPA backend {backend!r}; one of {sorted(BACKENDS)}")
+    check_call(q, k, v, cfg, key_padding_mask, bias, who=f"sdpa_{backend}")
+    if k.shape[2] == 0:  # no keys: every row is empty, which the fused backends are not asked
+        return no_keys(q, k, v, bias)[0], None
     Hq, Hkv = q.shape[1], k.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"k: Hq={Hq} is not divisible by Hkv={Hkv}")
     gqa = Hq != Hkv
     if gqa and backend not in NATIVE_GQA:
         k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)

@@ -23,8 +23,9 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from attnbench.checks import check_call, no_keys
 from attnbench.registry import Impl
-from attnbench.spec import ALIGNS, Config, Spec
+from attnbench.spec import Config, Spec
 
 BIG = 1 << 29  # an unbounded window edge; far beyond any sequence length
 MAX_HEAD_DIM = 256
@@ -66,52 +67,17 @@ def kernels(interpret: bool | None = None) -> ModuleType:
 
 # -- checks ---------------------------------------------------------------------------------
 def _check(q, k, v, cfg: Config, key_padding_mask, bias) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"triton: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"triton: {name} must be 4-d (B, H, S, D), got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"triton: {name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"triton: {name} is on {t.device}, q on {q.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"triton: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, Hq, Sq, D = q.shape
-    Bk, Hkv, Sk, Dk = k.shape
-    if Bk != B or v.shape[0] != B:
-        raise ValueError(f"triton: batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
-    if v.shape[1] != Hkv or v.shape[2] != Sk:
-        raise ValueError(f"triton: v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, Sk)")
-    if Dk != D:
-        raise ValueError(f"triton: k head dim {Dk} != q head dim {D}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"triton: Hq={Hq} is not divisible by Hkv={Hkv}")
-    if max(D, v.shape[3]) > MAX_HEAD_DIM:
-        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={v.shape[3]}")
+    """The call convention (attnbench.checks), then this kernel's own limits."""
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="triton")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    D, Dv = q.shape[3], v.shape[3]
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}")
     if cfg.dropout_p:
         raise ValueError(f"triton: cfg.dropout_p={cfg.dropout_p}: this kernel has no dropout")
-    if cfg.align not in ALIGNS:
-        raise ValueError(f"triton: cfg.align must be one of {ALIGNS}, got {cfg.align!r}")
-    if not math.isfinite(cfg.scale):
-        raise ValueError(f"triton: cfg.scale must be finite, got {cfg.scale}")
-    if cfg.block is not None and not 1 <= cfg.block.window_size <= MAX_BLOCK_WINDOW:
+    if cfg.block is not None and cfg.block.window_size > MAX_BLOCK_WINDOW:
         raise ValueError(f"triton: cfg.block.window_size must be in [1, {MAX_BLOCK_WINDOW}], got {cfg.block.window_size}")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"triton: key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (B, Sk):
-            raise ValueError(f"triton: key_padding_mask must be (B, Sk) = {(B, Sk)}, got {tuple(key_padding_mask.shape)}")
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise TypeError(f"triton: bias must be a floating tensor, got {bias.dtype}")
-        full = (B, Hq, Sq, Sk)
-        try:
-            ok = torch.broadcast_shapes(bias.shape, full) == full
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"triton: bias shape {tuple(bias.shape)} does not broadcast to {full}")
     if q.device.type == "cpu" and not interpret_requested():
         raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
 
@@ -381,6 +347,8 @@ class _Attention(torch.autograd.Function):
 def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (-inf on empty rows)."""
     _check(q, k, v, cfg, key_padding_mask, bias)
+    if k.shape[2] == 0:  # no keys: every row is empty (no key block to launch over)
+        return no_keys(q, k, v, bias)
     return _Attention.apply(q, k, v, bias, key_padding_mask, cfg)
 
 

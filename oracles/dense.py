@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from attnbench.checks import check_call
 from attnbench.spec import Block, Config, Inputs, Spec
 
 NEG_INF = float("-inf")
@@ -57,12 +58,14 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq), in float64, differentiable by autograd.
 
+    Inputs follow the call convention (attnbench.checks; ValueError otherwise), in any one
+    floating dtype; Sk = 0 gives empty rows (out 0, lse -inf, zero gradients).
+
     Dropout is not part of the oracle: properties check it statistically instead.
     """
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle")
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"Hq={Hq} is not divisible by Hkv={Hkv}")
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     group = Hq // Hkv
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
@@ -92,8 +95,11 @@ def attention(
     # Fill invisible logits with 0 *before* any exp, so that no inf or NaN (from masked keys
     # or bias) reaches the backward pass through torch.where.
     s = torch.where(vis, s, torch.zeros((), dtype=s.dtype, device=s.device))
-    m = torch.where(vis, s, torch.full((), NEG_INF, dtype=s.dtype, device=s.device)).amax(-1, keepdim=True)
-    empty = ~vis.any(-1, keepdim=True)
+    empty = ~vis.any(-1, keepdim=True)  # with Sk = 0 every row is empty
+    if Sk:
+        m = torch.where(vis, s, torch.full((), NEG_INF, dtype=s.dtype, device=s.device)).amax(-1, keepdim=True)
+    else:
+        m = torch.zeros_like(empty, dtype=s.dtype)
     m = torch.where(empty, torch.zeros_like(m), m).detach()
     p = torch.where(vis, torch.exp(s - m), torch.zeros((), dtype=s.dtype, device=s.device))
     denom = p.sum(-1, keepdim=True)

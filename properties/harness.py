@@ -6,12 +6,14 @@ Properties use these few helpers so that every check goes through the one tolera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from attnbench.checks import ContractError, check_result, dtype_name
 from attnbench.oracles import dense as oracle_dense
 from attnbench.properties import tolerance
 from attnbench.registry import Impl, registry
@@ -69,15 +71,109 @@ def clone_inputs(inputs: Inputs) -> Inputs:
     )
 
 
-def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False) -> Run:
-    """Run a kernel fn; with grad, backpropagate inputs.grad_out and collect the gradients."""
+INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out")
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's raw bits as integers, so equal means bit-identical (NaN included)."""
+    return t if t.dtype == torch.bool else t.view(_BITS[t.element_size()])
+
+
+def snapshot(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors an implementation must not change (one device copy each, no sync)."""
+    return {n: t.detach().clone() for n, t in tensors.items() if t is not None}
+
+
+def _changed(tensors: dict[str, torch.Tensor | None], before: dict[str, torch.Tensor]) -> list[tuple[str, object]]:
+    """Per snapshot, a flag "changed since": a bool on the CPU (torch.equal), a device tensor
+    elsewhere (no sync here; _raise_flagged reads all flags at once)."""
+    flags = []
+    for n, copy in before.items():
+        t = tensors[n]
+        what = f"mutated its input {n} in place"
+        if t is None or t.shape != copy.shape or t.dtype != copy.dtype:
+            flags.append((what, True))
+        elif t.device.type == "cpu":
+            flags.append((what, not torch.equal(_bits(t.detach()), _bits(copy))))
+        else:
+            flags.append((what, (_bits(t.detach()) != _bits(copy)).any()))
+    return flags
+
+
+def _sums(results: dict[str, torch.Tensor | None]) -> list[tuple[str, object]]:
+    """One float64 sum per result: NaN or +inf in it means a NaN or an infinity somewhere (exact
+    up to float64 overflow, which _non_finite re-checks), -inf only from -inf entries."""
+    return [(n, t.detach().sum(dtype=torch.float64)) for n, t in results.items() if t is not None]
+
+
+def _inputs_finite(inputs: Inputs) -> bool:
+    """q, k, v finite and the bias free of NaN / +inf (a -inf bias is a masked key): then the
+    oracle is finite everywhere but lse's empty rows, so the run must be too."""
+    ok = all(bool(torch.isfinite(t.detach()).all()) for t in (inputs.q, inputs.k, inputs.v))
+    if ok and inputs.bias is not None:
+        b = inputs.bias.detach()
+        ok = not bool((b.isnan() | (b == float("inf"))).any())
+    return ok
+
+
+def _non_finite(who: str, name: str, t: torch.Tensor) -> str | None:
+    """Where `t` is not finite (lse: NaN or +inf), as a contract message; None if it is."""
+    t = t.detach().cpu()
+    bad = (t.isnan() | (t == float("inf"))) if name == "lse" else ~torch.isfinite(t)
+    idx = bad.nonzero()
+    if not len(idx):
+        return None
+    what = "NaN" if t.isnan().any() else "inf"
+    return (f"contract: {who} returned {what} in {name} at index {tuple(int(i) for i in idx[0])} ({len(idx)} of "
+            f"{t.numel()} entries) where the oracle is finite (all inputs finite)")
+
+
+def _raise_flagged(who: str, flags: list[tuple[str, object]], inputs: Inputs | None = None,
+                   results: dict[str, torch.Tensor | None] | None = None) -> None:
+    """Read every flag and sum in one device-to-host transfer; raise ContractError naming the
+    first broken clause: a mutated input, or a non-finite result while every input is finite."""
+    sums = _sums(results or {})
+    on_device = [f for _, f in flags + sums if isinstance(f, torch.Tensor) and f.device.type != "cpu"]
+    if on_device:
+        dev = on_device[0].device
+        values = torch.stack([torch.as_tensor(f, dtype=torch.float64).reshape(()).to(dev)
+                              for _, f in flags + sums]).tolist()
+    else:  # on the CPU reading a scalar costs no synchronization
+        values = [float(f) for _, f in flags + sums]
+    for (what, _), hit in zip(flags, values):
+        if hit:
+            raise ContractError(f"contract: {who} {what}")
+    suspect = [n for (n, _), total in zip(sums, values[len(flags):])
+               if math.isnan(total) or total == math.inf or (n != "lse" and total == -math.inf)]
+    if suspect and _inputs_finite(inputs):
+        for n in suspect:
+            why = _non_finite(who, n, results[n])
+            if why:
+                raise ContractError(why)
+
+
+def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str | None = None) -> Run:
+    """Run a kernel fn; with grad, backpropagate inputs.grad_out and collect the gradients.
+
+    With `who` (the implementation's name) the call contract is checked around it, forward and
+    backward: result types, dtypes, shapes and devices (check_result), every input (q, k, v,
+    bias, key_padding_mask, grad_out) bit-identical afterwards, and out, lse and the gradients
+    finite wherever the oracle is (all inputs finite). A broken clause raises ContractError
+    naming it. The flags of each pass come back in one device-to-host transfer.
+    """
     leaves = {n: getattr(inputs, n) for n in GRAD_NAMES}
     leaves = {n: t for n, t in leaves.items() if t is not None and t.requires_grad}
     for t in leaves.values():
         t.grad = None
+    given = {n: getattr(inputs, n) for n in INPUT_NAMES}
+    before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
         result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias)
-    if not (isinstance(result, tuple) and len(result) == 2):
+    if who:
+        out, lse = check_result(who, result, inputs.q, inputs.v)
+        _raise_flagged(who, _changed(given, before), inputs, {"out": out, "lse": lse})
+    elif not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"kernel result: expected (out, lse_or_None), got {type(result).__name__}")
     out, lse = result
     run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
@@ -88,11 +184,31 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False) -> Run:
         for n, t in leaves.items():
             g = t.grad
             run.grads["d" + n] = torch.zeros_like(t) if g is None else g.detach().clone()
+        if who:
+            _raise_flagged(who, _changed(given, before), inputs, run.grads)
     return run
 
 
 def run_impl(impl: Impl, spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:
-    return call(impl.fn, inputs, cfg or spec.config(), grad=grad)
+    return call(impl.fn, inputs, cfg or spec.config(), grad=grad, who=impl.key)
+
+
+def module_call(who: str, run: Callable[[], torch.Tensor], tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """A module variant's forward `run()` under its contract: the output is a tensor of x's
+    shape, dtype and device, and no input tensor (x, context, mask, bias) changes."""
+    x = tensors["x"]
+    before = snapshot(tensors)
+    out = run()
+    if not isinstance(out, torch.Tensor):
+        raise ContractError(f"contract: {who} returned {type(out).__name__}, expected a tensor")
+    if out.dtype != x.dtype:
+        raise ContractError(f"contract: {who} returned {dtype_name(out.dtype)} output for {dtype_name(x.dtype)} input x")
+    if out.shape != x.shape:
+        raise ContractError(f"contract: {who} returned output of shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ContractError(f"contract: {who} returned output on {out.device} for x on {x.device}")
+    _raise_flagged(who, _changed(tensors, before))
+    return out
 
 
 def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:

@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from attnbench.oracles.modules import MODULE_ORACLES
 from attnbench.properties import tolerance
+from attnbench.properties.harness import module_call
 from attnbench.registry import Impl, registry
 from attnbench.spec import DTYPES
 
@@ -317,7 +318,12 @@ def _mask_args(case: ModuleCase, args: dict) -> dict:
 
 
 def forward(module: torch.nn.Module, case: ModuleCase, args: dict, routing=None) -> torch.Tensor:
-    """The module's output tensor (routed mixtures: given `routing` when one is passed)."""
+    """The module's output tensor (routed mixtures: given `routing` when one is passed), its
+    call contract checked (harness.module_call: output like x, inputs unchanged)."""
+    return module_call(f"{type(module).__name__} module", lambda: _forward(module, case, args, routing), args)
+
+
+def _forward(module: torch.nn.Module, case: ModuleCase, args: dict, routing=None) -> torch.Tensor:
     x = args["x"]
     v = case.variant
     if v == "FlashAttentionTwo":

@@ -107,7 +107,8 @@ def test_bad_times_in_either_file_are_rejected(bad, which, tmp_path, capsys):
     assert gate_cli(tmp_path, current, baseline) == 2
     out = capsys.readouterr().out
     # a string is refused when the file loads (Results.load checks field types), the rest by the gate
-    named = f"{which}.json: perf[3].ms must be a number" if isinstance(bad, str) else f"{which}.json: perf row 3 (dense/flash_attn4 fwd) has ms="
+    named = (f"{which}.json: perf[3].ms must be a number" if isinstance(bad, str)
+             else f"{which}.json: perf row 3 (dense/flash_attn4 fwd) has ms=")
     assert named in out and "Traceback" not in out
     assert len(out.strip().splitlines()) == 1
 
