@@ -63,9 +63,9 @@ SUSPECTS: dict[str, tuple[Spec, bool, bool]] = {
     "batch2-grad": (_s(B=2, Sq=1), True, False),
     "d160-window-fwd": (_s(B=3, Hq=5, Sq=98, D=160, window=(0, None), seed=1), False, False),
 }
-BATCH = 5  # non-suspects per process
-WORKERS = 6  # processes side by side
-TIMEOUT_S = 150
+BATCH = 4  # non-suspects per process
+WORKERS = 10  # processes side by side: two rounds on a 16-core host
+TIMEOUT_S = 110  # per process: two rounds stay under four minutes
 
 
 def _summary(verdicts: dict) -> tuple[str, dict]:
