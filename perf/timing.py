@@ -316,8 +316,8 @@ def measure_peaks(device: str) -> dict[str, Any]:
     shapes, dtype = (CUDA_MATMULS, torch.bfloat16) if cuda else (CPU_MATMULS, torch.float32)
     nbytes = (1 << 30) if cuda else (32 << 20)
     warmed = warm_clocks(device)
-    by_shape = {"x".join(map(str, mnk)): round(matmul_tflops(*mnk, dtype, device, BURSTS if cuda else 1, IDLE_S if cuda else 0.0), 3)
-                for mnk in shapes}
+    bursts, idle_s = (BURSTS, IDLE_S) if cuda else (1, 0.0)
+    by_shape = {"x".join(map(str, mnk)): round(matmul_tflops(*mnk, dtype, device, bursts, idle_s), 3) for mnk in shapes}
     best = max(by_shape, key=by_shape.get)
     cp = _copy_ms(nbytes, device, 200 if cuda else 50)
     if cuda:
