@@ -33,10 +33,19 @@ Limits (supports()), from interface.py's checks and what its tests verify:
 - Other GPUs: FA4 also runs SM80 / SM120 through an SM80 path without these checks; the
   adapter declares the datacenter Hopper and Blackwell parts only.
 - fp8 (e4m3 / e5m2) is forward-only and SM100-only in FA4, and not a contract dtype yet.
+
+Upstream bugs (upstream_bug(), found by the H200 property run of 2026-12-03; canaries in
+tests/test_flash_attn4.py, scripts/diag/fa4_findings.py re-checks them):
+- softmax_scale=0: out and lse are NaN (the contract: uniform attention, the mean of v).
+- key padding that leaves a batch element no key (varlen with an empty key sequence): dq is wrong
+  (error 0.242 against an allowance of 0.0084 at Spec(B=2, Sq=2, key_lengths=(0, 2)), float16).
+The local variant declares no key_padding: it always has a window, and padding with a window is
+declined above.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -162,9 +171,33 @@ def head_dims(arch: int, D: int, Dv: int, backward: bool, gqa: bool) -> str | No
     return None
 
 
+def upstream_bug(spec: Spec) -> str | None:
+    """Inputs where FA4 4.0.0b36 answers wrongly (minimal counterexamples in NOTES.md, canaries in
+    tests/test_flash_attn4.py): declined until upstream fixes them."""
+    if spec.scale == 0:
+        return "softmax_scale=0: FA4 returns NaN out and lse (the oracle gives the mean of v)"
+    if _empty_batch_element(spec):
+        return "a batch element with no kept key: FA4's varlen backward gives a wrong dq there"
+    return None
+
+
+def _empty_batch_element(spec: Spec) -> bool:
+    """Whether padding leaves some batch element no key. key_drop is checked on the mask itself
+    when a batch element has few keys; with 64 or more the chance that all drop is below
+    key_drop**64 (1e-19 at 0.5), and replaying the mask of a large spec costs seconds."""
+    lengths = spec.key_lengths or (spec.Sk,) * spec.B
+    if min(lengths) == 0:
+        return True
+    if spec.key_drop == 0 or min(lengths) >= 64:
+        return False
+    return not bool(spec.padding_keep().any(1).all())
+
+
 def _supports(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     if spec.has_padding and (spec.causal or spec.window is not None):
         return "key padding with causal/window: varlen renumbers key positions"
+    if bug := upstream_bug(spec):
+        return bug
     if not torch.cuda.is_available():
         return "needs CUDA"
     arch = _arch(spec)
@@ -187,4 +220,8 @@ flash_attn4 = Impl(
     memory="linear",
     description="FlashAttention-4 (flash_attn.cute, CuTe DSL) adapter: flash_attn_func / varlen for key padding",
 )
-flash_attn4_local = flash_attn4.for_variant("local", "FlashAttention-4 sliding-window (window_size) adapter")
+# local attention always has a window, and padding with a window is declined: no key_padding
+flash_attn4_local = dataclasses.replace(
+    flash_attn4.for_variant("local", "FlashAttention-4 sliding-window (window_size) adapter"),
+    features=frozenset(FEATURES - {"key_padding"}),
+)

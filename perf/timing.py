@@ -231,7 +231,11 @@ def peak_memory(prepare: Callable[[int], Any], run: Callable[[Any], Any], device
 # fill the chip for milliseconds per call. The best TFLOP/s of them is the peak.
 CUDA_MATMULS = ((8192, 8192, 8192), (16384, 16384, 8192), (8192, 8192, 16384), (12288, 12288, 12288))
 CPU_MATMULS = ((512, 512, 512),)
-WARM_S = 1.0  # back-to-back matmuls before the probe: the SMs leave their idle clocks (345 MHz on an H200)
+WARM_S = 0.2  # back-to-back matmuls before the probe: the SMs leave their idle clocks (345 MHz on an H200)
+BURST = 10  # timed products per burst, after BURST_WARMUP untimed ones
+BURST_WARMUP = 3
+BURSTS = 3  # bursts per shape; the best one counts
+IDLE_S = 0.5  # idle gap before each burst: board power falls back under the cap, the clocks recover
 
 
 def _operands(m: int, n: int, k: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,14 +259,36 @@ def warm_clocks(device: str, seconds: float = WARM_S) -> float:
     return time.perf_counter() - start
 
 
-def matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: str, rep_ms: float, windows: int) -> float:
-    """The best of `windows` timed windows (each the median of ~rep_ms of calls) of one matmul:
-    a short window at warm clocks is what the sweep's cells see too."""
+def _burst_ms(run: Callable[[], Any], n: int, device: str) -> float:
+    """Mean milliseconds per call of `n` back-to-back calls (CUDA events around the burst on a GPU)."""
+    if is_cuda(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
+    t = time.perf_counter()
+    for _ in range(n):
+        run()
+    return (time.perf_counter() - t) * 1e3 / n
+
+
+def matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: str, bursts: int = BURSTS,
+                  idle_s: float = IDLE_S) -> float:
+    """The best of `bursts` short bursts of one matmul: each burst is an idle gap of `idle_s`,
+    BURST_WARMUP untimed products, then the mean of BURST timed ones. Short bursts after an idle
+    gap run at the clocks the chip reaches before its power cap pulls them down (see measure_peaks)."""
     a, b = _operands(m, n, k, dtype, device)
     best = 0.0
-    for _ in range(windows):
-        t = time_call(lambda i: None, lambda _: a @ b, device=device, flush=False, warmup_ms=rep_ms / 2, rep_ms=rep_ms)
-        best = max(best, 2 * m * n * k / (t.ms * 1e-3) / 1e12)
+    for _ in range(bursts):
+        synchronize(device)
+        time.sleep(idle_s)
+        for _ in range(BURST_WARMUP):
+            a @ b
+        ms = _burst_ms(lambda: a @ b, BURST, device)
+        best = max(best, 2 * m * n * k / (ms * 1e-3) / 1e12)
     return best
 
 
@@ -274,17 +300,24 @@ def _copy_ms(nbytes: int, device: str, rep_ms: float) -> Timing:
 
 
 def measure_peaks(device: str) -> dict[str, Any]:
-    """The device's measured ceilings: the best matmul rate over several large shapes at warm
-    clocks (bf16 on CUDA, fp32 on the CPU) and a device copy (bytes read + written). TFLOP/s and
-    GB/s of every row are read against these; a cell above 100% of the matmul peak is a
-    measurement error (reports.schema.over_peak). On an H200 one 8192^3 probe at idle-to-warm
-    clocks read 680 TFLOP/s where the machine type does 770-798."""
+    """The device's measured ceilings: the best matmul rate the chip reaches (bf16 on CUDA, fp32
+    on the CPU) and a device copy (bytes read + written). TFLOP/s and GB/s of every row are read
+    against these; a cell above 100% of the matmul peak is a measurement error
+    (reports.schema.over_peak).
+
+    The matmul rate is the best short burst (10 products after 3 warm-ups, an idle gap before
+    each, several bursts per shape, several shapes) after a short warm-up. Why bursts: under a
+    long load an H200 reaches its power cap and lowers its clocks; a sustained probe then reads
+    the capped rate, not the best the chip does. reports/h200/peaks-probe-2026-12-03.json holds
+    the evidence: after 1 s of warm-up the clocks were 1965 MHz at 658 W and the windowed probe
+    read 701 TFLOP/s; a sustained 3 s run fell to 1560 MHz and 676 TFLOP/s, where this machine
+    type does 769-798 TFLOP/s as the mean of ten 8192^3 products after three warm-ups."""
     cuda = is_cuda(device)
     shapes, dtype = (CUDA_MATMULS, torch.bfloat16) if cuda else (CPU_MATMULS, torch.float32)
     nbytes = (1 << 30) if cuda else (32 << 20)
     warmed = warm_clocks(device)
-    by_shape = {"x".join(map(str, mnk)): round(matmul_tflops(*mnk, dtype, device, 50, 3 if cuda else 1), 3)
-                for mnk in shapes}
+    bursts, idle_s = (BURSTS, IDLE_S) if cuda else (1, 0.0)
+    by_shape = {"x".join(map(str, mnk)): round(matmul_tflops(*mnk, dtype, device, bursts, idle_s), 3) for mnk in shapes}
     best = max(by_shape, key=by_shape.get)
     cp = _copy_ms(nbytes, device, 200 if cuda else 50)
     if cuda:

@@ -47,6 +47,12 @@ def require(impl: Impl, *features: str) -> None:
         pytest.skip(f"{impl.key} does not declare {', '.join(missing)}")
 
 
+def wants_grad(impl: Impl, *specs: Spec) -> bool:
+    """Whether a property checks gradients on these specs: the implementation declares a backward
+    and covers the backward of every one (a spec drawn for the forward may lie outside it)."""
+    return "backward" in impl.features and all(impl.covers(s, ("backward",)) for s in specs)
+
+
 def reference_impl(impl: Impl) -> Impl:
     return registry().reference(impl.variant)
 
@@ -232,6 +238,20 @@ def check(measure, quantity: str, actual: torch.Tensor, oracle: torch.Tensor, re
     verdict = tolerance.compare(quantity, actual, oracle, reference, dtype, scale)
     measure(verdict.ratio)
     return verdict.require()
+
+
+def verdicts(impl: Impl, spec: Spec, grad: bool = False, fn: Callable | None = None) -> dict[str, tolerance.Verdict]:
+    """One spec against the float64 oracle under the tolerance rule, quantity by quantity (out,
+    lse where returned, dq/dk/dv with grad), without raising: for diagnostics and canaries.
+    `fn` replaces impl.fn (a kernel called past its adapter's declarations)."""
+    inputs = fresh_inputs(spec, impl, grad=grad)
+    got = call(fn or impl.fn, inputs, spec.config(), grad=grad)
+    want = run_oracle(spec, inputs, grad=grad)
+    reference = reference_impl(impl)
+    ref = run_impl(reference, spec, fresh_inputs(spec, reference, grad=grad), grad=grad)
+    scales = scales_of(spec, inputs)
+    names = ["out"] + (["lse"] if got.lse is not None and ref.lse is not None else []) + sorted(got.grads)
+    return {n: tolerance.compare(n, got.get(n), want.get(n), ref.get(n), spec.dtype, scales.get(n)) for n in names}
 
 
 def check_runs(measure, quantity: str, actual: torch.Tensor, expected: torch.Tensor, impl: Impl,

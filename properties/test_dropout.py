@@ -19,7 +19,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from attnbench.properties import tolerance
-from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, require, run_impl, scales_of
+from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, require, run_impl, scales_of, wants_grad
 from attnbench.properties.strategies import DTYPE_ORDER, Pinned, draw_spec
 from attnbench.properties.test_agreement import pinned
 from attnbench.spec import Inputs, Spec
@@ -39,7 +39,7 @@ def test_dropout_zero_is_identity(impl, device, measure, data):
     spec = draw_spec(data, impl, device)
     if spec is None:
         return
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     a = run_impl(impl, spec, inputs, grad=grad)
     other = dataclasses.replace(spec.config(), dropout_seed=spec.seed + 12345)
@@ -84,7 +84,7 @@ def test_dropout_keeps_expected_fraction(impl, device, measure, data):
     if not impl.covers(spec):
         return
     note(f"spec: {spec.short()}")
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = _identity_inputs(spec)
     run = run_impl(impl, spec, inputs, grad=grad)
     out = run.out.detach().to(device="cpu", dtype=torch.float64)

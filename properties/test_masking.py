@@ -35,6 +35,7 @@ from attnbench.properties.harness import (
     run_oracle,
     scales_of,
     visible,
+    wants_grad,
 )
 from attnbench.properties.strategies import Pinned, draw_int, draw_spec
 from attnbench.properties.test_agreement import pinned
@@ -92,7 +93,7 @@ def test_causal_future_has_no_influence(impl, device, measure, data):
         return  # no future key for any query (Sq = 1 decoding): nothing to perturb
     cut = draw_int(data, lo, hi, (lo + hi) // 2, label="cut")
     rows = [i for i in range(spec.Sq) if position(spec, i) < cut]
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     big = big_values(spec.torch_dtype)
     k, v, q = inputs.k.detach().clone(), inputs.v.detach().clone(), inputs.q.detach().clone()
@@ -160,7 +161,7 @@ def test_masked_keys_have_no_influence(impl, device, measure, data):
     spec = _masked_spec(data, impl, device)
     if spec is None:
         return
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     dead = _dead_keys(spec, inputs)
     if not dead.any():
@@ -231,7 +232,7 @@ def test_empty_rows_are_zero_without_nan(impl, device, measure, data):
         spec = spec.replace(key_lengths=tuple(lengths))
         if not impl.covers(spec):
             return
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     want = run_oracle(spec, inputs)
     empty = torch.isneginf(want.lse)  # (B, Hq, Sq): rows with no visible logit (bias -inf included)
@@ -390,7 +391,7 @@ def check_padding_appended(impl, spec: Spec, P: int, measure=lambda ratio: None)
     padded = spec.replace(Sq=spec.Sq + P, Sk=spec.Sk + P, key_lengths=tuple(kpm_lengths))
     if not impl.covers(padded):
         return
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, padded)
     inputs = fresh_inputs(spec, impl, grad=grad)
 
     def grow(t: torch.Tensor, dims: tuple[int, ...], salt: int, broadcast: bool = False) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, quantities, require, run_impl
+from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, quantities, require, run_impl, wants_grad
 from attnbench.properties.strategies import Pinned, draw_spec
 from attnbench.properties.test_agreement import pinned
 from attnbench.properties.test_masking import _noise, _references, _with
@@ -29,7 +29,7 @@ def test_gqa_equals_mha_on_repeated_kv(impl, device, measure, data):
     if not impl.covers(mha):
         return
     G = spec.Hq // spec.Hkv
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec, mha)
     inputs = fresh_inputs(spec, impl, grad=grad)
     wide = _with(inputs, k=inputs.k.detach().repeat_interleave(G, 1), v=inputs.v.detach().repeat_interleave(G, 1))
     a = run_impl(impl, spec, inputs, grad=grad)
@@ -50,7 +50,7 @@ def test_batch_elements_are_independent(impl, device, measure, data):
     spec = draw_spec(data, impl, device, min_batch=2)
     if spec is None:
         return
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     changes = {}
     for salt, name in enumerate(("q", "k", "v")):
@@ -101,7 +101,7 @@ def test_key_permutation_equivariance(impl, device, measure, data):
     if spec is None:
         return
     perm = torch.randperm(spec.Sk, generator=torch.Generator().manual_seed(spec.seed)).to(spec.device)
-    grad = "backward" in impl.features
+    grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     shuffled = _with(inputs, k=inputs.k.detach()[:, :, perm], v=inputs.v.detach()[:, :, perm])
     if inputs.key_padding_mask is not None:

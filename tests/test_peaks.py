@@ -1,4 +1,4 @@
-"""Honest peaks: the matmul probe takes the best of several shapes and windows at warm clocks,
+"""Honest peaks: the matmul probe takes the best short burst of several shapes after idle gaps,
 and a cell above 100% of the measured peak is flagged as a measurement error in rows and reports."""
 
 from __future__ import annotations
@@ -15,22 +15,26 @@ from attnbench.spec import Spec
 SETTINGS = bench.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
 
 
-def test_the_peak_is_the_best_window_of_the_best_shape(monkeypatch):
-    times = iter([2.0, 1.0, 1.5, 4.0, 3.0, 0.5])  # ms per window: shape 1, then shape 2
+def test_the_peak_is_the_best_burst_after_an_idle_gap(monkeypatch):
+    bursts = iter([2.0, 1.0, 1.5])  # ms per product, one burst each
+    sleeps = []
+    monkeypatch.setattr(timing, "_burst_ms", lambda run, n, device: next(bursts))
+    monkeypatch.setattr(timing.time, "sleep", sleeps.append)
+    rate = timing.matmul_tflops(100, 100, 100, timing.torch.float32, "cpu", bursts=3, idle_s=0.25)
+    assert rate == pytest.approx(2e6 / 1e-3 / 1e12)  # the fastest burst, not the mean of the three
+    assert sleeps == [0.25] * 3  # an idle gap before every burst lets the power cap release the clocks
 
-    def fake_time_call(prepare, run, **kw):
-        ms = next(times)
-        return timing.Timing(ms, ms, ms, 5, "wall_clock", ms)
 
-    monkeypatch.setattr(timing, "time_call", fake_time_call)
-    assert timing.matmul_tflops(100, 100, 100, timing.torch.float32, "cpu", 5, 3) == pytest.approx(2e6 / 1e-3 / 1e12)
-    assert timing.matmul_tflops(100, 100, 100, timing.torch.float32, "cpu", 5, 3) == pytest.approx(2e6 / 5e-4 / 1e12)
+def test_a_burst_is_the_mean_of_its_products():
+    calls = []
+    ms = timing._burst_ms(lambda: calls.append(1), timing.BURST, "cpu")
+    assert len(calls) == timing.BURST and ms >= 0
 
 
 def test_measure_peaks_records_every_shape_and_keeps_the_best(monkeypatch):
     rates = {(512, 512, 512): 1.0, (256, 256, 1024): 3.0, (1024, 256, 256): 2.0}
     monkeypatch.setattr(timing, "CPU_MATMULS", tuple(rates))
-    monkeypatch.setattr(timing, "matmul_tflops", lambda m, n, k, *a: rates[(m, n, k)])
+    monkeypatch.setattr(timing, "matmul_tflops", lambda m, n, k, *a, **kw: rates[(m, n, k)])
     peaks = timing.measure_peaks("cpu")
     assert peaks["matmul_tflops"] == 3.0 and peaks["matmul_shape"] == "256x256x1024"
     assert peaks["matmul_by_shape"] == {"512x512x512": 1.0, "256x256x1024": 3.0, "1024x256x256": 2.0}

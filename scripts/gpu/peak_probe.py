@@ -1,7 +1,7 @@
 """(e) The matmul peak three ways on this GPU, into a JSON file (argv[1]) and a short table:
 the old probe (one 8192^3 bf16 shape from idle clocks, 25 ms warm-up: it read 680 TFLOP/s on an
-H200), the sweep's probe (perf.timing.measure_peaks: 1 s of warm clocks, the best window of four
-shapes), and a sustained 3 s run of 8192^3 (whether clocks drop under a long load)."""
+H200), the sweep's probe (perf.timing.measure_peaks: the best short burst over four shapes, idle
+gaps between bursts), and a sustained 3 s run of 8192^3 (whether clocks drop under a long load)."""
 
 from __future__ import annotations
 
