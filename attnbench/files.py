@@ -55,16 +55,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def new_run_dir(root: str | os.PathLike) -> Path:
-    """A new, empty folder root/runs/<UTC time>-<random id>/ (never an existing one)."""
-    runs = Path(root) / RUNS
+def new_run_dir(root: str | os.PathLike, folder: str = RUNS) -> Path:
+    """A new, empty folder root/runs/<UTC time>-<random id>/ (never an existing one); folder
+    names another parent than runs/ (report renders go to reports/)."""
+    runs = Path(root) / folder
     runs.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     while True:
-        folder = runs / f"{stamp}-{secrets.token_hex(3)}"
+        path = runs / f"{stamp}-{secrets.token_hex(3)}"
         try:
-            folder.mkdir()
-            return folder
+            path.mkdir()
+            return path
         except FileExistsError:
             continue
 

@@ -32,6 +32,7 @@ from attnbench.reports.schema import CorrectnessRow, Results, ZooRow, environmen
 PROPERTIES_DIR = Path(attnbench.properties.__file__).resolve().parent
 PYTEST_INI = Path(__file__).resolve().parent / "pytest.ini"
 MAX_RESTARTS = 50  # child processes restarted in one run, all implementations together
+STARTUP_S = 600.0  # a child that has not collected its tests by then is taken as hung
 MAX_FAULTS_PER_IMPL = 3  # crashes + timeouts of one implementation before its other tests are left out
 
 
@@ -213,10 +214,12 @@ def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _C
     current = None
     tail: list[str] = []
     last = time.monotonic()
+    started = False  # until the child has collected, it may take STARTUP_S (imports, collection)
     try:
         while True:
+            allowed = deadline_s if started else max(deadline_s, STARTUP_S)
             try:
-                line = lines.get(max(last + deadline_s - time.monotonic(), 0.0))
+                line = lines.get(max(last + allowed - time.monotonic(), 0.0))
             except TimeoutError:
                 return _Child(procs.kill_tree(proc), current, tail, timed_out=True)
             if line is None:
@@ -230,7 +233,7 @@ def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _C
             except ValueError:  # a line torn by the child's death
                 tail.append(line)
                 continue
-            last = time.monotonic()
+            last, started = time.monotonic(), True
             kind = event.get("event")
             if kind == "beat":
                 continue
