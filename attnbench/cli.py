@@ -258,6 +258,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from attnbench.reports.render import write_all
     from attnbench.reports.terminal import summary
 
+    problem = _check_impl_args(args)
+    if problem:
+        console.print(f"[red]error:[/] {problem}")
+        return 2
     device = args.device or default_device()
     args.device = device
     _prepare_env(device)
@@ -371,15 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "device", None):
         _prepare_env(args.device)
-    procs.on_signals()
     try:
-        return args.func(args)
+        with procs.on_signals():
+            try:
+                return args.func(args)
+            finally:
+                procs.kill_all()
     except procs.Interrupted as stop:
-        procs.kill_all()
         print(f"attnbench: stopped by {stop.name}; child processes ended, finished runs untouched", file=sys.stderr)
         return 128 + stop.signum
-    finally:
-        procs.kill_all()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 _LIVE: set[subprocess.Popen] = set()
@@ -82,16 +81,24 @@ def kill_all() -> None:
         kill_tree(proc)
 
 
-def on_signals() -> None:
-    """SIGINT / SIGTERM raise Interrupted in the main thread; a second one during cleanup is ignored."""
+@contextlib.contextmanager
+def on_signals() -> Iterator[None]:
+    """Inside: SIGINT / SIGTERM raise Interrupted in the main thread (a second one during the
+    cleanup is ignored); the previous handlers come back on exit."""
 
     def handler(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
         signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 class Lines:
@@ -120,13 +127,3 @@ class Lines:
         except queue.Empty:
             raise TimeoutError from None
         return None if item is self._EOF else item
-
-
-def iter_lines(lines: Lines, deadline: float | None) -> Iterator[str]:
-    """Lines until EOF; raises TimeoutError once time.monotonic() passes deadline (None: never)."""
-    while True:
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        line = lines.get(timeout)
-        if line is None:
-            return
-        yield line
