@@ -32,7 +32,7 @@ from attnbench.reports.schema import CorrectnessRow, Results, ZooRow, environmen
 PROPERTIES_DIR = Path(attnbench.properties.__file__).resolve().parent
 PYTEST_INI = Path(__file__).resolve().parent / "pytest.ini"
 MAX_RESTARTS = 50  # child processes restarted in one run, all implementations together
-STARTUP_S = 600.0  # a child that has not collected its tests by then is taken as hung
+STARTUP_S = 600.0  # seconds a child may spend outside any test (start, collection, exit)
 MAX_FAULTS_PER_IMPL = 3  # crashes + timeouts of one implementation before its other tests are left out
 
 
@@ -214,10 +214,11 @@ def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _C
     current = None
     tail: list[str] = []
     last = time.monotonic()
-    started = False  # until the child has collected, it may take STARTUP_S (imports, collection)
     try:
         while True:
-            allowed = deadline_s if started else max(deadline_s, STARTUP_S)
+            # implementation code runs only inside a test; outside one (imports, collection, the
+            # end of the session) the child may take STARTUP_S
+            allowed = deadline_s if current is not None else max(deadline_s, STARTUP_S)
             try:
                 line = lines.get(max(last + allowed - time.monotonic(), 0.0))
             except TimeoutError:
@@ -233,7 +234,7 @@ def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _C
             except ValueError:  # a line torn by the child's death
                 tail.append(line)
                 continue
-            last, started = time.monotonic(), True
+            last = time.monotonic()
             kind = event.get("event")
             if kind == "beat":
                 continue
