@@ -89,7 +89,7 @@ def _check_impl_args(args: argparse.Namespace) -> str | None:
     for v in args.variant:
         if v not in VARIANTS:
             return f"unknown variant {v!r}; one of: {', '.join(VARIANTS)}"
-    if args.zoo:
+    if getattr(args, "zoo", False):  # bench has no --zoo
         names = {i.key for i in load_zoo()} | {i.name for i in load_zoo()}
         bad = [n for n in args.impl if n not in names]
         return f"unknown bug-zoo member(s) {bad}; see `attnbench list --zoo`" if bad else None
