@@ -274,3 +274,17 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_the_latest_pointer_is_a_file_where_symlinks_are_not_allowed(tmp_path, monkeypatch):
+    from attnbench import files
+
+    def refuse(*args, **kwargs):
+        raise OSError("symlinks not allowed")
+
+    monkeypatch.setattr(files.os, "symlink", refuse)
+    first, second = files.new_run_dir(tmp_path), files.new_run_dir(tmp_path)
+    files.set_latest(tmp_path, first)
+    files.set_latest(tmp_path, second)
+    assert (tmp_path / "latest").read_text().strip() == f"runs/{second.name}"
+    assert files.latest(tmp_path) == second and files.results_file(tmp_path) == second / "results.json"
