@@ -86,7 +86,6 @@ class Plan:
     settings: object
     peaks: dict
     targets: list[str]
-    first_calls: bool = True
 
 
 @dataclass
@@ -149,7 +148,7 @@ def run_isolated(
     deadline_s = deadline_s if deadline_s is not None else default_deadline(device)
     budgets = Budgets(settings.budget_s, [plan[k][1].key for k in runnable])
     faults: Counter = Counter()
-    rows: list[PerfRow | None] = [None] * len(plan)
+    rows: list[PerfRow] = []
     start = time.perf_counter()
     targets = sorted({i.origin for i in impls if ":" in (i.origin or "")})
     worker: _Worker | None = None
@@ -175,7 +174,7 @@ def run_isolated(
                     budgets.charge(impl.key, seconds)
                     if row.status in ("crashed", "timeout"):
                         faults[impl.key] += 1
-                rows[n] = row
+                rows.append(row)
                 say(f"[{n + 1}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: "
                     f"{_describe(row)}")
             if worker is not None and tuning is not None:
@@ -224,7 +223,10 @@ def _run_pair(worker: _Worker, n: int, cell: Cell, impl: Impl, deadline_s: float
             return row, deadline_s, None
     seconds = time.monotonic() - t0
     if event is None:  # the worker died in this pair
-        code = worker.proc.wait(timeout=30) if worker.proc.poll() is None else worker.proc.returncode
+        try:
+            code = worker.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # its output closed but it lives on: end it
+            code = procs.kill_tree(worker.proc)
         worker.stop()
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return _blank(cell, impl, "crashed", f"crashed: the worker process died ({how})" + _last(worker.tail)), seconds, None
