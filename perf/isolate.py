@@ -54,27 +54,24 @@ def default_deadline(device: str) -> float:
 class Budgets:
     """Per-implementation shares of the sweep's time budget (seconds spent in cells).
 
-    Each implementation with cells to run gets an equal share. Past its share it may still use
-    what the sweep has left after reserving the unspent shares of the others still to run."""
+    While the sweep is within its budget every pair runs. Once it is spent, an implementation
+    still runs until it has had its own share (the budget / the implementations with cells):
+    one slow implementation cannot spend the others' time. The sweep then takes at most about
+    twice its budget, and a run that fits its budget is not cut."""
 
     def __init__(self, total: float | None, impls: list[str]) -> None:
         self.total = total
-        self.left = Counter(impls)  # pairs still to run per implementation
         self.spent: dict[str, float] = defaultdict(float)
-        self.share = total / len(self.left) if total is not None and self.left else 0.0
+        n = len(set(impls))
+        self.share = total / n if total is not None and n else 0.0
 
     def allows(self, impl: str) -> bool:
-        if self.total is None or self.spent[impl] < self.share:
+        if self.total is None or sum(self.spent.values()) < self.total:
             return True
-        owed = sum(max(self.share - self.spent[k], 0.0) for k, n in self.left.items() if k != impl and n > 0)
-        return sum(self.spent.values()) + owed < self.total
+        return self.spent[impl] < self.share
 
     def charge(self, impl: str, seconds: float) -> None:
         self.spent[impl] += seconds
-        self.left[impl] -= 1
-
-    def drop(self, impl: str) -> None:
-        self.left[impl] -= 1
 
 
 @dataclass
@@ -160,13 +157,11 @@ def run_isolated(
                 if reason is not None:
                     row = _blank(cell, impl, "unsupported", reason)
                 elif faults[impl.key] >= MAX_FAULTS_PER_IMPL:
-                    budgets.drop(impl.key)
                     row = _blank(cell, impl, "skipped",
                                  f"not run: {impl.key} crashed or timed out {faults[impl.key]} times in this sweep")
                 elif not budgets.allows(impl.key):
-                    budgets.drop(impl.key)
-                    row = _blank(cell, impl, "skipped",
-                                 f"its share of the sweep time budget ({budgets.share:.0f} s of {budgets.total:.0f} s) spent")
+                    row = _blank(cell, impl, "skipped", f"sweep time budget of {budgets.total:.0f} s spent, and its "
+                                 f"own share ({budgets.share:.0f} s) too")
                 else:
                     if worker is None:
                         worker = _start(plan_file, device)
