@@ -293,6 +293,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (an argparse type: a bad value is a one-line error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnbench", description="Verify attention implementations against float64 "
                                 "oracles, benchmark them, and report.")
@@ -315,13 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--profile", choices=PROFILES, default="ci", help="Hypothesis profile (default ci)")
         sp.add_argument("--seed", type=int, default=None, help="Hypothesis seed (randomizes the ci profile)")
         sp.add_argument("--zoo", action="store_true", help="run the suite against the bug zoo; print the kill table")
-        sp.add_argument("--deadline", type=float, default=None, metavar="S",
+        sp.add_argument("--deadline", type=seconds, default=None, metavar="S",
                         help="kill a test process that makes no progress for S seconds (no test started or "
                              "finished, no implementation called) and record a timeout (default: "
                              "ATTNBENCH_VERIFY_DEADLINE, else 300 on a CPU, 900 on CUDA)")
 
     def bench_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--cell-deadline", type=float, default=None, metavar="S",
+        sp.add_argument("--cell-deadline", type=seconds, default=None, metavar="S",
                         help="kill a benchmark cell still running after S seconds and record a timeout (default: "
                              "ATTNBENCH_BENCH_DEADLINE, else 120 on a CPU, 600 on CUDA)")
 
