@@ -7,7 +7,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -45,6 +44,17 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_run(results, root: str) -> dict:
+    """Write a run into a new folder root/runs/<id>/ and point root/latest at it."""
+    from attnbench.files import new_run_dir, set_latest
+    from attnbench.reports.render import write_all
+
+    run_dir = new_run_dir(root)
+    paths = write_all(results, run_dir)
+    set_latest(root, run_dir)
+    return paths
 
 
 def _prepare_env(device: str) -> None:
@@ -166,7 +176,11 @@ def do_verify(args: argparse.Namespace):
         outcome = verify.run(
             impls=args.impl, variants=args.variant, properties=args.property, profile=args.profile,
             device=device, seed=args.seed, zoo=args.zoo, on_row=on_row, on_start=on_start, on_collect=on_collect,
+            deadline_s=args.deadline,
         )
+    if outcome.not_run:
+        console.print(f"[red]{len(outcome.not_run)} test(s) did not run[/] after crashes or timeouts: "
+                      + ", ".join(outcome.not_run[:10]) + (" ..." if len(outcome.not_run) > 10 else ""))
     return outcome
 
 
@@ -203,7 +217,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problem = _check_impl_args(args)
     if problem:
         return error(problem)
-    from attnbench.reports.render import write_all
     from attnbench.reports.terminal import summary
 
     outcome = do_verify(args)
@@ -212,7 +225,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return stop
     summary(outcome.results, console=console)
     if args.out:
-        paths = write_all(outcome.results, args.out)
+        paths = write_run(outcome.results, args.out)
         console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     if args.zoo:
         missed = [z.member for z in outcome.results.zoo if z.status != "caught"]
@@ -228,11 +241,11 @@ def do_bench(args: argparse.Namespace, quick: bool):
 
     device = args.device or default_device()
     _prepare_env(device)
-    # package.module:object targets are loaded here and handed to the sweep by key
-    impls = [i.key for i in registry().resolve(args.impl, args.variant)] if args.impl else None
+    # names as given: package.module:object targets are loaded again in the sweep's child processes
+    impls = args.impl or None
     with Progress() as progress:
         return run_bench(quick=quick, device=device, variants=args.variant or None, impls=impls,
-                         out=None, progress=lambda msg: _bench_progress(progress, msg))
+                         out=None, progress=lambda msg: _bench_progress(progress, msg), deadline_s=args.cell_deadline)
 
 
 _BENCH_STEP = re.compile(r"\[(\d+)/(\d+)[^\]]*\]\s*(.*)")
@@ -260,22 +273,39 @@ def _broken_sources(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from attnbench.reports.terminal import not_verified, summary
+
     problem = _check_impl_args(args)
     if problem:
         return error(problem)
-    from attnbench.reports.render import write_all
-    from attnbench.reports.terminal import not_verified, summary
-
     results = do_bench(args, quick=args.quick)
     summary(results, console=console)
-    paths = write_all(results, args.out)
+    paths = write_run(results, args.out)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     broken = _broken_sources(args)
     not_verified(broken, console=console, title="Not measured")
+    if broken_cells(results):
+        return EXIT_FAILED
     return EXIT_NOTHING if broken else EXIT_OK
 
 
+BROKEN = ("error", "crashed", "timeout")  # perf rows that say an implementation is broken (oom is a size limit)
+
+
+def broken_cells(results) -> list:
+    """The perf rows whose implementation raised, crashed or hung; printed, one line per implementation."""
+    rows = [r for r in results.perf if r.status in BROKEN]
+    by_impl: dict[str, list] = {}
+    for r in rows:
+        by_impl.setdefault(f"{r.variant}/{r.impl}", []).append(r)
+    for key, bad in by_impl.items():
+        console.print(Text(f"bench: {key}: {len(bad)} cell(s) {'/'.join(sorted({r.status for r in bad}))}: "
+                           f"{bad[0].reason[:160]}", style="red"))
+    return rows
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from attnbench.files import new_run_dir, results_file
     from attnbench.reports.render import compare, write_all
     from attnbench.reports.schema import Results
     from attnbench.reports.terminal import summary
@@ -285,7 +315,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = []
     for path in args.results:
         try:
-            runs.append(Results.load(path))
+            runs.append(Results.load(results_file(path)))
         except (OSError, ValueError) as exc:
             return error(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
     if args.rows:  # correctness rows streamed by the plugin (--attnbench-results), e.g. from a GPU run
@@ -295,7 +325,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             runs[0] = runs[0].merge(results_from_rows(args.rows))
         except (OSError, ValueError, TypeError) as exc:
             return error(f"{args.rows}: {exc}")
-    out = args.out or str(Path(args.results[0]).resolve().parent)
+    # never over a run's own files: a new folder in --out/runs/, or in reports/ beside the first file
+    first = results_file(args.results[0]).resolve()
+    out = new_run_dir(args.out) if args.out else new_run_dir(first.parent, "reports")
     if len(runs) == 1:
         summary(runs[0], console=console)
         paths = write_all(runs[0], out)
@@ -313,12 +345,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 # -- run: the main job -------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    problem = _check_impl_args(args)
-    if problem:
-        return error(problem)
+    from attnbench.files import new_run_dir, set_latest
     from attnbench.reports.render import write_all
     from attnbench.reports.terminal import summary
 
+    problem = _check_impl_args(args)
+    if problem:
+        return error(problem)
     device = args.device or default_device()
     args.device = device
     _prepare_env(device)
@@ -328,6 +361,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = _suite_problem(outcome)
     if stop is not None:
         return stop
+    run_dir = new_run_dir(args.out)
+    outcome.results.save(run_dir / "results.json")  # kept whatever happens to the benchmark
+    console.print(f"verify results: {run_dir / 'results.json'}", markup=False)
     console.rule(f"quick benchmark on {device}")
     try:
         perf = do_bench(args, quick=True)
@@ -339,13 +375,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = outcome.results.merge(perf)
     results.peaks = perf.peaks or results.peaks
     summary(results, console=console)
-    paths = write_all(results, args.out)
+    paths = write_all(results, run_dir)
+    set_latest(args.out, run_dir)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s",
                   markup=False)
-    return finish(outcome, verify_code(outcome, args.zoo))
+    code = verify_code(outcome, args.zoo)
+    if broken_cells(perf) and code != EXIT_FAILED:
+        code = EXIT_FAILED
+    return finish(outcome, code)
 
 
 # -- parser ------------------------------------------------------------------------------
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (an argparse type: a bad value is a one-line error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnbench", description="Verify attention implementations against float64 "
                                 "oracles, benchmark them, and report.")
@@ -371,22 +422,35 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=None,
                         help="Hypothesis seed (randomizes the ci profile; dev and thorough draw one and print it)")
         sp.add_argument("--zoo", action="store_true", help="run the suite against the bug zoo; print the kill table")
+        sp.add_argument("--deadline", type=seconds, default=None, metavar="S",
+                        help="kill a test process that makes no progress for S seconds (no test started or "
+                             "finished, no implementation called) and record a timeout (default: "
+                             "ATTNBENCH_VERIFY_DEADLINE, else 300 on a CPU, 900 on CUDA)")
+
+    def bench_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--cell-deadline", type=seconds, default=None, metavar="S",
+                        help="kill a benchmark cell still running after S seconds and record a timeout (default: "
+                             "ATTNBENCH_BENCH_DEADLINE, else 120 on a CPU, 600 on CUDA)")
 
     sp = sub.add_parser("verify", help="run the property suite against implementations", epilog=EXIT_EPILOG)
     selection(sp)
     verify_opts(sp)
-    sp.add_argument("--out", default=None, help="also write results.json / report.md / report.html here")
+    sp.add_argument("--out", default=None,
+                    help="also write results.json / report.md / report.html into OUT/runs/<id>/ (OUT/latest points at it)")
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("bench", help="latency, TFLOP/s and memory of every available implementation")
     selection(sp)
     sp.add_argument("--quick", action="store_true", help="a small sweep (< 2 min on a CPU)")
-    sp.add_argument("--out", default="results", help="directory for results.json and reports (default results/)")
+    bench_opts(sp)
+    sp.add_argument("--out", default="results",
+                    help="root folder: each run writes OUT/runs/<id>/ and OUT/latest points at it (default results/)")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("report", help="render results.json (or compare two runs side by side)")
     sp.add_argument("results", nargs="+", help="results.json, or two of them to compare")
-    sp.add_argument("--out", default=None, help="output directory (default: next to the first file)")
+    sp.add_argument("--out", default=None,
+                    help="write into a new folder OUT/runs/<id>/ (default: a new folder reports/<id>/ beside the first file)")
     sp.add_argument("--rows", default=None, help="add correctness rows from a --attnbench-results file (JSON lines)")
     sp.set_defaults(func=cmd_report)
 
@@ -398,16 +462,29 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EXIT_EPILOG)
     selection(sp)
     verify_opts(sp)
-    sp.add_argument("--out", default="results", help="directory for results.json / report.md / report.html")
+    bench_opts(sp)
+    sp.add_argument("--out", default="results",
+                    help="root folder: results.json / report.md / report.html go to OUT/runs/<id>/, OUT/latest "
+                         "points at the newest finished run (default results/)")
     sp.set_defaults(func=cmd_run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from attnbench import procs
+
     args = build_parser().parse_args(argv)
     if getattr(args, "device", None):
         _prepare_env(args.device)
-    return args.func(args)
+    try:
+        with procs.on_signals():
+            try:
+                return args.func(args)
+            finally:
+                procs.kill_all()
+    except procs.Interrupted as stop:
+        print(f"attnbench: stopped by {stop.name}; child processes ended, finished runs untouched", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

@@ -524,10 +524,23 @@ def _append_row(config: pytest.Config, row: dict) -> None:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows written with --attnbench-results (and its per-worker siblings PATH.gwN)."""
+    """Rows written with --attnbench-results (and its per-worker siblings PATH.gwN). A line that
+    is not a JSON object (a row torn by a killed run) is skipped with a warning on stderr."""
     path = Path(path)
     rows = []
     for p in sorted([path, *path.parent.glob(path.name + ".gw*")]):
-        if p.exists():
-            rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        if not p.exists():
+            continue
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                print(f"warning: {p}:{n}: skipped a row that is not a JSON object (torn?): {line[:80]!r}",
+                      file=sys.stderr)
     return rows

@@ -2,9 +2,13 @@
 (implementation, property).
 
 The child process isolates crashes: when a kernel kills the interpreter (segfault, abort,
-device error), the test that was running is recorded as an error with the tail of its output,
-and the child is started again without the tests already finished. One broken implementation
-never aborts the run.
+device error), the test that was running is recorded as an error ("crashed: ...") with the tail
+of its output, and the child is started again without the tests already finished. A child that
+makes no progress for the deadline (no test started or finished, no implementation called:
+`attnbench.watchdog` reports those) is killed with its process group and the test recorded as
+"timeout: ...". An implementation that crashes or hangs MAX_FAULTS_PER_IMPL times has its other
+tests recorded as not run, so it cannot use up the restarts the others need. One broken
+implementation never aborts the run.
 """
 
 from __future__ import annotations
@@ -15,18 +19,22 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import attnbench.properties
+from attnbench import procs
 from attnbench.plugin import STREAM_PREFIX
 from attnbench.reports.schema import CorrectnessRow, Results, ZooRow, environment
 
 PROPERTIES_DIR = Path(attnbench.properties.__file__).resolve().parent
 PYTEST_INI = Path(__file__).resolve().parent / "pytest.ini"
-MAX_RESTARTS = 20
+MAX_RESTARTS = 50  # child processes restarted in one run, all implementations together
+STARTUP_S = 600.0  # seconds a child may spend outside any test (start, collection, exit)
+MAX_FAULTS_PER_IMPL = 3  # crashes + timeouts of one implementation before its other tests are left out
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Outcome:
     log: str = ""
     crashed: list[str] = field(default_factory=list)
     collect_error: str | None = None
+    not_run: list[str] = field(default_factory=list)  # node ids left out after crashes / timeouts
     usage_error: str | None = None  # a bad selection the suite itself found (an unknown property)
     not_verified: list[str] = field(default_factory=list)  # "what: why" for each request that checked nothing
     seed: int | None = None  # the Hypothesis seed of a randomized profile (drawn when not given)
@@ -79,6 +88,19 @@ def pytest_args(
     return args
 
 
+def default_deadline(device: str) -> float:
+    """Seconds a child may go without progress (a test starting or finishing, or a call into an
+    implementation starting) before it is killed: ATTNBENCH_VERIFY_DEADLINE, else 300 s on a
+    CPU (Triton's interpreter) and 900 s on CUDA (a first call may compile for minutes)."""
+    value = os.environ.get("ATTNBENCH_VERIFY_DEADLINE")
+    if value:
+        seconds = float(value)
+        if not seconds > 0:
+            raise ValueError(f"ATTNBENCH_VERIFY_DEADLINE must be a positive number of seconds, got {value!r}")
+        return seconds
+    return 300.0 if device == "cpu" else 900.0
+
+
 def run(
     *,
     impls: Iterable[str] = (),
@@ -92,58 +114,57 @@ def run(
     on_start: Callable[[dict], None] | None = None,
     on_collect: Callable[[int], None] | None = None,
     paths: Iterable[str] = (),
+    deadline_s: float | None = None,
 ) -> Outcome:
     """paths: property files or folders to run instead of the installed suite (for tests).
     on_start(event): a check starts (event has nodeid, variant, impl, property); on_collect(n):
-    n checks are left to run in a freshly started test process."""
+    n checks are left to run in a freshly started test process.
+    deadline_s: seconds without progress before a child is killed (default: default_deadline)."""
     if seed is None and not derandomized(profile):  # a seed the failures can print and the CLI can take
         seed = random.SystemRandom().randrange(2**32)
     base = pytest_args(
         impls=impls, variants=variants, properties=properties, profile=profile, device=device, seed=seed, zoo=zoo,
         paths=paths,
     )
+    deadline_s = deadline_s if deadline_s is not None else default_deadline(device)
     env = dict(os.environ)
     if device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on the CPU
     env["PYTHONUNBUFFERED"] = "1"
 
-    rows: list[CorrectnessRow] = []
-    done: set[str] = set()
-    crashed: list[str] = []
+    loop = _Loop(on_row=on_row, on_start=on_start, on_collect=on_collect)
     log_parts: list[str] = []
     collect_error = None
-    child = _Child(rows, done, on_row, on_start, on_collect)
     with tempfile.TemporaryDirectory(prefix="attnbench-verify-") as tmp:
         skip_file = Path(tmp) / "skip.txt"
         for _ in range(MAX_RESTARTS + 1):
-            skip_file.write_text("\n".join(sorted(done)))
+            skip_file.write_text("\n".join(sorted(loop.done)))
             # -P: do not put the working directory first on sys.path; started from a checkout, its
             # attnbench/ folder would shadow the installed package (whose subpackages live elsewhere).
-            args = [sys.executable, "-P", "-m", "pytest", *base, "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
-            current, tail, code = child.run(args, env)
-            log_parts.append("\n".join(tail))
-            if child.usage_error:
+            args = [sys.executable, "-P", "-m", "pytest", *base, "-p", "attnbench.watchdog",
+                    "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
+            child = _run_child(args, env, loop, deadline_s)
+            log_parts.append("\n".join(child.tail))
+            if loop.usage_error:
                 break
-            if code in (0, 1, 5):  # all ran (pass / some failed / none collected)
+            if child.code in (0, 1, 5) and not child.timed_out:  # all ran (pass / some failed / none collected)
                 break
-            if current is None:  # died outside a test: collection or usage error
-                collect_error = f"pytest exited with code {code}:\n" + "\n".join(tail[-30:])
+            if child.current is None:  # died outside a test: collection or usage error
+                what = f"no progress for {deadline_s:.0f} s" if child.timed_out else f"pytest exited with code {child.code}"
+                collect_error = f"{what}:\n" + "\n".join(child.tail[-30:])
                 break
-            row = _crash_row(current, code, tail)
-            crashed.append(current["nodeid"])
-            done.add(current["nodeid"])
-            rows.append(row)
-            if on_row:
-                on_row(row)
-    results = Results(env=environment(), correctness=rows)
+            loop.fault(child, deadline_s)
+        else:  # the restart cap: what is left did not run, and says so
+            loop.give_up(f"not run: verify stopped restarting its test process after {MAX_RESTARTS} restarts")
+    results = Results(env=environment(), correctness=loop.rows)
     if seed is not None:
         results.env["hypothesis_seed"] = seed
     if zoo:
-        results.zoo = kill_table(rows)
-    outcome = Outcome(results=results, log="\n".join(log_parts), crashed=crashed, collect_error=collect_error,
-                      usage_error=child.usage_error, seed=seed)
+        results.zoo = kill_table(loop.rows)
+    outcome = Outcome(results=results, log="\n".join(log_parts), crashed=loop.crashed, collect_error=collect_error,
+                      not_run=loop.not_run, usage_error=loop.usage_error, seed=seed)
     if not (outcome.usage_error or outcome.collect_error or zoo):
-        outcome.not_verified = not_verified(rows, child.requested, properties=properties)
+        outcome.not_verified = not_verified(loop.rows, loop.requested, properties=properties)
         if outcome.not_verified:
             results.env["not_verified"] = outcome.not_verified
     return outcome
@@ -161,47 +182,122 @@ def derandomized(profile: str) -> bool:
         return True
 
 
+
+@dataclass
 class _Child:
-    """Runs one test process and turns its stream lines into rows and progress events."""
+    code: int
+    current: dict | None  # the start event of the test running when the child stopped
+    tail: list[str]
+    timed_out: bool = False
 
-    def __init__(self, rows, done, on_row, on_start, on_collect) -> None:
-        self.rows, self.done = rows, done
-        self.on_row, self.on_start, self.on_collect = on_row, on_start, on_collect
-        self.usage_error: str | None = None
-        self.requested: dict = {}  # what the test process was asked to verify (plugin.requested)
 
-    def run(self, args, env) -> tuple[dict | None, list[str], int]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
-        current = None
-        tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
+@dataclass
+class _Loop:
+    """What the children of one verify run have done so far."""
+
+    on_row: Callable[[CorrectnessRow], None] | None = None
+    on_start: Callable[[dict], None] | None = None
+    on_collect: Callable[[int], None] | None = None
+    usage_error: str | None = None
+    requested: dict = field(default_factory=dict)  # what the test process was asked to verify (plugin.requested)
+    rows: list[CorrectnessRow] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)
+    crashed: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+    collected: dict[str, str] = field(default_factory=dict)  # node id -> implementation key
+    faults: Counter = field(default_factory=Counter)  # implementation key -> crashes + timeouts
+
+    def add(self, row: CorrectnessRow) -> None:
+        self.rows.append(row)
+        if self.on_row:
+            self.on_row(row)
+
+    def fault(self, child: _Child, deadline_s: float) -> None:
+        """The child died or hung in test child.current: record it; an implementation at its cap
+        has its remaining tests recorded as not run (the others go on)."""
+        nodeid = child.current["nodeid"]
+        timeout = deadline_s if child.timed_out else None
+        self.crashed.append(nodeid)
+        self.done.add(nodeid)
+        self.add(_crash_row(child.current, child.code, child.tail, timeout))
+        impl = self.collected.get(nodeid)
+        if impl is None:
+            return
+        self.faults[impl] += 1
+        if self.faults[impl] >= MAX_FAULTS_PER_IMPL:
+            self.give_up(f"not run: {impl} crashed or timed out {self.faults[impl]} times", impl)
+
+    def give_up(self, reason: str, impl: str | None = None) -> None:
+        """Record every collected test (of impl, or all) that has not run as an error row."""
+        for nodeid, key in self.collected.items():
+            if nodeid in self.done or (impl is not None and key != impl):
+                continue
+            self.done.add(nodeid)
+            self.not_run.append(nodeid)
+            row = _crash_row({"nodeid": nodeid}, 0, [])
+            row.reason, row.replay = reason, None
+            self.add(row)
+
+
+def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _Child:
+    """Run one child pytest to its end, or kill it (and its process group) after deadline_s
+    seconds without progress."""
+    proc = procs.spawn(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    lines = procs.Lines(proc.stdout)
+    current = None
+    tail: list[str] = []
+    last = time.monotonic()
+    try:
+        while True:
+            # implementation code runs only inside a test; outside one (imports, collection, the
+            # end of the session) the child may take STARTUP_S
+            allowed = deadline_s if current is not None else max(deadline_s, STARTUP_S)
+            try:
+                line = lines.get(max(last + allowed - time.monotonic(), 0.0))
+            except TimeoutError:
+                return _Child(procs.kill_tree(proc), current, tail, timed_out=True)
+            if line is None:
+                break
             if not line.startswith(STREAM_PREFIX):
                 tail.append(line)
                 del tail[:-400]
                 continue
-            event = json.loads(line[len(STREAM_PREFIX) :])
-            kind = event.pop("event", None)
+            try:
+                event = json.loads(line[len(STREAM_PREFIX) :])
+            except ValueError:  # a line torn by the child's death
+                tail.append(line)
+                continue
+            last = time.monotonic()
+            kind = event.get("event")
+            if kind == "beat":
+                continue
+            if kind == "collected":  # the watchdog lists (node id, implementation); the plugin counts
+                loop.collected.update((nodeid, key) for nodeid, key in event.get("items", []))
+                if "total" in event and loop.on_collect:
+                    loop.on_collect(int(event["total"]))
+                continue
+            if kind == "requested":
+                event.pop("event")
+                loop.requested = event
+                continue
+            if kind == "usage_error":
+                loop.usage_error = str(event["message"])
+                continue
             if kind == "start":
+                event.pop("event")
                 current = event
-                if self.on_start:
-                    self.on_start(event)
-            elif kind == "collected":
-                if self.on_collect:
-                    self.on_collect(int(event["total"]))
-            elif kind == "requested":
-                self.requested = event
-            elif kind == "usage_error":
-                self.usage_error = str(event["message"])
-            else:
-                self.done.add(event.pop("nodeid", ""))
-                row = _row(event)
-                self.rows.append(row)
-                current = None
-                if self.on_row:
-                    self.on_row(row)
-        return current, tail, proc.wait()
+                if loop.on_start:
+                    loop.on_start(event)
+                continue
+            event.pop("event", None)
+            loop.done.add(event.pop("nodeid", ""))
+            loop.add(_row(event))
+            current = None
+        return _Child(proc.wait(), current, tail)
+    finally:
+        if proc.poll() is None:
+            procs.kill_tree(proc)
+        procs.reap(proc)
 
 
 def _row(event: dict) -> CorrectnessRow:
@@ -209,19 +305,23 @@ def _row(event: dict) -> CorrectnessRow:
     return CorrectnessRow(**{k: v for k, v in event.items() if k in known})
 
 
-def _crash_row(started: dict, code: int, tail: list[str]) -> CorrectnessRow:
-    """The row of the test that was running when its process died; `started` is its start event
-    (the plugin names the implementation and builds the replay command there)."""
+def _crash_row(started: dict, code: int, tail: list[str], timeout: float | None = None) -> CorrectnessRow:
+    """The row of the test that was running when its process died or was killed; `started` is
+    its start event (the plugin names the implementation and builds the replay command there)."""
     name = started["nodeid"].split("::")[-1]
     prop, _, key = name.partition("[")
     variant, _, impl = key.rstrip("]").partition("/")
     signal = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    if timeout is not None:
+        what = f"timeout: no progress for {timeout:.0f} s (the deadline); the test process was killed"
+    else:
+        what = f"crashed: the test process died ({signal})"
     return CorrectnessRow(
         variant=started.get("variant", variant),
         impl=started.get("impl", impl),
         property=started.get("property", prop),
         status="error",
-        reason=f"the test process died ({signal}); last output: " + " | ".join(tail[-3:])[-300:],
+        reason=f"{what}; last output: " + " | ".join(tail[-3:])[-300:],
         replay=started.get("replay"),
     )
 

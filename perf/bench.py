@@ -2,8 +2,10 @@
 
 Implementations come from the registry only (`registry().select(variant)`, filtered by
 `impl.why_not(spec, needs)`); nothing here names one, except the reference that speedups are
-read against (a parameter). A cell that runs out of memory or crashes is recorded
-(status "oom" / "error" with the reason) and the sweep goes on.
+read against (a parameter). Each (cell, implementation) pair runs in a child process
+(perf/isolate.py). A cell that runs out of memory, raises, returns a wrong output, crashes the
+process or passes the per-cell deadline is recorded (status "oom" / "error" / "crashed" /
+"timeout" with the reason) and the sweep goes on.
 
     python -m attnbench.perf.bench --quick --out results/bench.json
     python -m attnbench.perf.bench --merge runs/perf-gw*.json --out merged.json   # xdist shards
@@ -33,6 +35,7 @@ from attnbench.spec import Inputs, Spec
 
 from . import memory, prewarm, slow, work
 from .gate import DEFAULT_REFERENCE, resolve_reference
+from .isolate import run_isolated
 from .sweeps import Cell, cell_key, sweep_cells
 from .timing import is_cuda, measure_peaks, peak_memory, synchronize, time_call
 
@@ -64,10 +67,16 @@ class KernelCase:
         self.fn, self.cell, self.sets = impl.fn, cell, input_sets
         self.cfg = cell.spec.config()
         self.n_sets = len(input_sets)
+        self.checked = False
 
     def call(self, inp):
         out = self.fn(inp.q, inp.k, inp.v, self.cfg, inp.key_padding_mask, inp.bias)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if not self.checked:  # a wrong output is an error row, never a timing
+            spec = self.cell.spec
+            check_output(out, (spec.B, spec.Hq, spec.Sq, spec.Dv), spec.torch_dtype)
+            self.checked = True
+        return out
 
     def clear_grads(self, inp) -> None:
         for t in (inp.q, inp.k, inp.v, inp.bias):
@@ -115,6 +124,7 @@ class ModuleCaseRunner:
             g = torch.Generator().manual_seed(seed)
             self.xs.append(torch.randn(m.B, m.S, m.dim, generator=g, dtype=torch.float64).to(m.device, dtype))
         self.n_sets = n_sets
+        self.checked = False
 
     def prepare(self, i: int):
         return self.xs[i]
@@ -122,12 +132,39 @@ class ModuleCaseRunner:
     def run(self, x):
         with torch.no_grad():
             out = self.module(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if not self.checked:  # a wrong output is an error row, never a timing
+            check_output(out, tuple(x.shape), x.dtype)
+            self.checked = True
+        return out
 
     def work(self) -> tuple[float | None, float]:
         x = self.xs[0]
         flops = work.module_flops(self.cell.variant, self.cell.module.ctor, x, self.module, self.cell.mode)
         return flops, work.module_bytes(x, self.run(x), self.module.parameters())
+
+
+def check_output(out, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Raise ValueError unless out is a tensor of this shape and dtype."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"returned {type(out).__name__}, not a tensor")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"returned an output of shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise ValueError(f"returned {str(out.dtype).removeprefix('torch.')} for {str(dtype).removeprefix('torch.')} "
+                         "inputs")
+
+
+_OOM_TEXT = ("out of memory", "not enough memory", "defaultcpuallocator", "can't allocate memory")
+
+
+def failure_status(exc: BaseException) -> str:
+    """"oom" for running out of memory (CUDA, or the host: MemoryError, the CPU allocator's
+    RuntimeError), else "error"."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return "oom"
+    text = str(exc).lower()
+    return "oom" if isinstance(exc, RuntimeError) and any(t in text for t in _OOM_TEXT) else "error"
 
 
 def needs_for(cell: Cell) -> set[str]:
@@ -237,10 +274,8 @@ def measure(impl: Impl, cell: Cell, settings: Settings, peaks: dict, inputs: lis
             row.pct_bw = _round(100 * row.gbps / peaks["copy_gbps"])
         if flops is None:
             row.reason = "no work model for this variant: TFLOP/s not reported"
-    except torch.cuda.OutOfMemoryError as exc:
-        row.status, row.reason = "oom", _reason(exc)
     except Exception as exc:  # one broken implementation never aborts the sweep
-        row.status, row.reason = "error", _reason(exc)
+        row.status, row.reason = failure_status(exc), _reason(exc)
     finally:
         del case
         if row.status != "ok":
@@ -292,15 +327,16 @@ def candidates(cell: Cell, impls: list[Impl]) -> list[tuple[Impl, str | None]]:
 
 def select_impls(variants: Iterable[str], names: Iterable[str] | None = None) -> list[Impl]:
     """Available implementations of these variants (only the named ones, when names are given:
-    "sdpa_flash" means that name in every variant, "dense/sdpa_flash" one variant)."""
-    reg = registry()
+    "sdpa_flash" means that name in every variant, "dense/sdpa_flash" one variant,
+    "package.module:object" the implementations that object holds)."""
+    names = list(names or [])
+    reg = registry(extra=[n for n in names if ":" in n])
     chosen = [i for v in variants for i in reg.select(v)]
     if names:
-        names = list(names)
-        unknown = [n for n in names if not any(n in (i.name, i.key) for i in reg.impls.values())]
+        unknown = [n for n in names if ":" not in n and not any(n in (i.name, i.key) for i in reg.impls.values())]
         if unknown:
             raise ValueError(f"impls: unknown implementation(s) {unknown}; known: {sorted(reg.impls)}")
-        chosen = [i for i in chosen if i.name in names or i.key in names]
+        chosen = [i for i in chosen if i.name in names or i.key in names or i.origin in names]
     return slow.apply(chosen)
 
 
@@ -330,7 +366,7 @@ def run_cells(
             try:
                 inputs = cache.get(cell)
             except Exception as exc:
-                row = _blank(cell, impl, "oom" if "out of memory" in str(exc) else "error", _reason(exc))
+                row = _blank(cell, impl, failure_status(exc), _reason(exc))
             else:
                 row = measure(impl, cell, settings, peaks, inputs, first_calls)
         rows.append(row)
@@ -405,6 +441,8 @@ def run_bench(
     budget_s: float | None = -1,
     cells: list[Cell] | None = None,
     prewarm_workers: int | None = None,
+    isolate: bool = True,
+    deadline_s: float | None = None,
 ) -> Results:
     """Sweep every available implementation of the selected variants; see the module docstring.
 
@@ -414,6 +452,9 @@ def run_bench(
     bench.json). budget_s: the sweep's time budget (default per device and quick; None = none),
     prewarming included. prewarm_workers: processes that compile the compiling implementations
     first (perf/prewarm.py); None = one per spare core on CUDA, none on the CPU; 0 = off.
+    isolate: time every pair in a child process (perf/isolate.py: a crash or a hang becomes a
+    `crashed` / `timeout` row, and each implementation gets its own share of the budget); False
+    runs them in this process. deadline_s: the per-cell deadline (default isolate.default_deadline).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in ("cpu", "cuda"):
@@ -436,11 +477,16 @@ def run_bench(
         if settings.budget_s is not None:
             settings = dataclasses.replace(settings, budget_s=max(settings.budget_s - warmed.seconds, 0.0))
     first_calls: list[dict] = []
-    rows = run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say, first_calls=first_calls)
+    if isolate:
+        tuning: dict = {}
+        rows = run_isolated(cells, chosen, settings=settings, peaks=results.peaks, progress=say,
+                            first_calls=first_calls, deadline_s=deadline_s, tuning=tuning)
+    else:
+        rows = run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say, first_calls=first_calls)
+        tuning = autotuner_picks(chosen)
     results.perf = finalize(rows, reference)
     if first_calls:  # where the compiling implementations' first-call seconds went
         results.env["first_calls"] = first_calls
-    tuning = autotuner_picks(chosen)
     if tuning:  # which configs the autotuners chose: a cell slower than last time may be a different pick
         results.env["tuning"] = tuning
     memory.attach(results)
@@ -563,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="worker processes that compile first (default: spare cores on CUDA, 0 on the CPU; 0 = off)")
     p.add_argument("--merge", nargs="+", default=None, help="merge xdist shard files instead of running")
     p.add_argument("--out", default=None)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="per-cell deadline in s (default: ATTNBENCH_BENCH_DEADLINE, else 120 on a CPU, 600 on CUDA)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.merge:
@@ -572,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = None if args.budget == 0 else args.budget
         say = None if args.quiet else (lambda msg: print(msg, flush=True))
         results = run_bench(args.quick, args.device, args.variant, args.impl, None, say,
-                            reference=args.reference, budget_s=budget, prewarm_workers=args.prewarm)
+                            reference=args.reference, budget_s=budget, prewarm_workers=args.prewarm,
+                            deadline_s=args.deadline)
     if args.out:
         print(f"wrote {save(results, args.out)}")
     print(f"peaks: {json.dumps(results.peaks)}")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from attnbench.files import write_atomic
 from attnbench.registry import registry
 from attnbench.reports.schema import PerfRow, Results, environment
 from attnbench.spec import Spec
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results.save(out / "local_bench.json")
     text = table(rows, mem_rows, spec, args.W, sizes)
-    (out / "local_bench.md").write_text(text + "\n")
+    write_atomic(out / "local_bench.md", text + "\n")
     for r in skipped:
         print(f"left out: {r.impl}: {r.reason}")
     print(f"\n{results.env.get('device_name')}, torch {results.env.get('torch')}, triton {results.env.get('triton')}")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.files import write_atomic
 from attnbench.modules.mixture import MixtureOfAttention
 from attnbench.perf.timing import time_call
 from attnbench.registry import registry
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu", torch=torch.__version__,
                dtype=a.dtype, batch=a.batch, dim=a.dim, heads=a.heads, dim_head=a.dim_head)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(env=env, rows=rows), f, indent=1)
+        write_atomic(a.out, json.dumps(dict(env=env, rows=rows), indent=1))
     print(f"# {env}")
     print(f"{'part':<20} {'kernel':<15} {'E':>2} {'N':>6} {'mode':<7} {'ms':>9} {'speedup':>8}")
     for r in rows:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from attnbench.files import write_atomic
 from attnbench.registry import registry
 
 from . import bench, slow
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "slowed": {"slowdown": args.slow, "ok": slowed.ok, "failed_impls": failed_impls,
                    "regressed_cells": slowed.counts.get("regressed", 0), "counts": dict(slowed.counts)},
     }
-    (out / "selfcheck.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_atomic(out / "selfcheck.json", json.dumps(report, indent=1, default=str) + "\n")
     from rich.console import Console
 
     console = Console(width=150)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from attnbench.files import write_atomic
 from attnbench.impls import naive
 from attnbench.impls import triton as tri
 from attnbench.oracles.dense import attention as oracle
@@ -173,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     configs = _configs()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "triton_tune.json").write_text(json.dumps({"env": env, "rows": rows, "checks": checks,
+    write_atomic(out / "triton_tune.json", json.dumps({"env": env, "rows": rows, "checks": checks,
                                                        "configs": configs}, indent=1))
     table = _table(rows, env)
-    (out / "triton_tune.md").write_text(table)
+    write_atomic(out / "triton_tune.md", table)
     print(json.dumps(configs, indent=1))
     print(table)
     return 0

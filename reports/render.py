@@ -12,6 +12,7 @@ import importlib.resources
 import os
 from pathlib import Path
 
+from attnbench.files import write_atomic
 from attnbench.reports import plots as P
 from attnbench.reports import tables as T
 from attnbench.reports.schema import CorrectnessRow, Results
@@ -74,8 +75,7 @@ def compare(
 
 
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_atomic(path, text)
 
 
 # -- Markdown --------------------------------------------------------------------------

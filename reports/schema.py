@@ -112,10 +112,9 @@ class Results:
         return data
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
-        return path
+        from attnbench.files import write_atomic
+
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1, default=str) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Results:

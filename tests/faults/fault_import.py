@@ -1,0 +1,3 @@
+"""Fails to import."""
+
+import attnbench_no_such_module  # noqa: F401
