@@ -6,7 +6,7 @@ Its own conventions, kept (the adapter declares them rather than bending the sui
   use_triton selects its triton coordinate descent (CUDA), flash_attn torch SDPA. None -> False.
 - its parameters have their own layout, so the float64 oracles cannot read them; it is compared
   by properties (masks, causality, batch independence), not against mixture_reference.
-Known disagreements with SEMANTICS.md (minimal counterexamples in NOTES.md, tests in
+Known disagreements with oracles/CONTRACT.md (minimal counterexamples in NOTES.md, tests in
 tests/test_mixture.py): with seq <= num_routed_queries the local branch is dropped and experts
 are averaged; the autoregressive variant routes queries by top-k inside a window (not causal).
 """

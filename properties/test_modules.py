@@ -1,7 +1,7 @@
 """Properties of the seed modules (FlashAttentionTwo, MultiQueryAttention, LocalMHA,
 MixtureOfAttention, MixtureOfAutoregressiveAttention) against their float64 module oracles.
 
-The routed mixtures are checked in two parts, as SEMANTICS.md says: the routing decision on
+The routed mixtures are checked in two parts, as oracles/CONTRACT.md says: the routing decision on
 its own (a valid top-k set under float64 scores), then the attention given that routing.
 """
 
