@@ -1,4 +1,4 @@
-"""The problem spec: everything the contract (SEMANTICS.md) lets an attention call vary.
+"""The problem spec: everything the contract (oracles/CONTRACT.md) lets an attention call vary.
 
 A Spec is plain data. It validates itself (an impossible spec raises ValueError naming the
 field), says which features an implementation needs to answer it, and makes its own seeded

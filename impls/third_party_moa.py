@@ -8,7 +8,7 @@ Its own conventions, kept (the adapter declares them rather than bending the sui
   it is verified by the black-box tier (batch independence, causality, masks, padding, the null
   output its outputs imply), not against mixture_reference (the white-box tier reports it
   unsupported).
-Known disagreements with SEMANTICS.md: minimal counterexamples in NOTES.md, tests in
+Known disagreements with oracles/CONTRACT.md: minimal counterexamples in NOTES.md, tests in
 tests/test_mixture.py.
 """
 

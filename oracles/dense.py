@@ -1,4 +1,4 @@
-"""The float64 oracle for the dense attention core, written straight from SEMANTICS.md.
+"""The float64 oracle for the dense attention core, written straight from oracles/CONTRACT.md.
 
 Visibility is computed here from index arithmetic alone and shares no code with any
 implementation's mask builders: an oracle that shares a kernel's bug proves nothing.
@@ -71,7 +71,7 @@ def attention(
     k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
 
-    # Invisible keys are excluded entirely (SEMANTICS.md), so whatever they hold, NaN included,
+    # Invisible keys are excluded entirely (oracles/CONTRACT.md), so whatever they hold, NaN included,
     # must not reach the output or a gradient: compute with non-finite entries zeroed, then give
     # a non-finite key a NaN logit and a non-finite value a NaN output wherever it is visible.
     k_bad = ~torch.isfinite(k).all(-1)[:, :, None, :]  # (B, Hq, 1, Sk)

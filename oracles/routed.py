@@ -1,4 +1,4 @@
-"""Float64 oracles for routed attention (SEMANTICS.md "Routed attention").
+"""Float64 oracles for routed attention (oracles/CONTRACT.md "Routed attention").
 
 Written from the contract with plain per-batch, per-expert (and per-window) loops over exactly
 the routed tokens, so no key padding is needed; the attention itself runs through
@@ -209,7 +209,7 @@ def _require(module, name: str) -> None:
 def mixture_reference(module, x: torch.Tensor, context: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                       routing=None) -> torch.Tensor:
-    """MixtureOfAttention's output in float64 from its parameters (SEMANTICS.md "Routed attention")."""
+    """MixtureOfAttention's output in float64 from its parameters (oracles/CONTRACT.md "Routed attention")."""
     _require(module, "MixtureOfAttention")
     x64 = x.to(F64)
     ctx = x64 if context is None else context.to(F64)

@@ -1,7 +1,7 @@
 """Work models: how many floating-point operations and bytes an attention call needs.
 
 FLOPs count only the work the contract asks for: the (query, key) pairs that are visible,
-counted exactly from the index arithmetic of SEMANTICS.md (causal about halves it; windows
+counted exactly from the index arithmetic of oracles/CONTRACT.md (causal about halves it; windows
 and routing keep only what a query can see). Per visible pair and head: 2*D for q.k and
 2*Dv for p.v. Backward is 2.5x the forward (dq, dk, dv and the recomputed scores), so
 forward + backward is 3.5x, the usual FlashAttention convention.

@@ -347,7 +347,7 @@ def test_masked_keys_holding_huge_values_leak_nothing():
 
 
 def test_nan_in_masked_keys_and_values_stays_out():
-    # SEMANTICS.md: invisible keys are excluded entirely, so NaN stored there changes nothing,
+    # oracles/CONTRACT.md: invisible keys are excluded entirely, so NaN stored there changes nothing,
     # in the output or in any gradient.
     q, k, v = qkv(Sq=2, Sk=3, grad=False)
     keep = torch.tensor([[True, False, True]])

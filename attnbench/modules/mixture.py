@@ -1,6 +1,6 @@
 """Routed mixtures of attention experts: MixtureOfAttention and MixtureOfAutoregressiveAttention.
 
-The contract is SEMANTICS.md "Routed attention"; the float64 oracles in oracles/routed.py are
+The contract is oracles/CONTRACT.md "Routed attention"; the float64 oracles in oracles/routed.py are
 its executable form. Each module is split into `route(...) -> Routing` (which tokens each expert
 takes, and their weights) and `attend(..., routing) -> out`, so routing and attention are
 verified separately.
