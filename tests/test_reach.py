@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
 from attnbench.impls.naive import naive
@@ -104,16 +104,12 @@ def test_strategies_reach_wide_and_long(data):
         assert cells <= caps.cells
 
 
-def test_strategies_draw_gqa_4_2_and_group_16():
-    seen = set()
-
-    @settings(max_examples=150, database=None, deadline=None, derandomize=True)
-    @given(specs_for(naive, use=("gqa",)))
-    def collect(spec):
-        seen.add((spec.Hq, spec.Hkv))
-
-    collect()
-    assert (4, 2) in seen and (16, 1) in seen, sorted(seen)
+@pytest.mark.parametrize("heads", [(4, 2), (16, 1)], ids=["Hq4-Hkv2", "group16"])
+def test_strategies_draw_wide_gqa(heads):
+    """Several kv heads with a group above 1, and a group of 16, are drawn by generation."""
+    found = find(specs_for(naive, use=("gqa",)), lambda s: (s.Hq, s.Hkv) == heads,
+                 settings=settings(max_examples=2000, database=None, derandomize=True, phases=[Phase.generate]))
+    assert (found.Hq, found.Hkv) == heads
 
 
 class _Rejecting:
