@@ -62,11 +62,13 @@ class Caps:
     long_length: int = 0  # the longest key sequence of a long draw (0: no long draws)
     long_cells: int = 0  # B * Hq * Sq * Sk of a long draw
     long_cells_linear: int = 0  # the same for an impl declaring memory="linear" (on the GPU)
+    slow_heads: int = 0  # B * Hq of a wide draw for an impl that is slow here (long_ok False; 0: no limit)
 
 
 CAPS: dict[str, Caps] = {
     "cpu": Caps(batch=2, heads=3, length=24, head_dims=(16, 32, 24, 64, 8, 40, 80), kv_heads=2, groups=(4, 8, 16),
-                wide_heads=16, cells=2 * 3 * 24 * 24, long_length=4097, long_cells=2**19, long_cells_linear=2**19),
+                wide_heads=16, cells=2 * 3 * 24 * 24, long_length=4097, long_cells=2**19, long_cells_linear=2**19,
+                slow_heads=8),
     "cuda": Caps(batch=3, heads=8, length=300,
                  head_dims=(16, 32, 64, 128, 256, 24, 40, 80, 96, 160, 192, 8, 48, 72, 112), kv_heads=8,
                  groups=(4, 8, 16, 32), wide_heads=32, cells=3 * 8 * 300 * 300, long_length=32769,
@@ -97,9 +99,15 @@ def long_ok(impl: Impl, device: str) -> bool:
     return not (device.split(":")[0] == "cpu" and impl.compiles)
 
 
-def _heads(draw, pick, impl: Impl, caps: Caps, use: frozenset[str], has) -> tuple[int, int]:
+def _heads(draw, pick, impl: Impl, device: str, caps: Caps, use: frozenset[str], has, B: int) -> tuple[int, int]:
     """(Hq, Hkv): ordinary draws up to caps.heads (Hkv up to caps.kv_heads with a group of 2 or
-    more), one in four wide: Hq up to caps.wide_heads, GQA groups from caps.groups."""
+    more), one in four wide: Hq up to caps.wide_heads, GQA groups from caps.groups. An impl
+    that is slow here (the Triton interpreter) gets wide draws up to B * Hq = caps.slow_heads:
+    its time grows with the number of programs, one per (batch, head, query block)."""
+    wide_heads = caps.wide_heads
+    if caps.slow_heads and not long_ok(impl, device):
+        wide_heads = min(wide_heads, caps.slow_heads // B)
+    caps = dataclasses.replace(caps, wide_heads=wide_heads)
     wide = caps.wide_heads > caps.heads and _rare(draw, "wide heads")
     if has("gqa"):
         lo = 2 if "gqa" in use else 1
@@ -175,7 +183,7 @@ def _specs(
         raise ValueError(f"impl {impl.key}: declares no dtype the strategies know ({impl.dtypes})")
     dtype = pick("dtype", st.sampled_from(dtypes))
     B = pick("B", st.integers(min_batch, max(caps.batch, min_batch)))
-    Hq, Hkv = _heads(draw, pick, impl, caps, use, has)
+    Hq, Hkv = _heads(draw, pick, impl, device, caps, use, has, B)
     Sq, Sk, is_long = _sequence(draw, pick, impl, device, caps, use, has, long, B, Hq)
     D = pick("D", st.sampled_from(caps.head_dims))
     Dv = pick("Dv", st.one_of(st.just(D), st.sampled_from(caps.head_dims))) if has("dv") else D
@@ -305,6 +313,8 @@ def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs
             return None
         if spec.needs() & frozenset(kwargs.get("forbid", ())):
             return None
+        if max(spec.Sq, spec.Sk) > caps_for(device).length and not long_ok(impl, device):
+            return None  # a long pinned case, for an impl that is slow here: as long draws are
     else:
         spec = data.draw(specs_for(impl, needs, device, **kwargs), label="spec")
     note(f"spec: {spec.short()}")
