@@ -103,8 +103,6 @@ def test_int32_offsets_sampled_rows(impl, device, measure):
     computes element offsets in int32 reads the wrong memory for the last heads."""
     if not device.startswith("cuda"):
         pytest.skip("needs --device cuda (tensors of 2^31 elements)")
-    if impl.memory != "linear":
-        pytest.skip(f"{impl.key} does not declare linear memory: its scores would not fit")
     dtype = next((d for d in ("bfloat16", "float16") if d in impl.dtypes), None)
     spec = Spec(**INT32_SHAPE, dtype=dtype or "float32", device=device, causal="causal" in impl.features)
     if dtype is None or not impl.covers(spec):
@@ -112,8 +110,12 @@ def test_int32_offsets_sampled_rows(impl, device, measure):
     g = torch.Generator(device=device).manual_seed(0)  # drawn on the GPU: a CPU float64 draw would need 69 GB
     q, k, v = (torch.randn(spec.B, spec.Hq, spec.Sq, spec.D, dtype=spec.torch_dtype, device=device, generator=g)
                for _ in range(3))
-    with torch.no_grad():
-        out, _ = impl.fn(q, k, v, spec.config())
+    try:
+        with torch.no_grad():
+            out, _ = impl.fn(q, k, v, spec.config())
+    except torch.cuda.OutOfMemoryError:
+        del q, k, v
+        pytest.skip(f"{impl.key}: out of GPU memory at {spec.short()} (materialized scores: B*H*S^2 = 2^36)")
     rows = sample_rows(spec)
     for b, h in ((0, 0), (spec.B // 2, spec.Hq // 2), (spec.B - 1, spec.Hq - 1)):
         one = spec.replace(B=1, Hq=1)
