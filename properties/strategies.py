@@ -16,7 +16,7 @@ They also go where real kernels switch code paths: every spec draws the memory l
 v (and of grad_out for a differentiable impl) among those the impl accepts (Spec.layout,
 shrinking to "contiguous"); one draw in four has wide heads (groups of 4 to 32, up to 16 heads
 on the CPU, 32 on the GPU; sequence lengths shrink to keep B * Hq * Sq * Sk within the device's
-budget); and a property that checks sampled rows (`long=`) gets one draw in four with long keys:
+budget); and a property that checks sampled rows (`long=`) gets one draw in eight with long keys:
 powers of two and tile multiples +- 1, up to 4097 keys on the CPU (impls that run interpreted or
 compiled there excepted) and 32769 on the GPU.
 
@@ -44,6 +44,7 @@ LONG_EDGES = tuple(sorted({n + d for n in (512, 768, 1024, 1536, 2048, 3072, 409
 BIAS_KINDS = ("full", "per_head", "per_key", "alibi")
 SCALES = (0.0, 1.0, 0.01, 2.0)  # besides the default 1/sqrt(D); 0 is uniform attention
 SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
+LONG_ONE_IN = 8  # one draw in 8 is long, where a property asks (the cost of the CPU ci profile)
 MAGNITUDES = (1.0, 3.0, 8.0)  # 8: scaled logits reach the hundreds, exp() overflows without max
 
 
@@ -67,7 +68,7 @@ class Caps:
 
 CAPS: dict[str, Caps] = {
     "cpu": Caps(batch=2, heads=3, length=24, head_dims=(16, 32, 24, 64, 8, 40, 80), kv_heads=2, groups=(4, 8, 16),
-                wide_heads=16, cells=2 * 3 * 24 * 24, long_length=4097, long_cells=2**19, long_cells_linear=2**19,
+                wide_heads=16, cells=2 * 3 * 24 * 24, long_length=4097, long_cells=2**18, long_cells_linear=2**18,
                 slow_heads=8),
     "cuda": Caps(batch=3, heads=8, length=300,
                  head_dims=(16, 32, 64, 128, 256, 24, 40, 80, 96, 160, 192, 8, 48, 72, 112), kv_heads=8,
@@ -88,9 +89,9 @@ def _lengths(cap: int) -> st.SearchStrategy[int]:
     return st.one_of(st.integers(1, cap), st.sampled_from(edges))
 
 
-def _rare(draw, label: str) -> bool:
-    """True one draw in four; shrinks to False."""
-    return draw(st.sampled_from((False, False, False, True)), label=label)
+def _rare(draw, label: str, one_in: int = 4) -> bool:
+    """True one draw in `one_in`; shrinks to False."""
+    return draw(st.sampled_from((False,) * (one_in - 1) + (True,)), label=label)
 
 
 def long_ok(impl: Impl, device: str) -> bool:
@@ -123,14 +124,14 @@ def _heads(draw, pick, impl: Impl, device: str, caps: Caps, use: frozenset[str],
 
 def _sequence(draw, pick, impl: Impl, device: str, caps: Caps, use, has, long: str | None, B: int, Hq: int):
     """(Sq, Sk, long?): ordinary lengths within caps.length and caps.cells, or with `long` one
-    draw in four long: Sk from LONG_EDGES (or any length past caps.length), Sq short (long="keys"),
+    draw in LONG_ONE_IN long: Sk from LONG_EDGES (or any length past caps.length), Sq short (long="keys"),
     or short, equal to Sk or long too ("all"), within the long cell budget."""
     heads = B * Hq
     cap = caps.length
     if caps.cells:
         cap = max(1, min(cap, math.isqrt(caps.cells // heads)))
     budget = caps.long_cells_linear if impl.memory == "linear" and device.startswith("cuda") else caps.long_cells
-    if long and caps.long_length and long_ok(impl, device) and _rare(draw, "long"):
+    if long and caps.long_length and long_ok(impl, device) and _rare(draw, "long", LONG_ONE_IN):
         most = min(caps.long_length, budget // heads if has("cross") else math.isqrt(budget // heads))
         edges = [n for n in LONG_EDGES if caps.length < n <= most]
         if edges:
@@ -267,7 +268,7 @@ def specs_for(
     use: features every drawn spec must exercise ("causal", "sliding_window", "key_padding",
         "gqa", "bias", "cross", "blocked_window").
     forbid: features never drawn (a permutation property forbids "causal", ...).
-    long: None (ordinary lengths), "keys" (one draw in four with long keys and short queries)
+    long: None (ordinary lengths), "keys" (one draw in eight with long keys and short queries)
         or "all" (long keys, and queries short, as long, or long too): for properties that
         check sampled rows (harness.sample_rows) instead of every row against the oracle.
     fixed: Spec fields held at a value (dtype="float64", magnitude=1.0, ...).
