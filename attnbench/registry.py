@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnbench.spec import DTYPES, FEATURES, Spec
+from attnbench.spec import DTYPES, FEATURES, GRAD_LAYOUTS, LAYOUTS, Spec
 
 ENTRY_POINT_GROUP = "attnbench.impls"
 
@@ -74,6 +74,9 @@ class Impl:
     supports: optional extra check `supports(spec) -> reason | None` for limits the feature
         set cannot express (head dims, block multiples, ...); one taking a second argument gets
         the features asked for too (`supports(spec, needs)`: a limit of the backward alone).
+    layouts / grad_layouts: the memory layouts of q, k, v / of grad_out it accepts (names from
+        attnbench.spec.LAYOUTS / GRAD_LAYOUTS; default all). One that declares fewer must reject
+        the others with an error, and a property checks that it does.
     """
 
     name: str
@@ -85,6 +88,8 @@ class Impl:
     requires: tuple[str, ...] = ()
     supports: Callable[..., str | None] | None = None
     available: Callable[[], str | None] | None = None
+    layouts: tuple[str, ...] = LAYOUTS
+    grad_layouts: tuple[str, ...] = GRAD_LAYOUTS
     description: str = ""
     reference: bool = False  # the naive impl the tolerance rule measures others against
     bug: str = ""  # bug-zoo members: the bug class this deliberately broken impl carries
@@ -126,6 +131,10 @@ class Impl:
         bad = set(self.dtypes) - set(DTYPES)
         if bad:
             raise ValueError(f"Impl {self.name!r}: unknown dtypes {sorted(bad)}")
+        for name, known in (("layouts", LAYOUTS), ("grad_layouts", GRAD_LAYOUTS)):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if set(getattr(self, name)) - set(known):
+                raise ValueError(f"Impl {self.name!r}: unknown {name} {sorted(set(getattr(self, name)) - set(known))}")
         if self.memory not in ("", "linear", "quadratic"):
             raise ValueError(f"Impl {self.name!r}: memory must be '', 'linear' or 'quadratic', got {self.memory!r}")
 
@@ -160,6 +169,10 @@ class Impl:
         missing = wanted - self.features
         if missing:
             return f"unsupported features: {', '.join(sorted(missing))}"
+        if spec.layout not in self.layouts:
+            return f"layout {spec.layout} not accepted"
+        if spec.grad_layout not in self.grad_layouts:
+            return f"grad_layout {spec.grad_layout} not accepted"
         if self.supports is None:
             return None
         if _takes_needs(self.supports):

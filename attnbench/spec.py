@@ -21,6 +21,21 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 ALIGNS = ("bottom_right", "top_left")
+# How q, k, v sit in memory (Spec.layout); the values are the same in every layout except
+# "expanded", where K and V share one stored head. The first is the default and shrink target.
+LAYOUTS = (
+    "contiguous",  # (B, H, S, D) contiguous
+    "bshd",  # (B, S, H, D) storage viewed as (B, H, S, D): a projection's output, transposed
+    "packed",  # slices of one packed projection: (B, S, Hq*D + Hkv*D + Hkv*Dv), or q + packed kv when Sq != Sk
+    "offset",  # windows of a larger buffer (a KV cache): non-zero storage offset, padded S stride
+    "expanded",  # K and V zero-stride across kv heads (across the batch when Hkv = 1): expand(), not repeat
+)
+# How the gradient of the output sits in memory (Spec.grad_layout).
+GRAD_LAYOUTS = (
+    "contiguous",
+    "bshd",  # a (B, S, H, Dv) tensor transposed: non-contiguous
+    "broadcast",  # one value expanded to the whole shape, every stride 0 (what out.sum().backward() passes)
+)
 BIAS_KINDS = (None, "full", "per_head", "per_key", "alibi")
 
 # Feature names an implementation may declare. A spec needs some of them (Spec.needs);
@@ -152,6 +167,8 @@ class Spec:
     dropout_p: float = 0.0
     magnitude: float = 1.0  # inputs are magnitude * N(0, 1)
     seed: int = 0
+    layout: str = "contiguous"  # how q, k, v sit in memory (LAYOUTS)
+    grad_layout: str = "contiguous"  # how grad_out sits in memory (GRAD_LAYOUTS)
     extra: tuple = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -211,6 +228,10 @@ class Spec:
             bad("dropout_p", f"must be in [0, 1), got {self.dropout_p!r}")
         if not (self.magnitude > 0 and math.isfinite(self.magnitude)):
             bad("magnitude", f"must be positive and finite, got {self.magnitude!r}")
+        if self.layout not in LAYOUTS:
+            bad("layout", f"unknown layout {self.layout!r}; one of {LAYOUTS}")
+        if self.grad_layout not in GRAD_LAYOUTS:
+            bad("grad_layout", f"unknown grad layout {self.grad_layout!r}; one of {GRAD_LAYOUTS}")
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -265,7 +286,8 @@ class Spec:
         return dataclasses.replace(self, **changes)
 
     def short(self) -> str:
-        """The fields that differ from the defaults, as Python: paste into Spec(...)."""
+        """The fields that differ from the defaults, as Python: paste into Spec(...). The
+        layout is always named, so that a counterexample says how its inputs sat in memory."""
         parts = []
         for f in dataclasses.fields(self):
             if f.name == "extra":
@@ -274,29 +296,26 @@ class Spec:
             default = f.default
             if f.name in ("Hkv", "Sk", "Dv"):
                 default = {"Hkv": self.Hq, "Sk": self.Sq, "Dv": self.D}[f.name]
-            if value != default:
+            if value != default or f.name == "layout":
                 parts.append(f"{f.name}={value!r}")
         return f"Spec({', '.join(parts)})"
 
     # -- inputs --------------------------------------------------------------------
     def make_inputs(self, requires_grad: bool = False) -> Inputs:
+        """Seeded inputs in this spec's dtype, device and layouts (see `laid_out`)."""
         g = torch.Generator().manual_seed(self.seed)
         q, k, v, grad_out = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in self._normal_shapes())
         q, k = self.magnitude * q, self.magnitude * k
         kpm = self._key_padding_mask(g)
         bias = self._bias(g)
-
-        def cast(t: torch.Tensor, grad: bool) -> torch.Tensor:
-            t = t.to(device=self.device, dtype=self.torch_dtype)
-            return t.requires_grad_(grad)
-
+        q, k, v = laid_out(self.layout, *(t.to(device=self.device, dtype=self.torch_dtype) for t in (q, k, v)))
         return Inputs(
-            q=cast(q, requires_grad),
-            k=cast(k, requires_grad),
-            v=cast(v, requires_grad),
+            q=q.requires_grad_(requires_grad),
+            k=k.requires_grad_(requires_grad),
+            v=v.requires_grad_(requires_grad),
             key_padding_mask=None if kpm is None else kpm.to(self.device),
-            bias=None if bias is None else cast(bias, requires_grad),
-            grad_out=cast(grad_out, False),
+            bias=None if bias is None else bias.to(device=self.device, dtype=self.torch_dtype).requires_grad_(requires_grad),
+            grad_out=grad_laid_out(self.grad_layout, grad_out.to(device=self.device, dtype=self.torch_dtype)),
         )
 
     def _normal_shapes(self) -> list[tuple[int, ...]]:
@@ -343,6 +362,60 @@ class Spec:
             hit = torch.rand(bias.shape, generator=g) < self.bias_neginf
             bias = bias.masked_fill(hit, -math.inf)
         return bias.contiguous()
+
+
+def laid_out(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v (contiguous (B, H, S, D)) rebuilt in `layout` (LAYOUTS), as views of new
+    storage: the same values (K and V of "expanded" excepted), other strides and offsets."""
+    if layout == "contiguous":
+        return q, k, v
+    if layout == "bshd":
+        return tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    if layout == "packed":
+        return _packed(q, k, v)
+    if layout == "offset":
+        return tuple(_in_cache(t, 16 * (n + 1)) for n, t in enumerate((q, k, v)))
+    if layout == "expanded":
+        B, Hkv = k.shape[:2]
+        keep = (B, 1) if Hkv > 1 else (1, 1)  # one stored kv head (one stored batch element when Hkv = 1)
+        return (q, *(t[: keep[0], : keep[1]].expand(t.shape) for t in (k, v)))
+    raise ValueError(f"layout: unknown layout {layout!r}; one of {LAYOUTS}")
+
+
+def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Slices of one packed projection output (B, S, Hq*D + Hkv*D + Hkv*Dv), viewed per head
+    as (B, H, S, D); with Sq != Sk, q alone and k, v packed as (B, Sk, Hkv*D + Hkv*Dv)."""
+    group = (q, k, v) if q.shape[2] == k.shape[2] else (k, v)
+    B, S = k.shape[0], k.shape[2]
+    buf = torch.cat([t.transpose(1, 2).reshape(B, S, -1) for t in group], dim=-1)
+    views, start = [], 0
+    for t in group:
+        H, D = t.shape[1], t.shape[3]
+        views.append(buf[..., start : start + H * D].unflatten(-1, (H, D)).transpose(1, 2))
+        start += H * D
+    if len(group) == 2:
+        views.insert(0, q.transpose(1, 2).contiguous().transpose(1, 2))
+    return tuple(views)
+
+
+def _in_cache(t: torch.Tensor, start: int) -> torch.Tensor:
+    """t as positions start .. start + S of a longer (B, H, S + start + 16, D) buffer."""
+    B, H, S, D = t.shape
+    cache = torch.zeros(B, H, start + S + 16, D, dtype=t.dtype, device=t.device)
+    cache[:, :, start : start + S] = t
+    return cache[:, :, start : start + S]
+
+
+def grad_laid_out(layout: str, grad_out: torch.Tensor) -> torch.Tensor:
+    """grad_out (contiguous (B, H, Sq, Dv)) rebuilt in `layout` (GRAD_LAYOUTS); "broadcast"
+    keeps one value, expanded with every stride 0."""
+    if layout == "contiguous":
+        return grad_out
+    if layout == "bshd":
+        return grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "broadcast":
+        return torch.ones((), dtype=grad_out.dtype, device=grad_out.device).expand(grad_out.shape)
+    raise ValueError(f"grad_layout: unknown grad layout {layout!r}; one of {GRAD_LAYOUTS}")
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:

@@ -24,12 +24,14 @@ def visible(
     block: Block | None = None,
     align: str = "bottom_right",
     key_padding_mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean (B, Sq, Sk): may query i of batch b see key j?"""
-    i = torch.arange(Sq).view(Sq, 1)
+    """Boolean (B, Sq, Sk): may query i of batch b see key j? With `rows` (query indices),
+    (B, len(rows), Sk) for those queries only."""
+    i = (torch.arange(Sq) if rows is None else rows.cpu()).view(-1, 1)
     j = torch.arange(Sk).view(1, Sk)
     p = i + (Sk - Sq) if align == "bottom_right" else i  # the query's absolute position
-    ok = torch.ones(Sq, Sk, dtype=torch.bool)
+    ok = torch.ones(i.shape[0], Sk, dtype=torch.bool)
     if causal:
         ok &= j <= p
     if window is not None:
@@ -42,7 +44,7 @@ def visible(
         bq = torch.div(p, block.window_size, rounding_mode="floor")
         bk = torch.div(j, block.window_size, rounding_mode="floor")
         ok &= (bk >= bq - block.look_backward) & (bk <= bq + block.look_forward)
-    ok = ok.expand(B, Sq, Sk).clone()
+    ok = ok.expand(B, i.shape[0], Sk).clone()
     if key_padding_mask is not None:
         ok &= key_padding_mask.cpu().bool().view(B, 1, Sk)
     return ok
@@ -55,8 +57,11 @@ def attention(
     cfg: Config,
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq), in float64, differentiable by autograd.
+    With `rows` (query indices), (B, Hq, len(rows), Dv) and (B, Hq, len(rows)) for those
+    queries only: memory and time O(len(rows) * Sk), exact for any Sq.
 
     Inputs follow the call convention (attnbench.checks; ValueError otherwise), in any one
     floating dtype; Sk = 0 gives empty rows (out 0, lse -inf, zero gradients).
@@ -65,6 +70,10 @@ def attention(
     """
     check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle")
     B, Hq, Sq, D = q.shape
+    if rows is not None:
+        q = q[:, :, rows.to(q.device)]
+        if bias is not None and bias.dim() >= 2 and bias.shape[-2] == Sq:
+            bias = bias[..., rows.to(bias.device), :]
     Hkv, Sk = k.shape[1], k.shape[2]
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     group = Hq // Hkv
@@ -85,7 +94,7 @@ def attention(
         s = s + bias.to(torch.float64)
     vis = visible(
         B, Sq, Sk, causal=cfg.causal, window=cfg.window, block=cfg.block, align=cfg.align,
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_padding_mask, rows=rows,
     ).to(q.device)[:, None]
     # A -inf logit (from the bias) carries zero weight; treat it like an invisible key so
     # that a row whose visible logits are all -inf is an empty row. NaN logits stay visible.
@@ -109,6 +118,25 @@ def attention(
     out = torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     lse = torch.where(empty, torch.full_like(denom, NEG_INF), torch.log(safe) + m).squeeze(-1)
     return out, lse
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: Config,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention` over `rows` (default every row) in chunks of `chunk` query rows: memory
+    O(chunk * Sk) for any Sq, on the inputs' device (the GPU for GPU runs)."""
+    if rows is None:
+        rows = torch.arange(q.shape[2])
+    parts = [attention(q, k, v, cfg, key_padding_mask, bias, rows=rows[n : n + chunk])
+             for n in range(0, len(rows), chunk)]
+    return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
 
 
 def reference(spec: Spec, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from attnbench.checks import ContractError, check_result, dtype_name
 from attnbench.oracles import dense as oracle_dense
 from attnbench.properties import tolerance
+from attnbench.properties.strategies import draw_int
 from attnbench.registry import Impl, registry
 from attnbench.spec import Config, Inputs, Spec
 
@@ -307,3 +308,99 @@ def big_values(dtype: torch.dtype) -> float:
     """A large finite value for overwriting masked inputs: far beyond exp() overflow once
     multiplied out, yet safely representable (q.k stays finite) in the dtype."""
     return 256.0 if dtype == torch.float16 else 1e4
+
+
+# -- long problems: sampled query rows ---------------------------------------------------------
+ALL_ROWS = 64  # a problem with at most this many query rows is checked on every row
+ROW_EDGES = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # tile boundaries: the rows around them
+
+
+def sample_rows(spec: Spec, extra: tuple[int, ...] = ()) -> torch.Tensor | None:
+    """The query rows a property checks: None (every row) up to ALL_ROWS rows; else the first
+    and last two, the rows around each tile boundary below Sq, the middle one and `extra`
+    (rows a property drew), sorted and distinct."""
+    Sq = spec.Sq
+    if Sq <= ALL_ROWS:
+        return None
+    rows = {0, 1, Sq // 2, Sq - 2, Sq - 1, *(r for r in extra if 0 <= r < Sq)}
+    rows |= {m + d for m in ROW_EDGES if m < Sq for d in (-1, 0, 1) if m + d < Sq}
+    return torch.tensor(sorted(rows))
+
+
+def rows_of(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """out / lse / dq restricted to query `rows` (dim 2); everything when rows is None."""
+    return t if t is None or rows is None else t[:, :, rows.to(t.device)]
+
+
+def rows_problem(spec: Spec, inputs: Inputs, rows: torch.Tensor, cfg: Config | None = None) -> tuple[Inputs, Config]:
+    """The problem restricted to query `rows`, for an implementation: q and grad_out rows, the
+    structure (causal, windows, blocks, alignment) folded into an additive bias that is -inf on
+    the keys each row may not see (the spec's bias on the others), and a config without
+    structure. Key padding stays a mask. Only q requires grad (dq of a row is exact from the
+    row alone; dk and dv are sums over every row)."""
+    cfg = cfg or spec.config()
+    dev = inputs.q.device
+    vis = oracle_dense.visible(spec.B, spec.Sq, spec.Sk, causal=cfg.causal, window=cfg.window, block=cfg.block,
+                               align=cfg.align, rows=rows)[:, None].to(dev)  # (B, 1, R, Sk)
+    bias = torch.zeros((), dtype=inputs.q.dtype, device=dev)
+    if inputs.bias is not None:
+        bias = inputs.bias.detach()
+        if bias.dim() >= 2 and bias.shape[-2] == spec.Sq:
+            bias = bias[..., rows.to(dev), :]
+    bias = torch.where(vis, bias, torch.full((), float("-inf"), dtype=inputs.q.dtype, device=dev))
+    q = inputs.q.detach()[:, :, rows.to(dev)].clone().requires_grad_(inputs.q.requires_grad)
+    flat = Inputs(q=q, k=inputs.k.detach(), v=inputs.v.detach(), key_padding_mask=inputs.key_padding_mask,
+                  bias=bias.contiguous(), grad_out=inputs.grad_out[:, :, rows.to(dev)].contiguous())
+    plain = Config(scale=cfg.scale, dropout_p=cfg.dropout_p, dropout_seed=cfg.dropout_seed)
+    return flat, plain
+
+
+def run_reference(impl: Impl, spec: Spec, inputs: Inputs, rows: torch.Tensor | None = None, grad: bool = False,
+                  cfg: Config | None = None) -> Run:
+    """The variant's reference on every row (rows None), or on `rows` only (`rows_problem`: its
+    memory and time are O(len(rows) * Sk), so a long problem's reference stays cheap). With
+    rows and grad, only dq (of those rows) comes back."""
+    ref = reference_impl(impl)
+    if rows is None:
+        return run_impl(ref, spec, clone_inputs(inputs), grad=grad, cfg=cfg)
+    if "bias" not in ref.features:
+        raise ValueError(f"{ref.key}: the reference needs 'bias' to run sampled rows")
+    flat, plain = rows_problem(spec, inputs, rows, cfg)
+    run = call(ref.fn, flat, plain, grad=grad)
+    run.grads = {n: g for n, g in run.grads.items() if n == "dq"}
+    return run
+
+
+def run_oracle_rows(spec: Spec, inputs: Inputs, rows: torch.Tensor | None, grad: bool = False,
+                    cfg: Config | None = None) -> Run:
+    """The float64 oracle on query `rows` (every row when None), chunked over rows on the
+    inputs' device; with grad, dq of those rows (and, for every row, dk, dv, dbias too)."""
+    if rows is None:
+        return run_oracle(spec, inputs, grad=grad, cfg=cfg)
+    q = inputs.q.detach().to(torch.float64).requires_grad_(grad)
+    k, v = (t.detach().to(torch.float64) for t in (inputs.k, inputs.v))
+    bias = None if inputs.bias is None else inputs.bias.detach().to(torch.float64)
+    with torch.set_grad_enabled(grad):
+        out, lse = oracle_dense.attention_rows(q, k, v, cfg or spec.config(), inputs.key_padding_mask, bias, rows=rows)
+    run = Run(out=out.detach(), lse=lse.detach())
+    if grad:
+        out.backward(inputs.grad_out.detach()[:, :, rows.to(out.device)].to(torch.float64))
+        run.grads["dq"] = q.grad[:, :, rows.to(q.device)]
+    return run
+
+
+def scales_rows(spec: Spec, inputs: Inputs, rows: torch.Tensor | None, cfg: Config | None = None) -> dict[str, float]:
+    """`scales_of` for query `rows` (every row when None); on rows, out, lse and dq only."""
+    if rows is None:
+        return scales_of(spec, inputs, cfg)
+    flat, plain = rows_problem(spec, inputs, rows, cfg)
+    scales = scales_of(spec, flat, plain)
+    return {n: scales[n] for n in ("out", "lse", "dq")}
+
+
+def draw_rows(data, spec: Spec) -> torch.Tensor | None:
+    """`sample_rows` plus two rows drawn by Hypothesis (a pinned example takes the last row)."""
+    if spec.Sq <= ALL_ROWS:
+        return None
+    extra = tuple(draw_int(data, 0, spec.Sq - 1, spec.Sq - 1, label=f"row {n}") for n in range(2))
+    return sample_rows(spec, extra)

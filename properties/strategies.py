@@ -12,12 +12,21 @@ beyond S, unbounded and asymmetric, blocked windows, zero-length keys and fully 
 -inf bias entries, scale 0 and unusual scales, large magnitudes that overflow exp() when the
 row maximum is not subtracted.
 
+They also go where real kernels switch code paths: every spec draws the memory layout of q, k,
+v (and of grad_out for a differentiable impl) among those the impl accepts (Spec.layout,
+shrinking to "contiguous"); one draw in four has wide heads (groups of 4 to 32, up to 16 heads
+on the CPU, 32 on the GPU; sequence lengths shrink to keep B * Hq * Sq * Sk within the device's
+budget); and a property that checks sampled rows (`long=`) gets one draw in eight with long keys:
+powers of two and tile multiples +- 1, up to 4097 keys on the CPU (impls that run interpreted or
+compiled there excepted) and 32769 on the GPU.
+
 `Pinned` lets a property pin a known bug class with `@example(data=Pinned(Spec(...)))`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,13 +34,17 @@ from hypothesis import note
 from hypothesis import strategies as st
 
 from attnbench.registry import Impl
-from attnbench.spec import Block, Spec
+from attnbench.spec import LAYOUTS, Block, Spec
 
 DTYPE_ORDER = ("float32", "float16", "bfloat16", "float64")  # the first shrinks best
 LENGTH_EDGES = (1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
+# Long lengths: powers of two and multiples of 64 / 128 / 512 / 1024-key tiles, each +- 1.
+LONG_EDGES = tuple(sorted({n + d for n in (512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576,
+                                           32768) for d in (-1, 0, 1)}))
 BIAS_KINDS = ("full", "per_head", "per_key", "alibi")
 SCALES = (0.0, 1.0, 0.01, 2.0)  # besides the default 1/sqrt(D); 0 is uniform attention
 SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
+LONG_ONE_IN = 8  # one draw in 8 is long, where a property asks (the cost of the CPU ci profile)
 MAGNITUDES = (1.0, 3.0, 8.0)  # 8: scaled logits reach the hundreds, exp() overflows without max
 
 
@@ -40,14 +53,27 @@ class Caps:
     """Size limits per device: the property suite runs on small shapes on the CPU."""
 
     batch: int
-    heads: int
-    length: int
+    heads: int  # query heads of an ordinary draw
+    length: int  # sequence length of an ordinary draw
     head_dims: tuple[int, ...]  # the first is the shrink target
+    kv_heads: int = 2  # kv heads of a grouped draw
+    groups: tuple[int, ...] = ()  # the large GQA groups of a wide draw
+    wide_heads: int = 0  # query heads of a wide draw (0: no wide draws)
+    cells: int = 0  # B * Hq * Sq * Sk of an ordinary draw (0: no limit beyond the others)
+    long_length: int = 0  # the longest key sequence of a long draw (0: no long draws)
+    long_cells: int = 0  # B * Hq * Sq * Sk of a long draw
+    long_cells_linear: int = 0  # the same for an impl declaring memory="linear" (on the GPU)
+    slow_heads: int = 0  # B * Hq of a wide draw for an impl that is slow here (long_ok False; 0: no limit)
 
 
 CAPS: dict[str, Caps] = {
-    "cpu": Caps(batch=2, heads=3, length=24, head_dims=(16, 32, 24, 64)),
-    "cuda": Caps(batch=3, heads=8, length=300, head_dims=(16, 32, 64, 128, 256, 24, 40, 80, 96, 160, 192)),
+    "cpu": Caps(batch=2, heads=3, length=24, head_dims=(16, 32, 24, 64, 8, 40, 80), kv_heads=2, groups=(4, 8, 16),
+                wide_heads=16, cells=2 * 3 * 24 * 24, long_length=4097, long_cells=2**18, long_cells_linear=2**18,
+                slow_heads=8),
+    "cuda": Caps(batch=3, heads=8, length=300,
+                 head_dims=(16, 32, 64, 128, 256, 24, 40, 80, 96, 160, 192, 8, 48, 72, 112), kv_heads=8,
+                 groups=(4, 8, 16, 32), wide_heads=32, cells=3 * 8 * 300 * 300, long_length=32769,
+                 long_cells=2**28, long_cells_linear=2**32),
 }
 
 
@@ -61,6 +87,72 @@ def caps_for(device: str) -> Caps:
 def _lengths(cap: int) -> st.SearchStrategy[int]:
     edges = [n for n in LENGTH_EDGES if n <= cap]
     return st.one_of(st.integers(1, cap), st.sampled_from(edges))
+
+
+def _rare(draw, label: str, one_in: int = 4) -> bool:
+    """True one draw in `one_in`; shrinks to False."""
+    return draw(st.sampled_from((False,) * (one_in - 1) + (True,)), label=label)
+
+
+def long_ok(impl: Impl, device: str) -> bool:
+    """Whether long draws suit `impl` on `device`: not on the CPU for an impl that compiles
+    (Triton runs in its interpreter there, thousands of times slower than a GPU)."""
+    return not (device.split(":")[0] == "cpu" and impl.compiles)
+
+
+def _heads(draw, pick, impl: Impl, device: str, caps: Caps, use: frozenset[str], has, B: int) -> tuple[int, int]:
+    """(Hq, Hkv): ordinary draws up to caps.heads (Hkv up to caps.kv_heads with a group of 2 or
+    more), one in four wide: Hq up to caps.wide_heads, GQA groups from caps.groups. An impl
+    that is slow here (the Triton interpreter) gets wide draws up to B * Hq = caps.slow_heads:
+    its time grows with the number of programs, one per (batch, head, query block)."""
+    wide_heads = caps.wide_heads
+    if caps.slow_heads and not long_ok(impl, device):
+        wide_heads = min(wide_heads, caps.slow_heads // B)
+    caps = dataclasses.replace(caps, wide_heads=wide_heads)
+    wide = caps.wide_heads > caps.heads and _rare(draw, "wide heads")
+    if has("gqa"):
+        lo = 2 if "gqa" in use else 1
+        Hkv = pick("Hkv", st.integers(1, caps.kv_heads))
+        small = list(range(lo, max(caps.heads // Hkv, 2) + 1))
+        large = [g for g in caps.groups if Hkv * g <= caps.wide_heads]
+        group = draw(st.sampled_from(large if wide and large else small), label="group")
+        return pick("Hq", st.just(Hkv * group)), Hkv
+    large = [h for h in (4, 8, 16, 32) if caps.heads < h <= caps.wide_heads]
+    Hq = pick("Hq", st.sampled_from(large) if wide and large else st.integers(1, caps.heads))
+    return Hq, Hq
+
+
+def _sequence(draw, pick, impl: Impl, device: str, caps: Caps, use, has, long: str | None, B: int, Hq: int):
+    """(Sq, Sk, long?): ordinary lengths within caps.length and caps.cells, or with `long` one
+    draw in LONG_ONE_IN long: Sk from LONG_EDGES (or any length past caps.length), Sq short (long="keys"),
+    or short, equal to Sk or long too ("all"), within the long cell budget."""
+    heads = B * Hq
+    cap = caps.length
+    if caps.cells:
+        cap = max(1, min(cap, math.isqrt(caps.cells // heads)))
+    budget = caps.long_cells_linear if impl.memory == "linear" and device.startswith("cuda") else caps.long_cells
+    if long and caps.long_length and long_ok(impl, device) and _rare(draw, "long", LONG_ONE_IN):
+        most = min(caps.long_length, budget // heads if has("cross") else math.isqrt(budget // heads))
+        edges = [n for n in LONG_EDGES if caps.length < n <= most]
+        if edges:
+            Sk = pick("Sk", st.one_of(st.sampled_from(edges), st.integers(caps.length + 1, most)))
+            if not has("cross"):
+                return pick("Sq", st.just(Sk)), Sk, True
+            short = _lengths(max(1, min(cap, budget // (heads * Sk))))
+            if long == "keys":
+                return pick("Sq", short), Sk, True
+            fit = [n for n in LONG_EDGES if caps.length < n and heads * n * Sk <= budget and n != Sk]
+            others = [short] + ([st.sampled_from(fit)] if fit else [])
+            if "cross" not in use and heads * Sk * Sk <= budget:
+                others.insert(1, st.just(Sk))
+            return pick("Sq", st.one_of(*others)), Sk, True
+    Sq = pick("Sq", _lengths(cap))
+    if has("cross"):
+        other = _lengths(cap).filter(lambda n: n != Sq)
+        Sk = pick("Sk", other if "cross" in use else st.one_of(st.just(Sq), other))
+    else:
+        Sk = Sq
+    return Sq, Sk, False
 
 
 def _window_side(span: int, bounded_first: bool) -> st.SearchStrategy[int | None]:
@@ -78,6 +170,7 @@ def _specs(
     forbid: frozenset[str],
     fixed: dict,
     min_batch: int,
+    long: str | None,
 ) -> Spec:
     features = impl.features - forbid
     has = features.__contains__
@@ -91,20 +184,8 @@ def _specs(
         raise ValueError(f"impl {impl.key}: declares no dtype the strategies know ({impl.dtypes})")
     dtype = pick("dtype", st.sampled_from(dtypes))
     B = pick("B", st.integers(min_batch, max(caps.batch, min_batch)))
-    if has("gqa"):
-        lo = 2 if "gqa" in use else 1
-        Hkv = pick("Hkv", st.integers(1, max(caps.heads // lo, 1)))
-        group = draw(st.integers(lo, max(caps.heads // Hkv, lo)), label="group")
-        Hq = pick("Hq", st.just(Hkv * group))
-    else:
-        Hq = pick("Hq", st.integers(1, caps.heads))
-        Hkv = Hq
-    Sq = pick("Sq", _lengths(caps.length))
-    if has("cross"):
-        other = _lengths(caps.length).filter(lambda n: n != Sq)
-        Sk = pick("Sk", other if "cross" in use else st.one_of(st.just(Sq), other))
-    else:
-        Sk = Sq
+    Hq, Hkv = _heads(draw, pick, impl, device, caps, use, has, B)
+    Sq, Sk, is_long = _sequence(draw, pick, impl, device, caps, use, has, long, B, Hq)
     D = pick("D", st.sampled_from(caps.head_dims))
     Dv = pick("Dv", st.one_of(st.just(D), st.sampled_from(caps.head_dims))) if has("dv") else D
 
@@ -142,7 +223,8 @@ def _specs(
 
     bias, bias_neginf = None, 0.0
     if has("bias"):
-        kinds = st.sampled_from(BIAS_KINDS) if "bias" in use else st.one_of(st.none(), st.sampled_from(BIAS_KINDS))
+        kinds = BIAS_KINDS if not is_long else ("per_key",)  # a long case's (Sq, Sk) bias would dwarf it
+        kinds = st.sampled_from(kinds) if "bias" in use else st.one_of(st.none(), st.sampled_from(kinds))
         bias = pick("bias", kinds)
         if bias is not None:
             bias_neginf = pick("bias_neginf", st.sampled_from((0.0, 0.2)))
@@ -155,7 +237,18 @@ def _specs(
         dropout_p=fixed.get("dropout_p", 0.0),
         magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)),
         seed=pick("seed", st.integers(0, 2**16)),
+        layout=pick("layout", st.sampled_from(_layouts(impl, B, Hkv))),
+        grad_layout=pick("grad_layout", st.sampled_from(impl.grad_layouts)) if has("backward") else "contiguous",
     )
+
+
+def _layouts(impl: Impl, B: int, Hkv: int) -> list[str]:
+    """The layouts `impl` accepts, "contiguous" first; "expanded" only where there is a batch
+    or kv head axis to expand along (with B = Hkv = 1 it is the contiguous layout)."""
+    order = [name for name in LAYOUTS if name in impl.layouts]
+    if B * Hkv == 1 and "expanded" in order:
+        order.remove("expanded")
+    return order or ["contiguous"]
 
 
 def specs_for(
@@ -167,6 +260,7 @@ def specs_for(
     forbid: Iterable[str] = (),
     min_batch: int = 1,
     caps: Caps | None = None,
+    long: str | None = None,
     **fixed,
 ) -> st.SearchStrategy[Spec]:
     """Specs that `impl` covers (with the extra `needs`, e.g. "backward" or "lse").
@@ -174,6 +268,9 @@ def specs_for(
     use: features every drawn spec must exercise ("causal", "sliding_window", "key_padding",
         "gqa", "bias", "cross", "blocked_window").
     forbid: features never drawn (a permutation property forbids "causal", ...).
+    long: None (ordinary lengths), "keys" (one draw in eight with long keys and short queries)
+        or "all" (long keys, and queries short, as long, or long too): for properties that
+        check sampled rows (harness.sample_rows) instead of every row against the oracle.
     fixed: Spec fields held at a value (dtype="float64", magnitude=1.0, ...).
     """
     needs = tuple(needs)
@@ -182,10 +279,12 @@ def specs_for(
         raise ValueError(f"use: {impl.key} does not declare {sorted(use - impl.features)}; check first")
     if use & forbid:
         raise ValueError(f"use / forbid: both name {sorted(use & forbid)}")
+    if long not in (None, "keys", "all"):
+        raise ValueError(f"long: None, 'keys' or 'all', got {long!r}")
     unknown = set(fixed) - SPEC_FIELDS
     if unknown:
         raise ValueError(f"fixed: {sorted(unknown)} are not Spec fields")
-    strategy = _specs(impl, device, caps or caps_for(device), use, forbid, fixed, min_batch)
+    strategy = _specs(impl, device, caps or caps_for(device), use, forbid, fixed, min_batch, long)
     return strategy.filter(lambda s: impl.covers(s, needs))
 
 
@@ -207,7 +306,7 @@ class Pinned:
 def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs) -> Spec | None:
     """Draw a spec for `impl` (or take the pinned one); None when a pinned spec does not apply."""
     if isinstance(data, Pinned):
-        fixed = {k: v for k, v in kwargs.items() if k not in ("use", "forbid", "min_batch", "caps")}
+        fixed = {k: v for k, v in kwargs.items() if k not in ("use", "forbid", "min_batch", "caps", "long")}
         spec = relax(data.spec, impl).replace(device=device, **fixed)
         if spec.B < kwargs.get("min_batch", 1) or not impl.covers(spec, needs):
             return None
@@ -215,6 +314,8 @@ def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs
             return None
         if spec.needs() & frozenset(kwargs.get("forbid", ())):
             return None
+        if max(spec.Sq, spec.Sk) > caps_for(device).length and not long_ok(impl, device):
+            return None  # a long pinned case, for an impl that is slow here: as long draws are
     else:
         spec = data.draw(specs_for(impl, needs, device, **kwargs), label="spec")
     note(f"spec: {spec.short()}")
@@ -255,4 +356,8 @@ def relax(spec: Spec, impl: Impl) -> Spec:
         changes["Dv"] = spec.D
     if spec.dtype not in impl.dtypes:
         changes["dtype"] = next((d for d in DTYPE_ORDER if d in impl.dtypes), spec.dtype)
+    if spec.layout not in impl.layouts:
+        changes["layout"] = "contiguous"
+    if spec.grad_layout not in impl.grad_layouts or "backward" not in f:
+        changes["grad_layout"] = "contiguous"
     return spec.replace(**changes) if changes else spec

@@ -1,0 +1,131 @@
+"""Long sequences, checked cheaply: relations between runs of the implementation itself need
+no oracle over all rows, and the row-wise oracle (oracles/dense.attention_rows) checks sampled
+rows of problems with tens of thousands of keys exactly.
+
+- splitting the keys into two chunks and merging the chunk results with their lse gives the
+  whole (the identity split-KV and ring attention rest on);
+- one dedicated GPU property crosses int32 element offsets (more than 2^31 elements per
+  tensor) and checks sampled rows of the first and last batch element and head.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from attnbench.properties.harness import (
+    check,
+    check_runs,
+    draw_rows,
+    fresh_inputs,
+    require,
+    rows_of,
+    run_impl,
+    run_oracle_rows,
+    run_reference,
+    sample_rows,
+    scales_rows,
+)
+from attnbench.properties.strategies import Pinned, draw_int, draw_spec
+from attnbench.properties.test_masking import _references
+from attnbench.spec import Inputs, Spec
+
+pytestmark = pytest.mark.variant("dense")
+
+STRUCTURE = ("causal", "sliding_window", "blocked_window")  # positions would shift with the keys
+
+
+def merge(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor):
+    """Two key chunks' (out, lse) merged in float64: lse = log(e^lse1 + e^lse2), out = the
+    chunk outputs weighted by e^(lse_c - lse); a row empty in both stays (0, -inf)."""
+    l1, l2 = lse1.double(), lse2.double()
+    lse = torch.logaddexp(l1, l2)
+    empty = torch.isneginf(lse)
+    safe = torch.where(empty, torch.zeros_like(lse), lse)
+    w1 = torch.where(empty, 0.0, torch.exp(l1 - safe))[..., None]
+    w2 = torch.where(empty, 0.0, torch.exp(l2 - safe))[..., None]
+    return w1 * out1.double() + w2 * out2.double(), lse
+
+
+def _keys(spec: Spec, inputs: Inputs, keys: slice) -> Inputs:
+    """The inputs with only the keys in `keys` (k, v, padding mask and the bias's key axis):
+    views of the spec's layout, or contiguous copies for a contiguous spec (an impl may accept
+    contiguous inputs only)."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()[..., keys, :]
+        return t.contiguous() if spec.layout == "contiguous" else t
+
+    bias = inputs.bias
+    if bias is not None and bias.shape[-1] > 1:
+        bias = bias.detach()[..., keys].contiguous()
+    kpm = None if inputs.key_padding_mask is None else inputs.key_padding_mask[:, keys]
+    return Inputs(q=inputs.q.detach(), k=cut(inputs.k), v=cut(inputs.v), key_padding_mask=kpm, bias=bias,
+                  grad_out=inputs.grad_out)
+
+
+@given(data=st.data())
+@example(data=Pinned(Spec(Sq=3, Sk=2049, key_lengths=(1500,)), "long keys cut at a tile edge, padding in one chunk"))
+def test_key_chunks_merge_to_the_whole(impl, device, measure, data):
+    """Attention over keys [0, c) and [c, Sk), merged with the chunks' lse, equals attention
+    over all keys (out and lse), for cuts anywhere, empty chunks (all padding) included."""
+    require(impl, "lse", "cross")
+    spec = draw_spec(data, impl, device, needs=("lse",), forbid=STRUCTURE, long="all")
+    if spec is None or spec.Sk < 2:
+        return
+    cut = draw_int(data, 1, spec.Sk - 1, 1024 if spec.Sk > 1024 else spec.Sk // 2, label="cut")
+    lengths = spec.key_lengths
+    first = spec.replace(Sk=cut, key_lengths=None if lengths is None else tuple(min(n, cut) for n in lengths))
+    second = spec.replace(Sk=spec.Sk - cut,
+                          key_lengths=None if lengths is None else tuple(max(n - cut, 0) for n in lengths))
+    if not (impl.covers(first, ("lse",)) and impl.covers(second, ("lse",))):
+        return
+    inputs = fresh_inputs(spec)
+    with torch.no_grad():
+        whole = run_impl(impl, spec, inputs)
+        a = run_impl(impl, first, _keys(spec, inputs, slice(0, cut)))
+        b = run_impl(impl, second, _keys(spec, inputs, slice(cut, spec.Sk)))
+    out, lse = merge(a.out, a.lse, b.out, b.lse)
+    errors, scales = _references(spec, inputs, impl, rows=draw_rows(data, spec))
+    check_runs(measure, "out", out, whole.out.double(), impl, errors["out"], spec.dtype, scales["out"], exact=False)
+    check_runs(measure, "lse", lse, whole.lse.double(), impl, errors["lse"], spec.dtype, scales["lse"], exact=False)
+
+
+# -- int32 offsets ----------------------------------------------------------------------------
+INT32_SHAPE = dict(B=128, Hq=32, Sq=4097, D=128)  # 2,148,007,936 elements per tensor: past 2^31
+
+
+@pytest.mark.gpu
+def test_int32_offsets_sampled_rows(impl, device, measure):
+    """B * H * S * D past 2^31 elements per tensor (4.3 GB each in 16 bits): sampled rows of
+    the first, a middle and the last (batch, head) against the row-wise oracle. A kernel that
+    computes element offsets in int32 reads the wrong memory for the last heads."""
+    if not device.startswith("cuda"):
+        pytest.skip("needs --device cuda (tensors of 2^31 elements)")
+    dtype = next((d for d in ("bfloat16", "float16") if d in impl.dtypes), None)
+    spec = Spec(**INT32_SHAPE, dtype=dtype or "float32", device=device, causal="causal" in impl.features)
+    if dtype is None or not impl.covers(spec):
+        pytest.skip(f"{impl.key} does not cover {spec.short()}")
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the GPU: a CPU float64 draw would need 69 GB
+    q, k, v = (torch.randn(spec.B, spec.Hq, spec.Sq, spec.D, dtype=spec.torch_dtype, device=device, generator=g)
+               for _ in range(3))
+    try:
+        with torch.no_grad():
+            out, _ = impl.fn(q, k, v, spec.config())
+    except torch.cuda.OutOfMemoryError:
+        del q, k, v
+        pytest.skip(f"{impl.key}: out of GPU memory at {spec.short()} (materialized scores: B*H*S^2 = 2^36)")
+    rows = sample_rows(spec)
+    for b, h in ((0, 0), (spec.B // 2, spec.Hq // 2), (spec.B - 1, spec.Hq - 1)):
+        one = spec.replace(B=1, Hq=1)
+        sub = Inputs(q=q[b : b + 1, h : h + 1], k=k[b : b + 1, h : h + 1], v=v[b : b + 1, h : h + 1],
+                     key_padding_mask=None, bias=None, grad_out=torch.zeros_like(q[:1, :1]))
+        with torch.no_grad():
+            ref = run_reference(impl, one, sub, rows)
+            want = run_oracle_rows(one, sub, rows)
+        got = rows_of(out[b : b + 1, h : h + 1], rows)
+        try:
+            check(measure, "out", got, want.out, ref.out, spec.dtype, scales_rows(one, sub, rows))
+        except AssertionError as exc:
+            raise AssertionError(f"batch {b}, head {h}: {exc}") from None

@@ -1,0 +1,134 @@
+"""Layouts, the row-wise oracle and sampled-row references (properties/strategies.py,
+attnbench/spec.py, oracles/dense.py, properties/harness.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import Phase, find, given, settings
+from hypothesis import strategies as st
+
+from attnbench.impls.naive import naive
+from attnbench.oracles import dense
+from attnbench.properties import harness
+from attnbench.properties.strategies import CAPS, specs_for
+from attnbench.properties.test_layouts import check_rejects
+from attnbench.spec import GRAD_LAYOUTS, LAYOUTS, Spec
+
+BASE = Spec(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=8, Dv=16, bias="full", key_lengths=(3, 7), dtype="float64")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_keep_values_and_change_strides(layout):
+    base, laid = BASE.make_inputs(), BASE.replace(layout=layout).make_inputs(requires_grad=True)
+    for name in "qkv":
+        a, b = getattr(base, name), getattr(laid, name)
+        assert a.shape == b.shape and b.is_leaf and b.requires_grad
+        if layout == "expanded" and name != "q":
+            assert b.stride(1) == 0 and torch.equal(b, a[:, :1].expand_as(a))
+        else:
+            assert torch.equal(a, b)
+    if layout != "contiguous":
+        assert any(not getattr(laid, n).is_contiguous() for n in "qkv")
+    if layout == "offset":
+        assert all(getattr(laid, n).storage_offset() > 0 for n in "qkv")
+    if layout == "packed":
+        assert laid.k.untyped_storage().data_ptr() == laid.v.untyped_storage().data_ptr()  # Sq != Sk: kv packed
+    assert f"layout={layout!r}" in BASE.replace(layout=layout).short()
+
+
+@pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
+def test_grad_layouts(grad_layout):
+    g = BASE.replace(grad_layout=grad_layout).make_inputs().grad_out
+    assert g.shape == (2, 4, 5, 16)
+    assert g.is_contiguous() == (grad_layout == "contiguous")
+    if grad_layout == "broadcast":
+        assert set(g.stride()) == {0}
+
+
+def test_unknown_layout_is_rejected():
+    with pytest.raises(ValueError, match="Spec.layout"):
+        Spec(layout="nhwc")
+    with pytest.raises(ValueError, match="Spec.grad_layout"):
+        Spec(grad_layout="diagonal")
+
+
+def test_row_oracle_equals_the_full_oracle():
+    spec = BASE.replace(Sq=37, Sk=50, causal=True, window=(9, 3), align="top_left")
+    x = spec.make_inputs()
+    out, lse = dense.attention(x.q, x.k, x.v, spec.config(), x.key_padding_mask, x.bias)
+    rows = torch.tensor([0, 5, 36, 17])
+    got_out, got_lse = dense.attention_rows(x.q, x.k, x.v, spec.config(), x.key_padding_mask, x.bias, rows=rows, chunk=3)
+    torch.testing.assert_close(got_out, out[:, :, rows], rtol=0, atol=1e-14)
+    torch.testing.assert_close(got_lse, lse[:, :, rows], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("spec", [
+    Spec(B=2, Hq=4, Hkv=2, Sq=130, Sk=150, causal=True, window=(9, 3), bias="full", key_lengths=(20, 150),
+         dtype="float16"),
+    Spec(Hq=2, Sq=100, Sk=90, causal=True, bias="per_key", align="top_left", layout="bshd", block=(7, 1, 1)),
+], ids=["fp16-window-bias", "top-left-block"])
+def test_sampled_rows_reference_and_oracle(spec):
+    x = harness.fresh_inputs(spec, naive, grad=True)
+    rows = harness.sample_rows(spec, (77,))
+    assert rows is not None and 77 in rows.tolist() and spec.Sq - 1 in rows.tolist()
+    full, part = harness.run_reference(naive, spec, x, None, grad=True), harness.run_reference(naive, spec, x, rows, grad=True)
+    assert torch.equal(harness.rows_of(full.out, rows), part.out)
+    assert torch.equal(harness.rows_of(full.lse, rows), part.lse)
+    assert torch.equal(harness.rows_of(full.grads["dq"], rows), part.grads["dq"])
+    whole, sampled = harness.run_oracle(spec, x, grad=True), harness.run_oracle_rows(spec, x, rows, grad=True)
+    torch.testing.assert_close(sampled.out, harness.rows_of(whole.out, rows), rtol=0, atol=1e-13)
+    torch.testing.assert_close(sampled.grads["dq"], harness.rows_of(whole.grads["dq"], rows), rtol=0, atol=1e-13)
+
+
+def test_short_problems_check_every_row():
+    assert harness.sample_rows(Spec(Sq=harness.ALL_ROWS)) is None
+
+
+@settings(max_examples=60, database=None, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_strategies_reach_wide_and_long(data):
+    """Hq=4 / Hkv=2 and groups of 16 are drawn on the CPU, long keys only where asked, every
+    draw within the device's cell budgets."""
+    caps = CAPS["cpu"]
+    long = data.draw(st.sampled_from((None, "keys", "all")))
+    spec = data.draw(specs_for(naive, long=long))
+    cells = spec.B * spec.Hq * spec.Sq * spec.Sk
+    if max(spec.Sq, spec.Sk) > caps.length:
+        assert long is not None and spec.Sk <= caps.long_length and cells <= caps.long_cells
+        if long == "keys":
+            assert spec.Sq <= caps.length
+    else:
+        assert cells <= caps.cells
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (16, 1)], ids=["Hq4-Hkv2", "group16"])
+def test_strategies_draw_wide_gqa(heads):
+    """Several kv heads with a group above 1, and a group of 16, are drawn by generation."""
+    found = find(specs_for(naive, use=("gqa",)), lambda s: (s.Hq, s.Hkv) == heads,
+                 settings=settings(max_examples=2000, database=None, derandomize=True, phases=[Phase.generate]))
+    assert (found.Hq, found.Hkv) == heads
+
+
+class _Rejecting:
+    """A correct contiguous-only kernel: checks its inputs."""
+
+    def __call__(self, q, k, v, cfg, key_padding_mask=None, bias=None):
+        if not all(t.is_contiguous() for t in (q, k, v)):
+            raise ValueError("q, k, v: contiguous (B, H, S, D) tensors only")
+        return naive.fn(q, k, v, cfg, key_padding_mask=key_padding_mask, bias=bias)
+
+
+def test_a_kernel_that_rejects_undeclared_layouts_passes():
+    impl = dataclasses.replace(naive, name="contiguous_only", fn=_Rejecting(), layouts=("contiguous",),
+                               grad_layouts=GRAD_LAYOUTS, reference=False)
+    for layout in LAYOUTS[1:]:
+        check_rejects(impl, Spec(B=2, Hq=2, Sq=5, layout=layout))
+
+
+def test_a_kernel_that_computes_on_undeclared_layouts_fails():
+    impl = dataclasses.replace(naive, name="silent", layouts=("contiguous",), reference=False)
+    with pytest.raises(AssertionError, match="instead of raising"):
+        check_rejects(impl, Spec(B=2, Hq=2, Sq=5, layout="bshd"))
