@@ -633,4 +633,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module, not this __main__ copy: the sweep pickles Settings and
+    # Cell for its child processes, which must find them as attnbench.perf.bench.Settings.
+    from attnbench.perf import bench as _bench
+
+    sys.exit(_bench.main())

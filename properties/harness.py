@@ -67,14 +67,25 @@ def fresh_inputs(spec: Spec, impl: Impl | None = None, grad: bool = False) -> In
     return inputs
 
 
+def same_layout_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides (zero strides kept as an expand), so a second run sees the
+    layout the first one saw: kernels take other code paths for other layouts."""
+    t = t.detach()
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        one = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape))
+        return same_layout_copy(t[one]).expand(t.shape)
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
 def clone_inputs(inputs: Inputs) -> Inputs:
     def c(t):
-        return None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
+        return None if t is None else same_layout_copy(t).requires_grad_(t.requires_grad)
 
     return Inputs(
         q=c(inputs.q), k=c(inputs.k), v=c(inputs.v),
         key_padding_mask=None if inputs.key_padding_mask is None else inputs.key_padding_mask.clone(),
-        bias=c(inputs.bias), grad_out=inputs.grad_out.clone(),
+        bias=c(inputs.bias), grad_out=same_layout_copy(inputs.grad_out),
     )
 
 

@@ -70,8 +70,12 @@ def test_batch_elements_are_independent(impl, device, measure, data):
     b = run_impl(impl, spec, other, grad=grad)
     errors, scales = _references(spec, inputs, impl, grad=grad)
     names = quantities(a, errors, grad)
+    # changing elements 1.. of an "expanded" K/V (one stored batch element) makes them dense: the
+    # two runs then take different code paths, so they agree within the rule, not bit for bit
+    exact = False if spec.layout == "expanded" else None
     for name in names:
-        check_runs(measure, name, b.get(name)[:1], a.get(name)[:1], impl, errors[name], spec.dtype, scales[name])
+        check_runs(measure, name, b.get(name)[:1], a.get(name)[:1], impl, errors[name], spec.dtype, scales[name],
+                   exact=exact)
 
     alone_spec = spec.replace(B=1, key_lengths=None if spec.key_lengths is None else spec.key_lengths[:1])
     if not impl.covers(alone_spec):

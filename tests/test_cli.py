@@ -266,7 +266,7 @@ def test_replays_work_pasted_from_another_directory(kernels, tmp_path):
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("verdict: FAIL") and "exit 1: a check failed" in last
     assert all(len(line) <= 80 for line in out.stdout.splitlines()[:-1]), out.stdout
-    saved = json.loads((first / "results" / "results.json").read_text())
+    saved = json.loads((first / "results" / "latest" / "results.json").read_text())
     rows = {r["impl"]: r for r in saved["correctness"]}
     failed, crashed = rows["toplefty"], rows["inline_crash"]
     assert failed["status"] == "fail" and crashed["status"] == "error"
@@ -278,7 +278,7 @@ def test_replays_work_pasted_from_another_directory(kernels, tmp_path):
 
     again = _attnbench(crashed["replay"] + " --out results", second, {**env, "PYTHONPATH": ""})
     assert again.returncode == cli.EXIT_FAILED, again.stdout[-3000:] + again.stderr[-3000:]
-    replayed = json.loads((second / "results" / "results.json").read_text())["correctness"]
+    replayed = json.loads((second / "results" / "latest" / "results.json").read_text())["correctness"]
     assert [(r["impl"], r["property"], r["status"]) for r in replayed] == [
         ("inline_crash", "test_forward_matches_oracle", "error")
     ]

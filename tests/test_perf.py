@@ -592,11 +592,9 @@ def test_gpu_pool_pinning(monkeypatch):
     assert " " not in conftest.device_label("cpu")
 
 
-def test_quick_bench_on_the_cpu_is_under_two_minutes(tmp_path):
-    start = time.perf_counter()
+def test_quick_bench_on_the_cpu_measures_every_cell(tmp_path):
+    # no time limit here: speed is measured by benchmarks, never by a timed unit test
     results = bench.run_bench(quick=True, device="cpu", out=tmp_path / "bench.json")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 120, f"quick bench took {elapsed:.0f} s"
     loaded = Results.load(tmp_path / "bench.json")
     assert loaded.peaks["matmul_tflops"] > 0 and loaded.peaks["copy_gbps"] > 0
     ok = [r for r in loaded.perf if r.status == "ok"]
