@@ -171,13 +171,18 @@ def head_dims(arch: int, D: int, Dv: int, backward: bool, gqa: bool) -> str | No
     return None
 
 
-def upstream_bug(spec: Spec) -> str | None:
+def upstream_bug(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     """Inputs where FA4 4.0.0b36 answers wrongly (minimal counterexamples in NOTES.md, canaries in
     tests/test_flash_attn4.py): declined until upstream fixes them."""
     if spec.scale == 0:
         return "softmax_scale=0: FA4 returns NaN out and lse (the oracle gives the mean of v)"
     if _empty_batch_element(spec):
         return "a batch element with no kept key: FA4's varlen backward gives a wrong dq there"
+    if spec.has_padding and "backward" in needs:
+        # H200, scripts/diag/fa4_findings.py: dq ratio 5.3 at Spec(B=2, Sq=5, key_lengths=(5, 2))
+        # float16 and 7.7 with key_drop 0.25; the property run hit illegal memory accesses in
+        # this backward (_bwd_preprocess)
+        return "key padding with gradients: FA4's varlen backward gives a wrong dq (and faults)"
     return None
 
 
@@ -196,7 +201,7 @@ def _empty_batch_element(spec: Spec) -> bool:
 def _supports(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     if spec.has_padding and (spec.causal or spec.window is not None):
         return "key padding with causal/window: varlen renumbers key positions"
-    if bug := upstream_bug(spec):
+    if bug := upstream_bug(spec, needs):
         return bug
     if not torch.cuda.is_available():
         return "needs CUDA"

@@ -256,7 +256,10 @@ def test_a_signal_ends_the_command_and_its_children_and_keeps_earlier_runs(fault
             children |= _descendants(proc.pid)
             break
         time.sleep(0.5)
-    assert children, "no child process started"
+    if not children:
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"no child process started; the command exited {proc.returncode}: {err[-2000:]}")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig

@@ -273,6 +273,9 @@ def test_upstream_bugs_are_declared(monkeypatch) -> None:
     dropped = Spec(B=2, Sq=2, Sk=2, key_drop=0.9, dtype="float16", device="cuda")
     seeds = [s for s in range(40) if not dropped.replace(seed=s).padding_keep().any(1).all()]
     assert seeds and "no kept key" in impl.why_not(dropped.replace(seed=seeds[0]))
+    padded = Spec(B=2, Sq=5, key_lengths=(5, 2), dtype="float16", device="cuda")
+    assert impl.why_not(padded) is None  # the forward is right
+    assert "varlen backward" in impl.why_not(padded, {"backward"})
 
 
 def test_local_variant_declares_no_key_padding() -> None:
@@ -291,6 +294,7 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
     pytest.param("scale0-window", marks=gpu),
     pytest.param("scale0-lse", marks=gpu),
     pytest.param("zero-key-batch-grad", marks=gpu),
+    pytest.param("varlen-grad-polarity", marks=gpu),
 ])
 def test_fa4_declared_bugs_still_fail_upstream(name: str) -> None:
     """Canaries for upstream_bug() in impls/flash_attn4.py: the spec runs past the declaration,
