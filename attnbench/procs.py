@@ -2,8 +2,8 @@
 
 `spawn` starts a child (verify's pytest, bench's worker) in a process group of its own, so that
 `kill_tree` ends it together with everything it started (compiler workers, pytest's own
-children). On Linux the child also dies with its parent (PR_SET_PDEATHSIG), so even a SIGKILL
-to the command leaves nothing running.
+children). A SIGKILL to the command itself is not covered: its children then run on until they
+finish (no PR_SET_PDEATHSIG, see `spawn`).
 
 `on_signals()` makes SIGINT and SIGTERM raise `Interrupted` in the main thread; the CLI catches
 it, kills every live child's group, prints one line and exits 128 + the signal number.
@@ -12,17 +12,14 @@ it, kills every live child's group, prints one line and exits 128 + the signal n
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 _LIVE: set[subprocess.Popen] = set()
-_PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(BaseException):
@@ -37,19 +34,13 @@ class Interrupted(BaseException):
         return signal.Signals(self.signum).name
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def spawn(args: list[str], **kwargs) -> subprocess.Popen:
     """Popen(args) in a new process group (session), tracked until kill_tree or reap."""
+    # No preexec_fn (e.g. prctl(PR_SET_PDEATHSIG)): Python code between fork and exec can deadlock
+    # when the parent has other threads (pytest-xdist's execnet, our stream readers), and did in
+    # the CI run. Children are ended through their process groups (kill_tree, kill_all) instead.
     if os.name == "posix":
         kwargs.setdefault("start_new_session", True)
-        if sys.platform.startswith("linux"):
-            kwargs.setdefault("preexec_fn", _die_with_parent)
     proc = subprocess.Popen(args, **kwargs)
     _LIVE.add(proc)
     return proc
