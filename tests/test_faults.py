@@ -178,7 +178,7 @@ def test_a_cut_write_leaves_the_previous_file_whole(tmp_path):
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
             "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "from attnbench.files import write_atomic; write_atomic(sys.argv[1], 'x' * 100000)")
-    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-P", "-c", code, str(target)], capture_output=True, text=True)
     assert done.returncode != 0 and "File too large" in done.stderr
     assert json.loads(target.read_text()) == {"ok": True}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
@@ -243,7 +243,9 @@ def test_a_signal_ends_the_command_and_its_children_and_keeps_earlier_runs(fault
     env = dict(os.environ, ATTNBENCH_VERIFY_DEADLINE="600", ATTNBENCH_BENCH_DEADLINE="600")
     code = ("import sys; from attnbench import verify, cli; verify.PROPERTIES_DIR = sys.argv[1]; "
             "sys.exit(cli.main(sys.argv[2:]))")
-    args = [sys.executable, "-c", code, str(PROPS), command, "--impl", "fault_sleeps:impl", "--device", "cpu",
+    # -P: the checkout's own attnbench/ folder (the current directory under tox) must not shadow
+    # the installed package
+    args = [sys.executable, "-P", "-c", code, str(PROPS), command, "--impl", "fault_sleeps:impl", "--device", "cpu",
             "--out", str(root)] + (["--quick"] if command == "bench" else [])
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     children: set[int] = set()

@@ -592,8 +592,13 @@ def test_gpu_pool_pinning(monkeypatch):
     assert " " not in conftest.device_label("cpu")
 
 
-def test_quick_bench_on_the_cpu_measures_every_cell(tmp_path):
-    # no time limit here: speed is measured by benchmarks, never by a timed unit test
+def test_quick_bench_on_the_cpu_measures_every_cell(tmp_path, monkeypatch):
+    # no time limit here: speed is measured by benchmarks, never by a timed unit test.
+    # A fresh process-wide registry: other tests in this worker load --impl targets into it
+    # (the fault set's), which this sweep would otherwise run in children that cannot import them.
+    import attnbench.registry
+
+    monkeypatch.setattr(attnbench.registry, "_REGISTRY", None)
     results = bench.run_bench(quick=True, device="cpu", out=tmp_path / "bench.json")
     # every registered implementation is correct code: none may error (an eager-flex forward under
     # no_grad with inputs that require grad once did, in every cell)
