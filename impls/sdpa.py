@@ -207,7 +207,7 @@ def _cudnn_single_key(spec: Spec) -> str | None:
     # Measured (H100, torch 2.11, cuDNN 9.19): NaN dq, dk, dv for a row that sees exactly one key
     # through the -inf attn_mask, on some inputs: Sq=1 and Sq=23 (GQA) with Sk=64, window (0, None),
     # D=16, fp16, magnitude 3 (the last row sees only the last key); Sq=2, Sk=64, one unpadded key;
-    # and (sixth session) a causal spec with key padding. Other inputs of those shapes gave no NaN,
+    # and a causal spec with key padding. Other inputs of those shapes gave no NaN,
     # so it is input-dependent and declared by structure. Causal windows without padding leave
     # row 0 one key too; their rows pass everywhere (every causal window property row, and the
     # window benchmarks), so they stay claimed. Padding counts through the mask make_inputs draws.

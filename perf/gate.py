@@ -18,9 +18,9 @@ perf/timing.HOST_BOUND) kept the GPU waiting on the host, so its time follows th
 cancel that. A change past the threshold in such a cell is `host_bound`: reported, not failing,
 unless judge_host_bound (compare runs from one host, e.g. two runs in one CI job, with it on).
 The reference is the denominator of every ratio in its cell, so a cell takes the first reference
-of the chain that was GPU-bound in both runs (seventh session: sdpa_flash, host-bound in the
-baseline at 0.32 ms, ran 26% faster in the next lease and "regressed" three implementations whose
-own times had not moved); if every candidate was host-bound, the cell's changes are host_bound.
+of the chain that was GPU-bound in both runs (a host-bound reference that runs faster on another
+host would "regress" implementations whose own times did not move: seen with sdpa_flash at
+0.32 ms on the H100, NOTES.md); if every candidate was host-bound, the cell's changes are host_bound.
 
 Per device model: a run is compared only with a baseline of its own GPU model (env.device_name
 of a CUDA run; "cpu" for a CPU run). The default baseline is the committed one for the CURRENT

@@ -262,7 +262,7 @@ def _stragglers(pending: set[int], started: dict[int, tuple[int, float]], longes
     """True when every pending group has started and one has run past 1.5x max(longest, 10 s),
     or every one has run past max(longest, 10 s): then nothing left looks like the rest, and
     the sweep compiles what they were compiling itself (the one group seen stuck, on three
-    leases, took the sweep 2-6 s)."""
+    H100 machines, took the sweep 2-6 s)."""
     if not pending or any(i not in started for i in pending):
         return False
     ran = [now - started[i][1] for i in pending]
@@ -271,7 +271,7 @@ def _stragglers(pending: set[int], started: dict[int, tuple[int, float]], longes
 
 def _dump_stacks(running: dict[str, tuple[int, float] | None], stack_dir: str) -> dict[str, str]:
     """Ask each straggler's worker for its Python stacks; the last 3,000 characters of each,
-    under a line that says whether the worker was still there (on six H100 leases the flex
+    under a line that says whether the worker was still there (on six H100 machines the flex
     S=16384 group's file came back empty: a dead worker, whose task the pool never reports,
     writes nothing; a live one answers SIGUSR1, and its watchdog dumps every STACK_EVERY_S)."""
     if not hasattr(signal, "SIGUSR1"):

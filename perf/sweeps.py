@@ -135,7 +135,7 @@ class _Base:
 
 
 # A forward this small (tens of microseconds on an H100) is launch-bound: timed eagerly, the B=1
-# S=1024 causal cell moved 2-4x between leases of the same GPU model (host speed, not the kernel),
+# S=1024 causal cell moved 2-4x between machines of the same GPU model (host speed, not the kernel),
 # so such forwards are timed as CUDA graph replays, like the decoding cells. float32 counts 16x:
 # it runs on the FMA units, about 16x slower than bf16 / fp16 on the tensor cores.
 GRAPH_BELOW_FLOPS = 20e9
