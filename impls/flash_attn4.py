@@ -53,6 +53,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from attnbench.checks import check_call
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
 
@@ -102,8 +103,6 @@ def _check(q, k, cfg: Config, key_padding_mask, bias) -> None:
         raise ValueError(f"cfg.align: FlashAttention-4 is bottom-right aligned only, got {cfg.align!r}")
     if cfg.dropout_p:
         raise ValueError(f"cfg.dropout_p: FlashAttention-4 has no dropout, got {cfg.dropout_p}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"k: Hq={q.shape[1]} is not divisible by Hkv={k.shape[1]}")
     if key_padding_mask is not None and (cfg.causal or cfg.window is not None):
         raise ValueError("key_padding_mask: with causal/window the varlen path would renumber key positions")
 
@@ -116,6 +115,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="flash_attn4")  # the shared call convention
     _check(q, k, cfg, key_padding_mask, bias)
     if key_padding_mask is not None:
         return _varlen(q, k, v, cfg, key_padding_mask)
