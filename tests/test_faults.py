@@ -308,8 +308,8 @@ def test_a_lost_device_context_ends_the_test_process_and_the_rest_run_in_a_fresh
 
 def test_an_interrupted_verify_keeps_the_checks_that_finished(monkeypatch, tmp_path, capsys):
     from attnbench import procs
-    from attnbench.reports.schema import CorrectnessRow, Results
     from attnbench.reports.sample import sample_results
+    from attnbench.reports.schema import CorrectnessRow, Results
 
     finished = CorrectnessRow(variant="dense", impl="naive", property="test_forward_matches_oracle", status="pass")
 
