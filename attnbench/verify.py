@@ -222,6 +222,8 @@ def _run_shard(loop: _Loop, skip_file: Path, base: list[str], env: dict, deadlin
                 "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
         child = _run_child(args, env, loop, deadline_s)
         log_parts.append("\n".join(child.tail))
+        if stop is not None and stop.is_set():  # killed because the run was interrupted: not the test's fault
+            break
         if loop.usage_error:
             break
         if child.code in (0, 1, 5) and not child.timed_out:  # all ran (pass / some failed / none collected)

@@ -415,3 +415,34 @@ def draw_rows(data, spec: Spec) -> torch.Tensor | None:
         return None
     extra = tuple(draw_int(data, 0, spec.Sq - 1, spec.Sq - 1, label=f"row {n}") for n in range(2))
     return sample_rows(spec, extra)
+
+
+def check_sampled_heads(impl, device: str, shape: dict, measure) -> None:
+    """One call on `shape`, then sampled rows of the first, a middle and the last (batch, head)
+    against the row-wise oracle (tests/test_reach.py runs it on a small shape on the CPU)."""
+    dtype = next((d for d in ("bfloat16", "float16") if d in impl.dtypes), None)
+    spec = Spec(**shape, dtype=dtype or "float32", device=device, causal="causal" in impl.features)
+    if dtype is None or not impl.covers(spec):
+        pytest.skip(f"{impl.key} does not cover {spec.short()}")
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the GPU: a CPU float64 draw would need 69 GB
+    q, k, v = (torch.randn(spec.B, spec.Hq, spec.Sq, spec.D, dtype=spec.torch_dtype, device=device, generator=g)
+               for _ in range(3))
+    try:
+        with torch.no_grad():
+            out, _ = impl.fn(q, k, v, spec.config())
+    except torch.cuda.OutOfMemoryError:
+        del q, k, v
+        pytest.skip(f"{impl.key}: out of GPU memory at {spec.short()} (materialized scores: B*H*S^2 = 2^36)")
+    rows = sample_rows(spec)
+    for b, h in ((0, 0), (spec.B // 2, spec.Hq // 2), (spec.B - 1, spec.Hq - 1)):
+        one = spec.replace(B=1, Hq=1, Hkv=1)
+        sub = Inputs(q=q[b : b + 1, h : h + 1], k=k[b : b + 1, h : h + 1], v=v[b : b + 1, h : h + 1],
+                     key_padding_mask=None, bias=None, grad_out=torch.zeros_like(q[:1, :1]))
+        with torch.no_grad():
+            ref = run_reference(impl, one, sub, rows)
+            want = run_oracle_rows(one, sub, rows)
+        got = rows_of(out[b : b + 1, h : h + 1], rows)
+        try:
+            check(measure, "out", got, want.out, ref.out, spec.dtype, scales_rows(one, sub, rows))
+        except AssertionError as exc:
+            raise AssertionError(f"batch {b}, head {h}: {exc}") from None
