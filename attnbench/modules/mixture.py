@@ -51,7 +51,7 @@ from attnbench.spec import Block, Config
 from .common import Kernel
 
 ROUTERS = ("straight_through", "coor_descent")
-# experts(module, xq, xc, kv_weight, kv_valid) -> weighted-out expert outputs (B, E, W, kq, dim)
+# experts(module, xq, xc, kv_weight, kv_valid) -> each expert's output-projected slots (B, E, W, kq, dim)
 Experts = Callable[..., torch.Tensor]
 # kernels(x, needs) -> (name, dense kernel) for a call on x's device and dtype with these features
 Kernels = Callable[[torch.Tensor, frozenset], tuple[str, Kernel]]
