@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnbench.reports.schema import PerfRow, Results
+from attnbench.results import PerfRow, Results
 
 from .timing import HOST_BOUND
 

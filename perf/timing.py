@@ -303,7 +303,7 @@ def measure_peaks(device: str) -> dict[str, Any]:
     """The device's measured ceilings: the best matmul rate the chip reaches (bf16 on CUDA, fp32
     on the CPU) and a device copy (bytes read + written). TFLOP/s and GB/s of every row are read
     against these; a cell above 100% of the matmul peak is a measurement error
-    (reports.schema.over_peak).
+    (attnbench.results.over_peak).
 
     The matmul rate is the best short burst (10 products after 3 warm-ups, an idle gap before
     each, several bursts per shape, several shapes) after a short warm-up. Why bursts: under a
