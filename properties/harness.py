@@ -415,3 +415,35 @@ def draw_rows(data, spec: Spec) -> torch.Tensor | None:
         return None
     extra = tuple(draw_int(data, 0, spec.Sq - 1, spec.Sq - 1, label=f"row {n}") for n in range(2))
     return sample_rows(spec, extra)
+
+
+# -- changed inputs and the reference's own error, for the metamorphic properties ---------
+def _generator(spec: Spec, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(spec.seed * 7919 + salt)
+
+
+def noise(like: torch.Tensor, spec: Spec, salt: int, scale: float = 1.0) -> torch.Tensor:
+    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved)."""
+    t = scale * torch.randn(like.shape, dtype=torch.float64, generator=_generator(spec, salt))
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def with_tensors(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
+    """A copy of `inputs` with these tensors replaced (each a fresh leaf, requiring grad as the one it replaces)."""
+    new = clone_inputs(inputs)
+    for name, t in tensors.items():
+        leaf = getattr(inputs, name)
+        setattr(new, name, t.detach().clone().requires_grad_(leaf.requires_grad if leaf is not None else False))
+    return new
+
+
+def references(spec: Spec, inputs: Inputs, impl: Impl, grad: bool = False, cfg: Config | None = None,
+               rows: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """The naive reference's own error per quantity and the floor scales, for check_runs; on
+    every row, or measured on sampled `rows` (out, lse and dq only) for a long problem."""
+    ref = run_reference(impl, spec, inputs, rows, grad=grad, cfg=cfg)
+    want = run_oracle_rows(spec, inputs, rows, grad=grad, cfg=cfg)
+    scales = scales_rows(spec, inputs, rows, cfg)
+    names = ["out"] + (["lse"] if ref.lse is not None else []) + sorted(n for n in want.grads if n in ref.grads)
+    errors = {n: reference_error(n, spec, ref, want)[0] for n in names}
+    return errors, scales
