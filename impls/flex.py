@@ -128,7 +128,7 @@ def _compiled_flex():
 # the GPU property rows). "No valid triton configs" is the error it raises.
 FP32_PADDED_DIMS_MAX = 256
 # Above this head dim a float32 flex kernel with a mask_mod beyond causal compiles for minutes
-# (scripts/diag/flex_fp32_compile.py): declared, so properties and sweeps skip it.
+# (scripts/checks/flex_fp32_compile.py): declared, so properties and sweeps skip it.
 FP32_FAST_COMPILE_DIM = 64
 # In 16 bits Inductor sizes the tiles by D alone: forward (BLOCK_M, BLOCK_N, stages) from its H100
 # table for D in {64, 128, 256}, (64, 64, 3) otherwise. _forward_smem_16bit reproduces the bytes
