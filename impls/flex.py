@@ -117,7 +117,7 @@ def _compiled_flex():
     allow_recompiles()
     # ATTNBENCH_FLEX_DYNAMIC=1 (opt-in, for cheap exploratory GPU property runs): torch's automatic
     # dynamic shapes, one size-generic kernel instead of one per shape; a different kernel from
-    # the static ones the benchmarks time and gpu_verify.sh tests (MoA flex once differed).
+    # the static ones the benchmarks time and gpu_verify.sh tests.
     dynamic = None if os.environ.get("ATTNBENCH_FLEX_DYNAMIC", "0") == "1" else False
     return torch.compile(flex_attention, dynamic=dynamic)
 

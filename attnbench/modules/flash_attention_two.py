@@ -1,5 +1,5 @@
 """FlashAttentionTwo: multi-head attention whose default kernel is the bucketed FlashAttention-2
-kernel (attnbench.impls.blockwise). Any kernel with the call convention of NOTES.md works; bucket
+kernel (attnbench.impls.blockwise). Any kernel with the call convention of docs/DESIGN.md works; bucket
 sizes are passed only to kernels that take them, and never change the result."""
 
 from __future__ import annotations
