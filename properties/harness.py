@@ -447,3 +447,28 @@ def references(spec: Spec, inputs: Inputs, impl: Impl, grad: bool = False, cfg: 
     names = ["out"] + (["lse"] if ref.lse is not None else []) + sorted(n for n in want.grads if n in ref.grads)
     errors = {n: reference_error(n, spec, ref, want)[0] for n in names}
     return errors, scales
+
+
+# -- layouts ---------------------------------------------------------------------------------
+def _strided(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor is really not contiguous (a (B, S, 1, D) view transposed is)."""
+    return any(not t.is_contiguous() for t in tensors)
+
+
+def check_rejects(impl: Impl, spec: Spec) -> None:
+    """One spec in a layout the implementation does not declare: the call (with a grad layout,
+    the backward) must raise (test_layouts.test_undeclared_layouts_are_rejected)."""
+    grad = spec.grad_layout not in impl.grad_layouts
+    inputs = fresh_inputs(spec, impl, grad=grad)
+    strided = _strided(inputs.grad_out) if grad else _strided(inputs.q, inputs.k, inputs.v)
+    if not strided:
+        return  # at this shape the layout is the contiguous one: nothing to reject
+    what = f"grad_layout {spec.grad_layout!r}" if grad else f"layout {spec.layout!r}"
+    try:
+        run_impl(impl, spec, inputs, grad=grad)
+    except Exception:
+        return
+    raise AssertionError(
+        f"{impl.key} declares layouts {impl.layouts} / grad_layouts {impl.grad_layouts} but computed on "
+        f"{what} instead of raising"
+    )
