@@ -20,11 +20,11 @@ from attnbench.properties.harness import (
     check_sampled_heads,
     draw_rows,
     fresh_inputs,
+    references,
     require,
     run_impl,
 )
 from attnbench.properties.strategies import Pinned, draw_int, draw_spec
-from attnbench.properties.test_masking import _references
 from attnbench.spec import Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense")
@@ -82,7 +82,7 @@ def test_key_chunks_merge_to_the_whole(impl, device, measure, data):
         a = run_impl(impl, first, _keys(spec, inputs, slice(0, cut)))
         b = run_impl(impl, second, _keys(spec, inputs, slice(cut, spec.Sk)))
     out, lse = merge(a.out, a.lse, b.out, b.lse)
-    errors, scales = _references(spec, inputs, impl, rows=draw_rows(data, spec))
+    errors, scales = references(spec, inputs, impl, rows=draw_rows(data, spec))
     check_runs(measure, "out", out, whole.out.double(), impl, errors["out"], spec.dtype, scales["out"], exact=False)
     check_runs(measure, "lse", lse, whole.lse.double(), impl, errors["lse"], spec.dtype, scales["lse"], exact=False)
 

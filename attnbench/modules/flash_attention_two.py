@@ -1,5 +1,5 @@
 """FlashAttentionTwo: multi-head attention on the kernel it is given (impls/blockwise.py binds the
-bucketed FlashAttention-2 kernel). Any kernel with the call convention of NOTES.md works; bucket
+bucketed FlashAttention-2 kernel). Any kernel with the call convention of docs/DESIGN.md works; bucket
 sizes are passed only to kernels that take them, and never change the result."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 case below (ignoring the declarations), judged against the float64 oracle with the suite's
 tolerance rule. Behind the declarations in impls/sdpa.py (NOTES.md, SDPA backends).
 
-Run: python scripts/diag/sdpa_probe.py [cuda|cpu] [out.json]
+Run: python scripts/checks/sdpa_probe.py [cuda|cpu] [out.json]
 """
 
 from __future__ import annotations
