@@ -206,6 +206,7 @@ flex_eager = Impl(
     fn=_eager,
     features=FORWARD,
     devices=("cpu",),
+    compiles=True,  # flex_attention outside torch.compile still traces through dynamo (backend "eager") per shape
     description="uncompiled FlexAttention on the CPU (unfused reference path; forward only)",
 )
 flex_eager_local = flex_eager.for_variant(

@@ -19,12 +19,14 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from attnbench.cache import cache_dir
 from attnbench.procs import STREAM_PREFIX
+from attnbench.properties import profiles
 from attnbench.registry import Impl, is_target, load_zoo, registry
 from attnbench.results import CorrectnessRow
 
@@ -168,6 +170,7 @@ def sticky_device_error(text: str) -> bool:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     _CURRENT.append(item)
+    restore = _examples_for(item)
     try:
         result = yield
         # Kernel launches are asynchronous: a fault surfaces at the next synchronizing call, which
@@ -178,7 +181,22 @@ def pytest_runtest_call(item: pytest.Item):
             torch.cuda.synchronize()
         return result
     finally:
+        restore()
         _CURRENT.pop()
+
+
+def _examples_for(item: pytest.Item) -> Callable[[], None]:
+    """Apply profiles.settings_for to this test item (a Hypothesis test reads its settings from
+    the function when it is called); returns what puts the test's own settings back."""
+    impl, fn = _impl_of(item), getattr(item, "obj", None)
+    current = getattr(fn, "_hypothesis_internal_use_settings", None)
+    if not isinstance(impl, Impl) or current is None:
+        return lambda: None
+    changed = profiles.settings_for(impl, item.config.getoption("device") or "cpu", current)
+    if changed is None:
+        return lambda: None
+    fn._hypothesis_internal_use_settings = changed
+    return lambda: setattr(fn, "_hypothesis_internal_use_settings", current)
 
 
 def record_ratio(ratio: float) -> None:
