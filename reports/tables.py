@@ -245,6 +245,28 @@ def seq_len(shape: dict[str, Any]) -> int:
     return int(shape.get("Sk") or shape.get("Sq") or shape.get("S") or 0)
 
 
+def cell_label(variant: str, mode: str, shape: dict[str, Any]) -> str:
+    """The one-line name of a benchmark cell: 'dense B4 H32/8 S1x4096 D128 causal bfloat16 fwd'
+    (a seed module: 'LocalMHA B1 S64 float32 fwd')."""
+    if "Sq" not in shape:
+        return f"{variant} B{shape.get('B')} S{shape.get('S')} {shape.get('dtype')} {mode}"
+    hkv = shape.get("Hkv", shape["Hq"])
+    parts = [f"B{shape['B']}", f"H{shape['Hq']}" + (f"/{hkv}" if hkv != shape["Hq"] else "")]
+    parts.append(f"S{shape['Sq']}" if shape["Sq"] == shape["Sk"] else f"S{shape['Sq']}x{shape['Sk']}")
+    parts.append(f"D{shape['D']}")
+    if shape.get("causal"):
+        parts.append("causal")
+    if shape.get("window") is not None:
+        parts.append(f"win{tuple(shape['window'])}")
+    if shape.get("block") is not None:
+        parts.append(f"block{tuple(shape['block'])}")
+    if shape.get("key_lengths") is not None or shape.get("key_drop"):
+        parts.append("key-padded")
+    if shape.get("bias") is not None:
+        parts.append(f"bias={shape['bias']}")
+    return f"{variant} " + " ".join([*parts, str(shape.get("dtype")), mode])
+
+
 def seq_label(shape: dict[str, Any]) -> str:
     sq, sk = shape.get("Sq"), shape.get("Sk")
     if sq is not None and sk is not None and sq != sk:

@@ -22,8 +22,8 @@ import pytest
 from attnbench import cli, verify
 from attnbench.files import latest, write_atomic
 from attnbench.perf import bench
+from attnbench.perf.cells import Cell
 from attnbench.perf.isolate import Budgets
-from attnbench.perf.sweeps import Cell
 from attnbench.plugin import read_rows
 from attnbench.spec import Spec
 

@@ -13,12 +13,13 @@ import torch
 from rich.console import Console
 
 from attnbench.oracles.dense import visible
-from attnbench.perf import bench, slow, work
+from attnbench.perf import bench, cases, measure, slow, work
+from attnbench.perf.cells import Cell, ModuleCase, cell_key
 from attnbench.perf.gate import gate
 from attnbench.perf.memory import fit_exponent, memory_fits, verdict
-from attnbench.perf.sweeps import Cell, ModuleCase, cell_key, sweep_cells
+from attnbench.perf.sweeps import sweep_cells
 from attnbench.perf.timing import summarize, time_call
-from attnbench.registry import Impl, registry
+from attnbench.registry import MODULE_VARIANTS, Impl, registry
 from attnbench.reports.schema import PerfRow, Results
 from attnbench.spec import Block, Spec
 
@@ -376,6 +377,27 @@ def test_sweeps_are_valid_and_keys_survive_json():
         Cell("dense", "forward", spec=Spec())
 
 
+def test_sweeps_are_named_selectable_and_checked():
+    from attnbench.perf import sweeps
+
+    assert sweeps.default_sweeps("cpu") == ["cpu"]
+    assert sweeps.default_sweeps("cuda:1")[:3] == ["seq", "window", "decode"] and "anchors" not in sweeps.default_sweeps("cuda")
+    chosen = sweep_cells(True, "cpu", names=["module", "anchors"])
+    assert {c.variant for c in chosen[:5]} == set(MODULE_VARIANTS) and chosen[5].variant == "dense"
+    assert len({c.key() for c in chosen}) == len(chosen)
+    every = [c for s in sweeps.SWEEPS.values() for d in s.devices for q in (True, False) for c in s.cells(d, q)]
+    assert all(c.device.split(":")[0] in sweeps.DEVICES for c in every)
+    assert {c.label() for c in sweep_cells(True, "cpu", names=["moa"]) if c.spec is not None and c.spec.has_padding}
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep_cells(True, "cpu", names=["sequence"])
+    with pytest.raises(ValueError, match="no shapes for cpu"):
+        sweeps.check_sweeps(["seq"], "cpu")
+    with pytest.raises(ValueError, match="registered twice"):
+        sweeps.sweep("seq")(lambda device, quick: [])
+    with pytest.raises(ValueError, match="devices"):
+        sweeps.sweep("tpu_only", devices=("tpu",))
+
+
 # -- the harness on the CPU ----------------------------------------------------------------------
 
 
@@ -407,7 +429,7 @@ def _ooms(q, k, v, cfg, key_padding_mask=None, bias=None):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
 
 
-SETTINGS = bench.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
+SETTINGS = measure.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
 
 
 def test_harness_times_a_cell_and_records_failures_without_aborting():
@@ -416,7 +438,7 @@ def test_harness_times_a_cell_and_records_failures_without_aborting():
     ooms = Impl(name="ooming", variant="dense", fn=_ooms, features={"causal", "backward"})
     no_bwd = Impl(name="fwd_only", variant="dense", fn=naive.fn, features={"causal"})
     cells = [Cell("dense", mode, spec=Spec(B=1, Hq=2, Sq=32, D=16, causal=True)) for mode in ("fwd", "fwdbwd")]
-    rows = bench.run_cells(cells, [broken, ooms, no_bwd, naive], settings=SETTINGS, peaks={"matmul_tflops": 1.0})
+    rows = measure.run_cells(cells, [broken, ooms, no_bwd, naive], settings=SETTINGS, peaks={"matmul_tflops": 1.0})
     by = {(r.impl, r.mode): r for r in rows}
     assert by[("exploding", "fwd")].status == "error" and "kernel exploded" in by[("exploding", "fwd")].reason
     assert by[("ooming", "fwd")].status == "oom"
@@ -440,22 +462,22 @@ def test_harness_runs_a_module_cell_and_the_budget_skips_the_rest():
     case = ModuleCase(tuple(sorted(dict(dim=32, heads=2, dim_head=8, causal=True).items())), B=1, S=16,
                       dtype="float32", device="cpu")
     cell = Cell("FlashAttentionTwo", "fwd", module=case)
-    row = bench.measure(impl, cell, SETTINGS, {})
+    row = measure.measure(impl, cell, SETTINGS, {})
     assert row.status == "ok", row.reason
     x = torch.zeros(1, 16, 32)
     assert row.tflops == pytest.approx(work.module_flops("FlashAttentionTwo", case.ctor, x) / row.ms / 1e9, rel=1e-3)
-    late = bench.run_cells([cell, cell], [impl], settings=bench.Settings(1, 5, 3, 200, budget_s=-1.0), peaks={})
+    late = measure.run_cells([cell, cell], [impl], settings=measure.Settings(1, 5, 3, 200, budget_s=-1.0), peaks={})
     assert [r.status for r in late] == ["skipped", "skipped"]
 
 
 def test_perf_inputs_are_seeded_and_shaped_like_the_spec():
     spec = Spec(B=2, Hq=4, Hkv=2, Sq=3, Sk=5, D=8, Dv=6, dtype="float16")
-    a, b = bench.perf_inputs(spec), bench.perf_inputs(spec)
+    a, b = cases.perf_inputs(spec), cases.perf_inputs(spec)
     assert a.q.shape == (2, 4, 3, 8) and a.k.shape == (2, 2, 5, 8) and a.v.shape == (2, 2, 5, 6)
     assert a.grad_out.shape == (2, 4, 3, 6) and not a.grad_out.requires_grad
     assert a.q.dtype == torch.float16 and a.q.requires_grad
-    assert torch.equal(a.q, b.q) and not torch.equal(a.q, bench.perf_inputs(spec.replace(seed=1)).q)
-    padded = bench.perf_inputs(Spec(B=2, Sq=4, key_lengths=(4, 1), bias="per_key"))
+    assert torch.equal(a.q, b.q) and not torch.equal(a.q, cases.perf_inputs(spec.replace(seed=1)).q)
+    padded = cases.perf_inputs(Spec(B=2, Sq=4, key_lengths=(4, 1), bias="per_key"))
     assert padded.key_padding_mask.tolist() == [[True] * 4, [True, False, False, False]]
     assert padded.bias.shape == (2, 1, 1, 4)
 
@@ -620,14 +642,14 @@ def test_first_calls_of_compiling_impls_are_recorded():
     naive = registry().get("dense/naive")
     compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
     cell = Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=8, D=8))
-    settings = bench.Settings.default(True, "cpu")
+    settings = measure.Settings.default(True, "cpu")
     calls: list = []
-    row = bench.measure(compiling, cell, settings, {}, first_calls=calls)
+    row = measure.measure(compiling, cell, settings, {}, first_calls=calls)
     assert row.status == "ok" and len(calls) == 1, (row, calls)
     assert calls[0]["impl"] == "dense/naive_c" and calls[0]["first_ms"] == row.first_ms
-    bench.measure(naive, cell, settings, {}, first_calls=calls)
+    measure.measure(naive, cell, settings, {}, first_calls=calls)
     assert len(calls) == 1  # naive does not compile
-    assert set(bench.compile_cache_counts()) >= {"fxgraph_cache_hit", "fxgraph_cache_miss"}
+    assert set(measure.compile_cache_counts()) >= {"fxgraph_cache_hit", "fxgraph_cache_miss"}
 
 
 def test_prewarm_gives_every_process_one_triton_cache(monkeypatch):
@@ -652,7 +674,7 @@ def test_autotuner_picks_are_collected_once_per_tuner_and_never_raise():
         raise RuntimeError("no tuner")
 
     a = Impl(name="tuned", variant="dense", fn=attention, tuning=picks)
-    got = bench.autotuner_picks([a, a.for_variant("local"), Impl(name="plain", variant="dense", fn=attention),
+    got = measure.autotuner_picks([a, a.for_variant("local"), Impl(name="plain", variant="dense", fn=attention),
                                  Impl(name="bad", variant="dense", fn=attention, tuning=broken)])
     assert got == {"dense/tuned": {"fwd[Sq=8]": {"BLOCK_M": 64}}, "dense/bad": {"error": "RuntimeError: no tuner"}}
 

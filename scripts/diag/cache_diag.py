@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from attnbench.perf import bench, prewarm
+from attnbench.perf import cases, measure, prewarm
 from attnbench.perf.sweeps import sweep_cells
 from attnbench.registry import registry
 
@@ -40,14 +40,14 @@ def main():
     for impl, cs in jobs:
         for c in cs:
             before_t = tcache()
-            before = bench.compile_cache_counts()
+            before = measure.compile_cache_counts()
             print(f"== parent first call {impl.key} {c.label()}", file=sys.stderr, flush=True)
-            case = bench.make_case(impl, c)
+            case = cases.make_case(impl, c)
             t = time.perf_counter()
             case.run(case.prepare(0))
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
-            after = bench.compile_cache_counts()
+            after = measure.compile_cache_counts()
             new_t = tcache() - before_t
             out[f"{impl.key} {c.label()}"] = {"s": round(dt, 2), "triton_new_cache_entries": len(new_t),
                                               **{k: after[k] - before[k] for k in after}}

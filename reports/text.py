@@ -1,0 +1,51 @@
+"""Plain-text tables for terminals and logs: the benchmark's rows, its memory fits, the sweep list.
+
+Each function takes rows (or objects with the named attributes) and returns the text; nothing
+here measures or decides anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from attnbench.reports.schema import Results, over_peak
+from attnbench.reports.tables import cell_label
+
+CELL_WIDTH = 64
+
+
+def perf_table(results: Results) -> str:
+    """The perf rows, one line each (unsupported cells left out): the end of a device run's output."""
+    lines = [f"{'cell':{CELL_WIDTH}} {'impl':22} {'ms':>9} {'TF/s':>7} {'%pk':>5} {'MiB':>8} {'x ref':>6}"]
+    for r in results.perf:
+        if r.status == "unsupported":
+            continue
+        label = cell_label(r.variant, r.mode, r.shape)
+        if r.status != "ok":
+            lines.append(f"{label:{CELL_WIDTH}} {r.impl:22} {r.status}: {r.reason[:60]}")
+            continue
+        mem = f"{r.mem_bytes / 2**20:.1f}" if r.mem_bytes is not None else "-"
+        tf = f"{r.tflops:.3g}" if r.tflops is not None else "-"
+        pk = f"{r.pct_peak:.0f}{'!' if over_peak(r.pct_peak) else ''}" if r.pct_peak is not None else "-"
+        sp = f"{r.speedup:.2f}" if r.speedup is not None else "-"
+        lines.append(f"{label:{CELL_WIDTH}} {r.impl:22} {r.ms:9.4f} {tf:>7} {pk:>5} {mem:>8} {sp:>6}")
+    return "\n".join(lines)
+
+
+def memory_table(fits: Iterable[Any]) -> str:
+    """Memory-vs-S fits (perf/memory.py's MemoryFit): the exponent and its verdict per implementation."""
+    lines = [f"{'variant/impl':32} {'mode':6} {'S':>18} {'exponent':>8}  verdict"]
+    for f in fits:
+        flag = "" if f.ok else f"  FAIL: declared {f.expected}"
+        lines.append(f"{f.variant + '/' + f.impl:32} {f.mode:6} {f'{f.S[0]}..{f.S[-1]}':>18} {f.exponent:8.2f}  "
+                     f"{f.verdict}{flag}")
+    return "\n".join(lines)
+
+
+def sweep_table(sweeps: Iterable[Any]) -> str:
+    """The registered sweeps (perf/sweeps.py's Sweep): name, devices, where it is a default, description."""
+    lines = [f"{'sweep':14} {'devices':10} {'default on':10}  description"]
+    for s in sweeps:
+        lines.append(f"{s.name:14} {','.join(s.devices):10} {','.join(s.default) or '-':10}  {s.description}")
+    return "\n".join(lines)
