@@ -49,3 +49,11 @@ def sweep_table(sweeps: Iterable[Any]) -> str:
     for s in sweeps:
         lines.append(f"{s.name:14} {','.join(s.devices):10} {','.join(s.default) or '-':10}  {s.description}")
     return "\n".join(lines)
+
+
+def grid_table(corner: str, rows: list[str], columns: list[str], value) -> str:
+    """A Markdown grid: one line per row name, one column per column name, value(row, column) in each cell."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(str(value(row, col)) for col in columns) + " |")
+    return "\n".join(lines)

@@ -398,6 +398,18 @@ def test_sweeps_are_named_selectable_and_checked():
         sweeps.sweep("tpu_only", devices=("tpu",))
 
 
+def test_the_moa_sweep_measures_on_the_cpu():
+    """The moa sweep's kinds of cell that no default sweep has (a key-padded routed problem, a
+    routed module with the study's constructor) time with the naive implementations."""
+    naive = [i for i in registry().impls.values() if i.name == "naive"]
+    moa = sweep_cells(True, "cpu", names=["moa"])
+    padded = next(c for c in moa if c.spec is not None and c.spec.has_padding and c.mode == "fwd")
+    routed = next(c for c in moa if c.variant == "MixtureOfAttention")
+    picked = [padded, routed]
+    rows = measure.run_cells(picked, naive, settings=SETTINGS, peaks={})
+    assert len(rows) == len(picked) and all(r.status == "ok" and r.ms > 0 for r in rows), rows
+
+
 # -- the harness on the CPU ----------------------------------------------------------------------
 
 
