@@ -24,6 +24,7 @@ import torch
 from attnbench.files import write_atomic
 from attnbench.registry import registry
 from attnbench.reports import text
+from attnbench.reports.terminal import gate_table
 
 from . import bench, slow
 from .cells import cell_key
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console(width=150)
-    console.print(slowed.table())
-    console.print(same.table())
+    console.print(gate_table(slowed))
+    console.print(gate_table(same))
     print(text.perf_table(run1))
     print(json.dumps(report, indent=1, default=str))
     passed = same.ok and not slowed.ok and failed_impls == [name]

@@ -57,3 +57,22 @@ def grid_table(corner: str, rows: list[str], columns: list[str], value) -> str:
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(str(value(row, col)) for col in columns) + " |")
     return "\n".join(lines)
+
+
+def ratio_text(x: float | None) -> str:
+    """A gate ratio (this implementation's time over the reference's): '-' when absent."""
+    return "-" if x is None else f"{x:.3f}"
+
+
+def change_text(x: float | None) -> str:
+    """A gate change (now against the baseline), signed percent: '-' when absent."""
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def gate_text(result: Any) -> str:
+    """A perf gate's verdict and the rows worth reading (perf/gate.py's GateResult), plain text."""
+    lines = [result.summary()]
+    for r in result.shown():
+        lines.append(f"  {r.status:12} {r.cell} {r.impl:22} "
+                     f"{ratio_text(r.base_ratio):>8} -> {ratio_text(r.cur_ratio):>8} {change_text(r.change):>8} {r.note}")
+    return "\n".join(lines)

@@ -20,7 +20,9 @@ from attnbench.perf.memory import fit_exponent, memory_fits, verdict
 from attnbench.perf.sweeps import sweep_cells
 from attnbench.perf.timing import summarize, time_call
 from attnbench.registry import MODULE_VARIANTS, Impl, registry
+from attnbench.reports import text
 from attnbench.reports.schema import PerfRow, Results
+from attnbench.reports.terminal import gate_table
 from attnbench.spec import Block, Spec
 
 # -- work models ---------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_gate_tolerates_noise_under_the_threshold():
     base = run(jitter=0.03, seed=1)
     for seed in range(2, 12):
         result = gate(run(jitter=0.03, seed=seed), base, threshold=0.10)
-        assert result.ok, str(result)
+        assert result.ok, text.gate_text(result)
 
 
 def test_gate_fails_a_regressed_cell_and_shows_it():
@@ -182,10 +184,10 @@ def test_gate_fails_a_regressed_cell_and_shows_it():
     improved = gate(run({**IMPLS, "naive": 4.0}), run())
     assert improved.ok and improved.counts["improved"] == 3
     console = Console(width=120, record=True)
-    console.print(result.table())
-    text = console.export_text()
-    assert "regressed" in text and "triton" in text and "+25.0%" in text
-    assert "FAIL" in str(result) and "regressed" in str(result)
+    console.print(gate_table(result))
+    shown = console.export_text()
+    assert "regressed" in shown and "triton" in shown and "+25.0%" in shown
+    assert "FAIL" in text.gate_text(result) and "regressed" in text.gate_text(result)
 
 
 def test_gate_does_not_judge_a_change_inside_the_timings_spread():
@@ -234,8 +236,8 @@ def test_gate_takes_a_gpu_bound_reference_where_the_preferred_one_was_host_bound
     current, base = flash_faster_at_1k(run()), run()
     assert {r.impl for r in gate(current, base).failures} == {"triton", "naive"}  # GPU-bound flex: judged
     result = gate(current, flash_host_bound(base))
-    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
-    assert result.ok, str(result)
+    rows = {(r.impl, r.cell.split()[3]): r for r in result.rows}
+    assert result.ok, text.gate_text(result)
     assert rows[("triton", "S1024")].reference == "naive" and rows[("triton", "S1024")].status == "ok"
     assert rows[("sdpa_flash", "S1024")].status == "host_bound"  # its own speed-up, against naive
     assert rows[("triton", "S2048")].reference == "sdpa_flash" and rows[("triton", "S2048")].status == "ok"
@@ -252,7 +254,7 @@ def test_gate_reports_missing_new_and_broken_cells():
     base = run(drop=(("naive", 4096),))
     current = run(drop=(("triton", 2048),), status={("naive", 2048): "oom"})
     result = gate(current, base)
-    by = {(r.impl, r.cell.split()[2]): r.status for r in result.rows}
+    by = {(r.impl, r.cell.split()[3]): r.status for r in result.rows}
     assert by[("triton", "S2048")] == "missing"
     assert by[("naive", "S4096")] == "new"
     assert by[("naive", "S2048")] == "broken"
@@ -271,11 +273,11 @@ def test_gate_does_not_compare_a_cell_across_timers():
     for r in current.perf:
         r.timer = "cuda_graph" if r.shape["Sq"] == 1024 else "cuda_events"
     result = gate(current, base)
-    by = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    by = {(r.impl, r.cell.split()[3]): r for r in result.rows}
     assert by[("triton", "S1024")].status == "retimed" and "cuda_graph" in by[("triton", "S1024")].note
     assert by[("sdpa_flash", "S1024")].status == "retimed"
     assert by[("triton", "S2048")].status == "regressed"
-    assert [r.cell.split()[2] for r in result.failures] == ["S2048", "S4096"]
+    assert [r.cell.split()[3] for r in result.failures] == ["S2048", "S4096"]
 
 
 def test_gate_reference_choice_and_fallback():
@@ -289,13 +291,13 @@ def test_gate_reference_choice_and_fallback():
     assert fallback.ok and {r.reference for r in fallback.rows} == {"naive"}
     # A cell whose preferred reference failed falls back (per cell) to the registry's reference...
     result = gate(run(status={("sdpa_flash", 4096): "error"}), run())
-    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    rows = {(r.impl, r.cell.split()[3]): r for r in result.rows}
     assert rows[("triton", "S4096")].status == "ok" and rows[("triton", "S4096")].reference == "naive"
     assert rows[("triton", "S2048")].reference == "sdpa_flash"
     assert rows[("sdpa_flash", "S4096")].status == "broken"
     # ... and a cell where no reference ran in both runs cannot be judged, and says so.
     result = gate(run(status={("sdpa_flash", 4096): "error", ("naive", 4096): "oom"}), run())
-    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    rows = {(r.impl, r.cell.split()[3]): r for r in result.rows}
     assert rows[("triton", "S4096")].status == "no_reference"
     # finalize() picks the same per-cell reference for speedups.
     fin = bench.finalize(run(status={("sdpa_flash", 4096): "error"}).perf)

@@ -67,7 +67,7 @@ def test_fmt_ratio(value, text):
 
 
 def test_cell_worst_status_and_ratio_win():
-    cell = T.Cell()
+    cell = T.MatrixCell()
     cell.add(CorrectnessRow("dense", "x", "p", "pass", error_ratio=0.3))
     assert cell.text() == "✓ 0.3" or cell.text() == "✓ 0.30"
     cell.add(CorrectnessRow("dense", "x", "p", "pass", error_ratio=0.7))
@@ -77,10 +77,10 @@ def test_cell_worst_status_and_ratio_win():
     cell.add(CorrectnessRow("dense", "x", "p", "pass", error_ratio=9.0))  # a pass never outranks a fail
     assert (cell.status, cell.text()) == ("fail", "✗ 4.2")
     assert cell.reasons() == ["too far", "further"]
-    skipped = T.Cell()
+    skipped = T.MatrixCell()
     skipped.add(CorrectnessRow("dense", "x", "p", "skip", reason="no bias"))
     assert skipped.text() == "–" and skipped.text(unicode=False) == "-"
-    crashed = T.Cell()
+    crashed = T.MatrixCell()
     crashed.add(CorrectnessRow("dense", "x", "p", "weird-status"))
     assert crashed.status == "error"
 
