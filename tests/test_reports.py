@@ -227,6 +227,31 @@ def test_rewriting_a_report_drops_stale_plots(results, tmp_path):
     assert not stale.exists()
 
 
+def test_a_registered_plot_takes_one_function(results, monkeypatch):
+    """A figure registered for a section lands there: "perf" without an anchor at the end of
+    Performance, in the Markdown and the HTML; an unknown section or a misnamed figure is refused."""
+    monkeypatch.setattr(P, "PLOTTERS", list(P.PLOTTERS))
+    monkeypatch.setattr(P, "available", lambda: True)
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
+
+    @P.plot("perf")
+    def overview(results, colors):
+        yield P.Plot("perf-overview", "overview", svg, alt="every implementation at a glance")
+
+    monkeypatch.setattr(P, "PLOTTERS", [(s, f) for s, f in P.PLOTTERS if f is overview])
+    figures = P.all_plots(results)
+    assert [(f.name, f.section, f.anchor) for f in figures] == [("perf-overview", "perf", None)]
+    md = render.markdown(results, figures)
+    performance = md[md.index("## Performance"):md.index("## Bug zoo")]
+    assert performance.rstrip().endswith("![every implementation at a glance](plots/perf-overview.svg)")
+    assert "every implementation at a glance" in render.html_report(results, figures)
+    with pytest.raises(ValueError, match="unknown section 'appendix'"):
+        P.plot("appendix")
+    monkeypatch.setattr(P, "PLOTTERS", [("errors", overview)])
+    with pytest.raises(ValueError, match="must start with 'errors-'"):
+        P.all_plots(results)
+
+
 def test_rates_keep_significant_digits():
     assert [T.fmt_num(x) for x in (432.04, 15.0, 2.345, 1.749e-05, None)] == ["432.0", "15.0", "2.35", "1.75e-05", ""]
     assert [T.fmt_pct(x) for x in (63.4, 2.25, 0.05, 0.0)] == ["63%", "2.2%", "<0.1%", "0%"]
