@@ -31,11 +31,12 @@ from attnbench import procs
 from attnbench.plugin import STREAM_PREFIX
 from attnbench.registry import Impl
 from attnbench.reports.schema import PerfRow
+from attnbench.reports.text import row_brief
 
 from . import slow
 from .cases import InputCache, candidates
 from .cells import Cell
-from .measure import autotuner_picks, blank_row, describe, failure_status, measure, reason_of
+from .measure import autotuner_picks, blank_row, failure_status, measure, reason_of
 
 MAX_FAULTS_PER_IMPL = 2  # crashes + timeouts of one implementation before its other cells are skipped
 READY_S = 600.0  # a child that has not imported torch and the registry by then is taken as hung
@@ -172,7 +173,7 @@ def run_isolated(
                         faults[impl.key] += 1
                 rows.append(row)
                 say(f"[{n + 1}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: "
-                    f"{describe(row)}")
+                    f"{row_brief(row)}")
             if worker is not None and tuning is not None:
                 tuning.update(_finish(worker))
         finally:

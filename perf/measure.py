@@ -16,6 +16,7 @@ import torch
 
 from attnbench.registry import Impl
 from attnbench.reports.schema import PerfRow, over_peak
+from attnbench.reports.text import row_brief
 
 from . import work
 from .cases import InputCache, candidates, make_case, release
@@ -161,7 +162,7 @@ def run_cells(
             else:
                 row = measure(impl, cell, settings, peaks, inputs, first_calls)
         rows.append(row)
-        say(f"[{n}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: {describe(row)}")
+        say(f"[{n}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: {row_brief(row)}")
     cache.clear()
     return rows
 
@@ -169,13 +170,6 @@ def run_cells(
 def blank_row(cell: Cell, impl: Impl, status: str, reason: str) -> PerfRow:
     return PerfRow(variant=cell.variant, impl=impl.name, mode=cell.mode, shape=cell.shape(), status=status,
                    reason=reason, timer="cuda_events" if is_cuda(cell.device) else "wall_clock")
-
-
-def describe(row: PerfRow) -> str:
-    if row.status != "ok":
-        return f"{row.status} ({row.reason[:80]})"
-    tf = f", {row.tflops:.1f} TFLOP/s" if row.tflops is not None else ""
-    return f"{row.ms:.4g} ms{tf}"
 
 
 def autotuner_picks(impls: Iterable[Impl]) -> dict[str, dict]:

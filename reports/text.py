@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from attnbench.reports.schema import Results, over_peak
+from attnbench.reports.schema import PerfRow, Results, over_peak
 from attnbench.reports.tables import cell_label
 
 CELL_WIDTH = 64
@@ -31,6 +31,14 @@ def perf_table(results: Results) -> str:
         sp = f"{r.speedup:.2f}" if r.speedup is not None else "-"
         lines.append(f"{label:{CELL_WIDTH}} {r.impl:22} {r.ms:9.4f} {tf:>7} {pk:>5} {mem:>8} {sp:>6}")
     return "\n".join(lines)
+
+
+def row_brief(row: PerfRow) -> str:
+    """A perf row in a few words for progress lines: '1.23 ms, 4.5 TFLOP/s' or 'oom (reason)'."""
+    if row.status != "ok":
+        return f"{row.status} ({row.reason[:80]})"
+    tf = f", {row.tflops:.1f} TFLOP/s" if row.tflops is not None else ""
+    return f"{row.ms:.4g} ms{tf}"
 
 
 def memory_table(fits: Iterable[Any]) -> str:
