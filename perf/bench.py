@@ -36,7 +36,7 @@ from .cells import Cell, cell_key
 from .gate import DEFAULT_REFERENCE, resolve_reference
 from .isolate import run_isolated
 from .measure import Settings, autotuner_picks, rounded, run_cells
-from .sweeps import SWEEPS, default_sweeps, sweep_cells
+from .sweeps import SWEEPS, check_sweeps, default_sweeps, sweep_cells
 from .timing import is_cuda, measure_peaks
 
 
@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_sweeps:
         print(text.sweep_table(SWEEPS.values()))
         return 0
+    if args.sweep:
+        try:
+            check_sweeps(args.sweep, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except ValueError as exc:
+            p.error(str(exc))
     if args.merge:
         results = merge(args.merge, args.reference)
         memory.attach(results)
