@@ -28,7 +28,7 @@ import torch
 
 from attnbench.registry import VARIANTS, Impl, registry
 from attnbench.reports import text
-from attnbench.reports.schema import PerfRow, Results, environment
+from attnbench.results import PerfRow, Results, environment
 
 from . import memory, prewarm, slow
 from .cases import candidates

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnbench import procs
-from attnbench.plugin import STREAM_PREFIX
+from attnbench.procs import STREAM_PREFIX
 from attnbench.registry import Impl
-from attnbench.reports.schema import PerfRow
 from attnbench.reports.text import row_brief
+from attnbench.results import PerfRow
 
 from . import slow
 from .cases import InputCache, candidates

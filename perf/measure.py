@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from attnbench.registry import Impl
-from attnbench.reports.schema import PerfRow, over_peak
 from attnbench.reports.text import row_brief
+from attnbench.results import PerfRow, over_peak
 
 from . import work
 from .cases import InputCache, candidates, make_case, release

@@ -17,8 +17,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from attnbench.reports.schema import Results
 from attnbench.reports.tables import Matrix, PerfGroup, checked_rows, matrices, perf_groups, seq_len
+from attnbench.results import Results
 
 MISSING_NOTE = "Plots need matplotlib: pip install 'attnbench[plots]'."
 _PALETTE = (

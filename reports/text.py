@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from attnbench.reports.schema import PerfRow, Results, over_peak
 from attnbench.reports.tables import cell_label
+from attnbench.results import PerfRow, Results, over_peak
 
 CELL_WIDTH = 64
 

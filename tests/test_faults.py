@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from attnbench import cli, verify
+from attnbench.app import cli, verify
+from attnbench.app.plugin import read_rows
 from attnbench.files import latest, write_atomic
 from attnbench.perf import bench
 from attnbench.perf.cells import Cell
 from attnbench.perf.isolate import Budgets
-from attnbench.plugin import read_rows
 from attnbench.spec import Spec
 
 FAULTS = Path(__file__).parent / "faults"
@@ -202,7 +202,7 @@ def test_runs_never_overwrite_each_other_and_report_writes_beside(tmp_path, caps
 def test_a_torn_row_is_skipped_with_a_warning(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"variant": "dense", "impl": "naive", "property": "p", "status": "pass"}\n{"variant": "de')
-    assert [r["impl"] for r in read_rows(rows)] == ["naive"]
+    assert [r.impl for r in read_rows(rows)] == ["naive"]
     assert "rows.jsonl:2: skipped" in capsys.readouterr().err
 
 
@@ -241,7 +241,7 @@ def test_a_signal_ends_the_command_and_its_children_and_keeps_earlier_runs(fault
     old = cli.write_run(sample_results(), str(root))["json"]
     before = {p: p.read_bytes() for p in old.parent.rglob("*") if p.is_file()}
     env = dict(os.environ, ATTNBENCH_VERIFY_DEADLINE="600", ATTNBENCH_BENCH_DEADLINE="600")
-    code = ("import sys; from attnbench import verify, cli; verify.PROPERTIES_DIR = sys.argv[1]; "
+    code = ("import sys; from attnbench.app import verify, cli; verify.PROPERTIES_DIR = sys.argv[1]; "
             "sys.exit(cli.main(sys.argv[2:]))")
     # -P: the checkout's own attnbench/ folder (the current directory under tox) must not shadow
     # the installed package
@@ -292,3 +292,42 @@ def test_the_latest_pointer_is_a_file_where_symlinks_are_not_allowed(tmp_path, m
     files.set_latest(tmp_path, second)
     assert (tmp_path / "latest").read_text().strip() == f"runs/{second.name}"
     assert files.latest(tmp_path) == second and files.results_file(tmp_path) == second / "results.json"
+
+
+def test_a_lost_device_context_ends_the_test_process_and_the_rest_run_in_a_fresh_one(fault_env):
+    outcome = verify.run(impls=["fault_devicelost:impl", "dense/naive"], paths=[str(PROPS)])
+    rows = {(r.impl, r.property): r for r in outcome.results.correctness}
+    lost = rows[("fault_devicelost", "test_forward_matches_oracle")]
+    assert lost.status == "fail" and "CUDA context is lost" in lost.reason
+    # the tests after it ran in a fresh process, the fault's own other test included
+    assert rows[("fault_devicelost", "test_second_property")].status == "pass"
+    assert rows[("naive", "test_forward_matches_oracle")].status == "pass"
+    assert rows[("naive", "test_second_property")].status == "pass"
+    assert outcome.collect_error is None and not outcome.not_run
+
+
+def test_an_interrupted_verify_keeps_the_checks_that_finished(monkeypatch, tmp_path, capsys):
+    from attnbench import procs
+    from attnbench.reports.sample import sample_results
+    from attnbench.results import CorrectnessRow, Results
+
+    finished = CorrectnessRow(variant="dense", impl="naive", property="test_forward_matches_oracle", status="pass")
+
+    def interrupted_child(args, env, loop, deadline_s):
+        loop.add(finished)
+        raise procs.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(verify, "_run_child", interrupted_child)
+    with pytest.raises(procs.Interrupted) as stop:
+        verify.run(impls=["dense/naive"], paths=[str(PROPS)], workers=1)
+    assert stop.value.partial.correctness == [finished] and stop.value.partial.env["interrupted"] == "SIGINT"
+
+    root = tmp_path / "results"
+    old = cli.write_run(sample_results(), str(root))["json"]
+    monkeypatch.setattr(cli, "do_verify", lambda args: verify.run(impls=["dense/naive"], paths=[str(PROPS)], workers=1))
+    assert cli.main(["verify", "--impl", "dense/naive", "--device", "cpu", "--out", str(root)]) == 128 + signal.SIGINT
+    kept = [p for p in root.glob("runs/*/results.json") if p != old]
+    assert len(kept) == 1 and Results.load(kept[0]).correctness[0].impl == "naive"
+    assert Results.load(kept[0]).env["interrupted"] == "SIGINT"
+    assert latest(root) == old.parent.resolve()  # the last finished run stays the latest
+    assert "1 finished check(s) kept" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from attnbench.perf import measure, timing
 from attnbench.perf.cells import Cell
 from attnbench.registry import registry
 from attnbench.reports import tables, text
-from attnbench.reports.schema import PerfRow, Results, over_peak
+from attnbench.results import PerfRow, Results, over_peak
 from attnbench.spec import Spec
 
 SETTINGS = measure.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)

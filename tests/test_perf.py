@@ -21,8 +21,8 @@ from attnbench.perf.sweeps import sweep_cells
 from attnbench.perf.timing import summarize, time_call
 from attnbench.registry import MODULE_VARIANTS, Impl, registry
 from attnbench.reports import text
-from attnbench.reports.schema import PerfRow, Results
 from attnbench.reports.terminal import gate_table
+from attnbench.results import PerfRow, Results
 from attnbench.spec import Block, Spec
 
 # -- work models ---------------------------------------------------------------------------------

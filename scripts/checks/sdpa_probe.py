@@ -1,9 +1,9 @@
 """What each torch SDPA backend accepts on this machine: every backend (math, efficient, flash,
 cuDNN) on every case of CASES in float32 / float16 / bfloat16, the declarations ignored, judged
 against the float64 oracle with the suite's tolerance rule. Behind the `supports` predicates of
-impls/sdpa.py: run it on a new torch before widening or dropping one.
+impls/sdpa.py (NOTES.md, SDPA backends): run it on a new torch before widening or dropping one.
 
-    python3 scripts/diag/sdpa_backends.py [cuda|cpu] [rows.json]
+    python scripts/checks/sdpa_probe.py [cuda|cpu] [rows.json]
 
 Prints the refusals and wrong results, one line each, then the case x backend table.
 """
@@ -15,7 +15,10 @@ import sys
 
 import torch
 
+from attnbench.impls.naive import attention as naive
 from attnbench.impls.sdpa import BACKENDS, attention
+from attnbench.oracles.dense import attention as oracle
+from attnbench.properties.tolerance import compare
 from attnbench.reports.text import grid_table
 from attnbench.spec import Spec
 
@@ -44,24 +47,21 @@ CASES = {
 def probe(device: str = "cuda", dtypes=DTYPES) -> list[dict]:
     """Run every backend on every case (ignoring the declarations) and judge it against the
     float64 oracle with the suite's tolerance rule. Returns rows {case, backend, dtype, result}."""
-    from attnbench.impls.naive import attention as naive
-    from attnbench.oracles.dense import attention as oracle
-    from attnbench.properties.tolerance import compare
-
     rows = []
     for case, fields in CASES.items():
         for backend in BACKENDS:
             for dtype in dtypes:
                 spec = Spec(**{**dict(B=2, Hq=4, Sq=64, D=64), **fields, "dtype": dtype, "device": device})
                 try:
-                    result = probe_one(spec, backend, oracle, naive, compare)
+                    result = probe_one(spec, backend)
                 except Exception as exc:  # the point is to record what each backend refuses
                     result = "ERR " + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:160]
                 rows.append(dict(case=case, backend=backend, dtype=dtype, result=result))
     return rows
 
 
-def probe_one(spec: Spec, backend: str, oracle, naive, compare) -> str:
+def probe_one(spec: Spec, backend: str) -> str:
+    """One backend on one spec, forward and backward: ok, NaN or WRONG xN (the worst error ratio)."""
     grads = ["q", "k", "v"] + (["bias"] if spec.bias else [])
     inp = spec.make_inputs(requires_grad=True)
     out, _ = attention(inp.q, inp.k, inp.v, spec.config(), inp.key_padding_mask, inp.bias, backend=backend)
