@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnbench.reports.tables import cell_label
 from attnbench.results import PerfRow, Results
 
 from .timing import HOST_BOUND
@@ -74,7 +75,7 @@ ORDER = ("broken", "regressed", "host_bound", "noisy", "missing", "retimed", "no
 class GateRow:
     variant: str
     mode: str
-    cell: str  # a short label of the shape
+    cell: str  # the cell's label (reports.tables.cell_label)
     impl: str
     status: str  # one of ORDER
     base_ratio: float | None = None
@@ -156,65 +157,9 @@ class GateResult:
                 kept.append(r)
         return kept
 
-    def table(self, verbose: bool = False):
-        """A rich Table of the cells worth reading (all of them with verbose)."""
-        from rich.table import Table
-
-        t = Table(title=self.summary(), title_justify="left", show_lines=False, min_width=100)
-        for name, justify in (("status", "left"), ("cell", "left"), ("impl", "left"), ("base ratio", "right"),
-                              ("now ratio", "right"), ("change", "right"), ("note", "left")):
-            t.add_column(name, justify=justify, overflow="fold")
-        style = {"regressed": "red", "broken": "red", "improved": "green", "missing": "yellow", "retimed": "yellow",
-                 "no_reference": "yellow", "noisy": "yellow", "host_bound": "yellow"}
-        hidden = len([r for r in self.rows if r.status not in ("ok", "reference", "not_ok")]) - len(self.shown())
-        if not self.shown(verbose):
-            t.caption = f"every judged cell is within {self.threshold:.0%} of the baseline"
-        elif hidden > 0 and not verbose:
-            t.caption = f"{hidden} more informational rows (missing / new / ...): --verbose lists every cell"
-        for r in self.shown(verbose):
-            s = style.get(r.status, "")
-            t.add_row(f"[{s}]{r.status}[/]" if s else r.status, f"{r.variant} {r.cell} {r.mode}", r.impl,
-                      _fmt(r.base_ratio), _fmt(r.cur_ratio), _pct(r.change), r.note)
-        return t
-
-    def __rich__(self):
-        return self.table()
-
-    def __str__(self) -> str:
-        lines = [self.summary()]
-        for r in self.shown():
-            lines.append(f"  {r.status:12} {r.variant} {r.cell} {r.mode:6} {r.impl:22} "
-                         f"{_fmt(r.base_ratio):>8} -> {_fmt(r.cur_ratio):>8} {_pct(r.change):>8} {r.note}")
-        return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.1%}"
-
 
 def cell_id(r: PerfRow) -> str:
     return f"{r.variant}|{r.mode}|{json.dumps(r.shape, sort_keys=True, default=str)}"
-
-
-def cell_label(r: PerfRow) -> str:
-    s = r.shape
-    if "Sq" not in s:
-        return " ".join(f"{k}={v}" for k, v in s.items() if k in ("B", "S", "dtype"))
-    parts = [f"B{s['B']}", f"H{s['Hq']}" + (f"/{s['Hkv']}" if s.get("Hkv", s["Hq"]) != s["Hq"] else "")]
-    parts.append(f"S{s['Sq']}" if s["Sq"] == s["Sk"] else f"S{s['Sq']}x{s['Sk']}")
-    parts.append(f"D{s['D']}")
-    if s.get("causal"):
-        parts.append("causal")
-    if s.get("window"):
-        parts.append(f"win{tuple(s['window'])}")
-    if s.get("block"):
-        parts.append(f"block{tuple(s['block'])}")
-    parts.append(str(s.get("dtype", "")))
-    return " ".join(parts)
 
 
 def reference_chain(variant: str, reference: str | dict | Iterable[str] | None,
@@ -392,7 +337,7 @@ def _judge(b: PerfRow | None, c: PerfRow | None, rb: PerfRow | None, rc: PerfRow
     some = b or c
     if some.status == "unsupported" and (b is None or c is None or b.status == c.status):
         return None  # never ran, nothing to compare
-    row = GateRow(some.variant, some.mode, cell_label(some), some.impl, "ok",
+    row = GateRow(some.variant, some.mode, cell_label(some.variant, some.mode, some.shape), some.impl, "ok",
                   base_ms=b.ms if b else None, cur_ms=c.ms if c else None)
     if b is None or not _ok(b):
         row.status = "new" if _ok(c) else "not_ok"
@@ -495,12 +440,11 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
     except GateError as exc:
         say(f"error: {exc}")
         return EXIT_BAD_INPUT
-    try:
-        from rich.console import Console
+    from rich.console import Console
 
-        Console(width=160).print(result.table(verbose=args.verbose))
-    except ImportError:
-        print(result)
+    from attnbench.reports.terminal import gate_table
+
+    Console(width=160).print(gate_table(result, verbose=args.verbose))
     say(f"gate: {result.verdict.replace('_', ' ')} against {baseline_path} (exit {result.exit_code})")
     return result.exit_code
 

@@ -1,7 +1,7 @@
 """The sweep's (cell, implementation) pairs run in a child process, one pair at a time.
 
 The parent sends the child the index of the next pair on its stdin; the child times it with
-`bench.measure` and answers one `@@attnbench {...}` line holding the row. The parent:
+`measure.measure` and answers one `@@attnbench {...}` line holding the row. The parent:
 
 - kills the child (and its process group) when a pair takes longer than the per-cell deadline
   and records a `timeout` row, or records a `crashed` row with the exit code or signal when the
@@ -30,9 +30,13 @@ from pathlib import Path
 from attnbench import procs
 from attnbench.procs import STREAM_PREFIX
 from attnbench.registry import Impl
+from attnbench.reports.text import row_brief
 from attnbench.results import PerfRow
 
-from .sweeps import Cell
+from . import slow
+from .cases import InputCache, candidates
+from .cells import Cell
+from .measure import autotuner_picks, blank_row, failure_status, measure, reason_of
 
 MAX_FAULTS_PER_IMPL = 2  # crashes + timeouts of one implementation before its other cells are skipped
 READY_S = 600.0  # a child that has not imported torch and the registry by then is taken as hung
@@ -132,10 +136,8 @@ def run_isolated(
     deadline_s: float | None = None,
     tuning: dict | None = None,
 ) -> list[PerfRow]:
-    """Like bench.run_cells, each pair timed in a child process; rows in cell order.
+    """Like measure.run_cells, each pair timed in a child process; rows in cell order.
     tuning: gets the autotuner picks the children report when they finish."""
-    from .bench import _blank, _describe, candidates
-
     say = progress or (lambda msg: None)
     plan = [(cell, impl, reason) for cell in cells for impl, reason in candidates(cell, impls)]
     runnable = [k for k, (_, _, reason) in enumerate(plan) if reason is None]
@@ -155,12 +157,12 @@ def run_isolated(
         try:
             for n, (cell, impl, reason) in enumerate(plan):
                 if reason is not None:
-                    row = _blank(cell, impl, "unsupported", reason)
+                    row = blank_row(cell, impl, "unsupported", reason)
                 elif faults[impl.key] >= MAX_FAULTS_PER_IMPL:
-                    row = _blank(cell, impl, "skipped",
+                    row = blank_row(cell, impl, "skipped",
                                  f"not run: {impl.key} crashed or timed out {faults[impl.key]} times in this sweep")
                 elif not budgets.allows(impl.key):
-                    row = _blank(cell, impl, "skipped", f"sweep time budget of {budgets.total:.0f} s spent, and its "
+                    row = blank_row(cell, impl, "skipped", f"sweep time budget of {budgets.total:.0f} s spent, and its "
                                  f"own share ({budgets.share:.0f} s) too")
                 else:
                     if worker is None:
@@ -171,7 +173,7 @@ def run_isolated(
                         faults[impl.key] += 1
                 rows.append(row)
                 say(f"[{n + 1}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: "
-                    f"{_describe(row)}")
+                    f"{row_brief(row)}")
             if worker is not None and tuning is not None:
                 tuning.update(_finish(worker))
         finally:
@@ -193,8 +195,6 @@ def _run_pair(worker: _Worker, n: int, cell: Cell, impl: Impl, deadline_s: float
               first_calls: list | None) -> tuple[PerfRow, float, _Worker | None]:
     """Run pair n in the worker: (its row, seconds it took, the worker to use next: None after a
     crash, a timeout or a worker that could not start; the next pair starts a fresh one)."""
-    from .bench import _blank
-
     if not worker.ready:
         try:
             hello = worker.read(READY_S)
@@ -204,7 +204,7 @@ def _run_pair(worker: _Worker, n: int, cell: Cell, impl: Impl, deadline_s: float
             code = worker.proc.poll()
             worker.stop()
             why = (hello or {}).get("error") or f"the bench worker died while starting (exit code {code})"
-            return _blank(cell, impl, "crashed", why + _last(worker.tail)), 0.0, None
+            return blank_row(cell, impl, "crashed", why + _last(worker.tail)), 0.0, None
         worker.ready = True
     t0 = time.monotonic()
     event = None
@@ -213,7 +213,7 @@ def _run_pair(worker: _Worker, n: int, cell: Cell, impl: Impl, deadline_s: float
             event = worker.read(deadline_s)
         except TimeoutError:
             worker.stop()
-            row = _blank(cell, impl, "timeout", f"timeout: still running after the {deadline_s:.0f} s per-cell "
+            row = blank_row(cell, impl, "timeout", f"timeout: still running after the {deadline_s:.0f} s per-cell "
                          "deadline; the worker process was killed" + _last(worker.tail))
             return row, deadline_s, None
     seconds = time.monotonic() - t0
@@ -224,7 +224,7 @@ def _run_pair(worker: _Worker, n: int, cell: Cell, impl: Impl, deadline_s: float
             code = procs.kill_tree(worker.proc)
         worker.stop()
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        return _blank(cell, impl, "crashed", f"crashed: the worker process died ({how})" + _last(worker.tail)), seconds, None
+        return blank_row(cell, impl, "crashed", f"crashed: the worker process died ({how})" + _last(worker.tail)), seconds, None
     first = event.pop("first_call", None)
     if first and first_calls is not None:
         first_calls.append(first)
@@ -269,20 +269,18 @@ def worker_main(plan_file: str) -> int:
         plan: Plan = pickle.loads(Path(plan_file).read_bytes())
         from attnbench.registry import registry
 
-        from . import bench, slow
-
         reg = registry(extra=plan.targets)
         impls = {k: slow.apply([reg.get(k)])[0] for k in {key for _, key in plan.pairs}}
     except Exception as exc:  # reported against the pair the parent asks for first
         _emit(out, {"error": f"the bench worker could not start: {type(exc).__name__}: {exc}"})
         return 1
     _emit(out, {"ready": True})
-    cache = bench.InputCache()
+    cache = InputCache()
     ran: list[Impl] = []
     for line in sys.stdin:
         command = line.strip()
         if command == "end":
-            _emit(out, {"tuning": bench.autotuner_picks(ran)})
+            _emit(out, {"tuning": autotuner_picks(ran)})
             return 0
         cell, key = plan.pairs[int(command)]
         impl = impls[key]
@@ -291,9 +289,9 @@ def worker_main(plan_file: str) -> int:
         try:
             inputs = cache.get(cell)
         except Exception as exc:
-            row = bench._blank(cell, impl, bench.failure_status(exc), bench._reason(exc))
+            row = blank_row(cell, impl, failure_status(exc), reason_of(exc))
         else:
-            row = bench.measure(impl, cell, plan.settings, plan.peaks, inputs, first)
+            row = measure(impl, cell, plan.settings, plan.peaks, inputs, first)
         data = dataclasses.asdict(row)
         if first:
             data["first_call"] = first[0]

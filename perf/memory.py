@@ -104,12 +104,3 @@ def attach(results: Results) -> list[MemoryFit]:
     fits = memory_fits(results.perf)
     results.env["memory_fits"] = [asdict(f) for f in fits]
     return fits
-
-
-def table(fits: list[MemoryFit]) -> str:
-    lines = [f"{'variant/impl':32} {'mode':6} {'S':>18} {'exponent':>8}  verdict"]
-    for f in fits:
-        flag = "" if f.ok else f"  FAIL: declared {f.expected}"
-        lines.append(f"{f.variant + '/' + f.impl:32} {f.mode:6} {f'{f.S[0]}..{f.S[-1]}':>18} {f.exponent:8.2f}  "
-                     f"{f.verdict}{flag}")
-    return "\n".join(lines)

@@ -29,7 +29,9 @@ from pathlib import Path
 
 from attnbench.registry import Impl
 
-from .sweeps import Cell
+from .cases import make_case
+from .cells import Cell
+from .timing import synchronize
 
 # per worker: one compile thread each, so N workers use about N cores
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -370,9 +372,6 @@ def _warm(task: tuple[int, Group]) -> tuple[int, float, str | None]:
         faulthandler.dump_traceback_later(STACK_EVERY_S, repeat=True, file=_STACK_FILE)
     try:
         impl = _resolve(group)
-        from .bench import make_case
-        from .timing import synchronize
-
         for cell in group.cells:
             case = make_case(impl, cell)
             case.run(case.prepare(0))

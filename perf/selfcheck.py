@@ -23,10 +23,13 @@ import torch
 
 from attnbench.files import write_atomic
 from attnbench.registry import registry
+from attnbench.reports import text
+from attnbench.reports.terminal import gate_table
 
 from . import bench, slow
+from .cells import cell_key
 from .gate import GateResult, gate, reference_chain
-from .sweeps import cell_key, sweep_cells
+from .sweeps import sweep_cells
 
 
 def spread(result: GateResult) -> dict:
@@ -98,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console(width=150)
-    console.print(slowed.table())
-    console.print(same.table())
-    print(bench.table(run1))
+    console.print(gate_table(slowed))
+    console.print(gate_table(same))
+    print(text.perf_table(run1))
     print(json.dumps(report, indent=1, default=str))
     passed = same.ok and not slowed.ok and failed_impls == [name]
     print(f"selfcheck {'PASSED' if passed else 'FAILED'}: same code "

@@ -1,126 +1,104 @@
-"""What the benchmark measures: cells (a problem, a mode) grouped into named sweeps.
+"""What the benchmark measures: named sweeps, each a function that returns cells.
 
-A kernel cell is a Spec plus a mode (fwd, bwd, fwdbwd); a module cell is a seed module's
-constructor arguments plus an input size (timed forward). Sweeps vary one axis at a time
-around a base shape (bf16, 16 heads, head dim 128, 16k tokens on the GPU: the shapes of the
-anchor figures), and a memory sweep grows S at fixed batch so memory-vs-S slopes can be fit.
+A sweep is one decorated function here: `@sweep("name", devices=...)` above a function
+`(device, quick) -> list[Cell]`; its docstring's first line is the description `attnbench bench
+--list-sweeps` prints. `attnbench bench --sweep NAME` (repeatable) runs the named sweeps; without
+it the default sweeps of the device run, in the order they are registered below (a sweep that
+runs out of time budget skips the tail, so the most telling come first).
+
+GPU sweeps vary one axis at a time around a base shape (bf16, 16 heads, head dim 128, 16k tokens:
+the shapes of the anchor figures); the CPU sweep interleaves small float32 shapes so that every
+variant is covered even on a busy 2-core machine. The sweeps that are not in the default
+selection reproduce focused studies (the anchors' shapes, a local-attention memory curve,
+mixture-of-attention routing against dense attention) with the same timer and rows as the rest.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from attnbench.registry import MODULE_VARIANTS, VARIANTS
+from attnbench.registry import VARIANTS
 from attnbench.spec import Block, Spec
 
+from .cells import Cell, ModuleCase, dedupe
 from .timing import is_cuda
-from .work import attention_flops, check_mode
+from .work import attention_flops
+
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class ModuleCase:
-    """A seed module: constructor kwargs (as sorted items), batch, sequence length, dtype."""
+class Sweep:
+    name: str
+    description: str
+    devices: tuple[str, ...]  # device kinds it has shapes for: "cpu", "cuda"
+    default: tuple[str, ...]  # device kinds whose sweep (no --sweep given) includes it
+    build: Callable[[str, bool], list[Cell]]  # (device, quick) -> cells
 
-    kwargs: tuple[tuple[str, Any], ...]
-    B: int
-    S: int
-    dtype: str = "bfloat16"
-    device: str = "cuda"
-
-    @property
-    def ctor(self) -> dict[str, Any]:
-        return dict(self.kwargs)
-
-    @property
-    def dim(self) -> int:
-        return self.ctor["dim"]
+    def cells(self, device: str, quick: bool) -> list[Cell]:
+        return self.build(device, quick)
 
 
-@dataclass(frozen=True)
-class Cell:
-    variant: str
-    mode: str
-    spec: Spec | None = None
-    module: ModuleCase | None = None
-    graph: bool = False  # time with CUDA graphs (small, launch-bound shapes)
-    tags: tuple[str, ...] = field(default=(), compare=False)  # which sweeps asked for it
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"Cell.variant: unknown variant {self.variant!r}; one of {sorted(VARIANTS)}")
-        check_mode(self.mode)
-        is_module = self.variant in MODULE_VARIANTS
-        if is_module and (self.module is None or self.spec is not None):
-            raise ValueError(f"Cell.module: module variant {self.variant!r} needs a ModuleCase and no spec")
-        if not is_module and (self.spec is None or self.module is not None):
-            raise ValueError(f"Cell.spec: kernel variant {self.variant!r} needs a Spec and no module")
-
-    @property
-    def device(self) -> str:
-        return self.spec.device if self.spec is not None else self.module.device
-
-    @property
-    def dtype(self) -> str:
-        return self.spec.dtype if self.spec is not None else self.module.dtype
-
-    def shape(self) -> dict[str, Any]:
-        """The cell as JSON-ready data (PerfRow.shape); with variant and mode it names the cell."""
-        if self.module is not None:
-            m = self.module
-            return {"B": m.B, "S": m.S, "dtype": m.dtype, **{k: _jsonable(v) for k, v in m.kwargs}}
-        s = self.spec
-        out: dict[str, Any] = {
-            "B": s.B, "Hq": s.Hq, "Hkv": s.Hkv, "Sq": s.Sq, "Sk": s.Sk, "D": s.D, "Dv": s.Dv,
-            "causal": s.causal, "window": _jsonable(s.window), "dtype": s.dtype,
-        }
-        if s.block is not None:
-            out["block"] = [s.block.window_size, s.block.look_backward, s.block.look_forward]
-        if s.align != "bottom_right":
-            out["align"] = s.align
-        if s.bias is not None:
-            out["bias"] = s.bias
-        if s.key_lengths is not None:
-            out["key_lengths"] = list(s.key_lengths)
-        if s.key_drop:
-            out["key_drop"] = s.key_drop
-        return out
-
-    def key(self) -> str:
-        return cell_key(self.variant, self.mode, self.shape())
-
-    def label(self) -> str:
-        sh = self.shape()
-        if self.module is not None:
-            return f"{self.variant} B{sh['B']} S{sh['S']} {sh['dtype']} {self.mode}"
-        parts = [f"B{sh['B']}", f"H{sh['Hq']}" + (f"/{sh['Hkv']}" if sh["Hkv"] != sh["Hq"] else "")]
-        parts.append(f"S{sh['Sq']}" if sh["Sq"] == sh["Sk"] else f"S{sh['Sq']}x{sh['Sk']}")
-        parts.append(f"D{sh['D']}")
-        if sh["causal"]:
-            parts.append("causal")
-        if sh["window"] is not None:
-            parts.append(f"win{tuple(sh['window'])}")
-        if "block" in sh:
-            parts.append(f"block{tuple(sh['block'])}")
-        parts += [sh["dtype"], self.mode]
-        return f"{self.variant} " + " ".join(parts)
+SWEEPS: dict[str, Sweep] = {}
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Block):
-        return [value.window_size, value.look_backward, value.look_forward]
-    return value
+def sweep(name: str, devices: Iterable[str] = ("cuda",), default: Iterable[str] | None = None):
+    """Register the decorated `(device, quick) -> list[Cell]` function as the sweep `name`, with
+    shapes for `devices` and part of the default selection on `default` (default: all of devices)."""
+    devices = tuple(devices)
+    default = devices if default is None else tuple(default)
+    if set(devices) - set(DEVICES) or set(default) - set(devices):
+        raise ValueError(f"sweep {name!r}: devices must be among {DEVICES} and default among them, "
+                         f"got {devices} and {default}")
+
+    def register(fn: Callable[[str, bool], list[Cell]]) -> Callable[[str, bool], list[Cell]]:
+        if name in SWEEPS:
+            raise ValueError(f"sweep {name!r} is registered twice")
+        description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        SWEEPS[name] = Sweep(name, description, devices, default, fn)
+        return fn
+
+    return register
 
 
-def cell_key(variant: str, mode: str, shape: dict[str, Any]) -> str:
-    """One string per cell, the same before and after a JSON round trip."""
-    return f"{variant}|{mode}|{json.dumps(shape, sort_keys=True, default=str)}"
+def device_kind(device: str) -> str:
+    return "cuda" if is_cuda(device) else "cpu"
 
 
-# -- the sweeps -------------------------------------------------------------------------------
+def default_sweeps(device: str) -> list[str]:
+    kind = device_kind(device)
+    return [s.name for s in SWEEPS.values() if kind in s.default]
+
+
+def check_sweeps(names: Iterable[str], device: str) -> list[str]:
+    """The names, checked: ValueError (one line) for an unknown sweep or one without shapes for the device."""
+    names = list(names)
+    unknown = [n for n in names if n not in SWEEPS]
+    if unknown:
+        raise ValueError(f"sweep: unknown sweep(s) {unknown}; one of {sorted(SWEEPS)}")
+    kind = device_kind(device)
+    elsewhere = [n for n in names if kind not in SWEEPS[n].devices]
+    if elsewhere:
+        raise ValueError(f"sweep: {elsewhere} have no shapes for {kind}; sweeps for {kind}: "
+                         f"{sorted(n for n, s in SWEEPS.items() if kind in s.devices)}")
+    return names
+
+
+def sweep_cells(quick: bool, device: str, variants=None, names: Iterable[str] | None = None) -> list[Cell]:
+    """The cells of the named sweeps (default: the device's default sweeps), quick or full,
+    optionally for some variants only."""
+    names = check_sweeps(names, device) if names else default_sweeps(device)
+    cells = dedupe([c for n in names for c in SWEEPS[n].cells(device, quick)])
+    if variants:
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"variants: unknown {sorted(unknown)}; one of {sorted(VARIANTS)}")
+        cells = [c for c in cells if c.variant in set(variants)]
+    return cells
+
+
+# -- building blocks ---------------------------------------------------------------------------
 
 
 class _Base:
@@ -141,90 +119,202 @@ class _Base:
 GRAPH_BELOW_FLOPS = 20e9
 
 
-def _kernel_cells(variant: str, spec: Spec, modes, tag: str, graph: bool = False) -> list[Cell]:
+def kernel_cells(variant: str, spec: Spec, modes, tag: str, graph: bool = False) -> list[Cell]:
+    """One cell per mode; small CUDA forwards (and any forward when graph=True) as graph replays."""
     cost = attention_flops(spec, "fwd") * (16 if spec.dtype == "float32" else 1)
     small = is_cuda(spec.device) and cost < GRAPH_BELOW_FLOPS
     return [Cell(variant, m, spec=spec, graph=(graph or small) and m == "fwd", tags=(tag,)) for m in modes]
 
 
-def gpu_cells(quick: bool, device: str = "cuda") -> list[Cell]:
-    base = _Base(B=4, Hq=16, Sq=4096, D=128, dtype="bfloat16", device=device)
-    cells: list[Cell] = []
-    add = cells.extend
+def _gpu_base(device: str) -> _Base:
+    return _Base(B=4, Hq=16, Sq=4096, D=128, dtype="bfloat16", device=device)
+
+
+FWD, BOTH = ("fwd",), ("fwd", "fwdbwd")
+
+
+# -- the default GPU sweeps, in priority order ---------------------------------------------------
+
+
+@sweep("seq")
+def seq(device: str, quick: bool) -> list[Cell]:
+    """Sequence length at 16k tokens (the anchors' shapes), causal and not."""
+    base = _gpu_base(device)
     if quick:
-        for causal in (False, True):
-            add(_kernel_cells("dense", base.replace(B=4, Sq=1024, causal=causal), ("fwd", "fwdbwd"), "seq"))
-        add(_kernel_cells("dense", base.replace(B=2, Sq=2048, causal=True, window=(256, 0)), ("fwd",), "window"))
-        add(_kernel_cells("local", base.replace(B=2, Sq=2048, causal=True, window=(256, 0)), ("fwd",), "window"))
-        decode = base.replace(B=8, Hq=32, Hkv=8, Sq=1, Sk=4096)
-        add(_kernel_cells("dense", decode, ("fwd",), "decode", graph=True))
-        for S in (1024, 2048, 4096):
-            add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwd",), "memory"))
-        add(module_cells(quick=True, device=device))
-        return dedupe(cells)
-    # In priority order: a sweep that runs out of time budget skips the tail.
-    # 1. sequence length at 16k tokens (the anchors' shapes).
-    for S, B in ((4096, 4), (1024, 16), (16384, 1)):
-        for causal in (True, False):
-            add(_kernel_cells("dense", base.replace(B=B, Sq=S, causal=causal), ("fwd", "fwdbwd"), "seq"))
-    # 2. windows: sliding (the anchors' S=8192, W=512) in both variants, and LocalMHA's blocked window.
+        return [c for causal in (False, True) for c in kernel_cells("dense", base.replace(Sq=1024, causal=causal),
+                                                                     BOTH, "seq")]
+    return [c for S, B in ((4096, 4), (1024, 16), (16384, 1)) for causal in (True, False)
+            for c in kernel_cells("dense", base.replace(B=B, Sq=S, causal=causal), BOTH, "seq")]
+
+
+@sweep("window")
+def window(device: str, quick: bool) -> list[Cell]:
+    """Sliding windows (the anchors' S=8192, W=512) in dense and local, and LocalMHA's blocked window."""
+    base = _gpu_base(device)
+    if quick:
+        win = base.replace(B=2, Sq=2048, causal=True, window=(256, 0))
+        return kernel_cells("dense", win, FWD, "window") + kernel_cells("local", win, FWD, "window")
     win = base.replace(B=2, Sq=8192, causal=True, window=(512, 0))
-    add(_kernel_cells("dense", win, ("fwd", "fwdbwd"), "window"))
-    add(_kernel_cells("local", win, ("fwd", "fwdbwd"), "window"))
-    add(_kernel_cells("local", base.replace(B=2, Sq=8192, causal=True, block=Block(512, 1, 0)), ("fwd", "fwdbwd"),
-                      "window"))
-    # 3. KV-cache decoding and chunked prefill (Sq != Sk, bottom-right): launch-bound, so graphs.
-    add(_kernel_cells("dense", base.replace(B=16, Hq=32, Hkv=8, Sq=1, Sk=8192), ("fwd",), "decode", graph=True))
-    add(_kernel_cells("dense", base.replace(B=2, Sq=512, Sk=8192, causal=True), ("fwd",), "decode"))
-    # 4. grouped-query and multi-query heads.
-    add(_kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=8, causal=True), ("fwd", "fwdbwd"), "gqa"))
-    add(_kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=1, causal=True), ("fwd",), "gqa"))
-    # 5. the seed modules.
-    add(module_cells(quick=False, device=device))
-    # 6. memory against S at fixed batch (fits a slope per implementation; S=16384 is in 1.).
-    for S in (1024, 2048, 4096, 8192):
-        add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwd",), "memory"))
-    for S in (2048, 8192):
-        add(_kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwdbwd",), "memory"))
-    # 7. the backward alone.
-    for causal in (True, False):
-        add(_kernel_cells("dense", base.replace(causal=causal), ("bwd",), "bwd"))
-    # 8. head dim, batch x heads, dtype.
-    add(_kernel_cells("dense", base.replace(D=64, causal=True), ("fwd", "fwdbwd"), "head_dim"))
-    add(_kernel_cells("dense", base.replace(D=256, causal=True), ("fwd",), "head_dim"))
-    add(_kernel_cells("dense", base.replace(B=16, Hq=4, causal=True), ("fwd",), "batch_heads"))
-    add(_kernel_cells("dense", base.replace(dtype="float16", causal=True), ("fwd", "fwdbwd"), "dtype"))
-    add(_kernel_cells("dense", base.replace(B=2, Sq=2048, D=64, dtype="float32", causal=True), ("fwd",), "dtype"))
-    return dedupe(cells)
+    blocked = base.replace(B=2, Sq=8192, causal=True, block=Block(512, 1, 0))
+    return (kernel_cells("dense", win, BOTH, "window") + kernel_cells("local", win, BOTH, "window")
+            + kernel_cells("local", blocked, BOTH, "window"))
 
 
+@sweep("decode")
+def decode(device: str, quick: bool) -> list[Cell]:
+    """KV-cache decoding and chunked prefill (Sq != Sk, bottom-right): launch-bound, so graphs."""
+    base = _gpu_base(device)
+    if quick:
+        return kernel_cells("dense", base.replace(B=8, Hq=32, Hkv=8, Sq=1, Sk=4096), FWD, "decode", graph=True)
+    return (kernel_cells("dense", base.replace(B=16, Hq=32, Hkv=8, Sq=1, Sk=8192), FWD, "decode", graph=True)
+            + kernel_cells("dense", base.replace(B=2, Sq=512, Sk=8192, causal=True), FWD, "decode"))
 
-def cpu_cells(quick: bool, device: str = "cpu") -> list[Cell]:
-    """Small float32 shapes. Quick: one cell per variant and axis, most telling first (a spent
-    time budget skips the tail), so every variant is covered even on a busy 2-core machine."""
+
+@sweep("gqa")
+def gqa(device: str, quick: bool) -> list[Cell]:
+    """Grouped-query and multi-query heads (full sweep only)."""
+    if quick:
+        return []
+    base = _gpu_base(device)
+    return (kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=8, causal=True), BOTH, "gqa")
+            + kernel_cells("dense", base.replace(B=2, Hq=32, Hkv=1, causal=True), FWD, "gqa"))
+
+
+@sweep("module", devices=("cpu", "cuda"), default=("cuda",))
+def module(device: str, quick: bool) -> list[Cell]:
+    """One forward cell per seed module, constructor arguments from the seed documents."""
+    return module_cells(device)
+
+
+@sweep("memory")
+def memory(device: str, quick: bool) -> list[Cell]:
+    """Memory against S at fixed batch: a slope per implementation (S=16384 is in seq)."""
+    base = _gpu_base(device)
+    sizes = (1024, 2048, 4096) if quick else (1024, 2048, 4096, 8192)
+    cells = [c for S in sizes for c in kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), FWD, "memory")]
+    if not quick:
+        cells += [c for S in (2048, 8192)
+                  for c in kernel_cells("dense", base.replace(B=1, Sq=S, causal=True), ("fwdbwd",), "memory")]
+    return cells
+
+
+@sweep("bwd")
+def bwd(device: str, quick: bool) -> list[Cell]:
+    """The backward alone (full sweep only)."""
+    base = _gpu_base(device)
+    return [] if quick else [c for causal in (True, False)
+                             for c in kernel_cells("dense", base.replace(causal=causal), ("bwd",), "bwd")]
+
+
+@sweep("head_dim")
+def head_dim(device: str, quick: bool) -> list[Cell]:
+    """Head dim 64 and 256 (full sweep only)."""
+    if quick:
+        return []
+    base = _gpu_base(device)
+    return (kernel_cells("dense", base.replace(D=64, causal=True), BOTH, "head_dim")
+            + kernel_cells("dense", base.replace(D=256, causal=True), FWD, "head_dim"))
+
+
+@sweep("batch_heads")
+def batch_heads(device: str, quick: bool) -> list[Cell]:
+    """Many sequences of few heads (full sweep only)."""
+    return [] if quick else kernel_cells("dense", _gpu_base(device).replace(B=16, Hq=4, causal=True), FWD,
+                                         "batch_heads")
+
+
+@sweep("dtype")
+def dtype(device: str, quick: bool) -> list[Cell]:
+    """float16 and float32 (full sweep only)."""
+    if quick:
+        return []
+    base = _gpu_base(device)
+    return (kernel_cells("dense", base.replace(dtype="float16", causal=True), BOTH, "dtype")
+            + kernel_cells("dense", base.replace(B=2, Sq=2048, D=64, dtype="float32", causal=True), FWD, "dtype"))
+
+
+# -- the default CPU sweep -----------------------------------------------------------------------
+
+
+@sweep("cpu", devices=("cpu",))
+def cpu(device: str, quick: bool) -> list[Cell]:
+    """Small float32 shapes, one cell per variant and axis, most telling first."""
     base = _Base(B=1, Hq=2, Sq=128, D=32, dtype="float32", device=device)
-    cells: list[Cell] = []
-    add = cells.extend
-    modes = ("fwd", "fwdbwd") if quick else ("fwd", "bwd", "fwdbwd")
-    add(_kernel_cells("dense", base.replace(causal=True), modes, "seq"))
-    add(_kernel_cells("local", base.replace(Sq=256, causal=True, window=(32, 0)), ("fwd",), "window"))
-    add(_kernel_cells("local", base.replace(Sq=256, causal=True, block=Block(32, 1, 0)), ("fwd",), "window"))
-    add(module_cells(quick=True, device=device))
-    add(_kernel_cells("dense", base.replace(causal=False), modes, "seq"))
-    add(_kernel_cells("dense", base.replace(Hq=4, Hkv=2, causal=True), ("fwd",), "gqa"))
-    add(_kernel_cells("dense", base.replace(Sq=1, Sk=256), ("fwd",), "decode"))
-    add(_kernel_cells("dense", base.replace(Sq=256, causal=True, window=(32, 0)), ("fwd",), "window"))
+    modes = BOTH if quick else ("fwd", "bwd", "fwdbwd")
+    cells = kernel_cells("dense", base.replace(causal=True), modes, "seq")
+    cells += kernel_cells("local", base.replace(Sq=256, causal=True, window=(32, 0)), FWD, "window")
+    cells += kernel_cells("local", base.replace(Sq=256, causal=True, block=Block(32, 1, 0)), FWD, "window")
+    cells += module_cells(device)
+    cells += kernel_cells("dense", base.replace(causal=False), modes, "seq")
+    cells += kernel_cells("dense", base.replace(Hq=4, Hkv=2, causal=True), FWD, "gqa")
+    cells += kernel_cells("dense", base.replace(Sq=1, Sk=256), FWD, "decode")
+    cells += kernel_cells("dense", base.replace(Sq=256, causal=True, window=(32, 0)), FWD, "window")
     if not quick:
         for S in (64, 256, 512):
             for causal in (False, True):
-                add(_kernel_cells("dense", base.replace(Sq=S, causal=causal), modes, "seq"))
-        add(_kernel_cells("dense", base.replace(D=64, dtype="float64"), ("fwd",), "dtype"))
-    return dedupe(cells)
+                cells += kernel_cells("dense", base.replace(Sq=S, causal=causal), modes, "seq")
+        cells += kernel_cells("dense", base.replace(D=64, dtype="float64"), FWD, "dtype")
+    return cells
 
 
-def module_cells(quick: bool, device: str) -> list[Cell]:
+# -- focused studies (not in the default selection) ----------------------------------------------
+
+
+@sweep("anchors", devices=("cpu", "cuda"), default=())
+def anchors(device: str, quick: bool) -> list[Cell]:
+    """The anchor figures' shapes: 16k tokens causal and not, and the sliding window W=512 at S=8192."""
+    if is_cuda(device):
+        base, win = _gpu_base(device), dict(B=2, Sq=8192, window=(512, 0))
+    else:
+        base, win = _Base(B=1, Hq=2, Sq=128, D=32, dtype="float32", device=device), dict(B=1, Sq=256, window=(32, 0))
+    cells = [c for causal in (False, True) for c in kernel_cells("dense", base.replace(causal=causal), BOTH,
+                                                                  "anchors")]
+    win = base.replace(causal=True, **win)
+    return cells + kernel_cells("dense", win, BOTH, "anchors") + kernel_cells("local", win, BOTH, "anchors")
+
+
+@sweep("local_memory", devices=("cpu", "cuda"), default=())
+def local_memory(device: str, quick: bool) -> list[Cell]:
+    """Local attention (causal window W=512) from S=1024 to 16384: linear memory for windowed kernels."""
+    if is_cuda(device):
+        base = _gpu_base(device).replace(B=2, causal=True, window=(512, 0))
+        sizes = (1024, 2048, 4096, 8192, 16384)
+    else:
+        base = _Base(B=1, Hq=2, Sq=128, D=32, dtype="float32", device=device).replace(causal=True, window=(32, 0))
+        sizes = (128, 256)
+    if quick:
+        sizes = sizes[:3]
+    return [c for S in sizes for c in kernel_cells("local", base.replace(Sq=S, Sk=None), BOTH, "local_memory")]
+
+
+@sweep("moa", devices=("cpu", "cuda"), default=())
+def moa(device: str, quick: bool) -> list[Cell]:
+    """Mixture-of-attention routing half the tokens against dense attention on the same input."""
+    cuda = is_cuda(device)
+    H, dh, dim = (16, 64, 1024) if cuda else (2, 32, 64)
+    lengths = ((4096,) if quick else (4096, 16384)) if cuda else (128,)
+    dtype = "bfloat16" if cuda else "float32"
+    cells: list[Cell] = []
+    for N in lengths:
+        dense = Spec(B=1, Hq=H, Sq=N, D=dh, dtype=dtype, device=device)
+        cells += kernel_cells("dense", dense, BOTH, "moa")
+        for E in (1, 2):  # routed: N/2 queries, N/2 keys plus the null key, per expert; with the module's mask
+            routed = dense.replace(B=E, Sq=N // 2, Sk=N // 2 + 1)
+            cells += kernel_cells("dense", routed, BOTH, "moa")
+            cells += kernel_cells("dense", routed.replace(key_lengths=(N // 2 + 1,) * E), BOTH, "moa")
+            kwargs = dict(dim=dim, num_routed_queries=N // 2, num_routed_key_values=N // 2, num_experts=E,
+                          heads=H, dim_head=dh)
+            case = ModuleCase(tuple(sorted(kwargs.items())), B=1, S=N, dtype=dtype, device=device)
+            cells.append(Cell("MixtureOfAttention", "fwd", module=case, tags=("moa",)))
+        block = dict(dim=dim, heads=H, dim_head=dh, causal=False)
+        case = ModuleCase(tuple(sorted(block.items())), B=1, S=N, dtype=dtype, device=device)
+        cells.append(Cell("FlashAttentionTwo", "fwd", module=case, tags=("moa",)))
+    return cells
+
+
+def module_cells(device: str) -> list[Cell]:
     """One forward cell per seed module, constructor arguments from the seed documents."""
-    cuda = device.split(":")[0] == "cuda"
+    cuda = is_cuda(device)
     dtype = "bfloat16" if cuda else "float32"
     if cuda:
         dim, heads, dim_head, B, S = 1024, 16, 64, 4, 2048
@@ -247,28 +337,4 @@ def module_cells(quick: bool, device: str) -> list[Cell]:
     for variant, kwargs in configs.items():
         case = ModuleCase(tuple(sorted(kwargs.items())), B=B, S=S, dtype=dtype, device=device)
         cells.append(Cell(variant, "fwd", module=case, tags=("module",)))
-    return cells
-
-
-def dedupe(cells: list[Cell]) -> list[Cell]:
-    """Drop repeated cells (the same problem asked for by two sweeps), keeping all tags."""
-    seen: dict[str, Cell] = {}
-    for c in cells:
-        k = c.key()
-        if k in seen:
-            old = seen[k]
-            seen[k] = Cell(old.variant, old.mode, old.spec, old.module, old.graph, old.tags + c.tags)
-        else:
-            seen[k] = c
-    return list(seen.values())
-
-
-def sweep_cells(quick: bool, device: str, variants=None) -> list[Cell]:
-    """The cells of the quick or full sweep on this device, optionally for some variants only."""
-    cells = gpu_cells(quick, device) if device.split(":")[0] == "cuda" else cpu_cells(quick, device)
-    if variants:
-        unknown = set(variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"variants: unknown {sorted(unknown)}; one of {sorted(VARIANTS)}")
-        cells = [c for c in cells if c.variant in set(variants)]
     return cells

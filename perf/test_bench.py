@@ -17,10 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnbench.perf import bench
+from attnbench.perf import bench, cases, measure
+from attnbench.perf.cells import Cell
 from attnbench.perf.conftest import bench_device
 from attnbench.perf.memory import LINEAR_MAX, memory_fits
-from attnbench.perf.sweeps import Cell, sweep_cells
+from attnbench.perf.sweeps import sweep_cells
 from attnbench.perf.timing import L2Flush, is_cuda, peak_memory, synchronize
 from attnbench.results import PerfRow
 from attnbench.spec import Spec
@@ -48,32 +49,32 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     impls = bench.select_impls(sorted({c.variant for c in cells}), names)
     params = []
     for cell in cells:
-        for impl, reason in bench.candidates(cell, impls):
+        for impl, reason in cases.candidates(cell, impls):
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             params.append(pytest.param((cell, impl), id=f"{cell.label()}@{impl.name}".replace(" ", "-"),
                                        marks=marks))
     metafunc.parametrize("case", params)
 
 
-_inputs = bench.InputCache()
+_inputs = cases.InputCache()
 
 
 def test_attention(case, benchmark, perf_rows: list, perf_peaks: dict, pytestconfig: pytest.Config) -> None:
     cell, impl = case
     quick = pytestconfig.getoption("attnbench_sweep") != "full"
-    settings = bench.Settings.default(quick, cell.device)
+    settings = measure.Settings.default(quick, cell.device)
     try:
         inputs = _inputs.get(cell)
     except torch.cuda.OutOfMemoryError as exc:
         pytest.skip(f"out of memory making the inputs: {exc}")
-    row = bench.measure(impl, cell, settings, perf_peaks, inputs)
+    row = measure.measure(impl, cell, settings, perf_peaks, inputs)
     perf_rows.append(row)
     if row.status == "oom":
         pytest.skip(f"out of memory: {row.reason}")
     assert row.status == "ok", row.reason
     benchmark.group = cell.label()
     benchmark.extra_info.update(_extra(cell, row))
-    case_ = bench.make_case(impl, cell, inputs)
+    case_ = cases.make_case(impl, cell, inputs)
     _pedantic(benchmark, case_, cell, row)
 
 
@@ -130,7 +131,7 @@ def test_memory_linear(pytestconfig: pytest.Config) -> None:
             base = Spec(B=1, Hq=16, Sq=S, D=128, dtype="bfloat16", device=device, causal=True)
             for variant, spec in (("dense", base), ("local", base.replace(window=(512, 0)))):
                 cell = Cell(variant, mode, spec=spec)
-                for impl, reason in bench.candidates(cell, impls):
+                for impl, reason in cases.candidates(cell, impls):
                     if reason is None:
                         rows.append(_memory_row(impl, cell))
     fits = memory_fits(rows, declared={i.key: i.memory for i in impls})
@@ -143,7 +144,7 @@ def test_memory_linear(pytestconfig: pytest.Config) -> None:
 def _memory_row(impl, cell: Cell) -> PerfRow:
     row = PerfRow(variant=cell.variant, impl=impl.name, mode=cell.mode, shape=cell.shape())
     try:
-        case = bench.make_case(impl, cell)
+        case = cases.make_case(impl, cell)
         case.run(case.prepare(0))  # compile / autotune outside the measurement
         row.mem_bytes = peak_memory(case.prepare, case.run, cell.device)
     except torch.cuda.OutOfMemoryError as exc:

@@ -1,7 +1,12 @@
 """Plots as inline SVG text (matplotlib, Agg-free Figure API; the optional `plots` extra).
 
-Every function returns None when matplotlib is absent, so reports degrade to tables with a note.
-Figures are built with `matplotlib.figure.Figure` (no pyplot, no global state, no display).
+Every figure comes from a function registered with `@plot(section)`: it takes the results and
+the report's implementation colors and yields Plot objects. The section says where the report
+places them: "perf" (beside the perf group whose slug is the plot's `anchor`, or at the end of
+the Performance section when it has none) or "errors" (the Error ratios section). Adding a
+figure is one such function in this file. Without matplotlib, all_plots returns None and
+reports degrade to tables with a note. Figures are built with `matplotlib.figure.Figure` (no
+pyplot, no global state, no display).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from attnbench.reports.tables import Matrix, PerfGroup, checked_rows, matrices, perf_groups, seq_len
@@ -21,12 +27,17 @@ _PALETTE = (
 )  # fmt: skip
 
 
+SECTIONS = ("perf", "errors")  # where render.py places figures; a Plot's file name starts with its section
+
+
 @dataclass
 class Plot:
-    name: str  # file stem, unique within a report
+    name: str  # file stem, unique within a report: "<section>-<slug>"
     title: str
     svg: str  # a standalone <svg> document (no XML prolog), fixed size
     alt: str = ""
+    section: str = "perf"
+    anchor: str | None = None  # in "perf": the slug of the perf group it belongs beside
 
     def inline(self) -> str:
         """The SVG for embedding in HTML: natural size, shrunk (never grown) to the page width."""
@@ -46,22 +57,59 @@ def impl_colors(names: list[str]) -> dict[str, str]:
     return {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
 
 
+Plotter = Callable[[Results, dict[str, str]], Iterable["Plot"]]
+PLOTTERS: list[tuple[str, Plotter]] = []
+
+
+def plot(section: str) -> Callable[[Plotter], Plotter]:
+    """Register a figure function `(results, colors) -> Plots` for one report section."""
+    if section not in SECTIONS:
+        raise ValueError(f"plot: unknown section {section!r}; one of {SECTIONS}")
+
+    def register(fn: Plotter) -> Plotter:
+        PLOTTERS.append((section, fn))
+        return fn
+
+    return register
+
+
 def all_plots(results: Results) -> list[Plot] | None:
-    """Every figure of a report: one per perf group, one per variant with error ratios."""
+    """Every figure of a report, from every registered function in registration order."""
     if not available():
         return None
     names = [r.impl for r in results.perf] + [r.impl for r in results.correctness]
     colors = impl_colors(names)
     plots = []
-    for group in perf_groups(results.perf):
-        plot = perf_plot(group, colors)
-        if plot is not None:
-            plots.append(plot)
-    for matrix in matrices(checked_rows(results)):
-        plot = error_ratio_plot(matrix, colors)
-        if plot is not None:
-            plots.append(plot)
+    for section, fn in PLOTTERS:
+        for p in fn(results, colors):
+            if not p.name.startswith(f"{section}-"):
+                raise ValueError(f"plot {p.name!r} from {fn.__name__}: the name must start with {section + '-'!r}")
+            p.section = section
+            plots.append(p)
     return plots
+
+
+def placed(figures: list[Plot] | None, section: str, anchor: str | None = None) -> list[Plot]:
+    """The figures of one section (and anchor: None means those placed at the section's end)."""
+    return [f for f in figures or [] if f.section == section and f.anchor == anchor]
+
+
+@plot("perf")
+def perf_plots(results: Results, colors: dict[str, str]) -> Iterable[Plot]:
+    """One figure per perf group, beside its table."""
+    for group in perf_groups(results.perf):
+        fig = perf_plot(group, colors)
+        if fig is not None:
+            yield fig
+
+
+@plot("errors")
+def error_ratio_plots(results: Results, colors: dict[str, str]) -> Iterable[Plot]:
+    """One figure per variant with error ratios."""
+    for matrix in matrices(checked_rows(results)):
+        fig = error_ratio_plot(matrix, colors)
+        if fig is not None:
+            yield fig
 
 
 def _figure(width: float, height: float):
@@ -135,7 +183,7 @@ def perf_plot(group: PerfGroup, colors: dict[str, str]) -> Plot | None:
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
     title = group.title
     alt = f"{title}: " + ", ".join(p[0] for p in panels) + " against sequence length"
-    return Plot(f"perf-{group.slug}", title, _svg(fig), alt)
+    return Plot(f"perf-{group.slug}", title, _svg(fig), alt, section="perf", anchor=group.slug)
 
 
 def _null():
@@ -223,7 +271,8 @@ def error_ratio_plot(matrix: Matrix, colors: dict[str, str]) -> Plot | None:
     ax.set_xlabel(f"error ratio (values below {floor:g} drawn at {floor:g})", fontsize=8)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     title = f"{matrix.variant}: error ratios"
-    return Plot(f"errors-{_slug(matrix.variant)}", title, _svg(fig), f"{title} per property and implementation")
+    return Plot(f"errors-{_slug(matrix.variant)}", title, _svg(fig), f"{title} per property and implementation",
+                section="errors")
 
 
 def _slug(text: str) -> str:

@@ -33,7 +33,7 @@ def write_all(results: Results, out_dir: str | os.PathLike) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": results.save(out / "results.json")}
     figures = P.all_plots(results)
-    for old in [*out.glob("plots/perf-*.svg"), *out.glob("plots/errors-*.svg")]:
+    for old in [f for section in P.SECTIONS for f in out.glob(f"plots/{section}-*.svg")]:
         old.unlink()  # figures of an earlier report in the same folder
     if figures:
         (out / "plots").mkdir(exist_ok=True)
@@ -100,7 +100,6 @@ def _fence(text: str, lang: str = "") -> list[str]:
 
 def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: str = "plots") -> str:
     """The report as Markdown; figures (if any) are linked from plot_dir/<name>.svg."""
-    by_name = {f.name: f for f in figures or []}
     lines = ["# attnbench report", "", T.headline(results), ""]
     if results.env.get("synthetic"):
         lines += ["> **Synthetic sample data: not a measurement.**", ""]
@@ -126,14 +125,15 @@ def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: st
             lines += [f"_{P.MISSING_NOTE}_", ""]
         for g in T.perf_groups(results.perf):
             lines += [f"### {g.caption}", ""]
-            fig = by_name.get(f"perf-{g.slug}")
-            if fig:
+            for fig in P.placed(figures, "perf", g.slug):
                 lines += [f"![{fig.alt}]({plot_dir}/{fig.name}.svg)", ""]
             headers, rows = T.perf_table(g, results.peaks)
             lines += _md_table(headers, rows, right={i for i, h in enumerate(headers) if h != "impl"})
             notes = T.perf_notes(g, results.peaks)
             lines += [f"- {n}" for n in notes] + ([""] if notes else [])
-    error_figs = [f for f in figures or [] if f.name.startswith("errors-")]
+        for fig in P.placed(figures, "perf"):
+            lines += [f"![{fig.alt}]({plot_dir}/{fig.name}.svg)", ""]
+    error_figs = P.placed(figures, "errors")
     if checked and (error_figs or figures is None):
         lines += ["## Error ratios", ""]
         lines += [f"![{f.alt}]({plot_dir}/{f.name}.svg)" for f in error_figs] or [f"_{P.MISSING_NOTE}_"]
@@ -251,7 +251,6 @@ def _table(headers: list[str], rows: list[list[str]], cls: str = "", num: set[in
 
 def html_report(results: Results, figures: list[P.Plot] | None = None) -> str:
     """The report as one self-contained HTML page."""
-    by_name = {f.name: f for f in figures or []}
     body = ["<h1>attnbench report</h1>", f'<p class="sub">{_e(T.headline(results))}</p>']
     if results.env.get("synthetic"):
         body.append('<div class="banner">Synthetic sample data: not a measurement.</div>')
@@ -274,9 +273,9 @@ def html_report(results: Results, figures: list[P.Plot] | None = None) -> str:
         body += _html_correctness(checked)
         body += _html_failures(checked)
     if results.perf:
-        body += _html_perf(results, by_name, figures is None)
+        body += _html_perf(results, figures)
     if checked:
-        errs = [f for f in figures or [] if f.name.startswith("errors-")]
+        errs = P.placed(figures, "errors")
         body.append('<h2 id="errors">Error ratios</h2>')
         if figures is None:
             body.append(f'<p class="note">{_e(P.MISSING_NOTE)}</p>')
@@ -371,15 +370,13 @@ def _figure(fig: P.Plot) -> str:
     return f'<figure role="img" aria-label="{_e(fig.alt)}">{fig.inline()}<figcaption>{_e(fig.alt)}</figcaption></figure>'
 
 
-def _html_perf(results: Results, by_name: dict[str, P.Plot], no_plots: bool) -> list[str]:
+def _html_perf(results: Results, figures: list[P.Plot] | None) -> list[str]:
     out = ['<h2 id="performance">Performance</h2>', f'<p class="legend">{_e(_perf_legend(results))}</p>']
-    if no_plots:
+    if figures is None:
         out.append(f'<p class="note">{_e(P.MISSING_NOTE)}</p>')
     for g in T.perf_groups(results.perf):
         out.append(f"<h3>{_e(g.caption)}</h3>")
-        fig = by_name.get(f"perf-{g.slug}")
-        if fig:
-            out.append(_figure(fig))
+        out += [_figure(fig) for fig in P.placed(figures, "perf", g.slug)]
         best = T.best_tflops(g, results.peaks)
         headers, texts = T.perf_table(g, results.peaks)
         rows, classes, last = [], [], None
@@ -401,6 +398,7 @@ def _html_perf(results: Results, by_name: dict[str, P.Plot], no_plots: bool) -> 
         notes = T.perf_notes(g, results.peaks)
         if notes:
             out.append('<ul class="legend">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    out += [_figure(fig) for fig in P.placed(figures, "perf")]
     return out
 
 

@@ -108,7 +108,9 @@ def fmt_spread(row: PerfRow) -> str:
 
 # -- correctness matrix ----------------------------------------------------------------
 @dataclass
-class Cell:
+class MatrixCell:
+    """One (property, implementation) square of the correctness matrix: the worst status and ratio."""
+
     status: str = "none"  # pass | fail | error | skip | none (never run)
     ratio: float | None = None  # worst error ratio among the rows of the winning status
     rows: list[CorrectnessRow] = field(default_factory=list)
@@ -152,10 +154,10 @@ class Matrix:
     variant: str
     impls: list[str]
     properties: list[str]
-    cells: dict[tuple[str, str], Cell]  # (property, impl) -> cell
+    cells: dict[tuple[str, str], MatrixCell]  # (property, impl) -> cell
 
-    def cell(self, prop: str, impl: str) -> Cell:
-        return self.cells.get((prop, impl), Cell())
+    def cell(self, prop: str, impl: str) -> MatrixCell:
+        return self.cells.get((prop, impl), MatrixCell())
 
 
 def variant_order(names: list[str]) -> list[str]:
@@ -178,9 +180,9 @@ def matrices(rows: list[CorrectnessRow]) -> list[Matrix]:
     out = []
     for variant in variant_order([r.variant for r in rows]):
         vrows = by_variant[variant]
-        cells: dict[tuple[str, str], Cell] = {}
+        cells: dict[tuple[str, str], MatrixCell] = {}
         for row in vrows:
-            cells.setdefault((row.property, row.impl), Cell()).add(row)
+            cells.setdefault((row.property, row.impl), MatrixCell()).add(row)
         impls = list(dict.fromkeys(r.impl for r in vrows))
         props = list(dict.fromkeys(r.property for r in vrows))
         out.append(Matrix(variant, impls, props, cells))
@@ -243,6 +245,28 @@ def group_title(variant: str, mode: str, shape: dict[str, Any]) -> str:
 
 def seq_len(shape: dict[str, Any]) -> int:
     return int(shape.get("Sk") or shape.get("Sq") or shape.get("S") or 0)
+
+
+def cell_label(variant: str, mode: str, shape: dict[str, Any]) -> str:
+    """The one-line name of a benchmark cell: 'dense B4 H32/8 S1x4096 D128 causal bfloat16 fwd'
+    (a seed module: 'LocalMHA B1 S64 float32 fwd')."""
+    if "Sq" not in shape:
+        return f"{variant} B{shape.get('B')} S{shape.get('S')} {shape.get('dtype')} {mode}"
+    hkv = shape.get("Hkv", shape["Hq"])
+    parts = [f"B{shape['B']}", f"H{shape['Hq']}" + (f"/{hkv}" if hkv != shape["Hq"] else "")]
+    parts.append(f"S{shape['Sq']}" if shape["Sq"] == shape["Sk"] else f"S{shape['Sq']}x{shape['Sk']}")
+    parts.append(f"D{shape['D']}")
+    if shape.get("causal"):
+        parts.append("causal")
+    if shape.get("window") is not None:
+        parts.append(f"win{tuple(shape['window'])}")
+    if shape.get("block") is not None:
+        parts.append(f"block{tuple(shape['block'])}")
+    if shape.get("key_lengths") is not None or shape.get("key_drop"):
+        parts.append("key-padded")
+    if shape.get("bias") is not None:
+        parts.append(f"bias={shape['bias']}")
+    return f"{variant} " + " ".join([*parts, str(shape.get("dtype")), mode])
 
 
 def seq_label(shape: dict[str, Any]) -> str:
@@ -554,8 +578,8 @@ class CorrectnessChange:
     variant: str
     impl: str
     property: str
-    a: Cell
-    b: Cell
+    a: MatrixCell
+    b: MatrixCell
     verdict: str  # newly failing | fixed | new | gone | changed
 
 
@@ -695,15 +719,15 @@ def _correctness_changes(a: Results, b: Results) -> list[CorrectnessChange]:
     for m in matrices(rows_a + rows_b):
         for prop in m.properties:
             for impl in m.impls:
-                ca = ma[m.variant].cell(prop, impl) if m.variant in ma else Cell()
-                cb = mb[m.variant].cell(prop, impl) if m.variant in mb else Cell()
+                ca = ma[m.variant].cell(prop, impl) if m.variant in ma else MatrixCell()
+                cb = mb[m.variant].cell(prop, impl) if m.variant in mb else MatrixCell()
                 verdict = _cell_verdict(ca, cb)
                 if verdict:
                     out.append(CorrectnessChange(m.variant, impl, prop, ca, cb, verdict))
     return out
 
 
-def _cell_verdict(a: Cell, b: Cell) -> str:
+def _cell_verdict(a: MatrixCell, b: MatrixCell) -> str:
     bad = ("fail", "error")
     if a.status == b.status:
         return ""

@@ -20,6 +20,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from attnbench.reports import tables as T
+from attnbench.reports import text as X
 from attnbench.results import CorrectnessRow, Results
 
 WIDTH = 100  # the widest a summary line may be
@@ -477,3 +478,26 @@ def _compare_zoo(cmp: T.Comparison, console: Console) -> None:
     for z in cmp.zoo:
         bad = z.a == "caught" and z.b != "caught"
         console.print(Text(f"  {z.member}: {z.a or 'absent'} → {z.b or 'absent'}", style="red" if bad else ""))
+
+
+GATE_STYLE = {"regressed": "red", "broken": "red", "improved": "green", "missing": "yellow", "retimed": "yellow",
+              "no_reference": "yellow", "noisy": "yellow", "host_bound": "yellow"}
+
+
+def gate_table(result, verbose: bool = False) -> Table:
+    """A perf gate's rows worth reading (all of them with verbose) under its verdict (perf/gate.py's GateResult)."""
+    t = Table(title=result.summary(), title_justify="left", show_lines=False, min_width=100)
+    for name, justify in (("status", "left"), ("cell", "left"), ("impl", "left"), ("base ratio", "right"),
+                          ("now ratio", "right"), ("change", "right"), ("note", "left")):
+        t.add_column(name, justify=justify, overflow="fold")
+    shown = result.shown(verbose)
+    hidden = len([r for r in result.rows if r.status not in ("ok", "reference", "not_ok")]) - len(result.shown())
+    if not shown:
+        t.caption = f"every judged cell is within {result.threshold:.0%} of the baseline"
+    elif hidden > 0 and not verbose:
+        t.caption = f"{hidden} more informational rows (missing / new / ...): --verbose lists every cell"
+    for r in shown:
+        style = GATE_STYLE.get(r.status, "")
+        t.add_row(f"[{style}]{r.status}[/]" if style else r.status, r.cell, r.impl, X.ratio_text(r.base_ratio),
+                  X.ratio_text(r.cur_ratio), X.change_text(r.change), r.note)
+    return t

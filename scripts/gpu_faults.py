@@ -19,7 +19,7 @@ from pathlib import Path
 
 from attnbench.files import latest, write_atomic
 from attnbench.perf import bench
-from attnbench.perf.sweeps import Cell
+from attnbench.perf.cells import Cell
 from attnbench.spec import Spec
 
 NAMES = ("raises", "nan", "shape", "dtype", "sleeps", "oom", "mutates", "exits", "segfault")

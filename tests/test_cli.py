@@ -86,6 +86,8 @@ def kernels(tmp_path, monkeypatch):
         (["run", "--impl", "local/naive", "--variant", "dense"], "outside the selected --variant dense"),
         (["verify", "--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
         (["verify", "--impl", "mykernels:ALL[dense/nosuch]"], "matches none of its implementations"),
+        (["bench", "--sweep", "sequence"], "unknown sweep(s) ['sequence']"),
+        (["bench", "--device", "cpu", "--sweep", "seq"], "['seq'] have no shapes for cpu"),
     ],
 )  # fmt: skip
 def test_bad_selection_is_one_line_exit_2(kernels, capsys, argv, problem):
@@ -94,6 +96,15 @@ def test_bad_selection_is_one_line_exit_2(kernels, capsys, argv, problem):
     assert out.startswith("error: ") and problem in out, out
     assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
     assert "❌" not in out  # `:x` followed by `: ` is rich's emoji code for a cross mark
+
+
+def test_bench_lists_its_sweeps(capsys):
+    from attnbench.perf.sweeps import SWEEPS
+
+    code, out = _main(capsys, "bench", "--list-sweeps")
+    assert code == cli.EXIT_OK
+    names = [line.split()[0] for line in out.strip().splitlines()[1:]]
+    assert names == list(SWEEPS) and "seq" in names and "moa" in names
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA machine")

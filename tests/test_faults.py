@@ -23,8 +23,8 @@ from attnbench.app import cli, verify
 from attnbench.app.plugin import read_rows
 from attnbench.files import latest, write_atomic
 from attnbench.perf import bench
+from attnbench.perf.cells import Cell
 from attnbench.perf.isolate import Budgets
-from attnbench.perf.sweeps import Cell
 from attnbench.spec import Spec
 
 FAULTS = Path(__file__).parent / "faults"

@@ -333,14 +333,16 @@ def test_adapter_unavailable_reason_names_the_package(monkeypatch) -> None:
     assert tpl.local_attention.unavailable() == "local_attention not installed"
 
 
-def test_effective_flops_helper_counts_visible_pairs() -> None:
-    from attnbench.perf.local_bench import visible_pairs
+def test_the_work_model_counts_a_sliding_windows_visible_pairs() -> None:
+    from attnbench.perf.work import visible_pairs
+
+    def pairs(S: int, W: int) -> int:
+        return visible_pairs(Spec(B=1, Hq=1, Sq=S, D=4, causal=True, window=(W, 0)))
 
     S, W = 10, 3
-    want = sum(min(i, W) + 1 for i in range(S))  # causal window (W, 0): itself and W before
-    assert visible_pairs(S, W) == want
-    assert visible_pairs(4, 100) == 10  # W >= S: plain causal
-    assert math.isclose(visible_pairs(8192, 512), 8192 * 513 - 512 * 513 / 2)
+    assert pairs(S, W) == sum(min(i, W) + 1 for i in range(S))  # causal window (W, 0): itself and W before
+    assert pairs(4, 100) == 10  # W >= S: plain causal
+    assert math.isclose(pairs(8192, 512), 8192 * 513 - 512 * 513 / 2)
 
 
 # -- the LocalMHA adapter against the module oracle ----------------------------------------

@@ -37,7 +37,8 @@ def interp(monkeypatch):
 @pytest.fixture
 def compiled(monkeypatch):
     """Compiled kernels with the first fitting config (autotuning every spec x dtype would
-    compile ~18 configs each); test_gpu_autotuned and perf/triton_tune.py cover the tuner."""
+    compile ~18 configs each); test_gpu_autotuned and `attnbench bench --sweep anchors`
+    cover the tuner."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from attnbench.perf import bench, timing
-from attnbench.perf.sweeps import Cell
+from attnbench.perf import measure, timing
+from attnbench.perf.cells import Cell
 from attnbench.registry import registry
-from attnbench.reports import tables
-from attnbench.results import PerfRow, over_peak
+from attnbench.reports import tables, text
+from attnbench.results import PerfRow, Results, over_peak
 from attnbench.spec import Spec
 
-SETTINGS = bench.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
+SETTINGS = measure.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
 
 
 def test_the_peak_is_the_best_burst_after_an_idle_gap(monkeypatch):
@@ -50,10 +50,10 @@ def test_a_cell_above_the_peak_is_a_measurement_error():
     assert over_peak(100.5) and not over_peak(100.0) and not over_peak(None)
     naive = registry().get("dense/naive")
     cell = Cell("dense", "fwd", spec=Spec(B=1, Hq=2, Sq=32, D=16, causal=True))
-    row = bench.measure(naive, cell, SETTINGS, peaks={"matmul_tflops": 1e-9})
+    row = measure.measure(naive, cell, SETTINGS, peaks={"matmul_tflops": 1e-9})
     assert row.status == "ok" and row.pct_peak > 100
     assert "measurement error" in row.reason and "the peak probe read low" in row.reason
-    honest = bench.measure(naive, cell, SETTINGS, peaks={"matmul_tflops": 1e9})
+    honest = measure.measure(naive, cell, SETTINGS, peaks={"matmul_tflops": 1e9})
     assert "measurement error" not in honest.reason
     group = tables.PerfGroup(variant="dense", mode="fwd", shape={}, rows=[row, honest])
     cells = [tables.perf_cells(r, {}) for r in (row, honest)]
@@ -61,7 +61,7 @@ def test_a_cell_above_the_peak_is_a_measurement_error():
     assert cells[0][pct].endswith("?") and not cells[1][pct].endswith("?")
     notes = tables.perf_notes(group)
     assert len(notes) == 1 and "measurement error" in notes[0]
-    assert "!" in bench.table(bench.Results(perf=[row]))
+    assert "!" in text.perf_table(Results(perf=[row]))
 
 
 def test_old_rows_over_the_peak_are_flagged_in_reports_too():

@@ -13,12 +13,15 @@ import torch
 from rich.console import Console
 
 from attnbench.oracles.dense import visible
-from attnbench.perf import bench, slow, work
+from attnbench.perf import bench, cases, measure, slow, work
+from attnbench.perf.cells import Cell, ModuleCase, cell_key
 from attnbench.perf.gate import gate
 from attnbench.perf.memory import fit_exponent, memory_fits, verdict
-from attnbench.perf.sweeps import Cell, ModuleCase, cell_key, sweep_cells
+from attnbench.perf.sweeps import sweep_cells
 from attnbench.perf.timing import summarize, time_call
-from attnbench.registry import Impl, registry
+from attnbench.registry import MODULE_VARIANTS, Impl, registry
+from attnbench.reports import text
+from attnbench.reports.terminal import gate_table
 from attnbench.results import PerfRow, Results
 from attnbench.spec import Block, Spec
 
@@ -166,7 +169,7 @@ def test_gate_tolerates_noise_under_the_threshold():
     base = run(jitter=0.03, seed=1)
     for seed in range(2, 12):
         result = gate(run(jitter=0.03, seed=seed), base, threshold=0.10)
-        assert result.ok, str(result)
+        assert result.ok, text.gate_text(result)
 
 
 def test_gate_fails_a_regressed_cell_and_shows_it():
@@ -181,10 +184,10 @@ def test_gate_fails_a_regressed_cell_and_shows_it():
     improved = gate(run({**IMPLS, "naive": 4.0}), run())
     assert improved.ok and improved.counts["improved"] == 3
     console = Console(width=120, record=True)
-    console.print(result.table())
-    text = console.export_text()
-    assert "regressed" in text and "triton" in text and "+25.0%" in text
-    assert "FAIL" in str(result) and "regressed" in str(result)
+    console.print(gate_table(result))
+    shown = console.export_text()
+    assert "regressed" in shown and "triton" in shown and "+25.0%" in shown
+    assert "FAIL" in text.gate_text(result) and "regressed" in text.gate_text(result)
 
 
 def test_gate_does_not_judge_a_change_inside_the_timings_spread():
@@ -233,8 +236,8 @@ def test_gate_takes_a_gpu_bound_reference_where_the_preferred_one_was_host_bound
     current, base = flash_faster_at_1k(run()), run()
     assert {r.impl for r in gate(current, base).failures} == {"triton", "naive"}  # GPU-bound flex: judged
     result = gate(current, flash_host_bound(base))
-    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
-    assert result.ok, str(result)
+    rows = {(r.impl, r.cell.split()[3]): r for r in result.rows}
+    assert result.ok, text.gate_text(result)
     assert rows[("triton", "S1024")].reference == "naive" and rows[("triton", "S1024")].status == "ok"
     assert rows[("sdpa_flash", "S1024")].status == "host_bound"  # its own speed-up, against naive
     assert rows[("triton", "S2048")].reference == "sdpa_flash" and rows[("triton", "S2048")].status == "ok"
@@ -251,7 +254,7 @@ def test_gate_reports_missing_new_and_broken_cells():
     base = run(drop=(("naive", 4096),))
     current = run(drop=(("triton", 2048),), status={("naive", 2048): "oom"})
     result = gate(current, base)
-    by = {(r.impl, r.cell.split()[2]): r.status for r in result.rows}
+    by = {(r.impl, r.cell.split()[3]): r.status for r in result.rows}
     assert by[("triton", "S2048")] == "missing"
     assert by[("naive", "S4096")] == "new"
     assert by[("naive", "S2048")] == "broken"
@@ -270,11 +273,11 @@ def test_gate_does_not_compare_a_cell_across_timers():
     for r in current.perf:
         r.timer = "cuda_graph" if r.shape["Sq"] == 1024 else "cuda_events"
     result = gate(current, base)
-    by = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    by = {(r.impl, r.cell.split()[3]): r for r in result.rows}
     assert by[("triton", "S1024")].status == "retimed" and "cuda_graph" in by[("triton", "S1024")].note
     assert by[("sdpa_flash", "S1024")].status == "retimed"
     assert by[("triton", "S2048")].status == "regressed"
-    assert [r.cell.split()[2] for r in result.failures] == ["S2048", "S4096"]
+    assert [r.cell.split()[3] for r in result.failures] == ["S2048", "S4096"]
 
 
 def test_gate_reference_choice_and_fallback():
@@ -288,13 +291,13 @@ def test_gate_reference_choice_and_fallback():
     assert fallback.ok and {r.reference for r in fallback.rows} == {"naive"}
     # A cell whose preferred reference failed falls back (per cell) to the registry's reference...
     result = gate(run(status={("sdpa_flash", 4096): "error"}), run())
-    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    rows = {(r.impl, r.cell.split()[3]): r for r in result.rows}
     assert rows[("triton", "S4096")].status == "ok" and rows[("triton", "S4096")].reference == "naive"
     assert rows[("triton", "S2048")].reference == "sdpa_flash"
     assert rows[("sdpa_flash", "S4096")].status == "broken"
     # ... and a cell where no reference ran in both runs cannot be judged, and says so.
     result = gate(run(status={("sdpa_flash", 4096): "error", ("naive", 4096): "oom"}), run())
-    rows = {(r.impl, r.cell.split()[2]): r for r in result.rows}
+    rows = {(r.impl, r.cell.split()[3]): r for r in result.rows}
     assert rows[("triton", "S4096")].status == "no_reference"
     # finalize() picks the same per-cell reference for speedups.
     fin = bench.finalize(run(status={("sdpa_flash", 4096): "error"}).perf)
@@ -376,6 +379,39 @@ def test_sweeps_are_valid_and_keys_survive_json():
         Cell("dense", "forward", spec=Spec())
 
 
+def test_sweeps_are_named_selectable_and_checked():
+    from attnbench.perf import sweeps
+
+    assert sweeps.default_sweeps("cpu") == ["cpu"]
+    assert sweeps.default_sweeps("cuda:1")[:3] == ["seq", "window", "decode"] and "anchors" not in sweeps.default_sweeps("cuda")
+    chosen = sweep_cells(True, "cpu", names=["module", "anchors"])
+    assert {c.variant for c in chosen[:5]} == set(MODULE_VARIANTS) and chosen[5].variant == "dense"
+    assert len({c.key() for c in chosen}) == len(chosen)
+    every = [c for s in sweeps.SWEEPS.values() for d in s.devices for q in (True, False) for c in s.cells(d, q)]
+    assert all(c.device.split(":")[0] in sweeps.DEVICES for c in every)
+    assert {c.label() for c in sweep_cells(True, "cpu", names=["moa"]) if c.spec is not None and c.spec.has_padding}
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep_cells(True, "cpu", names=["sequence"])
+    with pytest.raises(ValueError, match="no shapes for cpu"):
+        sweeps.check_sweeps(["seq"], "cpu")
+    with pytest.raises(ValueError, match="registered twice"):
+        sweeps.sweep("seq")(lambda device, quick: [])
+    with pytest.raises(ValueError, match="devices"):
+        sweeps.sweep("tpu_only", devices=("tpu",))
+
+
+def test_the_moa_sweep_measures_on_the_cpu():
+    """The moa sweep's kinds of cell that no default sweep has (a key-padded routed problem, a
+    routed module with the study's constructor) time with the naive implementations."""
+    naive = [i for i in registry().impls.values() if i.name == "naive"]
+    moa = sweep_cells(True, "cpu", names=["moa"])
+    padded = next(c for c in moa if c.spec is not None and c.spec.has_padding and c.mode == "fwd")
+    routed = next(c for c in moa if c.variant == "MixtureOfAttention")
+    picked = [padded, routed]
+    rows = measure.run_cells(picked, naive, settings=SETTINGS, peaks={})
+    assert len(rows) == len(picked) and all(r.status == "ok" and r.ms > 0 for r in rows), rows
+
+
 # -- the harness on the CPU ----------------------------------------------------------------------
 
 
@@ -407,7 +443,7 @@ def _ooms(q, k, v, cfg, key_padding_mask=None, bias=None):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
 
 
-SETTINGS = bench.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
+SETTINGS = measure.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)
 
 
 def test_harness_times_a_cell_and_records_failures_without_aborting():
@@ -416,7 +452,7 @@ def test_harness_times_a_cell_and_records_failures_without_aborting():
     ooms = Impl(name="ooming", variant="dense", fn=_ooms, features={"causal", "backward"})
     no_bwd = Impl(name="fwd_only", variant="dense", fn=naive.fn, features={"causal"})
     cells = [Cell("dense", mode, spec=Spec(B=1, Hq=2, Sq=32, D=16, causal=True)) for mode in ("fwd", "fwdbwd")]
-    rows = bench.run_cells(cells, [broken, ooms, no_bwd, naive], settings=SETTINGS, peaks={"matmul_tflops": 1.0})
+    rows = measure.run_cells(cells, [broken, ooms, no_bwd, naive], settings=SETTINGS, peaks={"matmul_tflops": 1.0})
     by = {(r.impl, r.mode): r for r in rows}
     assert by[("exploding", "fwd")].status == "error" and "kernel exploded" in by[("exploding", "fwd")].reason
     assert by[("ooming", "fwd")].status == "oom"
@@ -440,22 +476,22 @@ def test_harness_runs_a_module_cell_and_the_budget_skips_the_rest():
     case = ModuleCase(tuple(sorted(dict(dim=32, heads=2, dim_head=8, causal=True).items())), B=1, S=16,
                       dtype="float32", device="cpu")
     cell = Cell("FlashAttentionTwo", "fwd", module=case)
-    row = bench.measure(impl, cell, SETTINGS, {})
+    row = measure.measure(impl, cell, SETTINGS, {})
     assert row.status == "ok", row.reason
     x = torch.zeros(1, 16, 32)
     assert row.tflops == pytest.approx(work.module_flops("FlashAttentionTwo", case.ctor, x) / row.ms / 1e9, rel=1e-3)
-    late = bench.run_cells([cell, cell], [impl], settings=bench.Settings(1, 5, 3, 200, budget_s=-1.0), peaks={})
+    late = measure.run_cells([cell, cell], [impl], settings=measure.Settings(1, 5, 3, 200, budget_s=-1.0), peaks={})
     assert [r.status for r in late] == ["skipped", "skipped"]
 
 
 def test_perf_inputs_are_seeded_and_shaped_like_the_spec():
     spec = Spec(B=2, Hq=4, Hkv=2, Sq=3, Sk=5, D=8, Dv=6, dtype="float16")
-    a, b = bench.perf_inputs(spec), bench.perf_inputs(spec)
+    a, b = cases.perf_inputs(spec), cases.perf_inputs(spec)
     assert a.q.shape == (2, 4, 3, 8) and a.k.shape == (2, 2, 5, 8) and a.v.shape == (2, 2, 5, 6)
     assert a.grad_out.shape == (2, 4, 3, 6) and not a.grad_out.requires_grad
     assert a.q.dtype == torch.float16 and a.q.requires_grad
-    assert torch.equal(a.q, b.q) and not torch.equal(a.q, bench.perf_inputs(spec.replace(seed=1)).q)
-    padded = bench.perf_inputs(Spec(B=2, Sq=4, key_lengths=(4, 1), bias="per_key"))
+    assert torch.equal(a.q, b.q) and not torch.equal(a.q, cases.perf_inputs(spec.replace(seed=1)).q)
+    padded = cases.perf_inputs(Spec(B=2, Sq=4, key_lengths=(4, 1), bias="per_key"))
     assert padded.key_padding_mask.tolist() == [[True] * 4, [True, False, False, False]]
     assert padded.bias.shape == (2, 1, 1, 4)
 
@@ -620,14 +656,14 @@ def test_first_calls_of_compiling_impls_are_recorded():
     naive = registry().get("dense/naive")
     compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
     cell = Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=8, D=8))
-    settings = bench.Settings.default(True, "cpu")
+    settings = measure.Settings.default(True, "cpu")
     calls: list = []
-    row = bench.measure(compiling, cell, settings, {}, first_calls=calls)
+    row = measure.measure(compiling, cell, settings, {}, first_calls=calls)
     assert row.status == "ok" and len(calls) == 1, (row, calls)
     assert calls[0]["impl"] == "dense/naive_c" and calls[0]["first_ms"] == row.first_ms
-    bench.measure(naive, cell, settings, {}, first_calls=calls)
+    measure.measure(naive, cell, settings, {}, first_calls=calls)
     assert len(calls) == 1  # naive does not compile
-    assert set(bench.compile_cache_counts()) >= {"fxgraph_cache_hit", "fxgraph_cache_miss"}
+    assert set(measure.compile_cache_counts()) >= {"fxgraph_cache_hit", "fxgraph_cache_miss"}
 
 
 def test_prewarm_gives_every_process_one_triton_cache(monkeypatch):
@@ -652,7 +688,7 @@ def test_autotuner_picks_are_collected_once_per_tuner_and_never_raise():
         raise RuntimeError("no tuner")
 
     a = Impl(name="tuned", variant="dense", fn=attention, tuning=picks)
-    got = bench.autotuner_picks([a, a.for_variant("local"), Impl(name="plain", variant="dense", fn=attention),
+    got = measure.autotuner_picks([a, a.for_variant("local"), Impl(name="plain", variant="dense", fn=attention),
                                  Impl(name="bad", variant="dense", fn=attention, tuning=broken)])
     assert got == {"dense/tuned": {"fwd[Sq=8]": {"BLOCK_M": 64}}, "dense/bad": {"error": "RuntimeError: no tuner"}}
 

@@ -67,7 +67,7 @@ def test_fmt_ratio(value, text):
 
 
 def test_cell_worst_status_and_ratio_win():
-    cell = T.Cell()
+    cell = T.MatrixCell()
     cell.add(CorrectnessRow("dense", "x", "p", "pass", error_ratio=0.3))
     assert cell.text() == "✓ 0.3" or cell.text() == "✓ 0.30"
     cell.add(CorrectnessRow("dense", "x", "p", "pass", error_ratio=0.7))
@@ -77,10 +77,10 @@ def test_cell_worst_status_and_ratio_win():
     cell.add(CorrectnessRow("dense", "x", "p", "pass", error_ratio=9.0))  # a pass never outranks a fail
     assert (cell.status, cell.text()) == ("fail", "✗ 4.2")
     assert cell.reasons() == ["too far", "further"]
-    skipped = T.Cell()
+    skipped = T.MatrixCell()
     skipped.add(CorrectnessRow("dense", "x", "p", "skip", reason="no bias"))
     assert skipped.text() == "–" and skipped.text(unicode=False) == "-"
-    crashed = T.Cell()
+    crashed = T.MatrixCell()
     crashed.add(CorrectnessRow("dense", "x", "p", "weird-status"))
     assert crashed.status == "error"
 
@@ -225,6 +225,31 @@ def test_rewriting_a_report_drops_stale_plots(results, tmp_path):
     stale.write_text("<svg/>")
     render.write_all(results, tmp_path)
     assert not stale.exists()
+
+
+def test_a_registered_plot_takes_one_function(results, monkeypatch):
+    """A figure registered for a section lands there: "perf" without an anchor at the end of
+    Performance, in the Markdown and the HTML; an unknown section or a misnamed figure is refused."""
+    monkeypatch.setattr(P, "PLOTTERS", list(P.PLOTTERS))
+    monkeypatch.setattr(P, "available", lambda: True)
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
+
+    @P.plot("perf")
+    def overview(results, colors):
+        yield P.Plot("perf-overview", "overview", svg, alt="every implementation at a glance")
+
+    monkeypatch.setattr(P, "PLOTTERS", [(s, f) for s, f in P.PLOTTERS if f is overview])
+    figures = P.all_plots(results)
+    assert [(f.name, f.section, f.anchor) for f in figures] == [("perf-overview", "perf", None)]
+    md = render.markdown(results, figures)
+    performance = md[md.index("## Performance"):md.index("## Bug zoo")]
+    assert performance.rstrip().endswith("![every implementation at a glance](plots/perf-overview.svg)")
+    assert "every implementation at a glance" in render.html_report(results, figures)
+    with pytest.raises(ValueError, match="unknown section 'appendix'"):
+        P.plot("appendix")
+    monkeypatch.setattr(P, "PLOTTERS", [("errors", overview)])
+    with pytest.raises(ValueError, match="must start with 'errors-'"):
+        P.all_plots(results)
 
 
 def test_rates_keep_significant_digits():

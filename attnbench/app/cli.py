@@ -16,12 +16,13 @@ from rich.text import Text
 from attnbench import procs
 from attnbench.app import verify
 from attnbench.files import new_run_dir, results_file, set_latest
-from attnbench.perf import gate
+from attnbench.perf import gate, sweeps
 from attnbench.perf.bench import run_bench
 from attnbench.perf.gate import add_arguments as gate_arguments
 from attnbench.registry import VARIANTS, error_line, is_target, load_zoo, registry
 from attnbench.reports.render import compare, write_all
 from attnbench.reports.terminal import Progress, not_verified, summary, verdict
+from attnbench.reports.text import sweep_table
 from attnbench.results import Results
 from attnbench.spec import FEATURES
 
@@ -256,7 +257,8 @@ def do_bench(args: argparse.Namespace, quick: bool):
     impls = args.impl or None
     with Progress() as progress:
         return run_bench(quick=quick, device=device, variants=args.variant or None, impls=impls,
-                         out=None, progress=lambda msg: _bench_progress(progress, msg), deadline_s=args.cell_deadline)
+                         out=None, progress=lambda msg: _bench_progress(progress, msg), deadline_s=args.cell_deadline,
+                         sweeps=getattr(args, "sweep", None))
 
 
 _BENCH_STEP = re.compile(r"\[(\d+)/(\d+)[^\]]*\]\s*(.*)")
@@ -284,7 +286,15 @@ def _broken_sources(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.list_sweeps:
+        print(sweep_table(sweeps.SWEEPS.values()))
+        return EXIT_OK
     problem = _check_impl_args(args)
+    if not problem and args.sweep:
+        try:
+            sweeps.check_sweeps(args.sweep, args.device or default_device())
+        except ValueError as exc:
+            problem = str(exc)
     if problem:
         return error(problem)
     results = do_bench(args, quick=args.quick)
@@ -446,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="latency, TFLOP/s and memory of every available implementation")
     selection(sp)
     sp.add_argument("--quick", action="store_true", help="a small sweep (< 2 min on a CPU)")
+    sp.add_argument("--sweep", action="append", default=None, metavar="NAME",
+                    help="run this registered sweep (repeatable; default: the device's default sweeps)")
+    sp.add_argument("--list-sweeps", action="store_true", help="list the registered sweeps and exit")
     bench_opts(sp)
     sp.add_argument("--out", default="results",
                     help="root folder: each run writes OUT/runs/<id>/ and OUT/latest points at it (default results/)")

@@ -1,8 +1,11 @@
-"""What each torch SDPA backend accepts on this machine: every backend of impls/sdpa.py on every
-case below (ignoring the declarations), judged against the float64 oracle with the suite's
-tolerance rule. Behind the declarations in impls/sdpa.py (NOTES.md, SDPA backends).
+"""What each torch SDPA backend accepts on this machine: every backend (math, efficient, flash,
+cuDNN) on every case of CASES in float32 / float16 / bfloat16, the declarations ignored, judged
+against the float64 oracle with the suite's tolerance rule. Behind the `supports` predicates of
+impls/sdpa.py (NOTES.md, SDPA backends): run it on a new torch before widening or dropping one.
 
-Run: python scripts/checks/sdpa_probe.py [cuda|cpu] [out.json]
+    python scripts/checks/sdpa_probe.py [cuda|cpu] [rows.json]
+
+Prints the refusals and wrong results, one line each, then the case x backend table.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from attnbench.impls.naive import attention as naive
 from attnbench.impls.sdpa import BACKENDS, attention
 from attnbench.oracles.dense import attention as oracle
 from attnbench.properties.tolerance import compare
+from attnbench.reports.text import grid_table
 from attnbench.spec import Spec
 
-PROBE_CASES = {
+DTYPES = ("float32", "float16", "bfloat16")
+CASES = {
     "plain": dict(),
     "causal": dict(causal=True),
     "causal Sq<Sk": dict(Sq=32, Sk=80, causal=True),
@@ -39,23 +44,24 @@ PROBE_CASES = {
 }
 
 
-def probe(device: str = "cuda", dtypes=("float32", "float16", "bfloat16")) -> list[dict]:
+def probe(device: str = "cuda", dtypes=DTYPES) -> list[dict]:
     """Run every backend on every case (ignoring the declarations) and judge it against the
     float64 oracle with the suite's tolerance rule. Returns rows {case, backend, dtype, result}."""
     rows = []
-    for case, fields in PROBE_CASES.items():
+    for case, fields in CASES.items():
         for backend in BACKENDS:
             for dtype in dtypes:
                 spec = Spec(**{**dict(B=2, Hq=4, Sq=64, D=64), **fields, "dtype": dtype, "device": device})
                 try:
-                    result = _probe_one(spec, backend, oracle, naive, compare)
+                    result = probe_one(spec, backend)
                 except Exception as exc:  # the point is to record what each backend refuses
                     result = "ERR " + f"{type(exc).__name__}: {exc}".replace("\n", " ")[:160]
                 rows.append(dict(case=case, backend=backend, dtype=dtype, result=result))
     return rows
 
 
-def _probe_one(spec: Spec, backend: str, oracle, naive, compare) -> str:
+def probe_one(spec: Spec, backend: str) -> str:
+    """One backend on one spec, forward and backward: ok, NaN or WRONG xN (the worst error ratio)."""
     grads = ["q", "k", "v"] + (["bias"] if spec.bias else [])
     inp = spec.make_inputs(requires_grad=True)
     out, _ = attention(inp.q, inp.k, inp.v, spec.config(), inp.key_padding_mask, inp.bias, backend=backend)
@@ -74,28 +80,30 @@ def _probe_one(spec: Spec, backend: str, oracle, naive, compare) -> str:
     return "ok" if worst <= 1 else f"WRONG x{worst:.3g}"
 
 
-def _probe_table(rows: list[dict]) -> str:
-    cols = [(b, d) for b in BACKENDS for d in ("float32", "float16", "bfloat16")]
+def table(rows: list[dict]) -> str:
+    """The case x (backend, dtype) grid: ok, ERR (refused) or WRONG xN (the error ratio)."""
     short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-    head = "| case | " + " | ".join(f"{b} {short[d]}" for b, d in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    cell = {(r["case"], r["backend"], r["dtype"]): r["result"] for r in rows}
-    for case in PROBE_CASES:
-        vals = []
-        for b, d in cols:
-            r = cell.get((case, b, d), "-")
-            vals.append("ok" if r.startswith("ok") else ("ERR" if r.startswith("ERR") else r))
-        lines.append(f"| {case} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+    cell = {(r["case"], f"{r['backend']} {short[r['dtype']]}"): r["result"] for r in rows}
+    columns = [f"{b} {short[d]}" for b in BACKENDS for d in DTYPES]
+    return grid_table("case", list(CASES), columns, lambda case, col: _short(cell.get((case, col), "-")))
 
 
-if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+def _short(result: str) -> str:
+    return "ok" if result.startswith("ok") else ("ERR" if result.startswith("ERR") else result)
+
+
+def main(argv: list[str]) -> int:
+    device = argv[0] if argv else ("cuda" if torch.cuda.is_available() else "cpu")
     found = probe(device)
-    if len(sys.argv) > 2:
-        with open(sys.argv[2], "w") as f:
+    if len(argv) > 1:
+        with open(argv[1], "w") as f:
             json.dump(found, f, indent=1)
     for r in found:
         if r["result"].startswith("ERR") or r["result"].startswith("WRONG"):
             print(f"{r['case']:>16} {r['backend']:>9} {r['dtype']:>8}: {r['result']}")
-    print(_probe_table(found))
+    print(table(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
