@@ -63,7 +63,13 @@ def key_padding(mask: torch.Tensor) -> MaskMod:
     return lambda b, h, q, k: mask[b, k]
 
 
-def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None = None) -> MaskMod | None:
+def document(doc_q: torch.Tensor, doc_k: torch.Tensor) -> MaskMod:
+    """Key k is visible to query q only within one document: doc_q[b, q] == doc_k[b, k]."""
+    return lambda b, h, q, k: doc_q[b, q] == doc_k[b, k]
+
+
+def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None = None,
+                document_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> MaskMod | None:
     """The mask_mod for a call, or None when every key is visible."""
     off = offset(Sq, Sk, cfg.align)
     mods = []
@@ -75,6 +81,8 @@ def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | 
         mods.append(blocked_window(cfg.block, off))
     if key_padding_mask is not None:
         mods.append(key_padding(key_padding_mask.bool()))
+    if document_ids is not None:
+        mods.append(document(*document_ids))
     return and_masks(*mods) if mods else None
 
 
@@ -89,8 +97,9 @@ def materialize(mod: MaskMod | None, B: int, Sq: int, Sk: int, device) -> torch.
     return mod(b, h, q, k).expand(B, 1, Sq, Sk)
 
 
-def dense_mask(cfg: Config, B: int, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    return materialize(from_config(cfg, Sq, Sk, key_padding_mask), B, Sq, Sk, device)
+def dense_mask(cfg: Config, B: int, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None, device,
+               document_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    return materialize(from_config(cfg, Sq, Sk, key_padding_mask, document_ids), B, Sq, Sk, device)
 
 
 def row_bounds(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
