@@ -304,8 +304,9 @@ class Pinned:
         return f"Pinned({self.spec.short()})"
 
 
-def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs) -> Spec | None:
-    """Draw a spec for `impl` (or take the pinned one); None when a pinned spec does not apply."""
+def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), quiet: bool = False, **kwargs) -> Spec | None:
+    """Draw a spec for `impl` (or take the pinned one); None when a pinned spec does not apply.
+    quiet: do not note the spec (the caller notes what it makes of it, e.g. draw_documents)."""
     if isinstance(data, Pinned):
         fixed = {k: v for k, v in kwargs.items() if k not in ("use", "forbid", "min_batch", "caps", "long")}
         spec = relax(data.spec, impl).replace(device=device, **fixed)
@@ -319,7 +320,8 @@ def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs
             return None  # a long pinned case, for an impl that is slow here: as long draws are
     else:
         spec = data.draw(specs_for(impl, needs, device, **kwargs), label="spec")
-    note(f"spec: {spec.short()}")
+    if not quiet:
+        note(f"spec: {spec.short()}")
     return spec
 
 
@@ -493,7 +495,9 @@ def draw_documents(data, spec: Spec, default: tuple[tuple[int, ...], ...] | None
         if default is None:
             half = max(1, spec.Sk // 2)
             default = tuple((half, spec.Sk - half) if spec.Sk > 1 else (spec.Sk,) for _ in range(spec.B))
-        return spec.replace(documents=default)
+        spec = spec.replace(documents=default)
+        note(f"spec: {spec.short()}")
+        return spec
     docs = []
     for _ in range(spec.B):
         edges = sorted({n for n in (1, 15, 16, 17) if 0 < n < spec.Sk})

@@ -35,7 +35,7 @@ DECODE = Pinned(Spec(Sq=2, Sk=9, Hq=2, Hkv=1), "queries of a cache: the document
 
 
 def _spec(data, impl, device, **kwargs) -> Spec | None:
-    spec = draw_spec(data, impl, device, needs=("document",), **kwargs)
+    spec = draw_spec(data, impl, device, needs=("document",), quiet=True, **kwargs)
     return None if spec is None else draw_documents(data, spec)
 
 
