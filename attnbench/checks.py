@@ -157,12 +157,22 @@ def _check_index(who: str, name: str, t: object, shape: tuple[int, ...]) -> None
         raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+def _check_sequence_config(cfg: object, who: str) -> None:
+    """The packed and paged conventions align bottom-right per sequence and take neither blocked
+    windows nor dropout."""
+    if not isinstance(cfg, Config):
+        raise ValueError(f"{who}: cfg must be an attnbench Config, got {type(cfg).__name__}")
+    if cfg.align != "bottom_right":
+        raise ValueError(f"{who}: packed and paged calls align bottom-right per sequence, got align={cfg.align!r}")
+    if cfg.block is not None or cfg.dropout_p:
+        raise ValueError(f"{who}: packed and paged calls take no blocked window and no dropout")
+
+
 def check_varlen(q: object, k: object, v: object, cu_seqlens_q: object, cu_seqlens_k: object, max_seqlen_q: object,
                  max_seqlen_k: object, cfg: object, who: str = "attention") -> list[tuple[int, int, int, int]]:
     """Raise ValueError unless the arguments follow the varlen convention (attnbench.packing);
     return each sequence's (q start, q end, k start, k end). Reads cu_seqlens (one host copy)."""
-    if not isinstance(cfg, Config):
-        raise ValueError(f"{who}: cfg must be an attnbench Config, got {type(cfg).__name__}")
+    _check_sequence_config(cfg, who)
     _check_heads(who, q, k, v, 3, ("(total_q, Hq, D)", "(total_k, Hkv, D)", "(total_k, Hkv, Dv)"))
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"{who}: v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (total_k, Hkv)")
@@ -194,8 +204,7 @@ def check_paged(q: object, k_cache: object, v_cache: object, block_table: object
     """Raise ValueError unless the arguments follow the paged convention (attnbench.packing);
     return cache_seqlens as a list. Reads cache_seqlens (one host copy); the table's entries
     are the caller's promise and are not read here."""
-    if not isinstance(cfg, Config):
-        raise ValueError(f"{who}: cfg must be an attnbench Config, got {type(cfg).__name__}")
+    _check_sequence_config(cfg, who)
     _check_heads(who, q, k_cache, v_cache, 4, ("(B, Hq, Sq, D)", "(num_blocks, block_size, Hkv, D)",
                                                "(num_blocks, block_size, Hkv, Dv)"))
     B, Hq, Sq, D = q.shape

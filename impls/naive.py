@@ -42,17 +42,13 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse
     return out, lse
 
 
-def _per_sequence(cfg: Config) -> Config:
-    return Config(scale=cfg.scale, causal=cfg.causal, window=cfg.window, block=cfg.block)
-
-
 def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
     """The packed batch as a loop over its sequences, each a dense call (B = 1)."""
     bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="naive")
     outs, lses = [], []
     for q0, q1, k0, k1 in bounds:
         qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        out, lse = attention(qb, kb, vb, _per_sequence(cfg))
+        out, lse = attention(qb, kb, vb, cfg)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
@@ -68,7 +64,7 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
         t = torch.arange(n, device=q.device)
         blocks = block_table[b].to(q.device).long()[t // size]
         kb, vb = (c[blocks, t % size].permute(1, 0, 2)[None] for c in (k_cache, v_cache))
-        out, lse = attention(q[b : b + 1], kb, vb, _per_sequence(cfg))
+        out, lse = attention(q[b : b + 1], kb, vb, cfg)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 0), torch.cat(lses, 0)

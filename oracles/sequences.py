@@ -16,11 +16,6 @@ from attnbench.oracles import dense
 from attnbench.spec import Config
 
 
-def _per_sequence(cfg: Config) -> Config:
-    """The config each sequence runs under: positions align bottom-right within the sequence."""
-    return Config(scale=cfg.scale, causal=cfg.causal, window=cfg.window, block=cfg.block)
-
-
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                      cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +25,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     outs, lses = [], []
     for q0, q1, k0, k1 in bounds:
         qb, kb, vb = (t.to(torch.float64).transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        out, lse = dense.attention(qb, kb, vb, _per_sequence(cfg))
+        out, lse = dense.attention(qb, kb, vb, cfg)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     Hq, Dv = q.shape[1], v.shape[2]
@@ -60,7 +55,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for b, n in enumerate(lengths):
         kb = gather(k_cache, table[b], n).to(torch.float64)[None]
         vb = gather(v_cache, table[b], n).to(torch.float64)[None]
-        out, lse = dense.attention(q[b : b + 1].to(torch.float64), kb, vb, _per_sequence(cfg))
+        out, lse = dense.attention(q[b : b + 1].to(torch.float64), kb, vb, cfg)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 0), torch.cat(lses, 0)
