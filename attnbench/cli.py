@@ -176,7 +176,7 @@ def do_verify(args: argparse.Namespace):
         outcome = verify.run(
             impls=args.impl, variants=args.variant, properties=args.property, profile=args.profile,
             device=device, seed=args.seed, zoo=args.zoo, on_row=on_row, on_start=on_start, on_collect=on_collect,
-            deadline_s=args.deadline,
+            deadline_s=args.deadline, workers=args.workers,
         )
     if outcome.not_run:
         console.print(f"[red]{len(outcome.not_run)} test(s) did not run[/] after crashes or timeouts: "
@@ -397,6 +397,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """A positive integer (an argparse type: a bad value is a one-line error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnbench", description="Verify attention implementations against float64 "
                                 "oracles, benchmark them, and report.")
@@ -426,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kill a test process that makes no progress for S seconds (no test started or "
                              "finished, no implementation called) and record a timeout (default: "
                              "ATTNBENCH_VERIFY_DEADLINE, else 300 on a CPU, 900 on CUDA)")
+        sp.add_argument("--workers", type=count, default=None, metavar="N",
+                        help="test processes running the checks in parallel (default: ATTNBENCH_VERIFY_WORKERS, "
+                             "else one per CPU core on a CPU, one per two cores on CUDA; at most 4)")
 
     def bench_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--cell-deadline", type=seconds, default=None, metavar="S",

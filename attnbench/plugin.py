@@ -41,6 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attnbench-results", default=None, help="append correctness rows here (JSON lines)")
     g.addoption("--attnbench-stream", action="store_true", help="print one machine-readable line per started/finished test")
     g.addoption("--attnbench-skip-file", default=None, help="deselect the node ids listed in this file (used on restart)")
+    g.addoption("--attnbench-shard", default=None,
+                help="I/N: run only every N-th check, starting at the I-th (verify's parallel test processes)")
     g.addoption("--attnbench-only-file", default=None,
                 help="run only the node ids listed in this file, in its order (GPU runs that cannot finish everything)")
 
@@ -150,11 +152,32 @@ def _check_impl_available(request: pytest.FixtureRequest) -> None:
 _CURRENT: list[pytest.Item] = []
 
 
-@pytest.hookimpl(hookwrapper=True)
+# CUDA errors after which the process's context is unusable (every later call fails the same way)
+STICKY_DEVICE_ERRORS = (
+    "illegal memory access", "unspecified launch failure", "device-side assert", "misaligned address",
+    "illegal instruction", "an illegal address", "CUDA error: launch failure",
+)
+# The exit code of a test process that ends itself because its device context is lost
+# (verify restarts it without the finished tests; pytest-xdist restarts the worker).
+DEVICE_LOST_EXIT = 75
+
+
+def sticky_device_error(text: str) -> bool:
+    return any(marker in text for marker in STICKY_DEVICE_ERRORS)
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     _CURRENT.append(item)
     try:
-        yield
+        result = yield
+        # Kernel launches are asynchronous: a fault surfaces at the next synchronizing call, which
+        # may be in another test. Synchronizing here charges it to the test that launched it.
+        if (item.config.getoption("device") or "cpu").startswith("cuda") and _impl_of(item) is not None:
+            import torch
+
+            torch.cuda.synchronize()
+        return result
     finally:
         _CURRENT.pop()
 
@@ -179,6 +202,7 @@ def measure():
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _select_properties(config, items)
+    _shard(config, items)
     path = config.getoption("attnbench_skip_file")
     if path and Path(path).exists():
         skip = set(Path(path).read_text().split("\n"))
@@ -192,6 +216,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if _STREAM:  # the number of checks this process will run, for a true progress total
         _emit({"event": "collected", "total": sum(isinstance(_impl_of(i), Impl) for i in items)})
         _emit({"event": "requested", **requested(config)})
+
+
+def _shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep this process's share of the checks (--attnbench-shard I/N): every N-th in collection
+    order, so each shard gets a mix of implementations and properties."""
+    value = config.getoption("attnbench_shard")
+    if not value:
+        return
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise pytest.UsageError(f"--attnbench-shard: expected I/N with 0 <= I < N, got {value!r}")
+    keep = [item for k, item in enumerate(items) if k % int(count) == int(index)]
+    config.hook.pytest_deselected(items=[item for k, item in enumerate(items) if k % int(count) != int(index)])
+    items[:] = keep
 
 
 def requested(config: pytest.Config) -> dict:
@@ -280,6 +318,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         "duration_s": round(report.duration, 3),
         "nodeid": item.nodeid,
     }
+    lost = failed and sticky_device_error(text)
+    if lost:
+        row["reason"] += " [the CUDA context is lost: the remaining tests run in a fresh process]"
     item.config.stash[_ROWS].append(row)
     _append_row(item.config, row)
     if failed:
@@ -287,6 +328,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.sections.append(("attnbench replay", detail))
     if _STREAM:
         _emit(row)
+    if lost:
+        _end_lost_device(item, row)
+
+
+def _end_lost_device(item: pytest.Item, row: dict) -> None:
+    """The test hit a sticky CUDA error: every later test in this process would fail with it and
+    be charged to the wrong implementation. Record why and end the process; its supervisor starts
+    a fresh one for the tests that are left (verify's loop, or pytest-xdist's worker restart)."""
+    message = f"{row['variant']}/{row['impl']} {row['property']}: the CUDA context is lost (sticky device error); ending this test process"
+    if _STREAM:
+        _emit({"event": "device_lost", "nodeid": item.nodeid, "message": message})
+    sys.stderr.write(f"attnbench: {message}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(DEVICE_LOST_EXIT)
 
 
 def _failed_ratio(call) -> float | None:

@@ -13,21 +13,24 @@ implementation never aborts the run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import attnbench.properties
 from attnbench import procs
-from attnbench.plugin import STREAM_PREFIX
+from attnbench.plugin import DEVICE_LOST_EXIT, STREAM_PREFIX
 from attnbench.reports.schema import CorrectnessRow, Results, ZooRow, environment
 
 PROPERTIES_DIR = Path(attnbench.properties.__file__).resolve().parent
@@ -101,6 +104,19 @@ def default_deadline(device: str) -> float:
     return 300.0 if device == "cpu" else 900.0
 
 
+def default_workers(device: str) -> int:
+    """Test processes a verify run uses: ATTNBENCH_VERIFY_WORKERS, else one per two CPU cores on
+    CUDA (at most 4: compiles are CPU-bound, the GPU has room for several) and one per CPU core
+    on a CPU (at most 4)."""
+    value = os.environ.get("ATTNBENCH_VERIFY_WORKERS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"ATTNBENCH_VERIFY_WORKERS must be a positive integer, got {value!r}")
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2 if device.startswith("cuda") else cores))
+
+
 def run(
     *,
     impls: Iterable[str] = (),
@@ -115,11 +131,13 @@ def run(
     on_collect: Callable[[int], None] | None = None,
     paths: Iterable[str] = (),
     deadline_s: float | None = None,
+    workers: int | None = None,
 ) -> Outcome:
     """paths: property files or folders to run instead of the installed suite (for tests).
     on_start(event): a check starts (event has nodeid, variant, impl, property); on_collect(n):
-    n checks are left to run in a freshly started test process.
-    deadline_s: seconds without progress before a child is killed (default: default_deadline)."""
+    n checks are left to run (called whenever a test process starts).
+    deadline_s: seconds without progress before a child is killed (default: default_deadline).
+    workers: test processes, each running every workers-th check (default: default_workers)."""
     if seed is None and not derandomized(profile):  # a seed the failures can print and the CLI can take
         seed = random.SystemRandom().randrange(2**32)
     base = pytest_args(
@@ -127,47 +145,114 @@ def run(
         paths=paths,
     )
     deadline_s = deadline_s if deadline_s is not None else default_deadline(device)
+    workers = workers if workers is not None else default_workers(device)
     env = dict(os.environ)
     if device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on the CPU
+        if workers > 1:  # torch's threads per process, so that the processes do not oversubscribe the cores
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     env["PYTHONUNBUFFERED"] = "1"
 
-    loop = _Loop(on_row=on_row, on_start=on_start, on_collect=on_collect)
-    log_parts: list[str] = []
-    collect_error = None
+    shared = _Shared(on_row=on_row, on_start=on_start, on_collect=on_collect)
+    shared.loops = [_Loop(on_row=shared.row, on_start=shared.start, on_collect=functools.partial(shared.collect, i))
+                    for i in range(workers)]
+    loops = shared.loops
     with tempfile.TemporaryDirectory(prefix="attnbench-verify-") as tmp:
-        skip_file = Path(tmp) / "skip.txt"
-        for _ in range(MAX_RESTARTS + 1):
-            skip_file.write_text("\n".join(sorted(loop.done)))
-            # -P: do not put the working directory first on sys.path; started from a checkout, its
-            # attnbench/ folder would shadow the installed package (whose subpackages live elsewhere).
-            args = [sys.executable, "-P", "-m", "pytest", *base, "-p", "attnbench.watchdog",
-                    "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
-            child = _run_child(args, env, loop, deadline_s)
-            log_parts.append("\n".join(child.tail))
-            if loop.usage_error:
-                break
-            if child.code in (0, 1, 5) and not child.timed_out:  # all ran (pass / some failed / none collected)
-                break
-            if child.current is None:  # died outside a test: collection or usage error
-                what = f"no progress for {deadline_s:.0f} s" if child.timed_out else f"pytest exited with code {child.code}"
-                collect_error = f"{what}:\n" + "\n".join(child.tail[-30:])
-                break
-            loop.fault(child, deadline_s)
-        else:  # the restart cap: what is left did not run, and says so
-            loop.give_up(f"not run: verify stopped restarting its test process after {MAX_RESTARTS} restarts")
-    results = Results(env=environment(), correctness=loop.rows)
+        jobs = [(loop, Path(tmp) / f"skip{i}.txt", [*base, *(["--attnbench-shard", f"{i}/{workers}"] if workers > 1 else [])])
+                for i, loop in enumerate(loops)]
+        if workers == 1:
+            ends = [_run_shard(*jobs[0], env, deadline_s)]
+        else:
+            stop = threading.Event()
+            pool = ThreadPoolExecutor(workers)
+            try:
+                ends = list(pool.map(lambda job: _run_shard(*job, env, deadline_s, stop), jobs))
+            except BaseException:  # an interrupt in this thread: no shard may start another process
+                stop.set()
+                procs.kill_all()
+                raise
+            finally:
+                pool.shutdown(wait=True)
+    rows = [row for loop in loops for row in loop.rows]
+    results = Results(env=environment(), correctness=rows)
     if seed is not None:
         results.env["hypothesis_seed"] = seed
     if zoo:
-        results.zoo = kill_table(loop.rows)
-    outcome = Outcome(results=results, log="\n".join(log_parts), crashed=loop.crashed, collect_error=collect_error,
-                      not_run=loop.not_run, usage_error=loop.usage_error, seed=seed)
+        results.zoo = kill_table(rows)
+    first = loops[0]
+    outcome = Outcome(
+        results=results, log="\n".join(log for _, log in ends),
+        crashed=[n for loop in loops for n in loop.crashed],
+        collect_error=next((error for error, _ in ends if error), None),
+        not_run=[n for loop in loops for n in loop.not_run],
+        usage_error=next((loop.usage_error for loop in loops if loop.usage_error), None), seed=seed,
+    )
     if not (outcome.usage_error or outcome.collect_error or zoo):
-        outcome.not_verified = not_verified(loop.rows, loop.requested, properties=properties)
+        outcome.not_verified = not_verified(rows, first.requested, properties=properties)
         if outcome.not_verified:
             results.env["not_verified"] = outcome.not_verified
     return outcome
+
+
+def _run_shard(loop: _Loop, skip_file: Path, base: list[str], env: dict, deadline_s: float,
+               stop: threading.Event | None = None) -> tuple[str | None, str]:
+    """One test process at a time for one shard of the checks, restarted without the finished
+    checks after a crash, a timeout or a lost CUDA context (never once `stop` is set).
+    Returns (collect error, log)."""
+    log_parts: list[str] = []
+    for _ in range(MAX_RESTARTS + 1):
+        if stop is not None and stop.is_set():
+            break
+        skip_file.write_text("\n".join(sorted(loop.done)))
+        # -P: do not put the working directory first on sys.path; started from a checkout, its
+        # attnbench/ folder would shadow the installed package (whose subpackages live elsewhere).
+        args = [sys.executable, "-P", "-m", "pytest", *base, "-p", "attnbench.watchdog",
+                "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
+        child = _run_child(args, env, loop, deadline_s)
+        log_parts.append("\n".join(child.tail))
+        if loop.usage_error:
+            break
+        if child.code in (0, 1, 5) and not child.timed_out:  # all ran (pass / some failed / none collected)
+            break
+        if child.code == DEVICE_LOST_EXIT and loop.device_lost and child.current is None:
+            loop.lost_device(loop.device_lost[-1])  # its row is recorded; the rest run in a fresh child
+            continue
+        if child.current is None:  # died outside a test: collection or usage error
+            what = f"no progress for {deadline_s:.0f} s" if child.timed_out else f"pytest exited with code {child.code}"
+            return f"{what}:\n" + "\n".join(child.tail[-30:]), "\n".join(log_parts)
+        loop.fault(child, deadline_s)
+    else:  # the restart cap: what is left did not run, and says so
+        loop.give_up(f"not run: verify stopped restarting its test process after {MAX_RESTARTS} restarts")
+    return None, "\n".join(log_parts)
+
+
+@dataclass
+class _Shared:
+    """The callbacks of a run, called from every shard's thread: serialized, with the progress
+    total summed over the shards (each shard's rows so far plus what its process has left)."""
+
+    on_row: Callable[[CorrectnessRow], None] | None
+    on_start: Callable[[dict], None] | None
+    on_collect: Callable[[int], None] | None
+    loops: list[_Loop] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    planned: dict[int, int] = field(default_factory=dict)  # shard -> its rows + left at its last start
+
+    def row(self, row: CorrectnessRow) -> None:
+        with self.lock:
+            if self.on_row:
+                self.on_row(row)
+
+    def start(self, event: dict) -> None:
+        with self.lock:
+            if self.on_start:
+                self.on_start(event)
+
+    def collect(self, shard: int, left: int) -> None:
+        with self.lock:
+            self.planned[shard] = len(self.loops[shard].rows) + left
+            if self.on_collect and len(self.planned) == len(self.loops):
+                self.on_collect(sum(self.planned.values()) - sum(len(loop.rows) for loop in self.loops))
 
 
 def derandomized(profile: str) -> bool:
@@ -206,6 +291,7 @@ class _Loop:
     not_run: list[str] = field(default_factory=list)
     collected: dict[str, str] = field(default_factory=dict)  # node id -> implementation key
     faults: Counter = field(default_factory=Counter)  # implementation key -> crashes + timeouts
+    device_lost: list[str] = field(default_factory=list)  # tests after which a child ended on a lost CUDA context
 
     def add(self, row: CorrectnessRow) -> None:
         self.rows.append(row)
@@ -226,6 +312,16 @@ class _Loop:
         self.faults[impl] += 1
         if self.faults[impl] >= MAX_FAULTS_PER_IMPL:
             self.give_up(f"not run: {impl} crashed or timed out {self.faults[impl]} times", impl)
+
+    def lost_device(self, nodeid: str) -> None:
+        """A test left its child's CUDA context unusable (its row says so): the fault counts
+        against its implementation like a crash."""
+        impl = self.collected.get(nodeid)
+        if impl is None:
+            return
+        self.faults[impl] += 1
+        if self.faults[impl] >= MAX_FAULTS_PER_IMPL:
+            self.give_up(f"not run: {impl} lost the CUDA context or crashed {self.faults[impl]} times", impl)
 
     def give_up(self, reason: str, impl: str | None = None) -> None:
         """Record every collected test (of impl, or all) that has not run as an error row."""
@@ -279,6 +375,9 @@ def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _C
             if kind == "requested":
                 event.pop("event")
                 loop.requested = event
+                continue
+            if kind == "device_lost":  # the child ends itself after this event: restart it
+                loop.device_lost.append(str(event.get("nodeid", "")))
                 continue
             if kind == "usage_error":
                 loop.usage_error = str(event["message"])

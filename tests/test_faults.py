@@ -292,3 +292,15 @@ def test_the_latest_pointer_is_a_file_where_symlinks_are_not_allowed(tmp_path, m
     files.set_latest(tmp_path, second)
     assert (tmp_path / "latest").read_text().strip() == f"runs/{second.name}"
     assert files.latest(tmp_path) == second and files.results_file(tmp_path) == second / "results.json"
+
+
+def test_a_lost_device_context_ends_the_test_process_and_the_rest_run_in_a_fresh_one(fault_env):
+    outcome = verify.run(impls=["fault_devicelost:impl", "dense/naive"], paths=[str(PROPS)])
+    rows = {(r.impl, r.property): r for r in outcome.results.correctness}
+    lost = rows[("fault_devicelost", "test_forward_matches_oracle")]
+    assert lost.status == "fail" and "CUDA context is lost" in lost.reason
+    # the tests after it ran in a fresh process, the fault's own other test included
+    assert rows[("fault_devicelost", "test_second_property")].status == "pass"
+    assert rows[("naive", "test_forward_matches_oracle")].status == "pass"
+    assert rows[("naive", "test_second_property")].status == "pass"
+    assert outcome.collect_error is None and not outcome.not_run
