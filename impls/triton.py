@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from attnbench.checks import check_call, check_paged, no_keys
+from attnbench.checks import check_call, check_paged, check_varlen, no_keys
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
 
@@ -393,6 +393,22 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
     return out, lse
 
 
+# -- packed (varlen) batches ----------------------------------------------------------------
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
+    """The varlen convention (attnbench.packing) on the dense kernel: one forward (and backward)
+    launch per sequence, on strided views of the packed tensors at the offsets cu_seqlens gives
+    (no copies). Not a single varlen launch: B launches per call. out (total_q, Hq, Dv), lse
+    (Hq, total_q) float32."""
+    bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="triton")
+    outs, lses = [], []
+    for q0, q1, k0, k1 in bounds:
+        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        out, lse = attention(qb, kb, vb, cfg)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
 # -- registration ---------------------------------------------------------------------------
 def supports(spec: Spec) -> str | None:
     if spec.device.split(":")[0] == "cpu":
@@ -430,8 +446,9 @@ triton_dense = Impl(
     name="triton",
     variant="dense",
     fn=attention,
-    features=FEATURES | {"paged_kv"},
+    features=FEATURES | {"paged_kv", "varlen"},
     paged=paged,
+    varlen=varlen,
     devices=("cuda", "cpu"),
     dtypes=("float32", "float16", "bfloat16"),
     requires=("triton",),
