@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attnbench.oracles import dense
 from attnbench.packing import PagedInputs, PagedSpec, append_kv
 from attnbench.properties import tolerance
 from attnbench.properties.harness import (
@@ -26,7 +27,6 @@ from attnbench.properties.harness import (
 )
 from attnbench.properties.strategies import Pinned, draw_case, paged_specs
 from attnbench.properties.test_agreement import pinned
-from attnbench.oracles import dense
 from attnbench.spec import Inputs
 
 pytestmark = pytest.mark.variant("dense")
@@ -89,7 +89,8 @@ def test_paged_equals_contiguous_cache(impl, device, measure, data):
     for b, (k, v) in enumerate(zip(ks, vs)):
         if not k.shape[2]:
             continue
-        one = Inputs(q=inputs.q[b : b + 1].clone(), k=k.contiguous(), v=v.contiguous(), key_padding_mask=None, bias=None, grad_out=inputs.grad_out[b : b + 1])
+        one = Inputs(q=inputs.q[b : b + 1].clone(), k=k.contiguous(), v=v.contiguous(), key_padding_mask=None,
+                     bias=None, grad_out=inputs.grad_out[b : b + 1])
         alone = run_impl(impl, next(shapes), one, cfg=spec.config())
         for name in _names(paged):
             if alone.get(name) is None:

@@ -76,3 +76,58 @@ def test_append_kv_fills_the_named_slots():
     five = torch.cat([k_new, k_new[:, :1]], 1)
     with pytest.raises(ValueError, match="append_kv"):
         append_kv(k_cache, v_cache, pool.block_table, lengths, five, five)  # 10 tokens > the table's 3 blocks of 3
+
+
+def test_impl_declares_a_call_convention_with_its_function():
+    from attnbench.impls import naive
+    from attnbench.registry import Impl
+
+    dense = naive.naive.features - {"varlen", "paged_kv"}
+    with pytest.raises(ValueError, match="'varlen' and the varlen function come together"):
+        Impl(name="x", variant="dense", fn=naive.attention, features=dense | {"varlen"})
+    with pytest.raises(ValueError, match="'paged_kv' and the paged function come together"):
+        Impl(name="x", variant="dense", fn=naive.attention, features=dense, paged=naive.paged)
+    impl = Impl(name="x", variant="dense", fn=naive.attention, features=dense | {"varlen"}, varlen=naive.varlen)
+    assert impl.covers(VarlenSpec(seqlens=((0, 2), (3, 3)), causal=True))
+    no_gqa = Impl(name="y", variant="dense", fn=naive.attention, features=dense - {"gqa"} | {"varlen"},
+                  varlen=naive.varlen)
+    assert no_gqa.why_not(VarlenSpec(seqlens=((1, 1),), Hq=2, Hkv=1)) == "unsupported features: gqa"
+    assert impl.why_not(PagedSpec()) == "unsupported features: paged_kv"
+
+
+def test_varlen_contract_is_checked_around_the_call():
+    from attnbench.checks import ContractError
+    from attnbench.impls import naive
+    from attnbench.properties.harness import call_varlen
+
+    spec = VarlenSpec(seqlens=((2, 3), (0, 1)), Hq=3)
+    inputs = spec.make_inputs()
+
+    def flat_lse(*args):
+        out, lse = naive.varlen(*args)
+        return out, lse.t()
+
+    def writes_k(*args):
+        result = naive.varlen(*args)
+        args[1].data.add_(1.0)
+        return result
+
+    with pytest.raises(ContractError, match="lse"):
+        call_varlen(flat_lse, inputs, spec.config(), who="flat")
+    with pytest.raises(ContractError, match="mutated its input k"):
+        call_varlen(writes_k, spec.make_inputs(), spec.config(), who="writer")
+    run = call_varlen(naive.varlen, inputs, spec.config(), who="naive")
+    assert run.out.shape == (2, 3, 16) and run.lse.shape == (3, 2)
+
+
+@pytest.mark.parametrize("cfg_change, why", [(dict(align="top_left"), "bottom-right"), (dict(dropout_p=0.1), "dropout")])
+def test_packed_calls_refuse_what_they_do_not_take(cfg_change, why):
+    import dataclasses
+
+    from attnbench.impls import naive
+
+    spec = VarlenSpec(seqlens=((2, 2),))
+    inputs = spec.make_inputs()
+    cfg = dataclasses.replace(spec.config(), **cfg_change)
+    with pytest.raises(ValueError, match=why):
+        naive.varlen(*inputs.args(), cfg)

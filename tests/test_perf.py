@@ -618,7 +618,8 @@ def test_first_calls_of_compiling_impls_are_recorded():
     """The sweep keeps, per compiling implementation's first call, its time and torch.compile's
     cache hits and misses (env.first_calls): where prewarm did not help shows up there."""
     naive = registry().get("dense/naive")
-    compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"}, compiles=True)
+    compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"},
+                     compiles=True)
     cell = Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=8, D=8))
     settings = bench.Settings.default(True, "cpu")
     calls: list = []
