@@ -184,6 +184,27 @@ def do_verify(args: argparse.Namespace):
     return outcome
 
 
+def _verify_keeping_partial(args: argparse.Namespace):
+    """do_verify; when a signal stops it and --out is given, the checks that finished are written
+    into a run folder of their own (env "interrupted" names the signal; `latest` does not move)
+    before the command ends."""
+    from attnbench import procs
+
+    try:
+        return do_verify(args)
+    except procs.Interrupted as stop:
+        partial = getattr(stop, "partial", None)
+        if args.out and partial is not None and partial.correctness:
+            from attnbench.files import new_run_dir
+            from attnbench.reports.render import write_all
+
+            # a run folder of its own; `latest` keeps pointing at the last finished run
+            paths = write_all(partial, new_run_dir(args.out))
+            print(f"attnbench: {len(partial.correctness)} finished check(s) kept in {paths['json']} (interrupted run)",
+                  file=sys.stderr)
+        raise
+
+
 def _suite_problem(outcome) -> int | None:
     """EXIT_USAGE with its one-line error when the suite refused the selection or could not start."""
     if outcome.usage_error:
@@ -219,7 +240,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return error(problem)
     from attnbench.reports.terminal import summary
 
-    outcome = do_verify(args)
+    outcome = _verify_keeping_partial(args)
     stop = _suite_problem(outcome)
     if stop is not None:
         return stop
@@ -357,7 +378,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_env(device)
     console.rule(f"attnbench run on {device}: verify ({args.profile} profile)")
     start = time.perf_counter()
-    outcome = do_verify(args)
+    outcome = _verify_keeping_partial(args)
     stop = _suite_problem(outcome)
     if stop is not None:
         return stop

@@ -336,7 +336,8 @@ def _end_lost_device(item: pytest.Item, row: dict) -> None:
     """The test hit a sticky CUDA error: every later test in this process would fail with it and
     be charged to the wrong implementation. Record why and end the process; its supervisor starts
     a fresh one for the tests that are left (verify's loop, or pytest-xdist's worker restart)."""
-    message = f"{row['variant']}/{row['impl']} {row['property']}: the CUDA context is lost (sticky device error); ending this test process"
+    message = (f"{row['variant']}/{row['impl']} {row['property']}: the CUDA context is lost (sticky device error); "
+               "ending this test process")
     if _STREAM:
         _emit({"event": "device_lost", "nodeid": item.nodeid, "message": message})
     sys.stderr.write(f"attnbench: {message}\n")

@@ -157,22 +157,12 @@ def run(
     shared.loops = [_Loop(on_row=shared.row, on_start=shared.start, on_collect=functools.partial(shared.collect, i))
                     for i in range(workers)]
     loops = shared.loops
-    with tempfile.TemporaryDirectory(prefix="attnbench-verify-") as tmp:
-        jobs = [(loop, Path(tmp) / f"skip{i}.txt", [*base, *(["--attnbench-shard", f"{i}/{workers}"] if workers > 1 else [])])
-                for i, loop in enumerate(loops)]
-        if workers == 1:
-            ends = [_run_shard(*jobs[0], env, deadline_s)]
-        else:
-            stop = threading.Event()
-            pool = ThreadPoolExecutor(workers)
-            try:
-                ends = list(pool.map(lambda job: _run_shard(*job, env, deadline_s, stop), jobs))
-            except BaseException:  # an interrupt in this thread: no shard may start another process
-                stop.set()
-                procs.kill_all()
-                raise
-            finally:
-                pool.shutdown(wait=True)
+    try:
+        ends = _run_shards(loops, base, env, deadline_s)
+    except procs.Interrupted as stop:  # the checks that finished are kept: the CLI writes them as a partial run
+        stop.partial = Results(env={**environment(), "interrupted": stop.name},
+                               correctness=[row for loop in loops for row in loop.rows])
+        raise
     rows = [row for loop in loops for row in loop.rows]
     results = Results(env=environment(), correctness=rows)
     if seed is not None:
@@ -192,6 +182,28 @@ def run(
         if outcome.not_verified:
             results.env["not_verified"] = outcome.not_verified
     return outcome
+
+
+def _run_shards(loops: list[_Loop], base: list[str], env: dict, deadline_s: float) -> list[tuple[str | None, str]]:
+    """Every shard to its end, one thread each; (collect error, log) per shard."""
+    workers = len(loops)
+    with tempfile.TemporaryDirectory(prefix="attnbench-verify-") as tmp:
+        jobs = [(loop, Path(tmp) / f"skip{i}.txt", [*base, *(["--attnbench-shard", f"{i}/{workers}"] if workers > 1 else [])])
+                for i, loop in enumerate(loops)]
+        if workers == 1:
+            ends = [_run_shard(*jobs[0], env, deadline_s)]
+        else:
+            stop = threading.Event()
+            pool = ThreadPoolExecutor(workers)
+            try:
+                ends = list(pool.map(lambda job: _run_shard(*job, env, deadline_s, stop), jobs))
+            except BaseException:  # an interrupt in this thread: no shard may start another process
+                stop.set()
+                procs.kill_all()
+                raise
+            finally:
+                pool.shutdown(wait=True)
+    return ends
 
 
 def _run_shard(loop: _Loop, skip_file: Path, base: list[str], env: dict, deadline_s: float,

@@ -304,3 +304,30 @@ def test_a_lost_device_context_ends_the_test_process_and_the_rest_run_in_a_fresh
     assert rows[("naive", "test_forward_matches_oracle")].status == "pass"
     assert rows[("naive", "test_second_property")].status == "pass"
     assert outcome.collect_error is None and not outcome.not_run
+
+
+def test_an_interrupted_verify_keeps_the_checks_that_finished(monkeypatch, tmp_path, capsys):
+    from attnbench import procs
+    from attnbench.reports.sample import sample_results
+    from attnbench.reports.schema import CorrectnessRow, Results
+
+    finished = CorrectnessRow(variant="dense", impl="naive", property="test_forward_matches_oracle", status="pass")
+
+    def interrupted_child(args, env, loop, deadline_s):
+        loop.add(finished)
+        raise procs.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(verify, "_run_child", interrupted_child)
+    with pytest.raises(procs.Interrupted) as stop:
+        verify.run(impls=["dense/naive"], paths=[str(PROPS)], workers=1)
+    assert stop.value.partial.correctness == [finished] and stop.value.partial.env["interrupted"] == "SIGINT"
+
+    root = tmp_path / "results"
+    old = cli.write_run(sample_results(), str(root))["json"]
+    monkeypatch.setattr(cli, "do_verify", lambda args: verify.run(impls=["dense/naive"], paths=[str(PROPS)], workers=1))
+    assert cli.main(["verify", "--impl", "dense/naive", "--device", "cpu", "--out", str(root)]) == 128 + signal.SIGINT
+    kept = [p for p in root.glob("runs/*/results.json") if p != old]
+    assert len(kept) == 1 and Results.load(kept[0]).correctness[0].impl == "naive"
+    assert Results.load(kept[0]).env["interrupted"] == "SIGINT"
+    assert latest(root) == old.parent.resolve()  # the last finished run stays the latest
+    assert "1 finished check(s) kept" in capsys.readouterr().err
