@@ -96,9 +96,10 @@ def _config(spec) -> Config:
 
 def cu_seqlens(lengths: list[int] | tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
     """int32 (B + 1,) prefix sums of the lengths, starting at 0."""
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32) if lengths else out[1:]
-    return out.to(device)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
 # -- varlen ------------------------------------------------------------------------------------
@@ -320,13 +321,6 @@ class PagedSpec:
             cache_seqlens=torch.tensor(self.cache_seqlens, dtype=torch.int32, device=dev),
             grad_out=grad_out.to(device=dev, dtype=dt),
         )
-
-
-def gather_cache(cache: torch.Tensor, block_table: torch.Tensor, length: int, b: int) -> torch.Tensor:
-    """Sequence b's first `length` tokens of a block pool, contiguous: (length, Hkv, D)."""
-    t = torch.arange(length, device=cache.device)
-    blocks = block_table[b].to(device=cache.device, dtype=torch.long)[t // cache.shape[1]]
-    return cache[blocks, t % cache.shape[1]]
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
