@@ -4,6 +4,8 @@ mask, with positions those of the padded sequence."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -116,10 +118,9 @@ def test_documents_equal_each_document_alone(impl, device, measure, data):
         part = spec.replace(Sq=length, Sk=length, documents=None)
         if not impl.covers(part):
             return
-        piece = Inputs(q=inputs.q[:, :, start : start + length].contiguous(),
-                       k=inputs.k[:, :, start : start + length].contiguous(),
-                       v=inputs.v[:, :, start : start + length].contiguous(), key_padding_mask=None, bias=None,
-                       grad_out=inputs.grad_out[:, :, start : start + length].contiguous())
+        # the document's tokens; whatever else the inputs carry for every position stays as it is
+        piece = dataclasses.replace(inputs, document_ids=None, **{
+            n: getattr(inputs, n)[:, :, start : start + length].contiguous() for n in ("q", "k", "v", "grad_out")})
         alone = run_impl(impl, part, piece)
         for name in quantities(whole, errors, False):
             if alone.get(name) is None:
