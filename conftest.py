@@ -1,5 +1,5 @@
 """Repository-level pytest configuration: the attnbench plugin parametrizes `impl` over the
-registry, adds --impl / --variant / --device / --zoo, and records results (attnbench/plugin.py).
+registry, adds --impl / --variant / --device / --zoo, and records results (attnbench/app/plugin.py).
 
 Without a CUDA device Triton can only run interpreted, and it must see TRITON_INTERPRET=1
 before it is first imported (a test module that imports triton first otherwise leaves every
@@ -13,4 +13,4 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest_plugins = ["attnbench.plugin"]
+pytest_plugins = ["attnbench.app.plugin"]

@@ -19,6 +19,10 @@ import subprocess
 import threading
 from collections.abc import Iterator
 
+# Starts each machine-readable line a child writes to its parent (verify's pytest, bench's worker):
+# `STREAM_PREFIX + json` on a line of its own, among the child's other output.
+STREAM_PREFIX = "@@attnbench "
+
 _LIVE: set[subprocess.Popen] = set()
 
 

@@ -6,6 +6,10 @@ scanning the package), in a third-party package exposed through the entry-point 
 guessed: a feature an implementation does not declare is never tested against it.
 
 Properties and benchmarks select implementations through `select()` and never name one.
+
+The registry sits below the implementations: it imports none of their code, and finds the
+built-in ones (and the bug zoo) by scanning their packages, named in BUILTIN and ZOO, as it finds
+third-party ones through entry points.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import torch
 from attnbench.spec import DTYPES, FEATURES, GRAD_LAYOUTS, LAYOUTS, Spec
 
 ENTRY_POINT_GROUP = "attnbench.impls"
+BUILTIN = "attnbench.impls"  # the package of the built-in implementations, one file each
+ZOO = "attnbench.zoo"  # the bug zoo: deliberately broken implementations, never registered by default
 
 # Variants: the functional kernels and the seed modules. Each has one oracle in oracles/.
 VARIANTS: dict[str, str] = {
@@ -246,12 +252,7 @@ class Registry:
         return found
 
     def load_builtin(self) -> None:
-        import attnbench.impls as pkg
-
-        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-            if info.name.startswith("_"):
-                continue
-            name = f"{pkg.__name__}.{info.name}"
+        for name in package_files(BUILTIN):
             try:
                 self.add_module(importlib.import_module(name), origin=name)
             except Exception as exc:  # one broken file never aborts the run
@@ -374,14 +375,18 @@ def error_line(exc: BaseException) -> str:
 _REGISTRY: Registry | None = None
 
 
+def package_files(package: str) -> list[str]:
+    """The module names of a package's files, sorted, leaving out private ones (`_name.py`)."""
+    pkg = importlib.import_module(package)
+    infos = sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name)
+    return [f"{package}.{info.name}" for info in infos if not info.name.startswith("_")]
+
+
 def load_zoo() -> list[Impl]:
     """The bug zoo: deliberately broken implementations, never registered by default."""
-    import attnbench.zoo as pkg
-
     found = Registry()
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            found.add_module(importlib.import_module(f"{pkg.__name__}.{info.name}"), origin=f"zoo.{info.name}")
+    for name in package_files(ZOO):
+        found.add_module(importlib.import_module(name), origin=f"zoo.{name.rsplit('.', 1)[-1]}")
     return list(found.impls.values())
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from attnbench.checks import check_call
-from attnbench.modules.hooks import seed_hooks
+from attnbench.impls._seed import seed_hooks, seed_module
+from attnbench.modules.flash_attention_two import FlashAttentionTwo
 from attnbench.registry import Impl
 from attnbench.spec import Config
 
@@ -284,16 +285,10 @@ blockwise = Impl(
 blockwise_local = blockwise.for_variant("local", "blockwise FlashAttention-2; key buckets outside the window are skipped")
 
 
-def _flash_attention_two(**kw):
-    from attnbench.modules.flash_attention_two import FlashAttentionTwo  # lazy: no import cycle
-
-    return FlashAttentionTwo(**kw)  # its default kernel is this one, with the module's bucket sizes
-
-
 blockwise_flash_attention_two = Impl(
     name="blockwise",
     variant="FlashAttentionTwo",
-    fn=_flash_attention_two,
+    fn=seed_module(FlashAttentionTwo, attention),  # the module passes its bucket sizes to this kernel
     features={"causal", "cross", "key_padding", "backward", "deterministic"},
     dtypes=("float64", "float32", "float16", "bfloat16"),
     memory="linear",

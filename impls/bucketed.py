@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from attnbench.checks import check_call
-from attnbench.modules.hooks import seed_hooks
+from attnbench.impls._seed import seed_hooks, seed_module
+from attnbench.modules.local_mha import LocalMHA
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
 
@@ -214,16 +215,10 @@ bucketed = Impl(
 )
 
 
-def _local_mha(**kw):
-    from attnbench.modules.local_mha import LocalMHA  # lazy: no import cycle
-
-    return LocalMHA(**kw, kernel=attention)
-
-
 bucketed_local_mha = Impl(
     name="bucketed",
     variant="LocalMHA",
-    fn=_local_mha,
+    fn=seed_module(LocalMHA, attention),
     features={"causal", "sliding_window", "blocked_window", "key_padding", "backward", "deterministic"},
     dtypes=("float64", "float32", "float16", "bfloat16"),
     memory="linear",

@@ -35,7 +35,7 @@ Limits (supports()), from interface.py's checks and what its tests verify:
 - fp8 (e4m3 / e5m2) is forward-only and SM100-only in FA4, and not a contract dtype yet.
 
 Upstream bugs (upstream_bug(), found by the H200 property run of 2026-12-03; canaries in
-tests/test_flash_attn4.py, scripts/diag/fa4_findings.py re-checks them):
+tests/test_flash_attn4.py, scripts/checks/fa4_findings.py re-checks them):
 - softmax_scale=0: out and lse are NaN (the contract: uniform attention, the mean of v).
 - key padding that leaves a batch element no key (varlen with an empty key sequence): dq is wrong
   (error 0.242 against an allowance of 0.0084 at Spec(B=2, Sq=2, key_lengths=(0, 2)), float16).
@@ -179,7 +179,7 @@ def upstream_bug(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     if _empty_batch_element(spec):
         return "a batch element with no kept key: FA4's varlen backward gives a wrong dq there"
     if spec.has_padding and "backward" in needs:
-        # H200, scripts/diag/fa4_findings.py: dq ratio 5.3 at Spec(B=2, Sq=5, key_lengths=(5, 2))
+        # H200, scripts/checks/fa4_findings.py: dq ratio 5.3 at Spec(B=2, Sq=5, key_lengths=(5, 2))
         # float16 and 7.7 with key_drop 0.25; the property run hit illegal memory accesses in
         # this backward (_bwd_preprocess)
         return "key padding with gradients: FA4's varlen backward gives a wrong dq (and faults)"

@@ -122,7 +122,7 @@ def _compiled_flex():
     allow_recompiles()
     # ATTNBENCH_FLEX_DYNAMIC=1 (opt-in, for cheap exploratory GPU property runs): torch's automatic
     # dynamic shapes, one size-generic kernel instead of one per shape; a different kernel from
-    # the static ones the benchmarks time and gpu_verify.sh tests (MoA flex once differed).
+    # the static ones the benchmarks time and gpu_verify.sh tests.
     dynamic = None if os.environ.get("ATTNBENCH_FLEX_DYNAMIC", "0") == "1" else False
     return torch.compile(flex_attention, dynamic=dynamic)
 
@@ -133,7 +133,7 @@ def _compiled_flex():
 # the GPU property rows). "No valid triton configs" is the error it raises.
 FP32_PADDED_DIMS_MAX = 256
 # Above this head dim a float32 flex kernel with a mask_mod beyond causal compiles for minutes
-# (scripts/diag/flex_fp32_compile.py): declared, so properties and sweeps skip it.
+# (scripts/checks/flex_fp32_compile.py): declared, so properties and sweeps skip it.
 FP32_FAST_COMPILE_DIM = 64
 # In 16 bits Inductor sizes the tiles by D alone: forward (BLOCK_M, BLOCK_N, stages) from its H100
 # table for D in {64, 128, 256}, (64, 64, 3) otherwise. _forward_smem_16bit reproduces the bytes
@@ -255,6 +255,7 @@ flex_eager = Impl(
     features=FORWARD | SEQUENCES,
     varlen=_eager_varlen,
     devices=("cpu",),
+    compiles=True,  # flex_attention outside torch.compile still traces through dynamo (backend "eager") per shape
     description="uncompiled FlexAttention on the CPU (unfused reference path; forward only)",
 )
 flex_eager_local = flex_eager.for_variant(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from attnbench.checks import check_call, check_document_ids, check_paged, check_varlen
+from attnbench.impls._seed import seed_hooks, seed_module
 from attnbench.masks import dense_mask
-from attnbench.modules.hooks import seed_hooks
+from attnbench.modules.flash_attention_two import FlashAttentionTwo
+from attnbench.modules.local_mha import LocalMHA
+from attnbench.modules.multi_query import MultiQueryAttention
 from attnbench.registry import Impl
 from attnbench.spec import Config
 
@@ -89,26 +92,10 @@ naive_local = naive.for_variant("local", "dense band mask over materialized scor
 
 
 # -- the seed modules on the naive kernel --------------------------------------------------
-# Module Impls are factories fn(**ctor_kwargs) -> nn.Module; the modules are imported lazily
-# because attnbench.modules imports this file for its default kernel.
-def flash_attention_two(**kw):
-    from attnbench.modules.flash_attention_two import FlashAttentionTwo
-
-    return FlashAttentionTwo(**kw, kernel=attention)
-
-
-def multi_query_attention(**kw):
-    from attnbench.modules.multi_query import MultiQueryAttention
-
-    kw.setdefault("attn_impl", "torch")
-    return MultiQueryAttention(**kw, kernel=attention)
-
-
-def local_mha(**kw):
-    from attnbench.modules.local_mha import LocalMHA
-
-    return LocalMHA(**kw, kernel=attention)
-
+# Module Impls are factories fn(**ctor_kwargs) -> nn.Module.
+flash_attention_two = seed_module(FlashAttentionTwo, attention)
+multi_query_attention = seed_module(MultiQueryAttention, attention, attn_impl="torch")
+local_mha = seed_module(LocalMHA, attention)
 
 _MODULE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 

@@ -152,7 +152,8 @@ def _pick_key(ker: ModuleType, kind: str, kwargs: dict) -> tuple:
 
 # Launch plans: the compiled kernel per specialization, called directly. Triton's JIT launch binds
 # ~50 keyword arguments and recomputes their specialization on every call (49-60 us of host time
-# on an H100 host: scripts/diag/triton_host.py); the compiled kernel's own launcher takes the arguments as they are.
+# on an H100 host: evidence/h100/runs/s7/call5-triton_host.json); the compiled kernel's own
+# launcher takes the arguments as they are.
 _PLANS: dict[tuple, tuple] = {}
 _MAX_PLANS = 4096
 PLAN_STATS = {"built": 0, "hits": 0}

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from attnbench.registry import MODULE_VARIANTS, VARIANTS, Impl, registry
-from attnbench.reports.schema import PerfRow, Results, environment, over_peak
+from attnbench.results import PerfRow, Results, environment, over_peak
 from attnbench.spec import Inputs, Spec
 
 from . import memory, prewarm, slow, work

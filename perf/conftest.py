@@ -133,7 +133,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if not out or not rows:
         return
     from attnbench.perf.bench import finalize, save
-    from attnbench.reports.schema import Results, environment
+    from attnbench.results import Results, environment
 
     results = Results(env=environment(), peaks=config.stash.get(PEAKS, {}))
     results.env.update({"bench_sweep": config.getoption("attnbench_sweep"), "xdist_worker":

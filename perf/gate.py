@@ -20,7 +20,8 @@ unless judge_host_bound (compare runs from one host, e.g. two runs in one CI job
 The reference is the denominator of every ratio in its cell, so a cell takes the first reference
 of the chain that was GPU-bound in both runs (a host-bound reference that runs faster on another
 host would "regress" implementations whose own times did not move: seen with sdpa_flash at
-0.32 ms on the H100, NOTES.md); if every candidate was host-bound, the cell's changes are host_bound.
+0.32 ms on the H100, evidence/h100/runs/s7/call3-gate-before-fix.txt); if every candidate was
+host-bound, the cell's changes are host_bound.
 
 Per device model: a run is compared only with a baseline of its own GPU model (env.device_name
 of a CUDA run; "cpu" for a CPU run). The default baseline is the committed one for the CURRENT
@@ -50,7 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnbench.reports.schema import PerfRow, Results
+from attnbench.results import PerfRow, Results
 
 from .timing import HOST_BOUND
 

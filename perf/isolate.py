@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnbench import procs
-from attnbench.plugin import STREAM_PREFIX
+from attnbench.procs import STREAM_PREFIX
 from attnbench.registry import Impl
-from attnbench.reports.schema import PerfRow
+from attnbench.results import PerfRow
 
 from .sweeps import Cell
 

@@ -33,7 +33,7 @@ import torch
 
 from attnbench.files import write_atomic
 from attnbench.registry import registry
-from attnbench.reports.schema import PerfRow, Results, environment
+from attnbench.results import PerfRow, Results, environment
 from attnbench.spec import Spec
 
 # H100 80GB HBM3, 2026-11-22 (/work/shared/anchors), effective TFLOP/s with the S * W count.

@@ -14,7 +14,7 @@ import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from attnbench.reports.schema import PerfRow, Results
+from attnbench.results import PerfRow, Results
 
 LINEAR_MAX = 1.3  # exponent allowed for a linear-memory implementation (constant overheads bend small S)
 QUADRATIC_MIN = 1.7

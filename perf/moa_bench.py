@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.files import write_atomic
-from attnbench.modules.mixture import MixtureOfAttention
 from attnbench.perf.timing import time_call
 from attnbench.registry import registry
 from attnbench.spec import Config
@@ -107,8 +106,9 @@ def module_rows(B, N, dim, H, dh, dtype, device, quick, flex: bool) -> list[dict
     models = [("module/dense", dense_kernel, 0, dense, lambda: dense(x))]
     variants = [(1, "batched"), (2, "batched"), (1, "loop")] + ([(1, "flex")] if flex else [])
     for E, strategy in variants:
-        m = MixtureOfAttention(dim, num_routed_queries=N // 2, num_routed_key_values=N // 2, num_experts=E,
-                               dim_head=dh, heads=H, strategy=strategy).to(device, dtype)  # auto kernel
+        make = registry().get(f"MixtureOfAttention/{strategy}").fn  # impls/moa_<strategy>.py; auto kernel
+        m = make(dim=dim, num_routed_queries=N // 2, num_routed_key_values=N // 2, num_experts=E, dim_head=dh,
+                 heads=H).to(device, dtype)
         models.append((f"module/moa_{strategy}", None, E, m, lambda m=m: m(x)))
         if strategy == "batched":
             models.append(("module/route_only", "-", E, m, lambda m=m: m.route(x).q_weight))

@@ -22,7 +22,7 @@ from attnbench.perf.conftest import bench_device
 from attnbench.perf.memory import LINEAR_MAX, memory_fits
 from attnbench.perf.sweeps import Cell, sweep_cells
 from attnbench.perf.timing import L2Flush, is_cuda, peak_memory, synchronize
-from attnbench.reports.schema import PerfRow
+from attnbench.results import PerfRow
 from attnbench.spec import Spec
 
 pytestmark = pytest.mark.perf

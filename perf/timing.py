@@ -303,12 +303,12 @@ def measure_peaks(device: str) -> dict[str, Any]:
     """The device's measured ceilings: the best matmul rate the chip reaches (bf16 on CUDA, fp32
     on the CPU) and a device copy (bytes read + written). TFLOP/s and GB/s of every row are read
     against these; a cell above 100% of the matmul peak is a measurement error
-    (reports.schema.over_peak).
+    (attnbench.results.over_peak).
 
     The matmul rate is the best short burst (10 products after 3 warm-ups, an idle gap before
     each, several bursts per shape, several shapes) after a short warm-up. Why bursts: under a
     long load an H200 reaches its power cap and lowers its clocks; a sustained probe then reads
-    the capped rate, not the best the chip does. reports/h200/peaks-probe-2026-12-03.json holds
+    the capped rate, not the best the chip does. evidence/h200/peaks-probe-2026-12-03.json holds
     the evidence: after 1 s of warm-up the clocks were 1965 MHz at 658 W and the windowed probe
     read 701 TFLOP/s; a sustained 3 s run fell to 1560 MHz and 676 TFLOP/s, where this machine
     type does 769-798 TFLOP/s as the mean of ten 8192^3 products after three warm-ups."""

@@ -1,9 +1,9 @@
 """Calibrate the tolerance rule: does it pass every correct kernel?
 
     python -m attnbench.properties.calibrate [--cases 500] [--dtypes float32 ...] [--jobs 2]
-        [--device cpu] [--seed 0] [--out reports/tolerance_calibration.json] [--raw rows.jsonl]
+        [--device cpu] [--seed 0] [--out evidence/tolerance_calibration.json] [--raw rows.jsonl]
 
-reports/tolerance_calibration.json is `--cases 800 --jobs 2` (16 minutes on the shared 2-core
+evidence/tolerance_calibration.json is `--cases 800 --jobs 2` (16 minutes on the shared 2-core
 box under load; the default 500 cases per dtype takes a few minutes on an idle one).
 
 For each dtype, draws `--cases` specs from the property suite's own strategy (everything naive

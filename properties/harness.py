@@ -553,3 +553,91 @@ def paged_scales(spec: PagedSpec, inputs: PagedInputs) -> dict[str, float]:
     parts = [(inputs.q[b : b + 1].detach(), k, v, inputs.grad_out[b : b + 1], spec.config())
              for b, (k, v) in enumerate(zip(ks, vs)) if k.shape[2]]
     return _sequence_scales(parts)
+
+
+def check_sampled_heads(impl, device: str, shape: dict, measure) -> None:
+    """One call on `shape`, then sampled rows of the first, a middle and the last (batch, head)
+    against the row-wise oracle (tests/test_reach.py runs it on a small shape on the CPU)."""
+    dtype = next((d for d in ("bfloat16", "float16") if d in impl.dtypes), None)
+    spec = Spec(**shape, dtype=dtype or "float32", device=device, causal="causal" in impl.features)
+    if dtype is None or not impl.covers(spec):
+        pytest.skip(f"{impl.key} does not cover {spec.short()}")
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the GPU: a CPU float64 draw would need 69 GB
+    q, k, v = (torch.randn(spec.B, spec.Hq, spec.Sq, spec.D, dtype=spec.torch_dtype, device=device, generator=g)
+               for _ in range(3))
+    try:
+        with torch.no_grad():
+            out, _ = impl.fn(q, k, v, spec.config())
+    except torch.cuda.OutOfMemoryError:
+        del q, k, v
+        pytest.skip(f"{impl.key}: out of GPU memory at {spec.short()} (materialized scores: B*H*S^2 = 2^36)")
+    rows = sample_rows(spec)
+    for b, h in ((0, 0), (spec.B // 2, spec.Hq // 2), (spec.B - 1, spec.Hq - 1)):
+        one = spec.replace(B=1, Hq=1, Hkv=1)
+        sub = Inputs(q=q[b : b + 1, h : h + 1], k=k[b : b + 1, h : h + 1], v=v[b : b + 1, h : h + 1],
+                     key_padding_mask=None, bias=None, grad_out=torch.zeros_like(q[:1, :1]))
+        with torch.no_grad():
+            ref = run_reference(impl, one, sub, rows)
+            want = run_oracle_rows(one, sub, rows)
+        got = rows_of(out[b : b + 1, h : h + 1], rows)
+        try:
+            check(measure, "out", got, want.out, ref.out, spec.dtype, scales_rows(one, sub, rows))
+        except AssertionError as exc:
+            raise AssertionError(f"batch {b}, head {h}: {exc}") from None
+
+
+# -- changed inputs and the reference's own error, for the metamorphic properties ---------
+def _generator(spec: Spec, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(spec.seed * 7919 + salt)
+
+
+def noise(like: torch.Tensor, spec: Spec, salt: int, scale: float = 1.0) -> torch.Tensor:
+    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved)."""
+    t = scale * torch.randn(like.shape, dtype=torch.float64, generator=_generator(spec, salt))
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def with_tensors(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
+    """A copy of `inputs` with these tensors replaced (each a fresh leaf, requiring grad as the one it replaces)."""
+    new = clone_inputs(inputs)
+    for name, t in tensors.items():
+        leaf = getattr(inputs, name)
+        setattr(new, name, t.detach().clone().requires_grad_(leaf.requires_grad if leaf is not None else False))
+    return new
+
+
+def references(spec: Spec, inputs: Inputs, impl: Impl, grad: bool = False, cfg: Config | None = None,
+               rows: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """The naive reference's own error per quantity and the floor scales, for check_runs; on
+    every row, or measured on sampled `rows` (out, lse and dq only) for a long problem."""
+    ref = run_reference(impl, spec, inputs, rows, grad=grad, cfg=cfg)
+    want = run_oracle_rows(spec, inputs, rows, grad=grad, cfg=cfg)
+    scales = scales_rows(spec, inputs, rows, cfg)
+    names = ["out"] + (["lse"] if ref.lse is not None else []) + sorted(n for n in want.grads if n in ref.grads)
+    errors = {n: reference_error(n, spec, ref, want)[0] for n in names}
+    return errors, scales
+
+
+# -- layouts ---------------------------------------------------------------------------------
+def _strided(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor is really not contiguous (a (B, S, 1, D) view transposed is)."""
+    return any(not t.is_contiguous() for t in tensors)
+
+
+def check_rejects(impl: Impl, spec: Spec) -> None:
+    """One spec in a layout the implementation does not declare: the call (with a grad layout,
+    the backward) must raise (test_layouts.test_undeclared_layouts_are_rejected)."""
+    grad = spec.grad_layout not in impl.grad_layouts
+    inputs = fresh_inputs(spec, impl, grad=grad)
+    strided = _strided(inputs.grad_out) if grad else _strided(inputs.q, inputs.k, inputs.v)
+    if not strided:
+        return  # at this shape the layout is the contiguous one: nothing to reject
+    what = f"grad_layout {spec.grad_layout!r}" if grad else f"layout {spec.layout!r}"
+    try:
+        run_impl(impl, spec, inputs, grad=grad)
+    except Exception:
+        return
+    raise AssertionError(
+        f"{impl.key} declares layouts {impl.layouts} / grad_layouts {impl.grad_layouts} but computed on "
+        f"{what} instead of raising"
+    )

@@ -30,7 +30,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hypothesis import note
+from hypothesis import example, note
 from hypothesis import strategies as st
 
 from attnbench.packing import PagedSpec, VarlenSpec
@@ -302,6 +302,17 @@ class Pinned:
 
     def __repr__(self) -> str:
         return f"Pinned({self.spec.short()})"
+
+
+def pinned(*pins: Pinned):
+    """Decorator: each pin becomes an explicit Hypothesis example of a `@given(data=st.data())`
+    property, in the order given."""
+    def wrap(test):
+        for pin in reversed(pins):
+            test = example(data=pin)(test)
+        return test
+
+    return wrap
 
 
 def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), quiet: bool = False, **kwargs) -> Spec | None:

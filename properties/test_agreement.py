@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from attnbench.properties.harness import (
@@ -27,7 +27,7 @@ from attnbench.properties.harness import (
     scales_of,
     scales_rows,
 )
-from attnbench.properties.strategies import Caps, Pinned, draw_spec
+from attnbench.properties.strategies import Caps, Pinned, draw_spec, pinned
 from attnbench.spec import Block, Spec
 
 pytestmark = pytest.mark.variant("dense", "local")
@@ -50,15 +50,6 @@ LONG_DECODE = Pinned(Spec(Sq=1, Sk=2049, causal=True), "decoding over 2049 keys:
 GRAD_STRIDED = Pinned(Spec(Hq=2, Sq=5, grad_layout="bshd"), "a transposed grad_out")
 PINS = (DECODE, SQ_GT_SK, GQA, DV_SCALE, PARTIAL_BLOCK, POLARITY, OVERFLOW, SCALE0, BIAS_AXIS, FP16_SUM, BLOCKED,
         STRIDED, GROUP16, LONG_DECODE)
-
-
-def pinned(*pins: Pinned):
-    def wrap(test):
-        for pin in reversed(pins):
-            test = example(data=pin)(test)
-        return test
-
-    return wrap
 
 
 @given(data=st.data())

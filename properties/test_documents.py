@@ -16,6 +16,7 @@ from attnbench.properties.harness import (
     check_runs,
     clone_inputs,
     fresh_inputs,
+    noise,
     quantities,
     reference_error,
     reference_impl,
@@ -24,10 +25,9 @@ from attnbench.properties.harness import (
     run_oracle,
     scales_of,
     wants_grad,
+    with_tensors,
 )
-from attnbench.properties.strategies import Pinned, draw_documents, draw_spec
-from attnbench.properties.test_agreement import pinned
-from attnbench.properties.test_masking import _noise, _with
+from attnbench.properties.strategies import Pinned, draw_documents, draw_spec, pinned
 from attnbench.spec import Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense")
@@ -83,12 +83,12 @@ def test_other_documents_change_nothing(impl, device, measure, data):
     changes = {}
     for salt, (name, mine) in enumerate((("q", mine_q), ("k", mine_k), ("v", mine_k))):
         t = getattr(inputs, name).detach().clone()
-        noise = _noise(t, spec, 70 + salt, 3.0)
+        noise = noise(t, spec, 70 + salt, 3.0)
         keep = torch.zeros(t.shape[0], 1, t.shape[2], 1, dtype=torch.bool, device=t.device)
         keep[0, 0, :, 0] = mine
         keep[1:] = True  # other batch elements keep their values: this is about documents
         changes[name] = torch.where(keep, t, noise)
-    other = _with(inputs, **changes)
+    other = with_tensors(inputs, **changes)
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, spec, other, grad=grad)
     _, _, errors = _references(spec, inputs, impl, grad)

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from attnbench.properties import tolerance
 from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, require, run_impl, scales_of, wants_grad
-from attnbench.properties.strategies import DTYPE_ORDER, Pinned, draw_spec
-from attnbench.properties.test_agreement import pinned
+from attnbench.properties.strategies import DTYPE_ORDER, Pinned, draw_spec, pinned
 from attnbench.spec import Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense", "local")

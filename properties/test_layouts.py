@@ -5,20 +5,14 @@ promises: the others are rejected with an error, never computed into garbage."""
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnbench.properties.harness import fresh_inputs, run_impl
+from attnbench.properties.harness import check_rejects
 from attnbench.properties.strategies import draw_spec
-from attnbench.spec import GRAD_LAYOUTS, LAYOUTS, Spec
+from attnbench.spec import GRAD_LAYOUTS, LAYOUTS
 
 pytestmark = pytest.mark.variant("dense", "local")
-
-
-def _strided(*tensors: torch.Tensor) -> bool:
-    """Whether any tensor is really not contiguous (a (B, S, 1, D) view transposed is)."""
-    return any(not t.is_contiguous() for t in tensors)
 
 
 @given(data=st.data())
@@ -40,22 +34,3 @@ def test_undeclared_layouts_are_rejected(impl, device, data):
         check_rejects(impl, spec.replace(layout=data.draw(st.sampled_from(others), label="layout")))
     else:
         check_rejects(impl, spec.replace(grad_layout=data.draw(st.sampled_from(grad_others), label="grad_layout")))
-
-
-def check_rejects(impl, spec: Spec) -> None:
-    """The body of test_undeclared_layouts_are_rejected for one spec in an undeclared layout:
-    the call (with a grad layout, the backward) must raise."""
-    grad = spec.grad_layout not in impl.grad_layouts
-    inputs = fresh_inputs(spec, impl, grad=grad)
-    strided = _strided(inputs.grad_out) if grad else _strided(inputs.q, inputs.k, inputs.v)
-    if not strided:
-        return  # at this shape the layout is the contiguous one: nothing to reject
-    what = f"grad_layout {spec.grad_layout!r}" if grad else f"layout {spec.layout!r}"
-    try:
-        run_impl(impl, spec, inputs, grad=grad)
-    except Exception:
-        return
-    raise AssertionError(
-        f"{impl.key} declares layouts {impl.layouts} / grad_layouts {impl.grad_layouts} but computed on "
-        f"{what} instead of raising"
-    )

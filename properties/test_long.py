@@ -16,20 +16,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from attnbench.properties.harness import (
-    check,
     check_runs,
+    check_sampled_heads,
     draw_rows,
     fresh_inputs,
+    references,
     require,
-    rows_of,
     run_impl,
-    run_oracle_rows,
-    run_reference,
-    sample_rows,
-    scales_rows,
 )
 from attnbench.properties.strategies import Pinned, draw_int, draw_spec
-from attnbench.properties.test_masking import _references
 from attnbench.spec import Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense")
@@ -87,7 +82,7 @@ def test_key_chunks_merge_to_the_whole(impl, device, measure, data):
         a = run_impl(impl, first, _keys(spec, inputs, slice(0, cut)))
         b = run_impl(impl, second, _keys(spec, inputs, slice(cut, spec.Sk)))
     out, lse = merge(a.out, a.lse, b.out, b.lse)
-    errors, scales = _references(spec, inputs, impl, rows=draw_rows(data, spec))
+    errors, scales = references(spec, inputs, impl, rows=draw_rows(data, spec))
     check_runs(measure, "out", out, whole.out.double(), impl, errors["out"], spec.dtype, scales["out"], exact=False)
     check_runs(measure, "lse", lse, whole.lse.double(), impl, errors["lse"], spec.dtype, scales["lse"], exact=False)
 
@@ -103,29 +98,4 @@ def test_int32_offsets_sampled_rows(impl, device, measure):
     computes element offsets in int32 reads the wrong memory for the last heads."""
     if not device.startswith("cuda"):
         pytest.skip("needs --device cuda (tensors of 2^31 elements)")
-    dtype = next((d for d in ("bfloat16", "float16") if d in impl.dtypes), None)
-    spec = Spec(**INT32_SHAPE, dtype=dtype or "float32", device=device, causal="causal" in impl.features)
-    if dtype is None or not impl.covers(spec):
-        pytest.skip(f"{impl.key} does not cover {spec.short()}")
-    g = torch.Generator(device=device).manual_seed(0)  # drawn on the GPU: a CPU float64 draw would need 69 GB
-    q, k, v = (torch.randn(spec.B, spec.Hq, spec.Sq, spec.D, dtype=spec.torch_dtype, device=device, generator=g)
-               for _ in range(3))
-    try:
-        with torch.no_grad():
-            out, _ = impl.fn(q, k, v, spec.config())
-    except torch.cuda.OutOfMemoryError:
-        del q, k, v
-        pytest.skip(f"{impl.key}: out of GPU memory at {spec.short()} (materialized scores: B*H*S^2 = 2^36)")
-    rows = sample_rows(spec)
-    for b, h in ((0, 0), (spec.B // 2, spec.Hq // 2), (spec.B - 1, spec.Hq - 1)):
-        one = spec.replace(B=1, Hq=1)
-        sub = Inputs(q=q[b : b + 1, h : h + 1], k=k[b : b + 1, h : h + 1], v=v[b : b + 1, h : h + 1],
-                     key_padding_mask=None, bias=None, grad_out=torch.zeros_like(q[:1, :1]))
-        with torch.no_grad():
-            ref = run_reference(impl, one, sub, rows)
-            want = run_oracle_rows(one, sub, rows)
-        got = rows_of(out[b : b + 1, h : h + 1], rows)
-        try:
-            check(measure, "out", got, want.out, ref.out, spec.dtype, scales_rows(one, sub, rows))
-        except AssertionError as exc:
-            raise AssertionError(f"batch {b}, head {h}: {exc}") from None
+    check_sampled_heads(impl, device, INT32_SHAPE, measure)

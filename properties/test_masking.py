@@ -27,59 +27,27 @@ from attnbench.properties.harness import (
     big_values,
     check,
     check_runs,
-    clone_inputs,
     draw_rows,
     fresh_inputs,
+    noise,
     position,
-    reference_error,
     reference_impl,
+    references,
     require,
     run_impl,
     run_oracle,
     run_oracle_rows,
-    run_reference,
     scales_of,
-    scales_rows,
     visible,
     wants_grad,
+    with_tensors,
 )
-from attnbench.properties.strategies import Pinned, draw_int, draw_spec
-from attnbench.properties.test_agreement import pinned
-from attnbench.spec import Block, Config, Inputs, Spec
+from attnbench.properties.strategies import Pinned, draw_int, draw_spec, pinned
+from attnbench.spec import Block, Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense", "local")
 
 MASKS = ("causal", "sliding_window", "blocked_window", "key_padding")
-
-
-def _generator(spec: Spec, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(spec.seed * 7919 + salt)
-
-
-def _noise(like: torch.Tensor, spec: Spec, salt: int, scale: float = 1.0) -> torch.Tensor:
-    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved)."""
-    t = scale * torch.randn(like.shape, dtype=torch.float64, generator=_generator(spec, salt))
-    return t.to(device=like.device, dtype=like.dtype)
-
-
-def _with(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
-    new = clone_inputs(inputs)
-    for name, t in tensors.items():
-        leaf = getattr(inputs, name)
-        setattr(new, name, t.detach().clone().requires_grad_(leaf.requires_grad if leaf is not None else False))
-    return new
-
-
-def _references(spec: Spec, inputs: Inputs, impl, grad: bool = False, cfg: Config | None = None,
-                rows: torch.Tensor | None = None):
-    """The naive reference's own error per quantity and the floor scales, for check_runs; on
-    every row, or measured on sampled `rows` (out, lse and dq only) for a long problem."""
-    ref = run_reference(impl, spec, inputs, rows, grad=grad, cfg=cfg)
-    want = run_oracle_rows(spec, inputs, rows, grad=grad, cfg=cfg)
-    scales = scales_rows(spec, inputs, rows, cfg)
-    names = ["out"] + (["lse"] if ref.lse is not None else []) + sorted(n for n in want.grads if n in ref.grads)
-    errors = {n: reference_error(n, spec, ref, want)[0] for n in names}
-    return errors, scales
 
 
 # -- causality -----------------------------------------------------------------------------
@@ -105,21 +73,21 @@ def test_causal_future_has_no_influence(impl, device, measure, data):
     inputs = fresh_inputs(spec, impl, grad=grad)
     big = big_values(spec.torch_dtype)
     k, v, q = inputs.k.detach().clone(), inputs.v.detach().clone(), inputs.q.detach().clone()
-    k[:, :, cut:] = _noise(k[:, :, cut:], spec, 1, big)
-    v[:, :, cut:] = _noise(v[:, :, cut:], spec, 2, big)
+    k[:, :, cut:] = noise(k[:, :, cut:], spec, 1, big)
+    v[:, :, cut:] = noise(v[:, :, cut:], spec, 2, big)
     later = [i for i in range(spec.Sq) if i not in rows]
-    q[:, :, later] = _noise(q[:, :, later], spec, 3)
+    q[:, :, later] = noise(q[:, :, later], spec, 3)
     changes = dict(q=q, k=k, v=v)
     if inputs.bias is not None:
         bias = inputs.bias.detach().clone()
-        bias[..., cut:] = _noise(bias[..., cut:], spec, 4, 4.0)
+        bias[..., cut:] = noise(bias[..., cut:], spec, 4, 4.0)
         changes["bias"] = bias
-    changed = _with(inputs, **changes)
+    changed = with_tensors(inputs, **changes)
 
     with torch.no_grad():
         base = run_impl(impl, spec, inputs)
         moved = run_impl(impl, spec, changed)
-    errors, scales = _references(spec, inputs, impl, rows=draw_rows(data, spec))
+    errors, scales = references(spec, inputs, impl, rows=draw_rows(data, spec))
     check_runs(measure, "out", moved.out[:, :, rows], base.out[:, :, rows], impl, errors["out"], spec.dtype,
                scales["out"])
     if base.lse is not None and "lse" in errors:
@@ -177,19 +145,19 @@ def test_masked_keys_have_no_influence(impl, device, measure, data):
     big = big_values(spec.torch_dtype)
     k, v = inputs.k.detach().clone(), inputs.v.detach().clone()
     where = dead.to(k.device)[:, None, :, None]
-    k = torch.where(where, torch.where(_noise(k, spec, 5) > 0, big, -big).to(k.dtype), k)
-    v = torch.where(where, torch.where(_noise(v, spec, 6) > 0, big, -big).to(v.dtype), v)
+    k = torch.where(where, torch.where(noise(k, spec, 5) > 0, big, -big).to(k.dtype), k)
+    v = torch.where(where, torch.where(noise(v, spec, 6) > 0, big, -big).to(v.dtype), v)
     changes = dict(k=k, v=v)
     if inputs.bias is not None:  # a huge positive bias on a masked key must not matter either
         bias = inputs.bias.detach().clone()
         cols = dead if bias.shape[0] == spec.B else dead.all(0, keepdim=True)
         bias = torch.where(cols.to(bias.device)[:, None, None, :], torch.full_like(bias, big), bias)
         changes["bias"] = bias
-    changed = _with(inputs, **changes)
+    changed = with_tensors(inputs, **changes)
 
     base = run_impl(impl, spec, inputs, grad=grad)
     moved = run_impl(impl, spec, changed, grad=grad)
-    errors, scales = _references(spec, inputs, impl, grad=grad, rows=draw_rows(data, spec))
+    errors, scales = references(spec, inputs, impl, grad=grad, rows=draw_rows(data, spec))
     for name in ["out", "lse"] + (["dq"] if grad else []):
         a, b = moved.get(name), base.get(name)
         if a is not None and name in errors:
@@ -215,8 +183,8 @@ def test_nan_in_masked_keys_is_ignored(impl, device, measure, data):
     k[dead.to(k.device)[:, None, :, None].expand_as(k)] = float("nan")
     with torch.no_grad():
         base = run_impl(impl, spec, inputs)
-        moved = run_impl(impl, spec, _with(inputs, k=k))
-    errors, scales = _references(spec, inputs, impl, rows=draw_rows(data, spec))
+        moved = run_impl(impl, spec, with_tensors(inputs, k=k))
+    errors, scales = references(spec, inputs, impl, rows=draw_rows(data, spec))
     check_runs(measure, "out", moved.out, base.out, impl, errors["out"], spec.dtype, scales["out"])
     if base.lse is not None and "lse" in errors:
         check_runs(measure, "lse", moved.lse, base.lse, impl, errors["lse"], spec.dtype, scales["lse"])
@@ -257,7 +225,7 @@ def test_empty_rows_are_zero_without_nan(impl, device, measure, data):
     if grad:
         for name, g in got.grads.items():
             _no_nan(name, g)
-        only_empty = _with(inputs)
+        only_empty = with_tensors(inputs)
         only_empty.grad_out = torch.where(empty.to(inputs.grad_out.device)[..., None], inputs.grad_out,
                                           torch.zeros_like(inputs.grad_out))
         run = run_impl(impl, spec, only_empty, grad=True)
@@ -293,7 +261,7 @@ def test_window_edges(impl, device, measure, data):
     at = torch.tensor(rows)
     vis = oracle_visible(spec.B, spec.Sq, spec.Sk, causal=spec.causal, window=spec.window, block=spec.block,
                          align=spec.align, key_padding_mask=inputs.key_padding_mask, rows=at)
-    errors, scales = _references(spec, inputs, impl, rows=at if spec.Sq > ALL_ROWS else None)
+    errors, scales = references(spec, inputs, impl, rows=at if spec.Sq > ALL_ROWS else None)
     with torch.no_grad():
         base = run_impl(impl, spec, inputs)
         base_oracle = run_oracle_rows(spec, inputs, at)
@@ -310,7 +278,7 @@ def test_window_edges(impl, device, measure, data):
             k[0, :, outside] = big
             v[0, :, outside] = -big
             with torch.no_grad():
-                moved = run_impl(impl, spec, _with(inputs, k=k, v=v))
+                moved = run_impl(impl, spec, with_tensors(inputs, k=k, v=v))
             try:
                 check_runs(measure, "out", moved.out[0, :, i], base.out[0, :, i], impl, errors["out"], spec.dtype,
                            scales["out"])
@@ -318,7 +286,7 @@ def test_window_edges(impl, device, measure, data):
                 raise AssertionError(f"{note_row}: keys {outside} just outside changed it: {exc}") from None
         v = inputs.v.detach().clone()
         v[0, :, [first, last]] += 4.0
-        edged = _with(inputs, v=v)
+        edged = with_tensors(inputs, v=v)
         with torch.no_grad():
             moved = run_impl(impl, spec, edged)
             moved_oracle = run_oracle_rows(spec, edged, at)
@@ -376,7 +344,7 @@ def test_window_none_0_equals_causal(impl, device, measure, data):
     with torch.no_grad():
         a = run_impl(impl, windowed, inputs)
         b = run_impl(impl, causal, inputs)
-    errors, scales = _references(causal, inputs, impl)
+    errors, scales = references(causal, inputs, impl)
     check_runs(measure, "out", a.out, b.out, impl, errors["out"], spec.dtype, scales["out"], exact=False)
     if a.lse is not None and "lse" in errors:
         check_runs(measure, "lse", a.lse, b.lse, impl, errors["lse"], spec.dtype, scales["lse"], exact=False)
@@ -410,14 +378,14 @@ def check_padding_appended(impl, spec: Spec, P: int, measure=lambda ratio: None)
                 continue
             shape = list(t.shape)
             shape[d] = P
-            extra = _noise(torch.empty(shape, dtype=t.dtype, device=t.device), spec, salt + d)
+            extra = noise(torch.empty(shape, dtype=t.dtype, device=t.device), spec, salt + d)
             t = torch.cat([t.detach(), extra], dim=d)
         return t
 
     kpm = inputs.key_padding_mask
     if kpm is None:
         kpm = torch.ones(spec.B, spec.Sk, dtype=torch.bool, device=inputs.q.device)
-    big = _with(inputs, q=grow(inputs.q, (2,), 10), k=grow(inputs.k, (2,), 20), v=grow(inputs.v, (2,), 30))
+    big = with_tensors(inputs, q=grow(inputs.q, (2,), 10), k=grow(inputs.k, (2,), 20), v=grow(inputs.v, (2,), 30))
     big.key_padding_mask = torch.cat([kpm, torch.zeros(spec.B, P, dtype=torch.bool, device=kpm.device)], dim=1)
     if inputs.bias is not None:
         big.bias = grow(inputs.bias, (2, 3), 40, broadcast=True).detach().requires_grad_(inputs.bias.requires_grad)
@@ -427,7 +395,7 @@ def check_padding_appended(impl, spec: Spec, P: int, measure=lambda ratio: None)
 
     base = run_impl(impl, spec, inputs, grad=grad)
     grown = run_impl(impl, spec, big, grad=grad)
-    errors, scales = _references(spec, inputs, impl, grad=grad)
+    errors, scales = references(spec, inputs, impl, grad=grad)
     S = spec.Sq
     check_runs(measure, "out", grown.out[:, :, :S], base.out, impl, errors["out"], spec.dtype, scales["out"],
                exact=False)

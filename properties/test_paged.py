@@ -25,8 +25,7 @@ from attnbench.properties.harness import (
     run_paged,
     run_paged_oracle,
 )
-from attnbench.properties.strategies import Pinned, draw_case, paged_specs
-from attnbench.properties.test_agreement import pinned
+from attnbench.properties.strategies import Pinned, draw_case, paged_specs, pinned
 from attnbench.spec import Inputs
 
 pytestmark = pytest.mark.variant("dense")

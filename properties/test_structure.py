@@ -7,10 +7,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnbench.properties.harness import check_runs, clone_inputs, fresh_inputs, quantities, require, run_impl, wants_grad
-from attnbench.properties.strategies import Pinned, draw_spec
-from attnbench.properties.test_agreement import pinned
-from attnbench.properties.test_masking import _noise, _references, _with
+from attnbench.properties.harness import (
+    check_runs,
+    clone_inputs,
+    fresh_inputs,
+    noise,
+    quantities,
+    references,
+    require,
+    run_impl,
+    wants_grad,
+    with_tensors,
+)
+from attnbench.properties.strategies import Pinned, draw_spec, pinned
 from attnbench.spec import Spec
 
 pytestmark = pytest.mark.variant("dense", "local")
@@ -31,10 +40,10 @@ def test_gqa_equals_mha_on_repeated_kv(impl, device, measure, data):
     G = spec.Hq // spec.Hkv
     grad = wants_grad(impl, spec, mha)
     inputs = fresh_inputs(spec, impl, grad=grad)
-    wide = _with(inputs, k=inputs.k.detach().repeat_interleave(G, 1), v=inputs.v.detach().repeat_interleave(G, 1))
+    wide = with_tensors(inputs, k=inputs.k.detach().repeat_interleave(G, 1), v=inputs.v.detach().repeat_interleave(G, 1))
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, mha, wide, grad=grad)
-    errors, scales = _references(spec, inputs, impl, grad=grad)
+    errors, scales = references(spec, inputs, impl, grad=grad)
     for name in quantities(a, errors, grad):
         want = b.get(name)
         if name in ("dk", "dv"):  # the grouped K / V gradient is the sum over its query heads
@@ -55,20 +64,20 @@ def test_batch_elements_are_independent(impl, device, measure, data):
     changes = {}
     for salt, name in enumerate(("q", "k", "v")):
         t = getattr(inputs, name).detach().clone()
-        t[1:] = _noise(t[1:], spec, 50 + salt, 3.0)
+        t[1:] = noise(t[1:], spec, 50 + salt, 3.0)
         changes[name] = t
     if inputs.bias is not None and inputs.bias.shape[0] == spec.B:
         bias = inputs.bias.detach().clone()
-        bias[1:] = _noise(bias[1:], spec, 60, 3.0)
+        bias[1:] = noise(bias[1:], spec, 60, 3.0)
         changes["bias"] = bias
-    other = _with(inputs, **changes)
+    other = with_tensors(inputs, **changes)
     if inputs.key_padding_mask is not None:  # other batch elements also get other padding
         kpm = other.key_padding_mask.clone()
         kpm[1:] = ~kpm[1:]
         other.key_padding_mask = kpm
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, spec, other, grad=grad)
-    errors, scales = _references(spec, inputs, impl, grad=grad)
+    errors, scales = references(spec, inputs, impl, grad=grad)
     names = quantities(a, errors, grad)
     # changing elements 1.. of an "expanded" K/V (one stored batch element) makes them dense: the
     # two runs then take different code paths, so they agree within the rule, not bit for bit
@@ -107,12 +116,12 @@ def test_key_permutation_equivariance(impl, device, measure, data):
     perm = torch.randperm(spec.Sk, generator=torch.Generator().manual_seed(spec.seed)).to(spec.device)
     grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
-    shuffled = _with(inputs, k=inputs.k.detach()[:, :, perm], v=inputs.v.detach()[:, :, perm])
+    shuffled = with_tensors(inputs, k=inputs.k.detach()[:, :, perm], v=inputs.v.detach()[:, :, perm])
     if inputs.key_padding_mask is not None:
         shuffled.key_padding_mask = inputs.key_padding_mask[:, perm]
     a = run_impl(impl, spec, inputs, grad=grad)
     b = run_impl(impl, spec, shuffled, grad=grad)
-    errors, scales = _references(spec, inputs, impl, grad=grad)
+    errors, scales = references(spec, inputs, impl, grad=grad)
     for name in quantities(a, errors, grad):
         want = a.get(name)[:, :, perm] if name in ("dk", "dv") else a.get(name)
         check_runs(measure, name, b.get(name), want, impl, errors[name], spec.dtype, scales[name], exact=False)

@@ -23,8 +23,7 @@ from attnbench.properties.harness import (
     run_varlen_oracle,
     varlen_scales,
 )
-from attnbench.properties.strategies import Pinned, draw_case, varlen_specs
-from attnbench.properties.test_agreement import pinned
+from attnbench.properties.strategies import Pinned, draw_case, pinned, varlen_specs
 from attnbench.spec import Inputs
 
 pytestmark = pytest.mark.variant("dense")

@@ -38,7 +38,7 @@ So scale(x) = T(x) + (LOGIT_GAIN[x] / ULPS[x]) * L * G(x), G(x) = T(x) except G(
 the same constants hold for every dtype: eps carries the dtype (in float16 / bfloat16 a valid
 kernel may round the logits or q * scale in the input dtype, as PyTorch's math backend does).
 
-Calibration (python -m attnbench.properties.calibrate; reports/tolerance_calibration.json):
+Calibration (python -m attnbench.properties.calibrate; evidence/tolerance_calibration.json):
 four independently written correct orderings (properties/orderings.py), 752 distinct drawn
 specs per dtype (float32, float16, bfloat16, float64), forward and backward: 69,000 verdicts,
 no false alarm, the worst ratio 0.34 (float64 lse), 0.21 in float32 (the error model alone,

@@ -11,8 +11,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from attnbench.reports.schema import Results
 from attnbench.reports.tables import Matrix, PerfGroup, checked_rows, matrices, perf_groups, seq_len
+from attnbench.results import Results
 
 MISSING_NOTE = "Plots need matplotlib: pip install 'attnbench[plots]'."
 _PALETTE = (

@@ -15,7 +15,7 @@ from pathlib import Path
 from attnbench.files import write_atomic
 from attnbench.reports import plots as P
 from attnbench.reports import tables as T
-from attnbench.reports.schema import CorrectnessRow, Results
+from attnbench.results import CorrectnessRow, Results
 
 LEGEND = (
     "✓ pass · ✗ fail · ! error (the check crashed) · – unsupported · blank: not run in these results. "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from attnbench.reports.schema import CorrectnessRow, PerfRow, Results, ZooRow
+from attnbench.results import CorrectnessRow, PerfRow, Results, ZooRow
 
 PROPERTIES = (
     "output_matches_oracle",

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnbench.reports.schema import CorrectnessRow, PerfRow, Results, ZooRow, over_peak
+from attnbench.results import CorrectnessRow, PerfRow, Results, ZooRow, over_peak
 
 # A matrix cell merges every row of one (variant, impl, property); the worst status wins.
 _SEVERITY = {"none": 0, "skip": 1, "pass": 2, "error": 3, "fail": 4}
@@ -379,7 +379,7 @@ def perf_table(group: PerfGroup, peaks: dict[str, Any]) -> tuple[list[str], list
 
 
 NOISE_LIMIT = 50.0  # % : half the p20-p80 range over the median; noisier cells are not measurements to rank
-PEAK_LIMIT = 100.0  # % of the measured peak: more is a timing or peak error (schema.over_peak)
+PEAK_LIMIT = 100.0  # % of the measured peak: more is a timing or peak error (attnbench.results.over_peak)
 
 
 def noise_pct(row: PerfRow) -> float | None:

@@ -20,7 +20,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from attnbench.reports import tables as T
-from attnbench.reports.schema import CorrectnessRow, Results
+from attnbench.results import CorrectnessRow, Results
 
 WIDTH = 100  # the widest a summary line may be
 _STATUS_STYLE = {"pass": "green", "fail": "bold red", "error": "bold yellow", "skip": "dim", "none": "dim"}

@@ -38,7 +38,7 @@ def main() -> int:
     env = dict(os.environ)
     env.pop("ATTNBENCH_BENCH_DEADLINE")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "attnbench.cli", "bench", "--quick", "--device", "cuda",
+    done = subprocess.run([sys.executable, "-m", "attnbench.app.cli", "bench", "--quick", "--device", "cuda",
                            "--out", str(out / "results")], env=env, capture_output=True, text=True)
     report["quick_rc"] = done.returncode
     report["quick_seconds"] = round(time.perf_counter() - start, 1)

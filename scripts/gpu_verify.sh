@@ -37,7 +37,7 @@ if [ -n "${DONE:-}" ]; then
 fi
 # rows go to a fresh folder per call: the plugin appends, and a reused machine keeps /tmp
 rows=$(mktemp -d /tmp/attnbench-rows.XXXXXX)
-timeout "${2:-400}" python3 -m pytest properties -p attnbench.plugin --device cuda --hypothesis-profile ci \
+timeout "${2:-400}" python3 -m pytest properties -p attnbench.app.plugin --device cuda --hypothesis-profile ci \
     "${sel[@]}" "${common[@]}" "${skip[@]}" --attnbench-results "$rows/gpu_rows.jsonl" \
     >"$out/gpu_properties.log" 2>&1
 echo "gpu properties: exit $? : $(tail -n 1 "$out/gpu_properties.log")"

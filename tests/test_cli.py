@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from attnbench import cli, verify
-from attnbench.plugin import _counterexample, _failed_ratio, strip_markers
+from attnbench.app import cli, verify
+from attnbench.app.plugin import _counterexample, _failed_ratio, strip_markers
 from attnbench.registry import Registry, registry
 from attnbench.reports import tables as T
-from attnbench.reports.schema import SCHEMA, PerfRow, Results
+from attnbench.results import SCHEMA, PerfRow, Results
 
 ATTNBENCH = Path(sys.executable).parent / "attnbench"
 
@@ -175,7 +175,7 @@ def test_the_ratio_is_the_one_the_tolerance_message_states():
 
 # -- no silent pass ------------------------------------------------------------------------
 def test_not_verified_names_what_checked_nothing():
-    from attnbench.reports.schema import CorrectnessRow
+    from attnbench.results import CorrectnessRow
 
     rows = [
         CorrectnessRow("dense", "naive", "test_a", "pass"),
@@ -336,7 +336,7 @@ def test_the_bench_bar_advances_and_names_its_cell():
 
 
 def test_failures_decide_the_exit_code_before_what_was_not_verified():
-    from attnbench.reports.schema import CorrectnessRow
+    from attnbench.results import CorrectnessRow
 
     failed = verify.Outcome(Results(correctness=[CorrectnessRow("dense", "x", "test_a", "fail")]),
                             not_verified=["dense/y: every check skipped: needs CUDA"])

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from attnbench import verify
+from attnbench.app import verify
 from attnbench.impls import naive
 from attnbench.impls.sdpa import sdpa_math
 from attnbench.properties.harness import ContractError, clone_inputs, fresh_inputs, module_call, run_impl

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from attnbench.reports import schema
+from attnbench import results as schema
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="no git")
 
@@ -21,8 +21,8 @@ def git(cwd, *args: str) -> str:
 def test_commit_is_the_checkouts_own_or_none(tmp_path, monkeypatch):
     monkeypatch.delenv("ATTNBENCH_COMMIT", raising=False)
     outer = tmp_path / "outer"
-    (outer / "copy" / "reports").mkdir(parents=True)
-    (outer / "copy" / "reports" / "schema.py").write_text("# a copied project\n")
+    (outer / "copy" / "attnbench").mkdir(parents=True)
+    (outer / "copy" / "attnbench" / "results.py").write_text("# a copied project\n")
     git(outer, "init", "-q")
     git(outer, "add", "-A")
     git(outer, "commit", "-qm", "outer")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from attnbench import cli, verify
+from attnbench.app import cli, verify
+from attnbench.app.plugin import read_rows
 from attnbench.files import latest, write_atomic
 from attnbench.perf import bench
 from attnbench.perf.isolate import Budgets
 from attnbench.perf.sweeps import Cell
-from attnbench.plugin import read_rows
 from attnbench.spec import Spec
 
 FAULTS = Path(__file__).parent / "faults"
@@ -202,7 +202,7 @@ def test_runs_never_overwrite_each_other_and_report_writes_beside(tmp_path, caps
 def test_a_torn_row_is_skipped_with_a_warning(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"variant": "dense", "impl": "naive", "property": "p", "status": "pass"}\n{"variant": "de')
-    assert [r["impl"] for r in read_rows(rows)] == ["naive"]
+    assert [r.impl for r in read_rows(rows)] == ["naive"]
     assert "rows.jsonl:2: skipped" in capsys.readouterr().err
 
 
@@ -241,7 +241,7 @@ def test_a_signal_ends_the_command_and_its_children_and_keeps_earlier_runs(fault
     old = cli.write_run(sample_results(), str(root))["json"]
     before = {p: p.read_bytes() for p in old.parent.rglob("*") if p.is_file()}
     env = dict(os.environ, ATTNBENCH_VERIFY_DEADLINE="600", ATTNBENCH_BENCH_DEADLINE="600")
-    code = ("import sys; from attnbench import verify, cli; verify.PROPERTIES_DIR = sys.argv[1]; "
+    code = ("import sys; from attnbench.app import verify, cli; verify.PROPERTIES_DIR = sys.argv[1]; "
             "sys.exit(cli.main(sys.argv[2:]))")
     # -P: the checkout's own attnbench/ folder (the current directory under tox) must not shadow
     # the installed package
@@ -309,7 +309,7 @@ def test_a_lost_device_context_ends_the_test_process_and_the_rest_run_in_a_fresh
 def test_an_interrupted_verify_keeps_the_checks_that_finished(monkeypatch, tmp_path, capsys):
     from attnbench import procs
     from attnbench.reports.sample import sample_results
-    from attnbench.reports.schema import CorrectnessRow, Results
+    from attnbench.results import CorrectnessRow, Results
 
     finished = CorrectnessRow(variant="dense", impl="naive", property="test_forward_matches_oracle", status="pass")
 

@@ -298,9 +298,9 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 ])
 def test_fa4_declared_bugs_still_fail_upstream(name: str) -> None:
     """Canaries for upstream_bug() in impls/flash_attn4.py: the spec runs past the declaration,
-    in a process of its own (scripts/diag/fa4_findings.py; a CUDA fault there cannot poison this
+    in a process of its own (scripts/checks/fa4_findings.py; a CUDA fault there cannot poison this
     one), against the float64 oracle. Fails once FA4 answers within the tolerance rule: then the
-    declaration can go (and NOTES.md says so)."""
+    declaration can go (and docs/DESIGN.md says so)."""
     if why := fa4_mod.flash_attn4.unavailable():
         pytest.skip(why)
     proc = subprocess.run([sys.executable, str(FINDINGS), "--child", name], capture_output=True, text=True,
@@ -310,4 +310,4 @@ def test_fa4_declared_bugs_still_fail_upstream(name: str) -> None:
     if not rows or rows[0]["status"] != "ok":
         return  # still wrong (or its process still crashes) upstream
     pytest.fail(f"FA4 answers {name} ({rows[0]['spec']}) within the tolerance rule now: drop it from "
-                "upstream_bug() in impls/flash_attn4.py and update NOTES.md")
+                "upstream_bug() in impls/flash_attn4.py and update docs/DESIGN.md")

@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-from attnbench import cli
+from attnbench.app import cli
 from attnbench.perf import gate as gate_mod
 from attnbench.perf.gate import GateError, default_baseline, device_model, gate, model_slug
-from attnbench.reports.schema import PerfRow, Results
+from attnbench.results import PerfRow, Results
 
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
 TIMES = {"flash_attn4": 0.8, "sdpa_flash": 1.0, "triton": 1.2}

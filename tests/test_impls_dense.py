@@ -67,11 +67,11 @@ FLEX_ALL_DTYPES = ("cross_gqa_causal", "bias_neginf_causal", "gqa_window_short_q
 
 
 # Upstream failures measured on the H100 (torch 2.11.0+cu130, cuDNN 9.19, 2026-11-22); see
-# NOTES.md "Known broken". Not strict where the exact case was not itself run there.
+# docs/DESIGN.md "Known broken". Not strict where the exact case was not itself run there.
 HALF = ("float16", "bfloat16")
 KNOWN_BROKEN: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
-    # ("flex", "sq_gt_sk_causal_mqa") was here (NoValidChoicesError); the adapter now avoids
-    # the failing flex-decoding kernel, see test_flex_decoding_with_gqa_and_a_mask_still_fails_upstream
+    # empty: the flex adapter avoids the flex-decoding kernel that fails to lower grouped heads with a
+    # mask (test_flex_decoding_with_gqa_and_a_mask_still_fails_upstream watches it upstream)
 }
 
 
@@ -197,7 +197,7 @@ def test_upstream_bug_is_still_there(case: str) -> None:
             check_against_oracle(impl, fn, spec)
     except (AssertionError, RuntimeError):
         return  # still broken upstream
-    pytest.fail(f"torch fixed '{case}' ({torch.__version__}): update impls/sdpa.py and NOTES.md")
+    pytest.fail(f"torch fixed '{case}' ({torch.__version__}): update impls/sdpa.py and docs/DESIGN.md")
 
 
 @pytest.mark.parametrize("spec", [
@@ -221,7 +221,7 @@ def test_flex_decoding_with_gqa_and_a_mask_still_fails_upstream(spec: Spec) -> N
         return
     pytest.fail(f"torch {torch.__version__} lowers flex decoding with GQA and a mask now: the DECODE_BELOW "
                 "workaround in impls/flex.py can go (MoA's FLEX_MAIN_KERNEL is for another decoding bug); "
-                "update NOTES.md")
+                "update docs/DESIGN.md")
 
 
 
@@ -246,7 +246,7 @@ def test_flex_declared_shapes_still_fail_upstream(spec: Spec, phase: str) -> Non
         assert "No valid triton configs" in text or "out of resource" in text or "CompilationError" in text, exc
         return
     pytest.fail(f"torch {torch.__version__} runs flex {phase} ({spec.short()}) now: narrow _flex_limits in "
-                "impls/flex.py and update NOTES.md")
+                "impls/flex.py and update docs/DESIGN.md")
 
 
 @pytest.mark.parametrize("dtype, big", [pytest.param("bfloat16", 1e4, marks=gpu), pytest.param("float16", 256.0, marks=gpu)])

@@ -298,10 +298,10 @@ GPU_SPECS = {
     "padding_bias_d64": Spec(B=2, Hq=4, Sq=777, D=64, key_lengths=(777, 0), bias="per_head", bias_neginf=0.05),
     "blocked_d256": Spec(Hq=4, Sq=700, D=256, block=(64, 1, 0)),
     "causal_sq_gt_sk_mqa_dv": Spec(B=2, Hq=4, Hkv=1, Sq=600, Sk=333, D=64, Dv=32, causal=True),
-    # found by the GPU properties: out of shared memory without the autotuner (now falls back)
+    # out of shared memory on the first config without the autotuner: the adapter falls back to a smaller one
     "window0_bias_d256_dv16": Spec(Sq=160, D=256, Dv=16, window=(0, 0), key_lengths=(90,), bias="full"),
-    # found by the GPU properties: bias + key padding + lengths not multiple of 16 failed to compile
-    # (Triton 3.6 "operand does not dominate this use" in the dk/dv kernel)
+    # bias + key padding + lengths not a multiple of 16: the dk/dv kernel must compile (Triton 3.6
+    # "operand does not dominate this use" on a naive formulation)
     "bias_padding_unaligned_d256": Spec(Sq=20, D=256, Dv=16, window=(0, 0), key_lengths=(9,), bias="full"),
     "bias_padding_one_query": Spec(Sq=1, Sk=7, D=128, window=(1, 0), key_lengths=(3,), bias="full"),
 }

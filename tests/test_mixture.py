@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnbench.impls._moa import DenseKernels, KernelUnavailable
+from attnbench.impls.moa_loop import loop_experts
 from attnbench.modules.mixture import (
-    KernelUnavailable,
     MixtureOfAttention,
     MixtureOfAutoregressiveAttention,
     Routing,
@@ -31,16 +32,21 @@ F64 = torch.float64
 SMALL = dict(dim=16, dim_head=8, heads=2)
 
 
+def mixture(variant: str, strategy: str = "batched", **kw):
+    """The module of the implementation named after its strategy (impls/moa_<strategy>.py)."""
+    return registry().get(f"{variant}/{strategy}").fn(**kw)
+
+
 def moa(seed: int = 0, dtype=F64, **kw) -> MixtureOfAttention:
     torch.manual_seed(seed)
     args = dict(SMALL, num_routed_queries=4, num_routed_key_values=5, num_experts=3)
-    return MixtureOfAttention(**{**args, **kw}).to(dtype)
+    return mixture("MixtureOfAttention", **{**args, **kw}).to(dtype)
 
 
 def moar(seed: int = 0, dtype=F64, **kw) -> MixtureOfAutoregressiveAttention:
     torch.manual_seed(seed)
     args = dict(SMALL, num_routed_queries=2, num_routed_key_values=3, local_attn_window_size=4, num_experts=2)
-    return MixtureOfAutoregressiveAttention(**{**args, **kw}).to(dtype)
+    return mixture("MixtureOfAutoregressiveAttention", **{**args, **kw}).to(dtype)
 
 
 def data(B=2, N=11, dim=16, seed=1, dtype=F64, drop=0.25):
@@ -354,19 +360,22 @@ def test_dropout_train_vs_eval():
 
 
 def test_bad_arguments_raise_clear_errors():
+    given = dict(experts=loop_experts, kernels=DenseKernels())
     with pytest.raises(ValueError, match="num_routed_queries"):
-        MixtureOfAttention(16, num_routed_queries=0, num_routed_key_values=2)
+        MixtureOfAttention(16, num_routed_queries=0, num_routed_key_values=2, **given)
     with pytest.raises(ValueError, match="local_attn_window_size"):
-        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, local_attn=True)
+        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, local_attn=True, **given)
     with pytest.raises(ValueError, match="router"):
-        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, router="softmax")
-    with pytest.raises(ValueError, match="strategy"):
-        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, strategy="fast")
+        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, router="softmax", **given)
+    with pytest.raises(TypeError, match="experts"):
+        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, experts="fast", kernels=DenseKernels())
     with pytest.raises(ValueError, match="use_triton=True and flash_attn=True"):
-        MixtureOfAttention(16, num_routed_queries=2, num_routed_key_values=2, use_triton=True, flash_attn=True)
+        moa(use_triton=True, flash_attn=True)
+    with pytest.raises(ValueError, match="takes no kernel"):
+        moa(strategy="flex", kernel="naive")
     with pytest.raises(ValueError, match="not causal"):
         MixtureOfAutoregressiveAttention(16, num_routed_queries=2, num_routed_key_values=2, local_attn_window_size=4,
-                                         router="coor_descent")
+                                         router="coor_descent", **given)
     m = moa()
     x, mask = data()
     with pytest.raises(ValueError, match="x: expected"):
@@ -471,8 +480,8 @@ TINY_AR = dict(dim=16, dim_head=8, heads=1, local_attn_window_size=1, routed_win
 @pytest.mark.parametrize("strategy", ["loop", "batched"])
 @pytest.mark.parametrize("N, kq, kk", [(3, 2, 1), (5, 1, 3)], ids=["empty-query-slot", "empty-key-slot"])
 def test_autoregressive_float16_padding_gives_no_nan(strategy, N, kq, kk):
-    m = MixtureOfAutoregressiveAttention(**TINY_AR, num_routed_queries=kq, num_routed_key_values=kk,
-                                         strategy=strategy)
+    m = mixture("MixtureOfAutoregressiveAttention", strategy, **TINY_AR, num_routed_queries=kq,
+                num_routed_key_values=kk)
     m = m.to(torch.float16)
     for seed in range(4):
         x, _ = data(B=1, N=N, seed=seed, dtype=torch.float16)

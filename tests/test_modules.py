@@ -3,17 +3,17 @@ input and every parameter, the options that matter, KV-cache decoding, and bad i
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
 
+from attnbench.impls._seed import multi_query, triton_interpreted
 from attnbench.impls.naive import attention as naive
 from attnbench.modules.common import LowPrecisionLayerNorm, LowPrecisionRMSNorm, RMSNorm, RotaryXPos
 from attnbench.modules.flash_attention_two import FlashAttentionTwo
 from attnbench.modules.local_mha import LocalMHA
-from attnbench.modules.multi_query import MultiQueryAttention, build_alibi_bias, triton_interpreted
+from attnbench.modules.multi_query import MultiQueryAttention, build_alibi_bias
 from attnbench.oracles.dense import visible
 from attnbench.oracles.modules import (
     MODULE_ORACLES,
@@ -139,16 +139,12 @@ def test_flash_attention_two_passes_bucket_sizes_to_kernels_that_take_them():
     fa2(kernel=naive)(x, q_bucket_size=2)  # a kernel without bucket arguments is called without them
 
 
-blockwise_missing = importlib.util.find_spec("attnbench.impls.blockwise") is None
-
-
-@pytest.mark.skipif(blockwise_missing, reason="attnbench.impls.blockwise not there yet")
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attention_two_default_kernel_is_blockwise_and_buckets_do_not_matter(causal):
+def test_flash_attention_two_on_blockwise_buckets_do_not_matter(causal):
     from attnbench.impls import blockwise
 
-    m = fa2(causal=causal, kernel=None)
-    assert m.kernel is None
+    m = build(registry().get("FlashAttentionTwo/blockwise").fn, F64, dim=DIM, heads=2, dim_head=8, causal=causal)
+    assert m.kernel is blockwise.attention
     x, context, mask = randn(2, 7, DIM), randn(2, 9, DIM, seed=1), keep(2, 9)
     outs = []
     for qb, kb in [(1, 1), (2, 3), (4, 16), (512, 1024)]:
@@ -228,11 +224,12 @@ def test_flash_attention_two_bad_input(call, exc, match):
         (dict(q_bucket_size=0), ValueError, "q_bucket_size"),
         (dict(k_bucket_size=None), ValueError, "k_bucket_size"),
         (dict(kernel="naive"), TypeError, "kernel"),
+        (dict(kernel=None), TypeError, "kernel"),
     ],
 )
 def test_flash_attention_two_bad_construction(kw, exc, match):
     with pytest.raises(exc, match=match):
-        FlashAttentionTwo(**{"dim": DIM, **kw})
+        FlashAttentionTwo(**{"dim": DIM, "kernel": naive, **kw})
 
 
 # -- MultiQueryAttention ---------------------------------------------------------------
@@ -380,7 +377,7 @@ def test_multi_query_dropout_only_in_training():
 
 
 def test_multi_query_attn_impl_torch_resolves_through_the_registry():
-    m = MultiQueryAttention(DIM, 4, attn_impl="torch")
+    m = multi_query(DIM, 4, attn_impl="torch")
     assert m.kernel is registry().get("dense/naive").fn
 
 
@@ -390,16 +387,16 @@ def test_multi_query_attn_impl_torch_resolves_through_the_registry():
 )
 def test_multi_query_flash_unavailable_names_the_install():
     with pytest.raises(ImportError, match="attn_impl='flash' needs flash-attn: pip install flash-attn"):
-        MultiQueryAttention(DIM, 4, attn_impl="flash")
+        multi_query(DIM, 4, attn_impl="flash")
 
 
 def test_multi_query_triton_needs_triton_and_a_device(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available() and "dense/triton" in registry().impls:
-        assert MultiQueryAttention(DIM, 4, attn_impl="triton").kernel is registry().get("dense/triton").fn
+        assert multi_query(DIM, 4, attn_impl="triton").kernel is registry().get("dense/triton").fn
         return
     with pytest.raises(ImportError, match=r"needs triton and a CUDA device \(or TRITON_INTERPRET=1\)"):
-        MultiQueryAttention(DIM, 4)  # 'triton' is the default
+        multi_query(DIM, 4)  # 'triton' is the default
 
 
 def triton_ready() -> bool:
@@ -412,7 +409,7 @@ def triton_ready() -> bool:
 )
 def test_multi_query_attn_impl_triton_interpreted_matches_oracle():
     torch.manual_seed(0)
-    m = build(MultiQueryAttention, torch.float32, dim=DIM, heads=4, kv_heads=2, qk_ln=True)  # attn_impl='triton'
+    m = build(multi_query, torch.float32, dim=DIM, heads=4, kv_heads=2, qk_ln=True)  # attn_impl='triton'
     assert m.kernel is registry().get("dense/triton").fn
     x = randn(2, 6, DIM, dtype=torch.float32)
     check(m, multi_query_reference, x, None, build_alibi_bias(4, 6, 6), keep(2, 6), select=first, tol=1e-4)
@@ -420,7 +417,7 @@ def test_multi_query_attn_impl_triton_interpreted_matches_oracle():
 
 def test_multi_query_verbose_reports_the_kernel():
     with pytest.warns(UserWarning, match="attn_impl='torch'"):
-        MultiQueryAttention(DIM, 4, attn_impl="torch", verbose=1)
+        MultiQueryAttention(DIM, 4, attn_impl="torch", verbose=1, kernel=naive)
 
 
 @pytest.mark.parametrize(
@@ -436,11 +433,12 @@ def test_multi_query_verbose_reports_the_kernel():
         (dict(softmax_scale=math.nan), ValueError, "softmax_scale"),
         (dict(attn_pdrop=1.0), ValueError, "attn_pdrop"),
         (dict(kernel=3), TypeError, "kernel"),
+        (dict(kernel=None), TypeError, "kernel"),
     ],
 )
 def test_multi_query_bad_construction(kw, exc, match):
     with pytest.raises(exc, match=match):
-        MultiQueryAttention(**{"dim": DIM, "heads": 4, "attn_impl": "torch", **kw})
+        MultiQueryAttention(**{"dim": DIM, "heads": 4, "attn_impl": "torch", "kernel": naive, **kw})
 
 
 @pytest.mark.parametrize(
@@ -562,9 +560,9 @@ def test_local_mha_xpos_is_relative():
 def test_local_mha_xpos_defaults_and_errors():
     assert local(use_xpos=True).xpos_scale_base == pytest.approx(math.sqrt(DIM))
     with pytest.raises(ValueError, match="even dim_head"):
-        LocalMHA(dim=DIM, window_size=2, dim_head=7, use_xpos=True)
+        LocalMHA(dim=DIM, window_size=2, dim_head=7, use_xpos=True, kernel=naive)
     with pytest.raises(ValueError, match="xpos_scale_base"):
-        LocalMHA(dim=DIM, window_size=2, use_xpos=True, xpos_scale_base=0.0)
+        LocalMHA(dim=DIM, window_size=2, use_xpos=True, xpos_scale_base=0.0, kernel=naive)
 
 
 def test_local_mha_window_config():
@@ -600,7 +598,7 @@ def test_local_mha_dropout_only_in_training():
 )
 def test_local_mha_bad_construction(kw, match):
     with pytest.raises(ValueError, match=match):
-        LocalMHA(**{"dim": DIM, "window_size": 2, **kw})
+        LocalMHA(**{"dim": DIM, "window_size": 2, "kernel": naive, **kw})
 
 
 @pytest.mark.parametrize(
@@ -622,7 +620,8 @@ def test_local_mha_bad_input(call, exc, match):
 def test_local_mha_cache_decoding_equals_the_full_causal_pass(exact, options):
     """A prefix of 3, then one token at a time, through the cache: the full causal pass's
     outputs (sliding and blocked windows, qk-norm, xpos), with a keep-mask over all tokens."""
-    m = build(LocalMHA, dim=DIM, window_size=2, dim_head=8, heads=2, causal=True, exact_windowsize=exact, **options)
+    m = build(LocalMHA, dim=DIM, window_size=2, dim_head=8, heads=2, causal=True, exact_windowsize=exact, kernel=naive,
+              **options)
     x, mask = randn(2, 7, DIM, seed=1), keep(2, 7)
     full = m(x, mask=mask)
     out, cache = m(x[:, :3], mask=mask[:, :3], return_cache=True)
@@ -729,6 +728,6 @@ def test_modules_on_cuda(dtype, tol):
     assert out.dtype == torch.float32 and rel_err(out, flash_attention_two_reference(m, x.float())) < 3e-2
     if triton_ready():
         torch.manual_seed(0)
-        m = build(MultiQueryAttention, dtype, dim=DIM, heads=4, kv_heads=2, attn_impl="triton").cuda()
+        m = build(multi_query, dtype, dim=DIM, heads=4, kv_heads=2, attn_impl="triton").cuda()
         assert m.kernel is registry().get("dense/triton").fn
         check(m, multi_query_reference, x, select=first, tol=tol)

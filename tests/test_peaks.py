@@ -9,7 +9,7 @@ from attnbench.perf import bench, timing
 from attnbench.perf.sweeps import Cell
 from attnbench.registry import registry
 from attnbench.reports import tables
-from attnbench.reports.schema import PerfRow, over_peak
+from attnbench.results import PerfRow, over_peak
 from attnbench.spec import Spec
 
 SETTINGS = bench.Settings(warmup_ms=1, rep_ms=5, min_reps=3, max_ms=200, budget_s=None)

@@ -19,7 +19,7 @@ from attnbench.perf.memory import fit_exponent, memory_fits, verdict
 from attnbench.perf.sweeps import Cell, ModuleCase, cell_key, sweep_cells
 from attnbench.perf.timing import summarize, time_call
 from attnbench.registry import Impl, registry
-from attnbench.reports.schema import PerfRow, Results
+from attnbench.results import PerfRow, Results
 from attnbench.spec import Block, Spec
 
 # -- work models ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from attnbench.impls.naive import naive
 from attnbench.oracles import dense
 from attnbench.properties import harness
 from attnbench.properties.strategies import CAPS, specs_for
-from attnbench.properties.test_layouts import check_rejects
 from attnbench.spec import GRAD_LAYOUTS, LAYOUTS, Spec
 
 BASE = Spec(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=8, Dv=16, bias="full", key_lengths=(3, 7), dtype="float64")
@@ -125,10 +124,31 @@ def test_a_kernel_that_rejects_undeclared_layouts_passes():
     impl = dataclasses.replace(naive, name="contiguous_only", fn=_Rejecting(), layouts=("contiguous",),
                                grad_layouts=GRAD_LAYOUTS, reference=False)
     for layout in LAYOUTS[1:]:
-        check_rejects(impl, Spec(B=2, Hq=2, Sq=5, layout=layout))
+        harness.check_rejects(impl, Spec(B=2, Hq=2, Sq=5, layout=layout))
 
 
 def test_a_kernel_that_computes_on_undeclared_layouts_fails():
     impl = dataclasses.replace(naive, name="silent", layouts=("contiguous",), reference=False)
     with pytest.raises(AssertionError, match="instead of raising"):
-        check_rejects(impl, Spec(B=2, Hq=2, Sq=5, layout="bshd"))
+        harness.check_rejects(impl, Spec(B=2, Hq=2, Sq=5, layout="bshd"))
+
+
+@pytest.mark.parametrize("shape", [dict(B=3, Hq=4, Sq=70, D=16), dict(B=2, Hq=5, Sq=33, D=24)])
+def test_the_int32_property_body_runs_on_a_small_shape(shape):
+    """The GPU-only int32 property (properties/test_long.py) checks sampled heads with this body;
+    here it runs on a small CPU shape, so a mistake in the body shows without a GPU."""
+    ratios = []
+    harness.check_sampled_heads(naive, "cpu", shape, ratios.append)
+    assert ratios and max(ratios) <= 1
+
+
+def test_the_sampled_heads_body_catches_a_wrong_last_head():
+    def last_head_wrong(q, k, v, cfg, key_padding_mask=None, bias=None):
+        out, lse = naive.fn(q, k, v, cfg, key_padding_mask, bias)
+        out = out.clone()
+        out[-1, -1] += 1.0  # what an int32 offset overflow does to the last (batch, head)
+        return out, lse
+
+    broken = dataclasses.replace(naive, name="last_head_wrong", fn=last_head_wrong, reference=False)
+    with pytest.raises(AssertionError, match="batch 2, head 3"):
+        harness.check_sampled_heads(broken, "cpu", dict(B=3, Hq=4, Sq=40, D=16), lambda r: None)

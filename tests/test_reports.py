@@ -20,8 +20,8 @@ from attnbench.reports import plots as P
 from attnbench.reports import render
 from attnbench.reports import tables as T
 from attnbench.reports.sample import sample_results
-from attnbench.reports.schema import CorrectnessRow, PerfRow, Results
 from attnbench.reports.terminal import Progress, comparison, shell_wrap, summary
+from attnbench.results import CorrectnessRow, PerfRow, Results
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_MPL = P.available()

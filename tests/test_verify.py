@@ -8,7 +8,7 @@ import ast
 import re
 import textwrap
 
-from attnbench import verify
+from attnbench.app import verify
 
 PROPERTY = textwrap.dedent("""
     import pytest
@@ -133,7 +133,7 @@ def test_only_file_keeps_the_listed_rows_in_its_order(tmp_path):
     only = tmp_path / "only.txt"
     only.write_text("\n".join(wanted) + "\n")
     out = subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", "properties", "-p", "attnbench.plugin", "--device", "cpu", "-q",
+        [sys.executable, "-P", "-m", "pytest", "properties", "-p", "attnbench.app.plugin", "--device", "cpu", "-q",
          "--import-mode=importlib", "--collect-only", "-p", "no:cacheprovider", "--attnbench-only-file", str(only)],
         capture_output=True, text=True, timeout=300,
     )

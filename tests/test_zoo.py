@@ -7,7 +7,7 @@ settled before shrinking starts, so this catches exactly what the ci profile cat
 
 from __future__ import annotations
 
-from attnbench import verify
+from attnbench.app import verify
 from attnbench.registry import Impl, load_zoo
 from attnbench.spec import FEATURES
 

@@ -1,6 +1,8 @@
 """Small pieces the seed modules share: norms, rotary/xpos, masks, head reshapes, kernel calls.
 
-The module oracles in oracles/modules.py deliberately use none of this.
+The modules take their attention kernel as an argument and never choose one: the
+implementations in impls/ bind a kernel to a module. The module oracles in oracles/modules.py
+deliberately use none of this.
 """
 
 from __future__ import annotations
@@ -25,12 +27,6 @@ def same_layout(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
-def naive_kernel() -> Kernel:
-    from attnbench.impls.naive import attention  # lazy: impls/naive.py imports the modules
-
-    return attention
-
-
 def accepts(fn: Callable, name: str) -> bool:
     """Does `fn` take keyword `name` (explicitly or through **kwargs)?"""
     try:
@@ -40,10 +36,11 @@ def accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def check_kernel(kernel: object, owner: str) -> None:
-    if kernel is not None and not callable(kernel):
+def check_kernel(kernel: object, owner: str) -> Kernel:
+    if not callable(kernel):
         what = type(kernel).__name__
         raise TypeError(f"{owner}: kernel must be an attention function fn(q, k, v, cfg, ...), got {what}")
+    return kernel
 
 
 def dropout_config(cfg: Config, p: float, training: bool) -> Config:

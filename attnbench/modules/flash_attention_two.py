@@ -1,5 +1,5 @@
-"""FlashAttentionTwo: multi-head attention whose default kernel is the bucketed FlashAttention-2
-kernel (attnbench.impls.blockwise). Any kernel with the call convention of NOTES.md works; bucket
+"""FlashAttentionTwo: multi-head attention on the kernel it is given (impls/blockwise.py binds the
+bucketed FlashAttention-2 kernel). Any kernel with the call convention of docs/DESIGN.md works; bucket
 sizes are passed only to kernels that take them, and never change the result."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from attnbench.modules.common import (
+    Kernel,
     accepts,
     check_input,
     check_kernel,
@@ -19,17 +20,6 @@ from attnbench.modules.common import (
 from attnbench.spec import Config
 
 NAME = "FlashAttentionTwo"
-
-
-def blockwise_kernel():
-    try:
-        from attnbench.impls.blockwise import attention
-    except ImportError as exc:
-        raise ImportError(
-            f"{NAME}: the default kernel attnbench.impls.blockwise.attention is not available ({exc}); "
-            "pass kernel=... (e.g. attnbench.impls.naive.attention)"
-        ) from exc
-    return attention
 
 
 def low_precision_dtype(device: torch.device) -> torch.dtype:
@@ -60,19 +50,18 @@ class FlashAttentionTwo(nn.Module):
         k_bucket_size: int = 1024,
         parallel: bool = False,
         mixed_precision: bool = False,
-        kernel=None,
+        kernel: Kernel,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
             positive_int(value, name, NAME)
         self.q_bucket_size = positive_int(q_bucket_size, "q_bucket_size", NAME)
         self.k_bucket_size = positive_int(k_bucket_size, "k_bucket_size", NAME)
-        check_kernel(kernel, NAME)
+        self.kernel = check_kernel(kernel, NAME)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.causal = bool(causal)
         self.parallel = bool(parallel)
         self.mixed_precision = bool(mixed_precision)
-        self.kernel = kernel  # None: the blockwise kernel, resolved at the first call
         self.parallel_devices: list[torch.device | str] | None = None
         self.scale = dim_head**-0.5
         inner = heads * dim_head
@@ -96,7 +85,7 @@ class FlashAttentionTwo(nn.Module):
         return self.to_out(merge_heads(out))
 
     def _attend(self, q, k, v, cfg, mask, qb, kb) -> torch.Tensor:
-        kernel = self.kernel if self.kernel is not None else blockwise_kernel()
+        kernel = self.kernel
         extra = {"q_bucket_size": qb, "k_bucket_size": kb} if accepts(kernel, "q_bucket_size") else {}
 
         def call(q, k, v, mask):

@@ -1,6 +1,7 @@
 """LocalMHA (lucidrains local-attention style): multi-head attention restricted to a window,
 either an exact sliding window or LocalAttention's blocked window (buckets of window_size
-looking one bucket back and, unless causal, one forward). The kernel uses variant "local"."""
+looking one bucket back and, unless causal, one forward). Its kernel (an argument) is a "local"
+variant kernel."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from attnbench.modules.common import (
+    Kernel,
     RotaryXPos,
     check_bias,
     check_input,
@@ -19,7 +21,6 @@ from attnbench.modules.common import (
     keep_mask,
     l2norm,
     merge_heads,
-    naive_kernel,
     positive_int,
     probability,
     split_heads,
@@ -66,12 +67,11 @@ class LocalMHA(nn.Module):
         use_xpos: bool = False,
         xpos_scale_base: float | None = None,
         exact_windowsize: bool = True,
-        kernel=None,
+        kernel: Kernel,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("window_size", window_size), ("dim_head", dim_head), ("heads", heads)):
             positive_int(value, name, NAME)
-        check_kernel(kernel, NAME)
         self.dim, self.window_size, self.dim_head, self.heads = dim, window_size, dim_head, heads
         self.dropout = probability(dropout, "dropout", NAME)
         self.causal = bool(causal)
@@ -82,7 +82,7 @@ class LocalMHA(nn.Module):
         self.xpos_scale_base = math.sqrt(dim) if xpos_scale_base is None else finite_scale(
             xpos_scale_base, "xpos_scale_base", NAME
         )
-        self.kernel = kernel if kernel is not None else naive_kernel()
+        self.kernel = check_kernel(kernel, NAME)
 
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim) if prenorm else None

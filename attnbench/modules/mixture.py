@@ -25,21 +25,15 @@ Shared by both modules:
   they are divided by the number of experts that routed the token (the local branch counts as
   one more expert). Tokens masked by `mask` output 0.
 
-Kernels: attention runs through the registry's dense kernels (fn(q, k, v, cfg, key_padding_mask)).
-`kernel="name"` picks dense/<name>. `flash_attn=True` requires dense/flash_attn and
-`use_triton=True` requires dense/triton: if that kernel is missing or cannot run the call, the
-forward raises KernelUnavailable naming what to install. Never a silent fallback. The seed
-documents default both flags to True; here they default to None ("auto"): on CUDA the first of
-flash_attn, sdpa_flash, triton, sdpa_efficient, naive that can run the call, on the CPU naive.
-A call needs key padding only when some routed slot is invalid (checked on the host: one sync),
-so unpadded calls can take kernels without masks. The kernel actually used is in
-`module.last_kernel` (`last_local_kernel` for the local branch). A flag set to False removes that
-kernel from the automatic choice.
-
-Strategies (one module class each, picked by `strategy=`): "loop" (one kernel call per expert),
-"batched" (every expert's routed tokens gathered at once, experts folded into the batch, one
-kernel call), "flex" (torch FlexAttention, experts folded into the heads, key validity as a
-score_mod; compiled on CUDA, eager forward only on the CPU).
+The module takes how its experts attend as two arguments and chooses neither (impls/ binds them,
+one strategy per file: moa_loop.py, moa_batched.py, moa_flex.py):
+- `experts(module, xq, xc, kv_weight, kv_valid) -> out`: the expert attention of the routed tokens
+  (the strategy), from the module's parameters;
+- `kernels(x, needs) -> (name, fn)`: the dense kernel (fn(q, k, v, cfg, key_padding_mask)) for a
+  call with these features (impls/_moa.py's DenseKernels picks it). A call needs key padding only
+  when some routed slot is invalid (checked on the host: one sync), so unpadded calls can take
+  kernels without masks. The kernel actually used is in `module.last_kernel`
+  (`last_local_kernel` for the local branch).
 """
 
 from __future__ import annotations
@@ -54,25 +48,13 @@ from torch import nn
 
 from attnbench.spec import Block, Config
 
-from .common import FLEX_MAIN_KERNEL, FLEX_MIN_HEAD_DIM, allow_recompiles
-
-try:  # imported here, not inside the compiled function: an import there breaks the graph
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # torch < 2.5: strategy="flex" is unavailable
-    flex_attention = None
+from .common import Kernel
 
 ROUTERS = ("straight_through", "coor_descent")
-STRATEGIES = ("loop", "batched", "flex")
-AUTO_CUDA_KERNELS = ("flash_attn", "sdpa_flash", "triton", "sdpa_efficient", "naive")
-INSTALL_HINT = {
-    "flash_attn": "install flash-attn (`pip install flash-attn`, CUDA only) or pass flash_attn=False",
-    "triton": "install triton (`pip install attnbench[triton]`) and run on CUDA (or set TRITON_INTERPRET=1 "
-    "on the CPU), or pass use_triton=False",
-}
-
-
-class KernelUnavailable(RuntimeError):
-    """The attention kernel a module was asked to use cannot run this call."""
+# experts(module, xq, xc, kv_weight, kv_valid) -> each expert's output-projected slots (B, E, W, kq, dim)
+Experts = Callable[..., torch.Tensor]
+# kernels(x, needs) -> (name, dense kernel) for a call on x's device and dtype with these features
+Kernels = Callable[[torch.Tensor, frozenset], tuple[str, Kernel]]
 
 
 @dataclass
@@ -172,60 +154,10 @@ def scatter_slots(
     return total[:, :n], count[:, :n]
 
 
-def factory(cls: type, **fixed) -> Callable[..., nn.Module]:
-    """An Impl factory: cls(**ctor_kwargs) with some arguments fixed by the implementation."""
-
-    def make(**kwargs) -> nn.Module:
-        for key, value in fixed.items():
-            if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"{key}={kwargs[key]!r} conflicts with this implementation's {key}={value!r}")
-        return cls(**{**kwargs, **fixed})
-
-    make.__name__ = f"make_{cls.__name__}"
-    return make
-
-
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
     return value
-
-
-_FLEX = {}
-
-
-def _flex_routed(q, k, v, valid, heads_per_expert: int):
-    """FlexAttention over routed tokens; heads h of expert h // heads_per_expert; invalid keys -inf.
-    Head dims under 16 are zero-padded (q.k and p @ v unchanged; the padded outputs are cut)."""
-    dim, dim_v = q.shape[-1], v.shape[-1]
-    if min(dim, dim_v) < FLEX_MIN_HEAD_DIM:
-        pad = max(0, FLEX_MIN_HEAD_DIM - dim)
-        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
-        v = F.pad(v, (0, max(0, FLEX_MIN_HEAD_DIM - dim_v)))
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(valid[b, h // heads_per_expert, kv_idx], score, float("-inf"))
-
-    # Routed sets are short: on CUDA keep flex off its decoding kernel (see FLEX_MAIN_KERNEL).
-    options = FLEX_MAIN_KERNEL if q.is_cuda else None
-    return flex_attention(q, k, v, score_mod=score_mod, scale=dim ** -0.5, kernel_options=options)[..., :dim_v]
-
-
-def _flex_core(device: torch.device) -> Callable:
-    """Compiled once on CUDA (the score_mod closure is made inside the compiled function, so a
-    new closure per call does not recompile); eager on the CPU (forward only)."""
-    if flex_attention is None:
-        raise KernelUnavailable("strategy='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
-    if device.type != "cuda":
-        return _flex_routed
-    if "cuda" not in _FLEX:
-        # Static shapes always. Automatic dynamic shapes (tried for the GPU property runs, where
-        # every example has new routed sizes) gave wrong outputs on the H100, torch 2.11: errors
-        # up to 4.6 and batch elements leaking into each other, at 1-2 routed tokens. Above the
-        # recompile limit dynamo would run the eager path instead, so the limit is raised.
-        allow_recompiles()
-        _FLEX["cuda"] = torch.compile(_flex_routed, dynamic=False)
-    return _FLEX["cuda"]
 
 
 # -- the local branch ---------------------------------------------------------------------------
@@ -266,9 +198,8 @@ class LocalBranch(nn.Module):
 class _RoutedExperts(nn.Module):
     def __init__(
         self, dim: int, dim_context: int, *, num_routed_queries: int, num_routed_key_values: int,
-        num_experts: int, dim_head: int, heads: int, dropout: float, use_triton: bool | None,
-        flash_attn: bool | None, prenorm: bool, average_routed: bool, router: str, kernel: str | None,
-        strategy: str,
+        num_experts: int, dim_head: int, heads: int, dropout: float, prenorm: bool, average_routed: bool,
+        router: str, experts: Experts, kernels: Kernels,
     ):
         super().__init__()
         for name, value in (("dim", dim), ("dim_context", dim_context), ("num_routed_queries", num_routed_queries),
@@ -279,28 +210,17 @@ class _RoutedExperts(nn.Module):
             raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
         if router not in ROUTERS:
             raise ValueError(f"router: unknown router {router!r}; one of {ROUTERS}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: unknown strategy {strategy!r}; one of {STRATEGIES}")
-        for name, value in (("use_triton", use_triton), ("flash_attn", flash_attn)):
-            if value not in (None, True, False):
-                raise TypeError(f"{name}: must be None (auto), True (required) or False, got {value!r}")
-        if use_triton and flash_attn:
-            raise ValueError("use_triton=True and flash_attn=True both require a kernel; pass at most one")
-        if kernel is not None and (use_triton or flash_attn):
-            raise ValueError(f"kernel={kernel!r} conflicts with use_triton/flash_attn=True; pass one of them")
-        if kernel is not None and not isinstance(kernel, str):
-            raise TypeError(f"kernel: must be a dense implementation name (str) or None, got {kernel!r}")
-        if strategy == "flex" and (kernel is not None or use_triton or flash_attn):
-            raise ValueError("strategy='flex' runs torch FlexAttention; it takes no kernel / use_triton / flash_attn")
+        for name, value in (("experts", experts), ("kernels", kernels)):
+            if not callable(value):
+                raise TypeError(f"{name}: must be a function (see attnbench.modules.mixture), got {type(value).__name__}")
 
         self.dim, self.dim_context = dim, dim_context
         self.num_routed_queries, self.num_routed_key_values = num_routed_queries, num_routed_key_values
         self.num_experts, self.heads, self.dim_head = num_experts, heads, dim_head
         self.dropout, self.average_routed, self.router = dropout, average_routed, router
-        self.use_triton, self.flash_attn, self.kernel, self.strategy = use_triton, flash_attn, kernel, strategy
+        self.experts, self.kernels = experts, kernels
         self.last_kernel: str | None = None
         self.last_local_kernel: str | None = None
-        self._kernels: dict = {}
 
         E, inner = num_experts, heads * dim_head
         self.q_router = nn.Parameter(torch.randn(E, dim))
@@ -317,72 +237,33 @@ class _RoutedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, experts={self.num_experts}, routed_q={self.num_routed_queries}, "
-                f"routed_kv={self.num_routed_key_values}, router={self.router}, strategy={self.strategy}, "
-                f"kernel={self.kernel or 'auto'}")
+                f"routed_kv={self.num_routed_key_values}, router={self.router}, "
+                f"experts={getattr(self.experts, '__name__', self.experts)}, kernels={self.kernels}")
 
     # -- kernels -------------------------------------------------------------------------------
-    def _kernel(self, x: torch.Tensor, needs: set[str], local: bool = False) -> Callable:
-        """The dense kernel for this call, resolved through the registry (cached per device/dtype/needs)."""
+    def _kernel(self, x: torch.Tensor, needs: set[str], local: bool = False) -> Kernel:
+        """The dense kernel for this call, from `kernels`: the features asked for, plus backward
+        when gradients are on and dropout when training with it."""
         needs = set(needs)
         if torch.is_grad_enabled():
             needs.add("backward")
         if self.training and self.dropout > 0:
             needs.add("dropout")
-        key = (x.device.type, x.dtype, frozenset(needs))
-        if key not in self._kernels:
-            self._kernels[key] = self._resolve_kernel(x.device.type, str(x.dtype).removeprefix("torch."), key[2])
-        impl = self._kernels[key]
+        name, fn = self.kernels(x, frozenset(needs))
         if local:
-            self.last_local_kernel = impl.key
+            self.last_local_kernel = name
         else:
-            self.last_kernel = impl.key
-        return impl.fn
+            self.last_kernel = name
+        return fn
 
-    def _expert_kernel(self, x: torch.Tensor, kv_valid: torch.Tensor) -> tuple[Callable, bool]:
-        """(kernel, padded): key padding is needed only when some routed key slot is empty."""
+    def expert_kernel(self, x: torch.Tensor, kv_valid: torch.Tensor) -> tuple[Kernel, bool]:
+        """(kernel, padded) for the experts' attention: key padding is needed only when some
+        routed key slot is empty."""
         padded = not bool(kv_valid.all())
         return self._kernel(x, {"cross", "key_padding"} if padded else {"cross"}), padded
 
-    def _resolve_kernel(self, device: str, dtype: str, needs: frozenset[str]):
-        from attnbench.registry import registry
-
-        reg = registry()
-
-        def problem(impl) -> str | None:
-            why = impl.unavailable()
-            if why:
-                return why
-            if not impl.device_ok(device):
-                return f"it does not run on {device}"
-            if dtype not in impl.dtypes:
-                return f"it does not support {dtype}"
-            missing = needs - impl.features
-            return f"it lacks features {sorted(missing)}" if missing else None
-
-        required = [(f"kernel={self.kernel!r}", self.kernel)] if self.kernel else []
-        required += [("flash_attn=True", "flash_attn")] if self.flash_attn else []
-        required += [("use_triton=True", "triton")] if self.use_triton else []
-        for label, name in required:
-            hint = INSTALL_HINT.get(name, "pick another kernel")
-            impl = reg.impls.get(f"dense/{name}")
-            if impl is None:
-                raise KernelUnavailable(f"{label}: no dense implementation named {name!r} is registered; {hint}")
-            why = problem(impl)
-            if why:
-                raise KernelUnavailable(f"{label}: dense/{name} cannot run this call: {why}; {hint}")
-            return impl
-        flags = {"flash_attn": self.flash_attn, "triton": self.use_triton}
-        names = [n for n in AUTO_CUDA_KERNELS if flags.get(n) is not False] if device == "cuda" else ["naive"]
-        reasons = []
-        for name in names:
-            impl = reg.impls.get(f"dense/{name}")
-            why = "not registered" if impl is None else problem(impl)
-            if why is None:
-                return impl
-            reasons.append(f"{name}: {why}")
-        raise KernelUnavailable(f"no dense kernel can run this call ({'; '.join(reasons)})")
-
-    def _config(self, x: torch.Tensor) -> Config:
+    def expert_config(self, x: torch.Tensor) -> Config:
+        """The experts' attention config: scale 1/sqrt(dim_head), dropout when training."""
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
         return Config(scale=self.dim_head**-0.5, dropout_p=p, dropout_seed=seed)
@@ -407,33 +288,13 @@ class _RoutedExperts(nn.Module):
         xq, xc = gather_tokens(xq_src, qi), gather_tokens(xc_src, ki)  # (B, E, W, k, d)
         kv_weight = r.kv_weight.reshape(B, E, -1, kk).to(xc.dtype)
         kv_valid = r.kv_valid.reshape(B, E, -1, kk)
-        if self.strategy == "loop":
-            out = self._experts_loop(xq, xc, kv_weight, kv_valid)
-        else:
-            out = self._experts_folded(xq, xc, kv_weight, kv_valid)
+        out = self.experts(self, xq, xc, kv_weight, kv_valid)
         out = out * r.q_weight.reshape(B, E, -1, kq, 1).to(out.dtype)
         return out.reshape(*r.q_index.shape, self.dim)
 
-    def _experts_loop(self, xq, xc, kv_weight, kv_valid) -> torch.Tensor:
-        B, E, W, kq, _ = xq.shape
-        kk, H, dh = xc.shape[3], self.heads, self.dim_head
-        (kernel, padded), cfg = self._expert_kernel(xq, kv_valid), self._config(xq)
-        outs = []
-        for g in range(E):
-            hq, hc = xq[:, g], xc[:, g]  # (B, W, k, d)
-            if self.norm is not None:
-                hq, hc = rms_norm(hq, self.norm[g]), rms_norm(hc, self.context_norm[g])
-            q = (hq @ self.to_q[g]).view(B * W, kq, H, dh).transpose(1, 2)
-            k = (hc @ self.to_k[g]).view(B * W, kk, H, dh).transpose(1, 2)
-            v = ((hc @ self.to_v[g]) * kv_weight[:, g, ..., None]).view(B * W, kk, H, dh).transpose(1, 2)
-            k = torch.cat((self.null_k[g][None, :, None].expand(B * W, H, 1, dh).to(k.dtype), k), dim=2)
-            v = torch.cat((self.null_v[g][None, :, None].expand(B * W, H, 1, dh).to(v.dtype), v), dim=2)
-            keep = torch.cat((kv_valid.new_ones(B * W, 1), kv_valid[:, g].reshape(B * W, kk)), dim=1)
-            o, _ = kernel(q, k, v, cfg, key_padding_mask=keep if padded else None)
-            outs.append(o.transpose(1, 2).reshape(B, W, kq, H * dh) @ self.to_out[g])
-        return torch.stack(outs, dim=1)
-
-    def _experts_folded(self, xq, xc, kv_weight, kv_valid) -> torch.Tensor:
+    def fold_experts(self, xq, xc, kv_weight, kv_valid):
+        """Every expert's projections at once: q (B, E, W, kq, H, dh), k and v with the null key
+        first (B, E, W, kk + 1, H, dh), and keep (B, E, W, kk + 1), the valid key slots."""
         B, E, W, kq, _ = xq.shape
         kk, H, dh = xc.shape[3], self.heads, self.dim_head
         if self.norm is not None:
@@ -445,30 +306,13 @@ class _RoutedExperts(nn.Module):
         null_k = self.null_k[None, :, None, None].expand(B, E, W, 1, H, dh).to(k.dtype)
         null_v = self.null_v[None, :, None, None].expand(B, E, W, 1, H, dh).to(v.dtype)
         k, v = torch.cat((null_k, k), dim=3), torch.cat((null_v, v), dim=3)
-        keep = torch.cat((kv_valid.new_ones(B, E, W, 1), kv_valid), dim=3)  # (B, E, W, kk + 1)
-        if self.strategy == "flex":
-            o = self._attend_flex(q, k, v, keep)
-        else:
-            # experts (and windows) folded into the batch: one kernel call
-            fold = lambda t: t.permute(0, 1, 2, 4, 3, 5).reshape(B * E * W, H, t.shape[3], dh)
-            kernel, padded = self._expert_kernel(xq, kv_valid)
-            o, _ = kernel(fold(q), fold(k), fold(v), self._config(xq),
-                          key_padding_mask=keep.reshape(B * E * W, kk + 1) if padded else None)
-            o = o.view(B, E, W, H, kq, dh)
-        o = o.permute(0, 1, 2, 4, 3, 5).reshape(B, E, W, kq, H * dh)
-        return torch.einsum("bewkf,efd->bewkd", o, self.to_out)
+        keep = torch.cat((kv_valid.new_ones(B, E, W, 1), kv_valid), dim=3)
+        return q, k, v, keep
 
-    def _attend_flex(self, q, k, v, keep) -> torch.Tensor:
-        """FlexAttention with experts folded into the heads; invalid keys get -inf through a score_mod."""
-        if self.training and self.dropout > 0:
-            raise ValueError("strategy='flex' has no attention dropout; use strategy='batched' or dropout=0")
-        B, E, W, kq, H, dh = q.shape
-        kk1 = k.shape[3]
-        fold = lambda t: t.permute(0, 2, 1, 4, 3, 5).reshape(B * W, E * H, t.shape[3], dh)
-        valid = keep.permute(0, 2, 1, 3).reshape(B * W, E, kk1)
-        o = _flex_core(q.device)(fold(q), fold(k), fold(v), valid, H)
-        self.last_kernel = "flex_attention"
-        return o.view(B, W, E, H, kq, dh).permute(0, 2, 1, 3, 4, 5)
+    def unfold_experts(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention outputs (B, E, W, kq, H, dh) through each expert's output projection."""
+        B, E, W, kq, H, dh = o.shape
+        return torch.einsum("bewkf,efd->bewkd", o.reshape(B, E, W, kq, H * dh), self.to_out)
 
     def _combine(self, total, count, x, mask, mask_given, null_token) -> torch.Tensor:
         """Add the local branch, average, fill unrouted tokens, zero masked ones."""
@@ -517,15 +361,14 @@ class MixtureOfAttention(_RoutedExperts):
     def __init__(
         self, dim: int, *, num_routed_queries: int, num_routed_key_values: int, dim_context: int | None = None,
         local_attn: bool = False, local_attn_window_size: int | None = None, num_experts: int = 2,
-        dim_head: int = 64, heads: int = 8, dropout: float = 0.0, use_triton: bool | None = None,
-        flash_attn: bool | None = None, prenorm: bool = True, average_routed: bool = False,
-        router: str = "straight_through", kernel: str | None = None, strategy: str = "batched",
+        dim_head: int = 64, heads: int = 8, dropout: float = 0.0, prenorm: bool = True, average_routed: bool = False,
+        router: str = "straight_through", experts: Experts, kernels: Kernels,
     ):
         super().__init__(
             dim, dim if dim_context is None else dim_context, num_routed_queries=num_routed_queries,
             num_routed_key_values=num_routed_key_values, num_experts=num_experts, dim_head=dim_head, heads=heads,
-            dropout=dropout, use_triton=use_triton, flash_attn=flash_attn, prenorm=prenorm,
-            average_routed=average_routed, router=router, kernel=kernel, strategy=strategy,
+            dropout=dropout, prenorm=prenorm, average_routed=average_routed, router=router, experts=experts,
+            kernels=kernels,
         )
         if local_attn:
             if local_attn_window_size is None:
@@ -609,18 +452,16 @@ class MixtureOfAutoregressiveAttention(_RoutedExperts):
     def __init__(
         self, dim: int, *, num_routed_queries: int, num_routed_key_values: int, local_attn_window_size: int,
         routed_window_size: int | None = None, num_experts: int = 2, dim_head: int = 64, heads: int = 8,
-        dropout: float = 0.0, use_triton: bool | None = None, flash_attn: bool | None = None, prenorm: bool = True,
-        average_routed: bool = False, router: str = "straight_through", kernel: str | None = None,
-        strategy: str = "batched",
+        dropout: float = 0.0, prenorm: bool = True, average_routed: bool = False, router: str = "straight_through",
+        experts: Experts, kernels: Kernels,
     ):
         if router != "straight_through":
             raise ValueError(f"router: {router!r} is not causal (a soft top-k weight depends on the whole "
                              "window); MixtureOfAutoregressiveAttention takes only 'straight_through'")
         super().__init__(
             dim, dim, num_routed_queries=num_routed_queries, num_routed_key_values=num_routed_key_values,
-            num_experts=num_experts, dim_head=dim_head, heads=heads, dropout=dropout, use_triton=use_triton,
-            flash_attn=flash_attn, prenorm=prenorm, average_routed=average_routed, router=router, kernel=kernel,
-            strategy=strategy,
+            num_experts=num_experts, dim_head=dim_head, heads=heads, dropout=dropout, prenorm=prenorm,
+            average_routed=average_routed, router=router, experts=experts, kernels=kernels,
         )
         _positive_int("local_attn_window_size", local_attn_window_size)
         self.routed_window_size = _positive_int(

@@ -1,11 +1,10 @@
 """MultiQueryAttention (llm-foundry style): one fused qkv projection, `kv_heads` shared key/value
 heads (1 = multi-query, heads = multi-head), optional qk norm, clipping, ALiBi-style bias and a
-KV cache. The attention kernel is picked through the registry by `attn_impl`, or given as
-`kernel=`."""
+KV cache. The attention kernel is an argument (`kernel=`); `attn_impl` is the seed document's
+name for it, checked and kept (impls/_seed.py's multi_query looks the kernel up by it)."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 
 from attnbench.modules.common import (
     NORMS,
+    Kernel,
     attention_weights,
     check_bias,
     check_input,
@@ -29,39 +29,13 @@ from attnbench.spec import Config, alibi_slopes
 
 NAME = "MultiQueryAttention"
 
-# attn_impl -> (registry key, what to install when it is unavailable)
+# attn_impl -> (registry key of its kernel, what to install when it is unavailable)
 ATTN_IMPLS = {
     "torch": ("dense/naive", "attn_impl='torch' needs attnbench's naive implementation (impls/naive.py)"),
     "triton": ("dense/triton", "attn_impl='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)"),
     "flash": ("dense/flash_attn", "attn_impl='flash' needs flash-attn: pip install flash-attn"),
 }
 FC_TYPES = ("torch",)
-
-
-def resolve_attn_impl(attn_impl: str):
-    """The kernel function registered for attn_impl, or a clear error naming what to install."""
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"{NAME}: attn_impl must be one of {sorted(ATTN_IMPLS)}, got {attn_impl!r}")
-    from attnbench.registry import registry
-
-    key, need = ATTN_IMPLS[attn_impl]
-    reg = registry()
-    try:
-        impl = reg.get(key)
-    except KeyError:
-        broken = [b.reason for b in reg.broken if b.origin.rsplit(".", 1)[-1] in key]
-        why = f"; loading it failed: {broken[0]}" if broken else f"; no implementation {key!r} is registered"
-        raise ImportError(f"{NAME}: {need}{why}") from None
-    reason = impl.unavailable()
-    if reason is None and attn_impl == "triton" and not torch.cuda.is_available() and not triton_interpreted():
-        reason = "no CUDA device and TRITON_INTERPRET is not set"
-    if reason is not None:
-        raise ImportError(f"{NAME}: {need} ({key}: {reason})")
-    return impl.fn
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_alibi_bias(
@@ -123,7 +97,8 @@ class MultiQueryAttention(nn.Module):
         verbose: int = 0,
         device=None,
         kv_heads: int = 1,
-        kernel=None,
+        *,
+        kernel: Kernel,
     ) -> None:
         super().__init__()
         positive_int(dim, "dim", NAME)
@@ -141,11 +116,10 @@ class MultiQueryAttention(nn.Module):
             raise ValueError(f"{NAME}: norm_type must be one of {sorted(NORMS)}, got {norm_type!r}")
         if fc_type not in FC_TYPES:
             raise ValueError(f"{NAME}: fc_type must be one of {list(FC_TYPES)}, got {fc_type!r}")
-        if attn_impl not in ATTN_IMPLS:  # validated even when a kernel is given
+        if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"{NAME}: attn_impl must be one of {sorted(ATTN_IMPLS)}, got {attn_impl!r}")
-        check_kernel(kernel, NAME)
         self.attn_impl = attn_impl
-        self.kernel = kernel if kernel is not None else resolve_attn_impl(attn_impl)
+        self.kernel = check_kernel(kernel, NAME)
 
         self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
         self.head_dim = dim // heads

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call of at most ~8 minutes (carry .fa4/2 after scripts/gpu/stash.sh carried .fa4/1): FA4
-# installed (env.sh), the peak probe, scripts/diag/fa4_findings.py (each suspect spec in its own
+# installed (env.sh), the peak probe, scripts/checks/fa4_findings.py (each suspect spec in its own
 # process), then FA4's property rows with its declarations, capped so the whole
 # call ends by DEADLINE seconds (default 460). Seven files under $OUT: summary.txt, peaks.json,
 # fa4_findings.json, fa4_install.log, gpu_properties.log, gpu_rows.jsonl, row_times.txt.
@@ -13,7 +13,7 @@ summary="$OUT/summary.txt"
     echo "== peak probe"
     timeout 90 python3 scripts/gpu/peak_probe.py "$OUT/peaks.json" 2>&1 | tail -n 6
     echo "== fa4_findings ($((SECONDS - start)) s)"
-    timeout 240 python3 scripts/diag/fa4_findings.py "$OUT/fa4_findings.json" 2>&1 | tail -n 100
+    timeout 240 python3 scripts/checks/fa4_findings.py "$OUT/fa4_findings.json" 2>&1 | tail -n 100
     left=$((deadline - (SECONDS - start)))
     [ "$left" -lt 60 ] && left=60
     echo "== FA4 property rows, capped at $left s ($((SECONDS - start)) s)"

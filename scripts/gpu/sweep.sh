@@ -2,6 +2,9 @@
 # (d) The full perf sweep with FA4 (results + the H200 baseline candidate), then the gate: the new
 # run against itself (must pass), against the H100 baseline (refused, exit 2) and --cross-device
 # (a report, exit 3). About 7-8 minutes. Usage: scripts/gpu/sweep.sh [budget seconds, default 450]
+# Pass the commit from the checkout that sent the tree (ATTNBENCH_COMMIT=<sha> scripts/gpu/sweep.sh): the
+# device's copy may carry a stale .git, so `git rev-parse HEAD` there names the wrong commit (without it the
+# run records that stale commit with -dirty).
 source scripts/gpu/env.sh
 model=$(python3 -c "import torch; from attnbench.perf.gate import model_slug; print(model_slug(torch.cuda.get_device_name()))")
 python3 -m attnbench.perf.bench --budget "${1:-450}" --out "$OUT/$model.json" >"$OUT/sweep.log" 2>&1

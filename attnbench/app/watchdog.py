@@ -1,6 +1,6 @@
 """The child side of verify's deadline: a pytest plugin that reports progress to the parent.
 
-`attnbench verify` loads it in its child pytest (`-p attnbench.watchdog`). It writes, on the
+`attnbench verify` loads it in its child pytest (`-p attnbench.app.watchdog`). It writes, on the
 child's original stdout (pytest's output capture cannot hold them back):
 
 - one `collected` event listing the (node id, implementation) pairs the child will run, so the
@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from attnbench.plugin import STREAM_PREFIX
+from attnbench.procs import STREAM_PREFIX
 from attnbench.registry import MODULE_VARIANTS, Impl
 
 _OUT = os.dup(1)  # the real stdout, taken when the plugin loads (before pytest captures fd 1)

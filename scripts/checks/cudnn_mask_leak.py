@@ -1,5 +1,14 @@
-"""Pin the sdpa_cudnn failures: (1) masked keys leaking at large logits, bool vs float mask;
-(2) NaN dq with few visible keys. Compares cuDNN against the math backend (fp32 upcast)."""
+"""Re-checks the declared cuDNN mask limit (impls/sdpa.py, the cudnn branch of the adapter):
+cuDNN treats a bool attn_mask, or one filled with finfo.min, like a large finite negative bias,
+so a masked key with logits near 1e4 leaks through; a float mask filled with -inf does not.
+That is why the adapter hands cuDNN a -inf float mask. Also counts NaN gradients with few
+visible keys through bool and -inf masks, non-causal.
+
+    python3 scripts/checks/cudnn_mask_leak.py        (CUDA only; writes $OUT/cudnn_mask_leak.json)
+
+Expected while the limit holds: `bool` and `float_min` rows over 0.05 at large scales, no
+`float_-inf` row. Evidence: evidence/h100/runs/s4-diag/call3-cudnn_diag.json (torch 2.11, cuDNN 9.19).
+"""
 import itertools
 import json
 import os
@@ -68,4 +77,4 @@ for r in rows:
         print("  ", r)
 print("cases with NaN:", sum(1 for r in rows if any(v for v in r[5].values())), "of", len(rows))
 os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "cudnn_diag.json"), "w"), default=str)
+json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "cudnn_mask_leak.json"), "w"), default=str)

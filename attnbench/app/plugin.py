@@ -5,7 +5,7 @@
   ones named with --impl); properties never name an implementation;
 - gives tests a `device` fixture (--device) and a `measure(ratio)` fixture that keeps the worst
   error ratio per test;
-- records one CorrectnessRow per test (pass / fail / error / skip) with the failure's minimal
+- records one CorrectnessRow (attnbench.results) per test (pass / fail / error / skip) with the failure's minimal
   spec, Hypothesis seed and a command that replays it, into --attnbench-results (JSON), and
   streams one `@@attnbench {...}` line per finished test with --attnbench-stream.
 """
@@ -19,14 +19,17 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from attnbench.cache import cache_dir
+from attnbench.procs import STREAM_PREFIX
+from attnbench.properties import profiles
 from attnbench.registry import Impl, is_target, load_zoo, registry
+from attnbench.results import CorrectnessRow
 
-STREAM_PREFIX = "@@attnbench "
 _STREAM = False
 
 
@@ -52,7 +55,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running")
     config.addinivalue_line("markers", "perf: benchmarks")
-    config.stash[_ROWS] = []
     global _STREAM
     _STREAM = bool(config.getoption("attnbench_stream"))
     _hypothesis_home()
@@ -91,7 +93,6 @@ def _apply_seed(config: pytest.Config) -> None:
         settings.load_profile(name)
 
 
-_ROWS = pytest.StashKey[list]()
 _WORST = pytest.StashKey[float]()
 
 
@@ -169,6 +170,7 @@ def sticky_device_error(text: str) -> bool:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     _CURRENT.append(item)
+    restore = _examples_for(item)
     try:
         result = yield
         # Kernel launches are asynchronous: a fault surfaces at the next synchronizing call, which
@@ -179,7 +181,22 @@ def pytest_runtest_call(item: pytest.Item):
             torch.cuda.synchronize()
         return result
     finally:
+        restore()
         _CURRENT.pop()
+
+
+def _examples_for(item: pytest.Item) -> Callable[[], None]:
+    """Apply profiles.settings_for to this test item (a Hypothesis test reads its settings from
+    the function when it is called); returns what puts the test's own settings back."""
+    impl, fn = _impl_of(item), getattr(item, "obj", None)
+    current = getattr(fn, "_hypothesis_internal_use_settings", None)
+    if not isinstance(impl, Impl) or current is None:
+        return lambda: None
+    changed = profiles.settings_for(impl, item.config.getoption("device") or "cpu", current)
+    if changed is None:
+        return lambda: None
+    fn._hypothesis_internal_use_settings = changed
+    return lambda: setattr(fn, "_hypothesis_internal_use_settings", current)
 
 
 def record_ratio(ratio: float) -> None:
@@ -304,39 +321,38 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if not finished:
         return
     text = _failure_text(report, call) if failed else ""
-    row = {
-        "variant": impl.variant,
-        "impl": impl.name,
-        "property": getattr(item, "originalname", item.name),
-        "status": _status(report, call),
-        "device": item.config.getoption("device") or "cpu",
-        "reason": _reason(report, call) if (failed or report.skipped) else "",
-        "error_ratio": _failed_ratio(call) if failed else item.stash.get(_WORST, None),
-        "counterexample": _counterexample(text) if failed else None,
-        "seed": _seed(text, item.config) if failed else None,
-        "replay": replay_command(item, impl) if failed else None,
-        "duration_s": round(report.duration, 3),
-        "nodeid": item.nodeid,
-    }
+    row = CorrectnessRow(
+        variant=impl.variant,
+        impl=impl.name,
+        property=getattr(item, "originalname", item.name),
+        status=_status(report, call),
+        device=item.config.getoption("device") or "cpu",
+        reason=_reason(report, call) if (failed or report.skipped) else "",
+        error_ratio=_failed_ratio(call) if failed else item.stash.get(_WORST, None),
+        counterexample=_counterexample(text) if failed else None,
+        seed=_seed(text, item.config) if failed else None,
+        replay=replay_command(item, impl) if failed else None,
+        duration_s=round(report.duration, 3),
+    )
     lost = failed and sticky_device_error(text)
     if lost:
-        row["reason"] += " [the CUDA context is lost: the remaining tests run in a fresh process]"
-    item.config.stash[_ROWS].append(row)
-    _append_row(item.config, row)
+        row.reason += " [the CUDA context is lost: the remaining tests run in a fresh process]"
+    line = row.to_line(item.nodeid)
+    _append_row(item.config, line)
     if failed:
-        detail = f"{row['replay']}\nminimal spec: {row['counterexample']}\nseed: {row['seed']}"
+        detail = f"{row.replay}\nminimal spec: {row.counterexample}\nseed: {row.seed}"
         report.sections.append(("attnbench replay", detail))
     if _STREAM:
-        _emit(row)
+        _emit(line)
     if lost:
         _end_lost_device(item, row)
 
 
-def _end_lost_device(item: pytest.Item, row: dict) -> None:
+def _end_lost_device(item: pytest.Item, row: CorrectnessRow) -> None:
     """The test hit a sticky CUDA error: every later test in this process would fail with it and
     be charged to the wrong implementation. Record why and end the process; its supervisor starts
     a fresh one for the tests that are left (verify's loop, or pytest-xdist's worker restart)."""
-    message = (f"{row['variant']}/{row['impl']} {row['property']}: the CUDA context is lost (sticky device error); "
+    message = (f"{row.variant}/{row.impl} {row.property}: the CUDA context is lost (sticky device error); "
                "ending this test process")
     if _STREAM:
         _emit({"event": "device_lost", "nodeid": item.nodeid, "message": message})
@@ -569,7 +585,7 @@ def cli_command() -> list[str]:
         return ["attnbench"]
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "attnbench.cli"]
+    return [sys.executable, "-m", "attnbench.app.cli"]
 
 
 def _append_row(config: pytest.Config, row: dict) -> None:
@@ -585,9 +601,10 @@ def _append_row(config: pytest.Config, row: dict) -> None:
         f.write(json.dumps(row, default=str) + "\n")
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
+def read_rows(path: str | os.PathLike) -> list[CorrectnessRow]:
     """Rows written with --attnbench-results (and its per-worker siblings PATH.gwN). A line that
-    is not a JSON object (a row torn by a killed run) is skipped with a warning on stderr."""
+    is not a JSON object (a row torn by a killed run) is skipped with a warning on stderr; one
+    that is not a row is a ValueError naming the file and line."""
     path = Path(path)
     rows = []
     for p in sorted([path, *path.parent.glob(path.name + ".gw*")]):
@@ -601,7 +618,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
             except ValueError:
                 row = None
             if isinstance(row, dict):
-                rows.append(row)
+                rows.append(CorrectnessRow.from_line(row, f"{p}:{n}"))
             else:
                 print(f"warning: {p}:{n}: skipped a row that is not a JSON object (torn?): {line[:80]!r}",
                       file=sys.stderr)

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnbench.files import write_atomic
+
 SCHEMA = "attnbench.results/1"
 
 
@@ -60,6 +62,19 @@ class CorrectnessRow:
     seed: str | None = None
     replay: str | None = None  # one shell command that replays the failure
     duration_s: float = 0.0
+
+    def to_line(self, nodeid: str) -> dict[str, Any]:
+        """The row as the pytest plugin streams it and writes it (one JSON line per row, with
+        --attnbench-results): its fields and the test's node id."""
+        return {**dataclasses.asdict(self), "nodeid": nodeid}
+
+    @classmethod
+    def from_line(cls, data: dict[str, Any], where: str = "row") -> CorrectnessRow:
+        """The row of a line written by to_line (or a stream event): its fields checked, other
+        keys (the node id, the event name) left out. A wrong field is a ValueError naming `where`."""
+        _check_row(cls, data, where)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
@@ -112,8 +127,6 @@ class Results:
         return data
 
     def save(self, path: str | os.PathLike) -> Path:
-        from attnbench.files import write_atomic
-
         return write_atomic(path, json.dumps(self.to_dict(), indent=1, default=str) + "\n")
 
     @classmethod
@@ -264,7 +277,7 @@ def commit(root: Path | None = None) -> str | None:
     given = os.environ.get("ATTNBENCH_COMMIT", "").strip()
     if given:
         return given
-    root = (root or Path(__file__).resolve().parent.parent).resolve()  # reports/ sits at the top
+    root = (root or Path(__file__).resolve().parent.parent).resolve()  # attnbench/ sits at the top
     top = _run(["git", "rev-parse", "--show-toplevel"], cwd=root)
     if top is None or Path(top).resolve() != root:
         return None

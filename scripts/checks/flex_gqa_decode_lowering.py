@@ -1,6 +1,14 @@
-"""Pin the static-shape FlexAttention failures seen by the property rows (2026-11-23 call 1):
-NoValidChoicesError at Spec(Hq=4, Hkv=1, Sq=33, window=(0, None)) and two failures in
-empty rows at Spec(Hq=2, Hkv=1, Sq=64, D=32, key_lengths=(0,)). One factor at a time."""
+"""Re-checks the compiled-flex lowering limit that impls/flex.py works around (`DECODE_BELOW`:
+grouped heads with a block mask and Sq < 128 go to the main kernel, FLEX_MAIN_KERNEL): on the
+decoding kernel, Spec(Hq=4, Hkv=1, Sq=33, window=(0, None)) raises NoValidChoicesError, and
+Spec(Hq=2, Hkv=1, Sq=64, D=32, key_lengths=(0,)) fails in its empty rows. One factor at a time
+(MHA, bf16, Sq=200, no mask, causal, D=64), each against the float64 oracle. Run it with the
+workaround removed to see whether the limit still holds.
+
+    python3 scripts/checks/flex_gqa_decode_lowering.py [case ...]     (CUDA only; writes $OUT/flex_gqa_decode_lowering.json)
+
+Evidence: evidence/h100/runs/s4-diag/call3-flex_diag.json.
+"""
 import json
 import os
 import sys
@@ -55,4 +63,4 @@ for name, spec, grad in cases:
     info["s"] = round(time.perf_counter() - t, 1)
     res[name] = info
     print(name, {k: v for k, v in info.items() if k != "tb"}, flush=True)
-json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "flex_diag.json"), "w"), indent=1, default=str)
+json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "flex_gqa_decode_lowering.json"), "w"), indent=1, default=str)

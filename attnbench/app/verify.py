@@ -5,7 +5,7 @@ The child process isolates crashes: when a kernel kills the interpreter (segfaul
 device error), the test that was running is recorded as an error ("crashed: ...") with the tail
 of its output, and the child is started again without the tests already finished. A child that
 makes no progress for the deadline (no test started or finished, no implementation called:
-`attnbench.watchdog` reports those) is killed with its process group and the test recorded as
+`attnbench.app.watchdog` reports those) is killed with its process group and the test recorded as
 "timeout: ...". An implementation that crashes or hangs MAX_FAULTS_PER_IMPL times has its other
 tests recorded as not run, so it cannot use up the restarts the others need. One broken
 implementation never aborts the run.
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import attnbench.properties
 from attnbench import procs
-from attnbench.plugin import DEVICE_LOST_EXIT, STREAM_PREFIX
-from attnbench.reports.schema import CorrectnessRow, Results, ZooRow, environment
+from attnbench.app.plugin import DEVICE_LOST_EXIT, read_rows
+from attnbench.procs import STREAM_PREFIX
+from attnbench.registry import load_zoo
+from attnbench.results import CorrectnessRow, Results, ZooRow, environment
 
 PROPERTIES_DIR = Path(attnbench.properties.__file__).resolve().parent
 PYTEST_INI = Path(__file__).resolve().parent / "pytest.ini"
@@ -71,7 +73,7 @@ def pytest_args(
         *(list(paths) or [str(PROPERTIES_DIR)]),
         "-c", str(PYTEST_INI),
         "--rootdir", str(PROPERTIES_DIR),
-        "-p", "attnbench.plugin",
+        "-p", "attnbench.app.plugin",
         "-p", "no:cacheprovider",
         "--import-mode=importlib",
         "-q", "--no-header", "-p", "no:randomly", "-p", "no:benchmark",
@@ -218,10 +220,12 @@ def _run_shard(loop: _Loop, skip_file: Path, base: list[str], env: dict, deadlin
         skip_file.write_text("\n".join(sorted(loop.done)))
         # -P: do not put the working directory first on sys.path; started from a checkout, its
         # attnbench/ folder would shadow the installed package (whose subpackages live elsewhere).
-        args = [sys.executable, "-P", "-m", "pytest", *base, "-p", "attnbench.watchdog",
+        args = [sys.executable, "-P", "-m", "pytest", *base, "-p", "attnbench.app.watchdog",
                 "--attnbench-stream", "--attnbench-skip-file", str(skip_file)]
         child = _run_child(args, env, loop, deadline_s)
         log_parts.append("\n".join(child.tail))
+        if stop is not None and stop.is_set():  # killed because the run was interrupted: not the test's fault
+            break
         if loop.usage_error:
             break
         if child.code in (0, 1, 5) and not child.timed_out:  # all ran (pass / some failed / none collected)
@@ -400,20 +404,14 @@ def _run_child(args: list[str], env: dict, loop: _Loop, deadline_s: float) -> _C
                 if loop.on_start:
                     loop.on_start(event)
                 continue
-            event.pop("event", None)
-            loop.done.add(event.pop("nodeid", ""))
-            loop.add(_row(event))
+            loop.done.add(event.get("nodeid", ""))
+            loop.add(CorrectnessRow.from_line(event))
             current = None
         return _Child(proc.wait(), current, tail)
     finally:
         if proc.poll() is None:
             procs.kill_tree(proc)
         procs.reap(proc)
-
-
-def _row(event: dict) -> CorrectnessRow:
-    known = CorrectnessRow.__dataclass_fields__
-    return CorrectnessRow(**{k: v for k, v in event.items() if k in known})
 
 
 def _crash_row(started: dict, code: int, tail: list[str], timeout: float | None = None) -> CorrectnessRow:
@@ -479,15 +477,11 @@ def _why_nothing(rows: list[CorrectnessRow], no_rows: str) -> str:
 
 def results_from_rows(path: str | os.PathLike) -> Results:
     """Results from the rows a pytest run wrote with --attnbench-results (all xdist workers)."""
-    from attnbench.plugin import read_rows
-
-    return Results(correctness=[_row(r) for r in read_rows(path)])
+    return Results(correctness=read_rows(path))
 
 
 def kill_table(rows: Iterable[CorrectnessRow]) -> list[ZooRow]:
     """For the bug zoo: which properties caught each member."""
-    from attnbench.registry import load_zoo
-
     caught: dict[str, list[str]] = {}
     for r in rows:
         key = f"{r.variant}/{r.impl}"

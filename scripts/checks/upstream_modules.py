@@ -1,8 +1,10 @@
-"""Minimal counterexamples behind NOTES.md's findings on lucidrains' mixture-of-attention and
-local-attention modules (CPU, float32). Run: python scripts/diag/upstream_modules.py
+"""Re-checks the declared findings on lucidrains' mixture-of-attention and local-attention modules
+(impls/third_party_moa.py, impls/third_party_local.py, docs/DESIGN.md "Known broken"): minimal
+counterexamples on the CPU in float32, each printing its numbers against what the contract
+(SEMANTICS.md, the seed documents) says. The module properties (properties/test_modules.py)
+find all of them.
 
-Each finding prints its numbers; the expected value of each is what the contract (SEMANTICS.md,
-the seed documents) says, and the module properties (properties/test_modules.py) find all of them.
+    python scripts/checks/upstream_modules.py      (needs the third-party extra)
 """
 
 from __future__ import annotations

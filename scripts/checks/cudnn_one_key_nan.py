@@ -1,10 +1,13 @@
-"""Sixth session: the cuDNN padding row failed with NaN dq on a causal spec, which the fifth
-session's declaration claimed (it refused non-causal masks only). Does cuDNN's backward give NaN
-when a causal attn_mask with key padding leaves a row one key? Runs the adapter forward and
-backward on a grid of such specs (and, for contrast, the same shapes without the one-key row) and
-counts NaNs in out, dq, dk, dv. The adapter's declaration is bypassed: impl.fn is called directly.
+"""Re-checks the declared cuDNN one-key limit (impls/sdpa.py, `_cudnn_single_key`): cuDNN's
+backward gives NaN dq / dk / dv, on some inputs, for a row that sees exactly one key through an
+explicit attn_mask (key padding, a window, or causal with padding). Runs the adapter's kernel
+(impl.fn, past its declarations) forward and backward on a grid of causal specs with key padding,
+plus shapes without a one-key row for contrast, and counts NaNs in out, dq, dk, dv.
 
-    python3 scripts/diag/cudnn_causal_padding.py [--out DIR]     (CUDA only; writes cudnn_causal_padding.jsonl)
+    python3 scripts/checks/cudnn_one_key_nan.py [--out DIR]     (CUDA only; writes cudnn_one_key_nan.jsonl)
+
+Expected while the limit holds: NaN gradients only in runs with one_key_rows > 0.
+Evidence: evidence/h100/runs/s6-diag/call2-cudnn_causal_padding.jsonl.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cudnn_causal_padding.jsonl"), "w") as f:
+    with open(os.path.join(args.out, "cudnn_one_key_nan.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     bad = [r for r in rows if r.get("dq") or r.get("dk") or r.get("dv")]
     print(f"NaN gradients in {len(bad)} of {len(rows)} runs; with a one-key row: "

@@ -1,10 +1,13 @@
-"""Which 16-bit compiled-flex shapes do not fit the GPU's shared memory? (fifth session, H100, torch 2.11)
+"""Re-checks the declared 16-bit shared-memory limits of compiled flex (impls/flex.py
+`_flex_limits`, `_forward_smem_16bit`, `WIDE_V_BACKWARD_SMEM`): which shapes do not fit the GPU's
+shared memory? Each shard runs its share of D x Dv x (MHA, GQA) x (Sq 1, 130) x (no window,
+window (8, 0)) in float16, forward + backward, and prints one line per case: ok, or FAIL with the
+phase and the bytes Triton asked for. Shard 0 also prints Inductor's flex config tables for this GPU.
 
-    for i in $(seq 0 13); do python3 scripts/diag/flex_smem_grid.py $i 14 > grid_$i.log & done; wait
+    for i in $(seq 0 13); do python3 scripts/checks/flex_shared_memory.py $i 14 > grid_$i.log & done; wait
 
-Each shard runs its share of D x Dv x (MHA, GQA) x (Sq 1, 130) x (no window, window (8, 0)) in float16,
-forward + backward, and prints one line per case: ok, or FAIL with the phase and the bytes Triton asked
-for. Shard 0 also prints Inductor's flex config tables for this GPU.
+Expected while the limit holds: the FAIL lines are exactly the shapes `_flex_limits` declares.
+Evidence: evidence/h100/runs/s5-diag/call3-flex_grid.log (H100, torch 2.11).
 """
 
 import itertools

@@ -13,8 +13,16 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from attnbench import procs
+from attnbench.app import verify
+from attnbench.files import new_run_dir, results_file, set_latest
+from attnbench.perf import gate
+from attnbench.perf.bench import run_bench
 from attnbench.perf.gate import add_arguments as gate_arguments
 from attnbench.registry import VARIANTS, error_line, is_target, load_zoo, registry
+from attnbench.reports.render import compare, write_all
+from attnbench.reports.terminal import Progress, not_verified, summary, verdict
+from attnbench.results import Results
 from attnbench.spec import FEATURES
 
 # The terminal's own width (80 columns when output is not a terminal), at most 100 for reading;
@@ -48,9 +56,6 @@ def default_device() -> str:
 
 def write_run(results, root: str) -> dict:
     """Write a run into a new folder root/runs/<id>/ and point root/latest at it."""
-    from attnbench.files import new_run_dir, set_latest
-    from attnbench.reports.render import write_all
-
     run_dir = new_run_dir(root)
     paths = write_all(results, run_dir)
     set_latest(root, run_dir)
@@ -152,9 +157,6 @@ def _check_device(device: str | None) -> str | None:
 
 
 def do_verify(args: argparse.Namespace):
-    from attnbench import verify
-    from attnbench.reports.terminal import Progress
-
     device = args.device or default_device()
     _prepare_env(device)
     counts = {"done": 0, "failed": 0}
@@ -188,16 +190,11 @@ def _verify_keeping_partial(args: argparse.Namespace):
     """do_verify; when a signal stops it and --out is given, the checks that finished are written
     into a run folder of their own (env "interrupted" names the signal; `latest` does not move)
     before the command ends."""
-    from attnbench import procs
-
     try:
         return do_verify(args)
     except procs.Interrupted as stop:
         partial = getattr(stop, "partial", None)
         if args.out and partial is not None and partial.correctness:
-            from attnbench.files import new_run_dir
-            from attnbench.reports.render import write_all
-
             # a run folder of its own; `latest` keeps pointing at the last finished run
             paths = write_all(partial, new_run_dir(args.out))
             print(f"attnbench: {len(partial.correctness)} finished check(s) kept in {paths['json']} (interrupted run)",
@@ -227,8 +224,6 @@ def verify_code(outcome, zoo: bool = False) -> int:
 
 def finish(outcome, code: int) -> int:
     """Print what was not verified and the verdict, as the command's last lines; return code."""
-    from attnbench.reports.terminal import not_verified, verdict
-
     not_verified(outcome.not_verified, console=console)
     verdict(outcome.results, code, EXIT_MEANING[code], console=console)
     return code
@@ -238,8 +233,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problem = _check_impl_args(args)
     if problem:
         return error(problem)
-    from attnbench.reports.terminal import summary
-
     outcome = _verify_keeping_partial(args)
     stop = _suite_problem(outcome)
     if stop is not None:
@@ -257,9 +250,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -- bench / report / gate ---------------------------------------------------------------
 def do_bench(args: argparse.Namespace, quick: bool):
-    from attnbench.perf.bench import run_bench
-    from attnbench.reports.terminal import Progress
-
     device = args.device or default_device()
     _prepare_env(device)
     # names as given: package.module:object targets are loaded again in the sweep's child processes
@@ -294,8 +284,6 @@ def _broken_sources(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from attnbench.reports.terminal import not_verified, summary
-
     problem = _check_impl_args(args)
     if problem:
         return error(problem)
@@ -326,11 +314,6 @@ def broken_cells(results) -> list:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from attnbench.files import new_run_dir, results_file
-    from attnbench.reports.render import compare, write_all
-    from attnbench.reports.schema import Results
-    from attnbench.reports.terminal import summary
-
     if len(args.results) > 2:
         return error("report takes one results file, or two to compare")
     runs = []
@@ -340,10 +323,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             return error(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
     if args.rows:  # correctness rows streamed by the plugin (--attnbench-results), e.g. from a GPU run
-        from attnbench.verify import results_from_rows
-
         try:
-            runs[0] = runs[0].merge(results_from_rows(args.rows))
+            runs[0] = runs[0].merge(verify.results_from_rows(args.rows))
         except (OSError, ValueError, TypeError) as exc:
             return error(f"{args.rows}: {exc}")
     # never over a run's own files: a new folder in --out/runs/, or in reports/ beside the first file
@@ -359,17 +340,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from attnbench.perf import gate
-
     return gate.run(args, say=lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True))
 
 
 # -- run: the main job -------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from attnbench.files import new_run_dir, set_latest
-    from attnbench.reports.render import write_all
-    from attnbench.reports.terminal import summary
-
     problem = _check_impl_args(args)
     if problem:
         return error(problem)
@@ -390,8 +365,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         perf = do_bench(args, quick=True)
     except Exception as exc:  # the report still gets written with what we have
         console.print(f"[red]benchmark failed:[/] {type(exc).__name__}: {exc}")
-        from attnbench.reports.schema import Results
-
         perf = Results()
     results = outcome.results.merge(perf)
     results.peaks = perf.peaks or results.peaks
@@ -502,8 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from attnbench import procs
-
     args = build_parser().parse_args(argv)
     if getattr(args, "device", None):
         _prepare_env(args.device)

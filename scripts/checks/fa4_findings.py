@@ -1,14 +1,16 @@
-"""FlashAttention-4's suspect specs from its first GPU property run, each against the float64
-oracle through the suite's own harness and tolerance rule (properties.harness.verdicts), the
-adapter called directly so its declarations do not hide the kernel's answer.
+"""Re-checks FlashAttention-4's declared limits (impls/flash_attn4.py's module docstring and
+its `supports`): each suspect spec against the float64 oracle through the suite's own harness and
+tolerance rule (properties.harness.verdicts), the adapter's kernel called directly so its
+declarations do not hide the kernel's answer.
 
 An illegal memory access poisons the CUDA context of its process, so every crash suspect runs
 in a process of its own; the others share one process per group (FA4's import takes ~8 s).
 Processes run side by side on the one GPU. One line per spec (ok / NaN / error ratio / the
 error or signal that ended it, and what the adapter declares), and JSON to argv[1].
 
-Usage (GPU host, FA4 installed: source scripts/gpu/env.sh):
-    python3 scripts/diag/fa4_findings.py "$OUT/fa4_findings.json"
+    source scripts/gpu/env.sh && python3 scripts/checks/fa4_findings.py "$OUT/fa4_findings.json"
+
+Run by scripts/gpu/findings.sh. Evidence: evidence/h200/fa4_findings-2026-12-03.json.
 """
 
 from __future__ import annotations
