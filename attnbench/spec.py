@@ -56,6 +56,9 @@ FEATURES = frozenset(
         "backward",  # differentiable in q, k, v
         "lse",  # returns the logsumexp
         "deterministic",  # bit-identical results run to run
+        "varlen",  # packed variable-length batches (Impl.varlen, attnbench.packing)
+        "document",  # document masking: the dense call's document_ids=(doc_q, doc_k) (Spec.documents)
+        "paged_kv",  # a paged KV cache with a block table (Impl.paged, attnbench.packing)
     }
 )
 
@@ -139,6 +142,7 @@ class Inputs:
     key_padding_mask: torch.Tensor | None  # (B, Sk) bool, True = keep
     bias: torch.Tensor | None  # broadcastable to (B, Hq, Sq, Sk)
     grad_out: torch.Tensor  # (B, Hq, Sq, Dv), for gradient checks
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (doc_q (B, Sq), doc_k (B, Sk)) int64
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
@@ -169,6 +173,9 @@ class Spec:
     seed: int = 0
     layout: str = "contiguous"  # how q, k, v sit in memory (LAYOUTS)
     grad_layout: str = "contiguous"  # how grad_out sits in memory (GRAD_LAYOUTS)
+    # per batch element, the lengths of consecutive documents along the keys (summing to Sk);
+    # a query belongs to the document of its aligned position p(i) (see document_ids)
+    documents: tuple[tuple[int, ...], ...] | None = None
     extra: tuple = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +191,8 @@ class Spec:
             object.__setattr__(self, "block", Block(*self.block))
         if self.key_lengths is not None:
             object.__setattr__(self, "key_lengths", tuple(int(n) for n in self.key_lengths))
+        if self.documents is not None:
+            object.__setattr__(self, "documents", tuple(tuple(int(n) for n in doc) for doc in self.documents))
         self.validate()
 
     # -- validation ------------------------------------------------------------------
@@ -232,6 +241,13 @@ class Spec:
             bad("layout", f"unknown layout {self.layout!r}; one of {LAYOUTS}")
         if self.grad_layout not in GRAD_LAYOUTS:
             bad("grad_layout", f"unknown grad layout {self.grad_layout!r}; one of {GRAD_LAYOUTS}")
+        if self.documents is not None:
+            if len(self.documents) != self.B:
+                bad("documents", f"needs one tuple of document lengths per batch element ({self.B}), "
+                                 f"got {len(self.documents)}")
+            for doc in self.documents:
+                if min(doc, default=0) < 1 or sum(doc) != self.Sk:
+                    bad("documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}")
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -280,6 +296,8 @@ class Spec:
             need.add("top_left")
         if self.Dv != self.D:
             need.add("dv")
+        if self.documents is not None:
+            need.add("document")
         return frozenset(need)
 
     def replace(self, **changes) -> Spec:
@@ -316,7 +334,20 @@ class Spec:
             key_padding_mask=None if kpm is None else kpm.to(self.device),
             bias=None if bias is None else bias.to(device=self.device, dtype=self.torch_dtype).requires_grad_(requires_grad),
             grad_out=grad_laid_out(self.grad_layout, grad_out.to(device=self.device, dtype=self.torch_dtype)),
+            document_ids=self.document_ids(),
         )
+
+    def document_ids(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(doc_q (B, Sq), doc_k (B, Sk)) int64 on the spec's device, None without documents.
+        Key j's id is the index of the document holding it; query i's id is that of its aligned
+        position p(i), or -1 where p(i) lies outside [0, Sk) (such a query sees no key)."""
+        if self.documents is None:
+            return None
+        doc_k = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in self.documents])
+        p = torch.arange(self.Sq) + (self.Sk - self.Sq if self.align == "bottom_right" else 0)
+        inside = (p >= 0) & (p < self.Sk)
+        doc_q = torch.where(inside, doc_k[:, p.clamp(0, self.Sk - 1)], torch.full((), -1, dtype=torch.long))
+        return doc_q.to(self.device), doc_k.to(self.device)
 
     def _normal_shapes(self) -> list[tuple[int, ...]]:
         """q, k, v, grad_out: what make_inputs draws first, in this order."""

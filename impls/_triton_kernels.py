@@ -587,3 +587,73 @@ else:
         for kind in CONFIGS
     }
 bwd_preprocess = attn_bwd_preprocess
+
+
+# -- paged KV cache: decoding / chunked prefill forward ----------------------------------------
+@triton.jit
+def paged_fwd(
+    Q, KC, VC, Table, Lens, Out, LSE,
+    sqb, sqh, sqm, skc_blk, skc_slot, skc_h, svc_blk, svc_slot, svc_h, stb, stn,
+    sob, soh, som, slb, slh,
+    Hq, Sq, D, DV, GROUP, block_size, qk_scale, left, right,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (query block, batch, query head): the Sq newest tokens of sequence b
+    against its cache_seqlens[b] cached tokens, walked through the block table token by token
+    (token t: slot t % block_size of block Table[b, t // block_size]), so any block size works.
+    Only tokens below cache_seqlens[b] and table entries they name are ever read. Query i sits
+    at position cache_seqlens[b] - Sq + i; causal is folded into right <= 0 by the host."""
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    n = tl.load(Lens + b).to(tl.int32)
+    off = n - Sq
+
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    p_rows = offs_m + off
+    lo_i = tl.maximum(p_rows - left, 0)
+    hi_i = tl.minimum(p_rows + right, n - 1)
+    first = tl.program_id(0) * BLOCK_M + off
+    last = tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, Sq) - 1 + off
+    n_lo = (tl.maximum(first - left, 0) // BLOCK_N) * BLOCK_N
+    n_hi = tl.minimum(last + right, n - 1) + 1
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    table = Table + b * stb
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        t = start_n + tl.arange(0, BLOCK_N)
+        cached = t < n
+        blk = tl.load(table + (t // block_size) * stn, mask=cached, other=0).to(tl.int64)
+        slot = (t % block_size).to(tl.int64)
+        k = tl.load(KC + blk[:, None] * skc_blk + slot[:, None] * skc_slot + hk * skc_h + offs_d[None, :],
+                    mask=cached[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        vis = (t[None, :] >= lo_i[:, None]) & (t[None, :] <= hi_i[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(VC + blk[:, None] * svc_blk + slot[:, None] * svc_slot + hk * svc_h + offs_dv[None, :],
+                    mask=cached[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    safe_l = tl.where(empty, 1.0, l_i)
+    out = acc / safe_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
+    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=row_ok)
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))

@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from attnbench.checks import check_call, no_keys
+from attnbench.checks import check_call, check_paged, check_varlen, no_keys
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
 
@@ -353,6 +353,63 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None) -> tuple[t
     return _Attention.apply(q, k, v, bias, key_padding_mask, cfg)
 
 
+# -- paged KV cache -----------------------------------------------------------------------------
+PAGED_BLOCKS = {"interpret": (16, 16), "compiled": (16, 64)}  # (BLOCK_M, BLOCK_N) of paged_fwd
+
+
+def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_lse: bool = True):
+    """The paged-cache forward (attnbench.packing's convention): one launch of the paged_fwd
+    kernel, which walks each sequence's block table; no split-KV. out (B, Hq, Sq, Dv) in q's
+    dtype, lse (B, Hq, Sq) float32."""
+    check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="triton")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    B, Hq, Sq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}")
+    if q.device.type == "cpu" and not interpret_requested():
+        raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    left, right = cfg.window if cfg.window is not None else (None, None)
+    left = BIG if left is None else min(int(left), BIG)
+    right = BIG if right is None else min(int(right), BIG)
+    if cfg.causal:
+        right = min(right, 0)
+    interpret = interpret_requested()
+    block_m, block_n = PAGED_BLOCKS["interpret" if interpret else "compiled"]
+    lens = cache_seqlens.contiguous()
+    with _device_ctx(q):
+        kernels(interpret).paged_fwd[(_cdiv(Sq, block_m), B * Hq)](
+            q, k_cache, v_cache, block_table, lens, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), block_table.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            Hq, Sq, D, Dv, Hq // Hkv, k_cache.shape[1], cfg.scale * 1.4426950408889634, left, right,
+            BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n,
+        )
+    return out, lse
+
+
+# -- packed (varlen) batches ----------------------------------------------------------------
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
+    """The varlen convention (attnbench.packing) on the dense kernel: one forward (and backward)
+    launch per sequence, on strided views of the packed tensors at the offsets cu_seqlens gives
+    (no copies). Not a single varlen launch: B launches per call. out (total_q, Hq, Dv), lse
+    (Hq, total_q) float32."""
+    bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="triton")
+    outs, lses = [], []
+    for q0, q1, k0, k1 in bounds:
+        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        out, lse = attention(qb, kb, vb, cfg)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
 # -- registration ---------------------------------------------------------------------------
 def supports(spec: Spec) -> str | None:
     if spec.device.split(":")[0] == "cpu":
@@ -390,7 +447,9 @@ triton_dense = Impl(
     name="triton",
     variant="dense",
     fn=attention,
-    features=FEATURES,
+    features=FEATURES | {"paged_kv", "varlen"},
+    paged=paged,
+    varlen=varlen,
     devices=("cuda", "cpu"),
     dtypes=("float32", "float16", "bfloat16"),
     requires=("triton",),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.checks import check_call
+from attnbench.checks import check_call, check_document_ids
 from attnbench.spec import Block, Config, Inputs, Spec
 
 NEG_INF = float("-inf")
@@ -25,9 +25,11 @@ def visible(
     align: str = "bottom_right",
     key_padding_mask: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Boolean (B, Sq, Sk): may query i of batch b see key j? With `rows` (query indices),
-    (B, len(rows), Sk) for those queries only."""
+    (B, len(rows), Sk) for those queries only. With document_ids (doc_q (B, Sq), doc_k (B, Sk)),
+    only keys of the query's own document."""
     i = (torch.arange(Sq) if rows is None else rows.cpu()).view(-1, 1)
     j = torch.arange(Sk).view(1, Sk)
     p = i + (Sk - Sq) if align == "bottom_right" else i  # the query's absolute position
@@ -47,6 +49,11 @@ def visible(
     ok = ok.expand(B, i.shape[0], Sk).clone()
     if key_padding_mask is not None:
         ok &= key_padding_mask.cpu().bool().view(B, 1, Sk)
+    if document_ids is not None:
+        doc_q, doc_k = (d.cpu().long() for d in document_ids)
+        if rows is not None:
+            doc_q = doc_q[:, rows.cpu()]
+        ok &= doc_q[:, :, None] == doc_k[:, None, :]
     return ok
 
 
@@ -58,6 +65,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq), in float64, differentiable by autograd.
     With `rows` (query indices), (B, Hq, len(rows), Dv) and (B, Hq, len(rows)) for those
@@ -70,6 +78,8 @@ def attention(
     """
     check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle")
     B, Hq, Sq, D = q.shape
+    if document_ids is not None:
+        check_document_ids(document_ids, B, Sq, k.shape[2], who="oracle")
     if rows is not None:
         q = q[:, :, rows.to(q.device)]
         if bias is not None and bias.dim() >= 2 and bias.shape[-2] == Sq:
@@ -94,7 +104,7 @@ def attention(
         s = s + bias.to(torch.float64)
     vis = visible(
         B, Sq, Sk, causal=cfg.causal, window=cfg.window, block=cfg.block, align=cfg.align,
-        key_padding_mask=key_padding_mask, rows=rows,
+        key_padding_mask=key_padding_mask, rows=rows, document_ids=document_ids,
     ).to(q.device)[:, None]
     # A -inf logit (from the bias) carries zero weight; treat it like an invisible key so
     # that a row whose visible logits are all -inf is an empty row. NaN logits stay visible.
@@ -143,5 +153,5 @@ def reference(spec: Spec, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle on a spec's inputs (any dtype/device; computed in float64)."""
     return attention(
         inputs.q, inputs.k, inputs.v, spec.config(),
-        key_padding_mask=inputs.key_padding_mask, bias=inputs.bias,
+        key_padding_mask=inputs.key_padding_mask, bias=inputs.bias, document_ids=inputs.document_ids,
     )

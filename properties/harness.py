@@ -6,15 +6,19 @@ Properties use these few helpers so that every check goes through the one tolera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from attnbench.checks import ContractError, check_result, dtype_name
+from attnbench.checks import ContractError, check_result, check_varlen_result, dtype_name
 from attnbench.oracles import dense as oracle_dense
+from attnbench.oracles import sequences as oracle_sequences
+from attnbench.packing import PagedInputs, PagedSpec, VarlenInputs, VarlenSpec
 from attnbench.properties import tolerance
 from attnbench.properties.strategies import draw_int
 from attnbench.registry import Impl, registry
@@ -86,6 +90,7 @@ def clone_inputs(inputs: Inputs) -> Inputs:
         q=c(inputs.q), k=c(inputs.k), v=c(inputs.v),
         key_padding_mask=None if inputs.key_padding_mask is None else inputs.key_padding_mask.clone(),
         bias=c(inputs.bias), grad_out=same_layout_copy(inputs.grad_out),
+        document_ids=None if inputs.document_ids is None else tuple(d.clone() for d in inputs.document_ids),
     )
 
 
@@ -185,9 +190,14 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
     for t in leaves.values():
         t.grad = None
     given = {n: getattr(inputs, n) for n in INPUT_NAMES}
+    docs = {}  # document_ids is passed only when the spec has documents (Spec.documents)
+    if inputs.document_ids is not None:
+        docs = {"document_ids": inputs.document_ids}
+        given.update(doc_q=inputs.document_ids[0], doc_k=inputs.document_ids[1])
     before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
-        result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias)
+        result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias,
+                    **docs)
     if who:
         out, lse = check_result(who, result, inputs.q, inputs.v)
         _raise_flagged(who, _changed(given, before), inputs, {"out": out, "lse": lse})
@@ -238,7 +248,7 @@ def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | Non
 
     f64 = Inputs(
         q=up(inputs.q), k=up(inputs.k), v=up(inputs.v), key_padding_mask=inputs.key_padding_mask,
-        bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64),
+        bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64), document_ids=inputs.document_ids,
     )
     return call(oracle_dense.attention, f64, cfg or spec.config(), grad=grad)
 
@@ -415,6 +425,134 @@ def draw_rows(data, spec: Spec) -> torch.Tensor | None:
         return None
     extra = tuple(draw_int(data, 0, spec.Sq - 1, spec.Sq - 1, label=f"row {n}") for n in range(2))
     return sample_rows(spec, extra)
+
+
+# -- packed (varlen) batches and the paged KV cache (attnbench.packing) -----------------------
+def _finite(*tensors: torch.Tensor) -> SimpleNamespace:
+    """What _raise_flagged reads to decide whether every input is finite (no bias here)."""
+    q, *kv = tensors
+    return SimpleNamespace(q=q, k=kv[0] if kv else q, v=kv[1] if len(kv) > 1 else q, bias=None)
+
+
+def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = False, who: str | None = None) -> Run:
+    """Run a varlen fn (the packing convention); with grad, backpropagate inputs.grad_out into
+    q, k, v. With `who`, the varlen contract is checked as `call` checks the dense one: result
+    types and shapes (out (total_q, Hq, Dv), lse (Hq, total_q)), inputs unchanged, results
+    finite for finite inputs."""
+    leaves = {n: getattr(inputs, n) for n in ("q", "k", "v")}
+    leaves = {n: t for n, t in leaves.items() if t.requires_grad}
+    for t in leaves.values():
+        t.grad = None
+    given = {n: getattr(inputs, n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "grad_out")}
+    before = snapshot(given) if who else {}
+    with torch.set_grad_enabled(grad):
+        result = fn(*inputs.args(), cfg)
+    if who:
+        out, lse = check_varlen_result(who, result, inputs.q, inputs.v)
+        _raise_flagged(who, _changed(given, before), _finite(inputs.q, inputs.k, inputs.v), {"out": out, "lse": lse})
+    elif not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"varlen result: expected (out, lse_or_None), got {type(result).__name__}")
+    out, lse = result
+    run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
+    if grad:
+        if not out.requires_grad:
+            raise AssertionError("out does not require grad: the implementation is not differentiable here")
+        out.backward(inputs.grad_out.to(out.dtype))
+        for n, t in leaves.items():
+            run.grads["d" + n] = torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
+        if who:
+            _raise_flagged(who, _changed(given, before), _finite(inputs.q, inputs.k, inputs.v), run.grads)
+    return run
+
+
+def run_varlen(impl: Impl, spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False) -> Run:
+    return call_varlen(impl.varlen, inputs, spec.config(), grad=grad, who=impl.key)
+
+
+def run_varlen_oracle(spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False) -> Run:
+    """The float64 varlen oracle on the same (rounded) inputs."""
+    f64 = dataclasses.replace(inputs, **{n: getattr(inputs, n).detach().to(torch.float64).requires_grad_(
+        grad and getattr(inputs, n).requires_grad) for n in ("q", "k", "v")},
+        grad_out=inputs.grad_out.detach().to(torch.float64))
+    return call_varlen(oracle_sequences.varlen_attention, f64, spec.config(), grad=grad)
+
+
+def clone_varlen(inputs: VarlenInputs) -> VarlenInputs:
+    def c(t):
+        return t.detach().clone().requires_grad_(t.requires_grad)
+
+    return dataclasses.replace(inputs, q=c(inputs.q), k=c(inputs.k), v=c(inputs.v),
+                               cu_seqlens_q=inputs.cu_seqlens_q.clone(), cu_seqlens_k=inputs.cu_seqlens_k.clone(),
+                               grad_out=inputs.grad_out.clone())
+
+
+def _sequence_scales(parts: list[tuple]) -> dict[str, float]:
+    """The tolerance error model's scale per quantity over several dense calls: the largest.
+    parts: (q, k, v, grad_out, cfg) of each sequence in the dense layout."""
+    scales: dict[str, float] = {}
+    for q, k, v, grad_out, cfg in parts:
+        for name, value in tolerance.term_scales(q, k, v, grad_out, cfg, None, None).items():
+            scales[name] = max(scales.get(name, 0.0), value)
+    return scales
+
+
+def varlen_scales(spec: VarlenSpec, inputs: VarlenInputs) -> dict[str, float]:
+    """`scales_of` for a packed batch: the largest over its sequences."""
+    cq, ck = inputs.cu_seqlens_q.tolist(), inputs.cu_seqlens_k.tolist()
+    parts = []
+    for b in range(spec.B):
+        if cq[b + 1] > cq[b] and ck[b + 1] > ck[b]:
+            q, go = (t.detach()[cq[b] : cq[b + 1]].transpose(0, 1)[None] for t in (inputs.q, inputs.grad_out))
+            k, v = (t.detach()[ck[b] : ck[b + 1]].transpose(0, 1)[None] for t in (inputs.k, inputs.v))
+            parts.append((q, k, v, go, spec.config()))
+    return _sequence_scales(parts)
+
+
+def call_paged(fn: Callable, inputs: PagedInputs, cfg: Config, who: str | None = None) -> Run:
+    """Run a paged fn (forward only). With `who`, the paged contract: out (B, Hq, Sq, Dv) and lse
+    (B, Hq, Sq) as the dense call's, inputs (the pool, poison included, the table, the lengths)
+    unchanged, results finite when q and every cached token below cache_seqlens are."""
+    given = {n: getattr(inputs, n) for n in ("q", "k_cache", "v_cache", "block_table", "cache_seqlens", "grad_out")}
+    before = snapshot(given) if who else {}
+    with torch.no_grad():
+        result = fn(*inputs.args(), cfg)
+    if who:
+        out, lse = check_result(who, result, inputs.q, inputs.v_cache)
+        k, v = paged_contiguous(inputs)
+        finite = _finite(inputs.q, torch.cat([t.flatten() for t in k] + [inputs.q.new_zeros(1)]),
+                         torch.cat([t.flatten() for t in v] + [inputs.q.new_zeros(1)]))
+        _raise_flagged(who, _changed(given, before), finite, {"out": out, "lse": lse})
+    elif not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"paged result: expected (out, lse_or_None), got {type(result).__name__}")
+    out, lse = result
+    return Run(out=out.detach(), lse=None if lse is None else lse.detach())
+
+
+def run_paged(impl: Impl, spec: PagedSpec, inputs: PagedInputs) -> Run:
+    return call_paged(impl.paged, inputs, spec.config(), who=impl.key)
+
+
+def run_paged_oracle(spec: PagedSpec, inputs: PagedInputs) -> Run:
+    return call_paged(oracle_sequences.paged_attention, inputs, spec.config())
+
+
+def paged_contiguous(inputs: PagedInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each sequence's cached keys and values, contiguous (1, Hkv, cache_seqlens[b], D), gathered
+    by the oracle's index arithmetic."""
+    table = inputs.block_table.cpu()
+    ks, vs = [], []
+    for b, n in enumerate(inputs.cache_seqlens.tolist()):
+        ks.append(oracle_sequences.gather(inputs.k_cache, table[b], n)[None])
+        vs.append(oracle_sequences.gather(inputs.v_cache, table[b], n)[None])
+    return ks, vs
+
+
+def paged_scales(spec: PagedSpec, inputs: PagedInputs) -> dict[str, float]:
+    """`scales_of` for a paged call: the largest over its sequences (over their cached tokens)."""
+    ks, vs = paged_contiguous(inputs)
+    parts = [(inputs.q[b : b + 1].detach(), k, v, inputs.grad_out[b : b + 1], spec.config())
+             for b, (k, v) in enumerate(zip(ks, vs)) if k.shape[2]]
+    return _sequence_scales(parts)
 
 
 def check_sampled_heads(impl, device: str, shape: dict, measure) -> None:
