@@ -384,19 +384,22 @@ class Spec:
         return (top * steps[..., order]).contiguous()
 
     def sink_values(self) -> torch.Tensor:
-        """This spec's sink logits (Hq,), float64 on the cpu. One of four kinds, chosen by the
-        seed: N(0, 1) per head; scaled like the logits (magnitude^2 * N(0, 1)); large positive (20 to
-        40: the sink dominates every row and the output shrinks by e^-20 or more); very negative
-        (-40 to -20: the sink changes nothing visible)."""
+        """This spec's sink logits (Hq,), float64 on the cpu, of a kind chosen by the seed: N(0, 1)
+        per head (3 in 8); scaled like the logits, magnitude^2 * N(0, 1) (2 in 8); log(Sk) + N(0, 1),
+        a share of each row comparable to the keys' (1 in 8); large positive, 20 to 40 (1 in 8: the
+        sink dominates every row and the output shrinks by e^-20 or more); very negative, -40 to
+        -20 (1 in 8: the sink changes nothing visible)."""
         g = torch.Generator().manual_seed(self.seed * 131 + self.SINK_SALT)
-        kind = int(torch.randint(4, (1,), generator=g))
+        kind = int(torch.randint(8, (1,), generator=g))
         z = torch.randn(self.Hq, dtype=torch.float64, generator=g)
-        if kind == 0:
+        if kind < 3:
             return z
-        if kind == 1:
+        if kind < 5:
             return self.magnitude**2 * z
+        if kind == 5:
+            return math.log(max(self.Sk, 1)) + z
         u = 20.0 + 20.0 * torch.rand(self.Hq, dtype=torch.float64, generator=g)
-        return u if kind == 2 else -u
+        return u if kind == 6 else -u
 
     def _normal_shapes(self) -> list[tuple[int, ...]]:
         """q, k, v, grad_out: what make_inputs draws first, in this order."""
