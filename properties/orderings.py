@@ -52,7 +52,7 @@ def _masked(s: torch.Tensor, cfg: Config, q: torch.Tensor, k: torch.Tensor, kpm,
     if bias is not None:
         s = s + bias.to(s.dtype) * unit
     if alibi is not None:
-        s = s + alibi_bias(alibi * unit, q.shape[2], k.shape[2], cfg.align, s.dtype)
+        s = s + alibi_bias(alibi.to(s.dtype) * unit, q.shape[2], k.shape[2], cfg.align, s.dtype)
     mask = dense_mask(cfg, q.shape[0], q.shape[2], k.shape[2], kpm, q.device)
     return s if mask is None else s.masked_fill(~mask, -math.inf)
 

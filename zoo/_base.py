@@ -68,7 +68,7 @@ class Kernel:
         """-slope * |p(i) - j|, (B or 1, Hq, Sq, Sk)."""
         i = torch.arange(Sq, device=slopes.device).view(Sq, 1) + self.offset(cfg, Sq, Sk)
         j = torch.arange(Sk, device=slopes.device).view(1, Sk)
-        return -self.slopes(slopes)[:, :, None, None] * (i - j).abs()
+        return -self.slopes(slopes).double()[:, :, None, None] * (i - j).abs()  # exact; rounded once by the caller
 
     def offset(self, cfg: Config, Sq: int, Sk: int) -> int:
         return Sk - Sq if cfg.align == "bottom_right" else 0
