@@ -147,8 +147,7 @@ def _pick_key(ker: ModuleType, kind: str, kwargs: dict) -> tuple:
     """What the autotuner keys on: its key arguments and the tensors' dtypes (here: q's, the
     bias's and the padding mask's; the rest follow q), plus the device."""
     q = kwargs["Q"]
-    return (kind, q.device, q.dtype, kwargs["Bias"].dtype, kwargs["KPM"].dtype, kwargs["Sinks"].dtype,
-            kwargs.get("STORE_DBIAS"),
+    return (kind, q.device, q.dtype, kwargs["Bias"].dtype, kwargs["KPM"].dtype, kwargs.get("STORE_DBIAS"),
             *(kwargs[name] for name in ker.TUNE_KEY))
 
 

@@ -1,10 +1,11 @@
 """The score features (oracles/CONTRACT.md, "Score features"): soft cap, ALiBi slopes, sinks.
 
-Agreement with the oracle on specs that always use the feature (the general agreement
-properties draw each one only now and then), and metamorphic relations between runs of the
-implementation itself: a soft cap far above every logit is no cap; a very negative sink is no
-sink; a sink shrinks each row's output by its share of the denominator; zero slopes are no
-ALiBi; ALiBi slopes equal the same bias materialized.
+Agreement with the oracle on specs that use every feature the impl declares (the general
+agreement properties draw each one only now and then), and metamorphic relations between runs
+of the implementation itself: a soft cap far above every logit, zero ALiBi slopes and very
+negative sinks change nothing; a sink shrinks each row's output by its share of the
+denominator; ALiBi slopes equal the same bias materialized. Small problems only: the features
+act per logit and per row, and every run of the Triton interpreter costs.
 """
 
 from __future__ import annotations
@@ -28,22 +29,42 @@ from attnbench.properties.harness import (
     scales_of,
     wants_grad,
 )
-from attnbench.properties.strategies import Pinned, draw_spec
+from attnbench.properties.strategies import Caps, Pinned, draw_spec
 from attnbench.properties.test_agreement import pinned
 from attnbench.properties.test_masking import _references, _with
 from attnbench.spec import Spec
 
-pytestmark = pytest.mark.variant("dense", "local")
+pytestmark = pytest.mark.variant("dense")  # the local variants run the same kernels
 
+SCORE_FEATURES = ("softcap", "alibi", "sinks")
+# Small problems: the features act per logit and per row; sizes are the general properties' job.
+SMALL = Caps(batch=2, heads=4, length=20, head_dims=(16, 32, 24, 8), kv_heads=2)
 HUGE_CAP = 1e12  # tanh(x / cap) * cap = x to float64 precision for any logit the strategies draw
 NO_SINK = -1e4  # exp(-1e4 - m) is 0 in every dtype: no share of any denominator
 
 
-def _matches_oracle(impl, device, measure, data, feature: str) -> None:
-    """out, lse and (where declared) the gradients, sinks' included, against the oracle on a
-    spec that uses `feature`."""
-    require(impl, feature)
-    spec = draw_spec(data, impl, device, use=(feature,))
+def _declared(impl) -> tuple[str, ...]:
+    return tuple(f for f in SCORE_FEATURES if f in impl.features)
+
+
+@given(data=st.data())
+@pinned(
+    Pinned(Spec(Sq=6, causal=True, softcap=2.5, magnitude=3.0), "softcap saturates; masked keys stay masked"),
+    Pinned(Spec(B=2, Sq=4, key_lengths=(4, 1), softcap=1.0), "softcap with padding: never a logit of -cap"),
+    Pinned(Spec(Hq=4, Sq=6, Sk=9, causal=True, alibi=True), "ALiBi: bottom-right distances, per-head slopes"),
+    Pinned(Spec(Hq=3, Sq=5, align="top_left", alibi=True, seed=2), "ALiBi top-left: |i - j|"),
+    Pinned(Spec(B=2, Hq=2, Sq=3, key_lengths=(0, 3), sinks=True), "an empty row with a sink: out 0, lse = sink"),
+    Pinned(Spec(Hq=2, Sq=5, causal=True, sinks=True, seed=3), "sinks: the denominator only, dsink"),
+)
+def test_score_features_match_oracle(impl, device, measure, data):
+    """Every score feature the impl declares, on every spec (the general agreement properties
+    draw each only now and then): out, lse and the gradients (the sinks' included) against the
+    oracle."""
+    features = _declared(impl)
+    if not features:
+        pytest.skip(f"{impl.key} declares none of {', '.join(SCORE_FEATURES)}")
+    use = () if isinstance(data, Pinned) else features  # a pin names the features it pins
+    spec = draw_spec(data, impl, device, use=use, caps=SMALL)
     if spec is None:
         return
     grad = wants_grad(impl, spec)
@@ -59,36 +80,6 @@ def _matches_oracle(impl, device, measure, data, feature: str) -> None:
         check(measure, name, got.grads[name], want.grads[name], ref.grads[name], spec.dtype, scales)
 
 
-@given(data=st.data())
-@pinned(
-    Pinned(Spec(Sq=6, causal=True, softcap=2.5, magnitude=3.0), "softcap saturates; masked keys stay masked"),
-    Pinned(Spec(B=2, Sq=4, key_lengths=(4, 1), softcap=1.0), "softcap with padding: never a logit of -cap"),
-)
-def test_softcap_matches_oracle(impl, device, measure, data):
-    """softcap * tanh(scaled logit / softcap) before bias and masks, forward and backward."""
-    _matches_oracle(impl, device, measure, data, "softcap")
-
-
-@given(data=st.data())
-@pinned(
-    Pinned(Spec(Hq=4, Sq=6, Sk=9, causal=True, alibi=True), "ALiBi: bottom-right distances, per-head slopes"),
-    Pinned(Spec(Hq=3, Sq=5, align="top_left", alibi=True, seed=2), "ALiBi top-left: |i - j|"),
-)
-def test_alibi_matches_oracle(impl, device, measure, data):
-    """-slope[b, h] * |p(i) - j| added to the (capped) logit, forward and backward."""
-    _matches_oracle(impl, device, measure, data, "alibi")
-
-
-@given(data=st.data())
-@pinned(
-    Pinned(Spec(B=2, Hq=2, Sq=3, key_lengths=(0, 3), sinks=True), "an empty row with a sink: out 0, lse = sink"),
-    Pinned(Spec(Hq=2, Sq=5, causal=True, sinks=True, seed=3), "sinks: the denominator only, dsink"),
-)
-def test_sinks_match_oracle(impl, device, measure, data):
-    """exp(sink) in every row's denominator and lse, never in the output's sum; d sink."""
-    _matches_oracle(impl, device, measure, data, "sinks")
-
-
 def _compare(measure, impl, spec, inputs, a, b, grad: bool, names=None) -> None:
     """Run a against run b of the same impl: within twice the rule's allowance of each other."""
     errors, scales = _references(spec, inputs, impl, grad=grad)
@@ -97,40 +88,33 @@ def _compare(measure, impl, spec, inputs, a, b, grad: bool, names=None) -> None:
 
 
 @given(data=st.data())
-def test_softcap_far_above_the_logits_is_no_cap(impl, device, measure, data):
-    """A soft cap of 1e12 gives what no soft cap gives."""
-    require(impl, "softcap")
-    spec = draw_spec(data, impl, device, forbid=("softcap",))
+def test_neutral_score_features_change_nothing(impl, device, measure, data):
+    """A soft cap of 1e12, ALiBi slopes of 0 and sinks of -1e4 (each that the impl declares)
+    give what none of them gives; the sinks' gradient is exactly 0."""
+    features = _declared(impl)
+    if not features:
+        pytest.skip(f"{impl.key} declares none of {', '.join(SCORE_FEATURES)}")
+    spec = draw_spec(data, impl, device, forbid=SCORE_FEATURES, caps=SMALL)
     if spec is None:
         return
-    capped = spec.replace(softcap=HUGE_CAP)
-    if not impl.covers(capped):
+    neutral = spec.replace(softcap=HUGE_CAP) if "softcap" in features else spec
+    if not impl.covers(neutral):
         return
-    grad = wants_grad(impl, spec, capped)
+    grad = wants_grad(impl, spec, neutral)
     inputs = fresh_inputs(spec, impl, grad=grad)
-    a = run_impl(impl, capped, clone_inputs(inputs), grad=grad)
+    moved = clone_inputs(inputs)
+    if "alibi" in features:
+        moved.alibi_slopes = torch.zeros(spec.Hq, dtype=torch.float32, device=inputs.q.device)
+    if "sinks" in features:
+        moved.sinks = torch.full((spec.Hq,), NO_SINK, dtype=spec.torch_dtype, device=inputs.q.device)
+        moved.sinks.requires_grad_(grad)
+    a = run_impl(impl, neutral, moved, grad=grad)
     b = run_impl(impl, spec, inputs, grad=grad)
-    _compare(measure, impl, spec, inputs, a, b, grad)
-
-
-@given(data=st.data())
-def test_very_negative_sink_is_no_sink(impl, device, measure, data):
-    """Sinks of -1e4 give what no sinks give (and a zero sink gradient)."""
-    require(impl, "sinks")
-    spec = draw_spec(data, impl, device, forbid=("sinks",))
-    if spec is None:
-        return
-    grad = wants_grad(impl, spec)
-    inputs = fresh_inputs(spec, impl, grad=grad)
-    sunk = clone_inputs(inputs)
-    sunk.sinks = torch.full((spec.Hq,), NO_SINK, dtype=spec.torch_dtype, device=inputs.q.device).requires_grad_(grad)
-    a = run_impl(impl, spec, sunk, grad=grad)
-    b = run_impl(impl, spec, inputs, grad=grad)
-    if b.lse is not None:  # an empty row's lse is its sink (CONTRACT.md), -inf without one
-        sink = sunk.sinks.detach().to(b.lse.dtype).view(1, -1, 1)  # NO_SINK rounded to the input dtype
+    if b.lse is not None and moved.sinks is not None:  # an empty row's lse is its sink (CONTRACT.md)
+        sink = moved.sinks.detach().to(b.lse.dtype).view(1, -1, 1)  # NO_SINK rounded to the input dtype
         b.lse = torch.where(torch.isneginf(b.lse), sink, b.lse)
     _compare(measure, impl, spec, inputs, a, b, grad)
-    if grad and bool(a.grads["dsinks"].ne(0).any()):
+    if grad and "dsinks" in a.grads and bool(a.grads["dsinks"].ne(0).any()):
         raise AssertionError(f"dsinks: a sink of {NO_SINK} has no share, its gradient must be 0, got "
                              f"{a.grads['dsinks'].tolist()}")
 
@@ -141,7 +125,7 @@ def test_sink_scales_each_row_by_its_share(impl, device, measure, data):
     """With a sink, out_i = out_i(no sink) / (1 + exp(sink - lse_i(no sink))) and
     lse_i = log(exp(lse_i(no sink)) + exp(sink)): the sink touches nothing but the denominator."""
     require(impl, "sinks", "lse")
-    spec = draw_spec(data, impl, device, needs=("lse",), use=("sinks",))
+    spec = draw_spec(data, impl, device, needs=("lse",), use=("sinks",), caps=SMALL)
     if spec is None:
         return
     inputs = fresh_inputs(spec)
@@ -165,27 +149,11 @@ def test_sink_scales_each_row_by_its_share(impl, device, measure, data):
 
 
 @given(data=st.data())
-def test_zero_alibi_slopes_are_no_alibi(impl, device, measure, data):
-    """Slopes of 0 give what no ALiBi gives."""
-    require(impl, "alibi")
-    spec = draw_spec(data, impl, device, forbid=("alibi",))
-    if spec is None:
-        return
-    grad = wants_grad(impl, spec)
-    inputs = fresh_inputs(spec, impl, grad=grad)
-    flat = clone_inputs(inputs)
-    flat.alibi_slopes = torch.zeros(spec.Hq, dtype=torch.float32, device=inputs.q.device)
-    a = run_impl(impl, spec, flat, grad=grad)
-    b = run_impl(impl, spec, inputs, grad=grad)
-    _compare(measure, impl, spec, inputs, a, b, grad)
-
-
-@given(data=st.data())
 @pinned(Pinned(Spec(Hq=3, Sq=5, Sk=8, causal=True, alibi=True, seed=1), "slopes = the bias they stand for"))
 def test_alibi_slopes_equal_the_materialized_bias(impl, device, measure, data):
     """ALiBi through alibi_slopes equals the same -slope * |p(i) - j| passed as a bias."""
     require(impl, "alibi", "bias")
-    spec = draw_spec(data, impl, device, use=("alibi",), forbid=("bias",))
+    spec = draw_spec(data, impl, device, use=("alibi",), forbid=("bias",), caps=SMALL)
     if spec is None:
         return
     inputs = fresh_inputs(spec)
