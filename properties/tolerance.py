@@ -48,6 +48,13 @@ caught under the ci profile (tests/test_zoo.py). The constants are the first-ord
 above with a factor 2 for a logit's own rounding (its products and sums, more than one eps),
 and 4 eps per term (8 for gradients, which multiply two rounded factors).
 
+The score features (soft cap, ALiBi slopes, sinks; `term_magnitudes` says how each enters the
+model) were calibrated the same way with every spec using all three (`calibrate --use softcap
+alibi sinks`, reports/tolerance_calibration_score_features.json): 1560 distinct specs, the four
+orderings extended with the features (exp2_folded folds log2(e) into the cap, slopes and
+sinks; online adds the sink as a last block and carries d sink and the cap's derivative in its
+hand-written backward), no false alarm, the worst ratio 0.28 (float64 lse).
+
 Non-finite values are never tolerated: a NaN anywhere in the result, a non-finite value where
 the oracle is finite, or an infinity where the oracle differs (lse is -inf on empty rows and
 must be exactly -inf there) makes the ratio infinite.
