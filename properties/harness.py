@@ -354,8 +354,8 @@ def rows_problem(spec: Spec, inputs: Inputs, rows: torch.Tensor, cfg: Config | N
     structure (causal, windows, blocks, alignment) folded into an additive bias that is -inf on
     the keys each row may not see (the spec's bias, plus the ALiBi bias of the rows' positions
     when the spec has alibi_slopes, on the others), and a config without structure (the soft
-    cap kept: it applies before any bias). Key padding stays a mask, the sinks stay sinks. Only q requires grad (dq of a row is exact from the
-    row alone; dk and dv are sums over every row)."""
+    cap kept: it applies before any bias). Key padding stays a mask, the sinks stay sinks. Only
+    q requires grad (dq of a row is exact from the row alone; dk and dv are sums over every row)."""
     cfg = cfg or spec.config()
     dev = inputs.q.device
     vis = oracle_dense.visible(spec.B, spec.Sq, spec.Sk, causal=cfg.causal, window=cfg.window, block=cfg.block,
