@@ -3,6 +3,8 @@
 fn(q, k, v, cfg, key_padding_mask=None, bias=None): q (B, Hq, Sq, D), k (B, Hkv, Sk, D),
 v (B, Hkv, Sk, Dv), one floating dtype and one device for all three, Hq a multiple of Hkv,
 key_padding_mask (B, Sk) bool (True = keep), bias floating and broadcastable to (B, Hq, Sq, Sk).
+Kernels that declare the score features also take alibi_slopes= (float32, (Hq,) or (B, Hq)) and
+sinks= ((Hq,), q's dtype or float32), keyword only.
 Nothing is broadcast silently and nothing is upcast silently: a call that breaks the convention
 gets a one-line ValueError naming the argument. The checks read shapes and dtypes only, so they
 cost no device synchronization.
@@ -20,7 +22,8 @@ from attnbench.spec import Config
 
 
 def check_call(q: object, k: object, v: object, cfg: object, key_padding_mask: object = None,
-               bias: object = None, who: str = "attention") -> None:
+               bias: object = None, who: str = "attention", *, alibi_slopes: object = None,
+               sinks: object = None) -> None:
     """Raise ValueError("<who>: <problem>") unless the arguments follow the call convention."""
 
     def bad(why: str) -> None:
@@ -69,6 +72,24 @@ def check_call(q: object, k: object, v: object, cfg: object, key_padding_mask: o
         fits = bias.dim() <= 4 and all(b in (1, f) for b, f in zip(reversed(bias.shape), reversed(full)))
         if not fits:
             bad(f"bias shape {tuple(bias.shape)} does not broadcast to (B, Hq, Sq, Sk) = {full}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            bad(f"alibi_slopes must be a tensor, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            bad(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            bad(f"alibi_slopes must have shape (Hq,) = {(Hq,)} or (B, Hq) = {(B, Hq)}, got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            bad(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            bad(f"sinks must be a tensor, got {type(sinks).__name__}")
+        if sinks.dtype not in (q.dtype, torch.float32):
+            bad(f"sinks must be in q's dtype ({q.dtype}) or float32, got {sinks.dtype}")
+        if tuple(sinks.shape) != (Hq,):
+            bad(f"sinks must have shape (Hq,) = {(Hq,)}, got {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            bad(f"sinks must be on q's device {q.device}, got {sinks.device}")
 
 
 class ContractError(AssertionError):

@@ -161,3 +161,19 @@ def visible_counts(spec: Spec, key_padding_mask: torch.Tensor | None = None) -> 
     c = torch.nn.functional.pad(keep.cumsum(-1), (1, 0))
     lo_c, hi_c = lo.clamp(0, spec.Sk), (hi + 1).clamp(0, spec.Sk)
     return (c[:, hi_c] - c[:, lo_c]) * (hi >= lo)
+
+
+def alibi_bias(slopes: torch.Tensor, Sq: int, Sk: int, align: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ALiBi bias -slope[b, h] * |i + off - j| materialized as (B or 1, Hq, Sq, Sk) on the
+    slopes' device, for kernels that hold the whole score matrix anyway; slopes (Hq,) or (B, Hq)."""
+    dev = slopes.device
+    i = torch.arange(Sq, device=dev, dtype=dtype).view(Sq, 1) + offset(Sq, Sk, align)
+    j = torch.arange(Sk, device=dev, dtype=dtype).view(1, Sk)
+    s = slopes.to(dtype)
+    s = s.view(1, -1) if s.dim() == 1 else s
+    return -s[:, :, None, None] * (i - j).abs()
+
+
+def softcap(s: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(s / cap), or s itself without a cap."""
+    return s if cap is None else cap * torch.tanh(s / cap)

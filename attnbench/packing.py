@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnbench.spec import DTYPES, Config, Spec, window_problem
+from attnbench.spec import DTYPES, Config, Spec, softcap_problem, window_problem
 
 
 def _positive(value: object) -> bool:
@@ -50,6 +50,8 @@ def _shared_problems(spec) -> list[tuple[str, str]]:
         out.append(("window", window_problem(spec.window)))
     if not (spec.magnitude > 0 and math.isfinite(spec.magnitude)):
         out.append(("magnitude", f"must be positive and finite, got {spec.magnitude!r}"))
+    if softcap_problem(spec.softcap):
+        out.append(("softcap", softcap_problem(spec.softcap)))
     return out
 
 
@@ -86,12 +88,14 @@ def _needs(spec, cross: bool) -> set[str]:
         need.add("dv")
     if cross:
         need.add("cross")
+    if spec.softcap is not None:
+        need.add("softcap")
     return need
 
 
 def _config(spec) -> Config:
     scale = 1.0 / math.sqrt(spec.D) if spec.scale is None else float(spec.scale)
-    return Config(scale=scale, causal=spec.causal, window=spec.window)
+    return Config(scale=scale, causal=spec.causal, window=spec.window, softcap=spec.softcap)
 
 
 def cu_seqlens(lengths: list[int] | tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
@@ -135,6 +139,7 @@ class VarlenSpec:
     window: tuple[int | None, int | None] | None = None
     magnitude: float = 1.0
     seed: int = 0
+    softcap: float | None = None  # logit soft cap (Config.softcap)
 
     def __post_init__(self) -> None:
         _fill_defaults(self)
@@ -167,7 +172,8 @@ class VarlenSpec:
     def dense_specs(self) -> list[Spec]:
         """The dense Spec of each sequence with at least one query and one key."""
         return [Spec(Hq=self.Hq, Hkv=self.Hkv, Sq=sq, Sk=sk, D=self.D, Dv=self.Dv, dtype=self.dtype, device=self.device,
-                     scale=self.scale, causal=self.causal, window=self.window, magnitude=self.magnitude, seed=self.seed)
+                     scale=self.scale, causal=self.causal, window=self.window, magnitude=self.magnitude, seed=self.seed,
+                     softcap=self.softcap)
                 for sq, sk in self.seqlens if sq and sk]
 
     def replace(self, **changes) -> VarlenSpec:
@@ -231,6 +237,7 @@ class PagedSpec:
     window: tuple[int | None, int | None] | None = None
     magnitude: float = 1.0
     seed: int = 0
+    softcap: float | None = None  # logit soft cap (Config.softcap)
 
     def __post_init__(self) -> None:
         _fill_defaults(self)
@@ -279,7 +286,7 @@ class PagedSpec:
     def dense_specs(self) -> list[Spec]:
         return [Spec(Hq=self.Hq, Hkv=self.Hkv, Sq=self.Sq, Sk=n, D=self.D, Dv=self.Dv, dtype=self.dtype,
                      device=self.device, scale=self.scale, causal=self.causal, window=self.window,
-                     magnitude=self.magnitude, seed=self.seed) for n in self.cache_seqlens if n]
+                     magnitude=self.magnitude, seed=self.seed, softcap=self.softcap) for n in self.cache_seqlens if n]
 
     def replace(self, **changes) -> PagedSpec:
         return dataclasses.replace(self, **changes)

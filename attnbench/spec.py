@@ -59,6 +59,9 @@ FEATURES = frozenset(
         "varlen",  # packed variable-length batches (Impl.varlen, attnbench.packing)
         "document",  # document masking: the dense call's document_ids=(doc_q, doc_k) (Spec.documents)
         "paged_kv",  # a paged KV cache with a block table (Impl.paged, attnbench.packing)
+        "softcap",  # Config.softcap: logits soft-capped, cap * tanh(logit / cap)
+        "alibi",  # alibi_slopes=: ALiBi bias computed in the kernel, never materialized
+        "sinks",  # sinks=: one learnable logit per head in the softmax denominator only
     }
 )
 
@@ -84,6 +87,7 @@ class Config:
     align: str = "bottom_right"
     dropout_p: float = 0.0
     dropout_seed: int = 0
+    softcap: float | None = None  # logit soft cap: cap * tanh(scaled logit / cap), before bias and masks
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -109,6 +113,18 @@ class Config:
             bad("dropout_p", f"must be in [0, 1), got {self.dropout_p!r}")
         if isinstance(self.dropout_seed, bool) or not isinstance(self.dropout_seed, int):
             bad("dropout_seed", f"must be an int, got {self.dropout_seed!r}")
+        why = softcap_problem(self.softcap)
+        if why:
+            bad("softcap", why)
+
+
+def softcap_problem(softcap: object) -> str | None:
+    """What is wrong with a logit soft cap (None, or a finite number > 0); None if fine."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap > 0):
+        return f"must be None or a finite number > 0, got {softcap!r}"
+    return None
 
 
 def window_problem(window: object) -> str | None:
@@ -143,6 +159,14 @@ class Inputs:
     bias: torch.Tensor | None  # broadcastable to (B, Hq, Sq, Sk)
     grad_out: torch.Tensor  # (B, Hq, Sq, Dv), for gradient checks
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (doc_q (B, Sq), doc_k (B, Sk)) int64
+    alibi_slopes: torch.Tensor | None = None  # (Hq,) or (B, Hq) float32, positive: the kernel's ALiBi
+    sinks: torch.Tensor | None = None  # (Hq,) one logit per head in the softmax denominator
+
+    def score_kwargs(self) -> dict[str, torch.Tensor]:
+        """The score-feature keyword arguments of a kernel call: only those the spec uses, so an
+        implementation that declares none of them is called with its plain signature."""
+        extra = {"alibi_slopes": self.alibi_slopes, "sinks": self.sinks}
+        return {name: t for name, t in extra.items() if t is not None}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
@@ -176,6 +200,9 @@ class Spec:
     # per batch element, the lengths of consecutive documents along the keys (summing to Sk);
     # a query belongs to the document of its aligned position p(i) (see document_ids)
     documents: tuple[tuple[int, ...], ...] | None = None
+    softcap: float | None = None  # logit soft cap (Config.softcap)
+    alibi: bool = False  # the kernel's ALiBi: alibi_slopes drawn per spec (Spec.alibi_values)
+    sinks: bool = False  # attention sinks: one logit per head drawn per spec (Spec.sink_values)
     extra: tuple = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -248,6 +275,12 @@ class Spec:
             for doc in self.documents:
                 if min(doc, default=0) < 1 or sum(doc) != self.Sk:
                     bad("documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}")
+        why = softcap_problem(self.softcap)
+        if why:
+            bad("softcap", why)
+        for name in ("alibi", "sinks"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be a bool, got {getattr(self, name)!r}")
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -271,6 +304,7 @@ class Spec:
             align=self.align,
             dropout_p=self.dropout_p,
             dropout_seed=self.seed,
+            softcap=self.softcap,
         )
 
     def needs(self) -> frozenset[str]:
@@ -298,6 +332,12 @@ class Spec:
             need.add("dv")
         if self.documents is not None:
             need.add("document")
+        if self.softcap is not None:
+            need.add("softcap")
+        if self.alibi:
+            need.add("alibi")
+        if self.sinks:
+            need.add("sinks")
         return frozenset(need)
 
     def replace(self, **changes) -> Spec:
@@ -334,8 +374,51 @@ class Spec:
             key_padding_mask=None if kpm is None else kpm.to(self.device),
             bias=None if bias is None else bias.to(device=self.device, dtype=self.torch_dtype).requires_grad_(requires_grad),
             grad_out=grad_laid_out(self.grad_layout, grad_out.to(device=self.device, dtype=self.torch_dtype)),
+            alibi_slopes=None if not self.alibi else self.alibi_values().to(device=self.device, dtype=torch.float32),
+            sinks=None if not self.sinks else self.sink_values().to(device=self.device, dtype=self.torch_dtype)
+            .requires_grad_(requires_grad),
             document_ids=self.document_ids(),
         )
+
+    # Salts of the score features' own generators: drawn apart from make_inputs' stream, so a
+    # spec without them keeps exactly the inputs it had before they existed.
+    ALIBI_SALT = 0xA11B1
+    SINK_SALT = 0x51AC
+
+    def alibi_values(self) -> torch.Tensor:
+        """This spec's ALiBi slopes, float64 on the cpu: positive and distinct per head. One of
+        four kinds, chosen by the seed: the standard geometric slopes (alibi_slopes(Hq)), random
+        slopes per head (Hq,), random slopes per batch element and head (B, Hq), or large random
+        slopes (up to 8: a bias that dominates the logits)."""
+        g = torch.Generator().manual_seed(self.seed * 131 + self.ALIBI_SALT)
+        kind = int(torch.randint(4, (1,), generator=g))
+        if kind == 0:
+            return alibi_slopes(self.Hq)
+        shape = (self.B, self.Hq) if kind == 2 else (self.Hq,)
+        top = 8.0 if kind == 3 else 1.0
+        # distinct per head: a sorted grid of Hq steps, each jittered within its own cell, shuffled
+        cells = torch.rand(shape, dtype=torch.float64, generator=g)
+        steps = (torch.arange(self.Hq, dtype=torch.float64) + 0.05 + 0.9 * cells) / self.Hq
+        order = torch.randperm(self.Hq, generator=g)
+        return (top * steps[..., order]).contiguous()
+
+    def sink_values(self) -> torch.Tensor:
+        """This spec's sink logits (Hq,), float64 on the cpu, of a kind chosen by the seed: N(0, 1)
+        per head (3 in 8); scaled like the logits, magnitude^2 * N(0, 1) (2 in 8); log(Sk) + N(0, 1),
+        a share of each row comparable to the keys' (1 in 8); large positive, 20 to 40 (1 in 8: the
+        sink dominates every row and the output shrinks by e^-20 or more); very negative, -40 to
+        -20 (1 in 8: the sink changes nothing visible)."""
+        g = torch.Generator().manual_seed(self.seed * 131 + self.SINK_SALT)
+        kind = int(torch.randint(8, (1,), generator=g))
+        z = torch.randn(self.Hq, dtype=torch.float64, generator=g)
+        if kind < 3:
+            return z
+        if kind < 5:
+            return self.magnitude**2 * z
+        if kind == 5:
+            return math.log(max(self.Sk, 1)) + z
+        u = 20.0 + 20.0 * torch.rand(self.Hq, dtype=torch.float64, generator=g)
+        return u if kind == 6 else -u
 
     def document_ids(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(doc_q (B, Sq), doc_k (B, Sk)) int64 on the spec's device, None without documents.

@@ -7,6 +7,13 @@ invisible blocks are skipped. An additive bias is a score_mod that reads the bia
 Grouped heads use enable_gqa (head h reads kv head h // G). The logsumexp comes back through
 return_aux=AuxRequest(lse=True) (return_lse=True on torch versions before it).
 
+The score features: the soft cap and ALiBi are score_mods too, composed in the contract's order
+(flex applies score_mod to the scaled score: cap, then the bias, then -slope * |p(i) - j|). A
+sink is folded in after the call from flex's own lse (flex_eager only): lse' = logaddexp(lse,
+sink), out' = out * exp(lse - lse'), which is exactly the sink's share taken out of each row
+(an empty row: out 0, lse' = sink). The compiled flex does not declare sinks: its backward
+would have to carry the gradient of lse, which it is not checked to do.
+
 Two registrations:
 - flex: torch.compile'd flex_attention on CUDA (the fused Triton kernel), forward and
   backward. The compiled function is built once; block masks without tensor inputs (no key
@@ -46,14 +53,20 @@ def attention(
     bias: torch.Tensor | None = None,
     compiled: bool | None = None,
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv), lse (B, Hq, Sq). compiled defaults to True on CUDA, False on the CPU.
     document_ids (doc_q, doc_k) adds a document mask_mod (masks.document)."""
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="flex")
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="flex", alibi_slopes=alibi_slopes, sinks=sinks)
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if document_ids is not None:
         check_document_ids(document_ids, B, Sq, Sk, who="flex")
+    if sinks is not None:
+        out, lse = attention(q, k, v, cfg, key_padding_mask, bias, compiled, document_ids, alibi_slopes=alibi_slopes)
+        return with_sinks(out, lse, sinks)
     if Sk == 0:  # no keys: every row is empty (flex cannot build a block mask over zero keys)
         return no_keys(q, k, v, bias)
     if compiled is None:
@@ -62,7 +75,11 @@ def attention(
         q, k, v = q.detach(), k.detach(), v.detach()
         bias = bias.detach() if bias is not None else None
     block_mask = _block_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, compiled, document_ids)
-    score_mod = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
+    score_mod = score_mods(
+        softcap_mod(cfg.softcap) if cfg.softcap is not None else None,
+        bias_mod(bias, B, Hq, Sq, Sk) if bias is not None else None,
+        alibi_mod(alibi_slopes, masks.offset(Sq, Sk, cfg.align)) if alibi_slopes is not None else None,
+    )
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != Hkv)
     if compiled and Hq != Hkv and block_mask is not None and Sq < DECODE_BELOW:
         kwargs["kernel_options"] = FLEX_MAIN_KERNEL  # the decoding kernel fails to lower here
@@ -78,6 +95,51 @@ def attention(
             out, aux = flex_attention(q, k, v, **kwargs)
     lse = aux.lse if AuxRequest is not None else aux
     return out, lse
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the softmax over the keys, turned into those of the softmax over the keys
+    and one sink logit per head: lse' = logaddexp(lse, sink), out' = out * exp(lse - lse')."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    both = torch.logaddexp(lse, sink)
+    share = torch.exp(lse - both)  # 0 on an empty row (lse = -inf)
+    return (out * share[..., None].to(out.dtype)).to(out.dtype), both
+
+
+def score_mods(*mods):
+    """One score_mod applying `mods` (None entries skipped) in order; None when there are none."""
+    mods = [m for m in mods if m is not None]
+    if not mods:
+        return None
+    if len(mods) == 1:
+        return mods[0]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        for m in mods:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
+
+    return mod
+
+
+def softcap_mod(cap: float):
+    """score_mod: cap * tanh(score / cap), on flex's scaled score."""
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return mod
+
+
+def alibi_mod(slopes: torch.Tensor, off: int):
+    """score_mod: -slope[b, h] * |q_idx + off - kv_idx|; slopes (Hq,) or (B, Hq)."""
+    per_batch = slopes.dim() == 2
+
+    def mod(score, b, h, q_idx, kv_idx):
+        slope = slopes[b, h] if per_batch else slopes[h]
+        return score - slope.to(score.dtype) * (q_idx + off - kv_idx).abs().to(score.dtype)
+
+    return mod
 
 
 def bias_mod(bias: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int):
@@ -199,7 +261,8 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg:
     qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
     if not compiled and not torch.is_grad_enabled():
         qb, kb, vb = qb.detach(), kb.detach(), vb.detach()
-    kwargs = dict(block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != k.shape[1])
+    score_mod = softcap_mod(cfg.softcap) if cfg.softcap is not None else None
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != k.shape[1])
     if compiled and Hq != k.shape[1] and Tq < DECODE_BELOW:
         kwargs["kernel_options"] = FLEX_MAIN_KERNEL
     if AuxRequest is not None:
@@ -216,7 +279,8 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg:
     return out[0].transpose(0, 1), lse[0]
 
 
-FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse"}
+FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse",
+           "softcap", "alibi"}
 # A document mask is a mask_mod over two index tensors; a packed batch is one sequence with a
 # per-sequence mask_mod. Not expressed: the paged KV cache (flex reads K / V as dense (B, H, S, D)
 # tensors; a block table would need its own gather first, which is not a flex kernel).
@@ -240,8 +304,10 @@ flex_local = flex.for_variant(
 )
 
 
-def _eager(q, k, v, cfg: Config, key_padding_mask=None, bias=None, document_ids=None):
-    return attention(q, k, v, cfg, key_padding_mask, bias, compiled=False, document_ids=document_ids)
+def _eager(q, k, v, cfg: Config, key_padding_mask=None, bias=None, document_ids=None, *, alibi_slopes=None,
+           sinks=None):
+    return attention(q, k, v, cfg, key_padding_mask, bias, compiled=False, document_ids=document_ids,
+                     alibi_slopes=alibi_slopes, sinks=sinks)
 
 
 def _eager_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse=True):
@@ -252,7 +318,7 @@ flex_eager = Impl(
     name="flex_eager",
     variant="dense",
     fn=_eager,
-    features=FORWARD | SEQUENCES,
+    features=FORWARD | SEQUENCES | {"sinks"},
     varlen=_eager_varlen,
     devices=("cpu",),
     compiles=True,  # flex_attention outside torch.compile still traces through dynamo (backend "eager") per shape

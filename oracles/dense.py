@@ -66,6 +66,9 @@ def attention(
     bias: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq), in float64, differentiable by autograd.
     With `rows` (query indices), (B, Hq, len(rows), Dv) and (B, Hq, len(rows)) for those
@@ -74,9 +77,13 @@ def attention(
     Inputs follow the call convention (attnbench.checks; ValueError otherwise), in any one
     floating dtype; Sk = 0 gives empty rows (out 0, lse -inf, zero gradients).
 
+    The score features (CONTRACT.md, "Score features"): cfg.softcap caps the scaled logit
+    before the bias, `alibi_slopes` adds -slope * |p(i) - j| after the bias, `sinks` adds
+    exp(sink) to every row's softmax denominator (the lse includes it; an empty row has lse = sink).
+
     Dropout is not part of the oracle: properties check it statistically instead.
     """
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle")
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle", alibi_slopes=alibi_slopes, sinks=sinks)
     B, Hq, Sq, D = q.shape
     if document_ids is not None:
         check_document_ids(document_ids, B, Sq, k.shape[2], who="oracle")
@@ -99,9 +106,13 @@ def attention(
     v = torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype, device=v.device))
 
     s = cfg.scale * (q @ k.transpose(-1, -2))
+    if cfg.softcap is not None:
+        s = cfg.softcap * torch.tanh(s / cfg.softcap)
     s = torch.where(k_bad, torch.full((), float("nan"), dtype=s.dtype, device=s.device), s)
     if bias is not None:
         s = s + bias.to(torch.float64)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, Sq, Sk, cfg.align, rows).to(s.device)
     vis = visible(
         B, Sq, Sk, causal=cfg.causal, window=cfg.window, block=cfg.block, align=cfg.align,
         key_padding_mask=key_padding_mask, rows=rows, document_ids=document_ids,
@@ -120,14 +131,33 @@ def attention(
     else:
         m = torch.zeros_like(empty, dtype=s.dtype)
     m = torch.where(empty, torch.zeros_like(m), m).detach()
+    sink = None
+    if sinks is not None:  # the sink joins the denominator only: a logit with a zero value
+        sink = sinks.to(torch.float64).view(1, Hq, 1, 1)
+        m = torch.where(empty, sink, torch.maximum(m, sink)).detach()
     p = torch.where(vis, torch.exp(s - m), torch.zeros((), dtype=s.dtype, device=s.device))
     denom = p.sum(-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - m)
+        empty = torch.zeros_like(empty)  # no row is empty: out = 0 and lse = sink follow from the sums
     safe = torch.where(empty, torch.ones_like(denom), denom)
     out = (p / safe) @ v
     out = torch.where(empty, torch.zeros_like(out), out)
     out = torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     lse = torch.where(empty, torch.full_like(denom, NEG_INF), torch.log(safe) + m).squeeze(-1)
     return out, lse
+
+
+def alibi_bias(slopes: torch.Tensor, Sq: int, Sk: int, align: str = "bottom_right",
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The ALiBi bias -slope[b, h] * |p(i) - j| in float64, (B or 1, Hq, Sq or len(rows), Sk),
+    with p(i) the aligned query position; slopes (Hq,) or (B, Hq)."""
+    i = (torch.arange(Sq) if rows is None else rows.cpu()).view(-1, 1).to(torch.float64)
+    j = torch.arange(Sk, dtype=torch.float64).view(1, Sk)
+    p = i + (Sk - Sq) if align == "bottom_right" else i
+    slopes = slopes.detach().cpu().to(torch.float64)
+    slopes = slopes.view(1, -1) if slopes.dim() == 1 else slopes
+    return -slopes[:, :, None, None] * (p - j).abs()
 
 
 def attention_rows(
@@ -139,12 +169,16 @@ def attention_rows(
     bias: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     chunk: int = 256,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention` over `rows` (default every row) in chunks of `chunk` query rows: memory
     O(chunk * Sk) for any Sq, on the inputs' device (the GPU for GPU runs)."""
     if rows is None:
         rows = torch.arange(q.shape[2])
-    parts = [attention(q, k, v, cfg, key_padding_mask, bias, rows=rows[n : n + chunk])
+    parts = [attention(q, k, v, cfg, key_padding_mask, bias, rows=rows[n : n + chunk], alibi_slopes=alibi_slopes,
+                       sinks=sinks)
              for n in range(0, len(rows), chunk)]
     return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
 
@@ -154,4 +188,5 @@ def reference(spec: Spec, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return attention(
         inputs.q, inputs.k, inputs.v, spec.config(),
         key_padding_mask=inputs.key_padding_mask, bias=inputs.bias, document_ids=inputs.document_ids,
+        **inputs.score_kwargs(),
     )

@@ -24,14 +24,14 @@ from attnbench.properties.strategies import draw_int
 from attnbench.registry import Impl, registry
 from attnbench.spec import Config, Inputs, Spec
 
-GRAD_NAMES = ("q", "k", "v", "bias")
+GRAD_NAMES = ("q", "k", "v", "bias", "sinks")
 
 
 @dataclass
 class Run:
     out: torch.Tensor
     lse: torch.Tensor | None
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # "dq", "dk", "dv", "dbias"
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # "dq", "dk", "dv", "dbias", "dsinks"
 
     def get(self, quantity: str) -> torch.Tensor | None:
         """"out", "lse" or a gradient name."""
@@ -91,10 +91,11 @@ def clone_inputs(inputs: Inputs) -> Inputs:
         key_padding_mask=None if inputs.key_padding_mask is None else inputs.key_padding_mask.clone(),
         bias=c(inputs.bias), grad_out=same_layout_copy(inputs.grad_out),
         document_ids=None if inputs.document_ids is None else tuple(d.clone() for d in inputs.document_ids),
+        alibi_slopes=None if inputs.alibi_slopes is None else inputs.alibi_slopes.clone(), sinks=c(inputs.sinks),
     )
 
 
-INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out")
+INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out", "alibi_slopes", "sinks")
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -137,6 +138,8 @@ def _inputs_finite(inputs: Inputs) -> bool:
     if ok and inputs.bias is not None:
         b = inputs.bias.detach()
         ok = not bool((b.isnan() | (b == float("inf"))).any())
+    for t in (inputs.alibi_slopes, inputs.sinks):
+        ok = ok and (t is None or bool(torch.isfinite(t.detach()).all()))
     return ok
 
 
@@ -181,7 +184,7 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
 
     With `who` (the implementation's name) the call contract is checked around it, forward and
     backward: result types, dtypes, shapes and devices (check_result), every input (q, k, v,
-    bias, key_padding_mask, grad_out) bit-identical afterwards, and out, lse and the gradients
+    bias, key_padding_mask, grad_out, alibi_slopes, sinks) bit-identical afterwards, and out, lse and the gradients
     finite wherever the oracle is (all inputs finite). A broken clause raises ContractError
     naming it. The flags of each pass come back in one device-to-host transfer.
     """
@@ -197,7 +200,7 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
     before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
         result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias,
-                    **docs)
+                    **docs, **inputs.score_kwargs())
     if who:
         out, lse = check_result(who, result, inputs.q, inputs.v)
         _raise_flagged(who, _changed(given, before), inputs, {"out": out, "lse": lse})
@@ -249,6 +252,7 @@ def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | Non
     f64 = Inputs(
         q=up(inputs.q), k=up(inputs.k), v=up(inputs.v), key_padding_mask=inputs.key_padding_mask,
         bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64), document_ids=inputs.document_ids,
+        alibi_slopes=inputs.alibi_slopes, sinks=up(inputs.sinks),
     )
     return call(oracle_dense.attention, f64, cfg or spec.config(), grad=grad)
 
@@ -308,7 +312,8 @@ def reference_error(quantity: str, spec: Spec, ref: Run, oracle: Run) -> tuple[f
 def scales_of(spec: Spec, inputs: Inputs, cfg: Config | None = None) -> dict[str, float]:
     """The tolerance error model's scale per quantity for this call (tolerance.term_scales)."""
     return tolerance.term_scales(
-        inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias
+        inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias,
+        **inputs.score_kwargs(),
     )
 
 
@@ -356,23 +361,30 @@ def rows_of(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor |
 def rows_problem(spec: Spec, inputs: Inputs, rows: torch.Tensor, cfg: Config | None = None) -> tuple[Inputs, Config]:
     """The problem restricted to query `rows`, for an implementation: q and grad_out rows, the
     structure (causal, windows, blocks, alignment) folded into an additive bias that is -inf on
-    the keys each row may not see (the spec's bias on the others), and a config without
-    structure. Key padding stays a mask. Only q requires grad (dq of a row is exact from the
-    row alone; dk and dv are sums over every row)."""
+    the keys each row may not see (the spec's bias, plus the ALiBi bias of the rows' positions
+    when the spec has alibi_slopes, on the others), and a config without structure (the soft
+    cap kept: it applies before any bias). Key padding stays a mask, the sinks stay sinks. Only
+    q requires grad (dq of a row is exact from the row alone; dk and dv are sums over every row)."""
     cfg = cfg or spec.config()
     dev = inputs.q.device
     vis = oracle_dense.visible(spec.B, spec.Sq, spec.Sk, causal=cfg.causal, window=cfg.window, block=cfg.block,
                                align=cfg.align, rows=rows)[:, None].to(dev)  # (B, 1, R, Sk)
-    bias = torch.zeros((), dtype=inputs.q.dtype, device=dev)
+    # an ALiBi bias (up to slope * Sk) is kept in float32 at least: the kernel computes it so
+    dtype = inputs.q.dtype if inputs.alibi_slopes is None else torch.promote_types(inputs.q.dtype, torch.float32)
+    bias = torch.zeros((), dtype=dtype, device=dev)
     if inputs.bias is not None:
         bias = inputs.bias.detach()
         if bias.dim() >= 2 and bias.shape[-2] == spec.Sq:
             bias = bias[..., rows.to(dev), :]
-    bias = torch.where(vis, bias, torch.full((), float("-inf"), dtype=inputs.q.dtype, device=dev))
+    if inputs.alibi_slopes is not None:
+        alibi = oracle_dense.alibi_bias(inputs.alibi_slopes, spec.Sq, spec.Sk, cfg.align, rows)
+        bias = bias.to(dtype) + alibi.to(device=dev, dtype=dtype)
+    bias = torch.where(vis, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=dev))
     q = inputs.q.detach()[:, :, rows.to(dev)].clone().requires_grad_(inputs.q.requires_grad)
+    sinks = None if inputs.sinks is None else inputs.sinks.detach()
     flat = Inputs(q=q, k=inputs.k.detach(), v=inputs.v.detach(), key_padding_mask=inputs.key_padding_mask,
-                  bias=bias.contiguous(), grad_out=inputs.grad_out[:, :, rows.to(dev)].contiguous())
-    plain = Config(scale=cfg.scale, dropout_p=cfg.dropout_p, dropout_seed=cfg.dropout_seed)
+                  bias=bias.contiguous(), grad_out=inputs.grad_out[:, :, rows.to(dev)].contiguous(), sinks=sinks)
+    plain = Config(scale=cfg.scale, dropout_p=cfg.dropout_p, dropout_seed=cfg.dropout_seed, softcap=cfg.softcap)
     return flat, plain
 
 
@@ -401,8 +413,10 @@ def run_oracle_rows(spec: Spec, inputs: Inputs, rows: torch.Tensor | None, grad:
     q = inputs.q.detach().to(torch.float64).requires_grad_(grad)
     k, v = (t.detach().to(torch.float64) for t in (inputs.k, inputs.v))
     bias = None if inputs.bias is None else inputs.bias.detach().to(torch.float64)
+    sinks = None if inputs.sinks is None else inputs.sinks.detach().to(torch.float64)
     with torch.set_grad_enabled(grad):
-        out, lse = oracle_dense.attention_rows(q, k, v, cfg or spec.config(), inputs.key_padding_mask, bias, rows=rows)
+        out, lse = oracle_dense.attention_rows(q, k, v, cfg or spec.config(), inputs.key_padding_mask, bias, rows=rows,
+                                               alibi_slopes=inputs.alibi_slopes, sinks=sinks)
     run = Run(out=out.detach(), lse=lse.detach())
     if grad:
         out.backward(inputs.grad_out.detach()[:, :, rows.to(out.device)].to(torch.float64))

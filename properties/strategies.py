@@ -47,6 +47,10 @@ SCALES = (0.0, 1.0, 0.01, 2.0)  # besides the default 1/sqrt(D); 0 is uniform at
 SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
 LONG_ONE_IN = 8  # one draw in 8 is long, where a property asks (the cost of the CPU ci profile)
 MAGNITUDES = (1.0, 3.0, 8.0)  # 8: scaled logits reach the hundreds, exp() overflows without max
+# Logit soft caps: 1 to 5 saturate tanh at the logits magnitude 3 and 8 draw; 30 and 50 (Gemma 2's
+# attention and final caps) leave most logits in tanh's linear part.
+SOFTCAPS = (1.0, 2.5, 5.0, 30.0, 50.0)
+SCORE_FEATURE_ONE_IN = 6  # each score feature (softcap, alibi, sinks) is drawn one draw in 6
 
 
 @dataclass(frozen=True)
@@ -234,13 +238,26 @@ def _specs(
         B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=dtype, device=device,
         scale=pick("scale", st.one_of(st.none(), st.sampled_from(SCALES))),
         causal=causal, window=window, block=block, key_lengths=key_lengths, key_drop=key_drop,
-        bias=bias, bias_neginf=bias_neginf, align=align,
+        bias=bias, bias_neginf=bias_neginf, align=align, **_score_features(draw, pick, has, use),
         dropout_p=fixed.get("dropout_p", 0.0),
         magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)),
         seed=pick("seed", st.integers(0, 2**16)),
         layout=pick("layout", st.sampled_from(_layouts(impl, B, Hkv))),
         grad_layout=pick("grad_layout", st.sampled_from(impl.grad_layouts)) if has("backward") else "contiguous",
     )
+
+
+def _score_features(draw, pick, has, use: frozenset[str]) -> dict:
+    """softcap, alibi and sinks for an impl that declares them: each one draw in
+    SCORE_FEATURE_ONE_IN (always when `use` names it); each shrinks to off."""
+    out: dict = {}
+    if has("softcap"):
+        on = "softcap" in use or _rare(draw, "softcapped", SCORE_FEATURE_ONE_IN)
+        out["softcap"] = pick("softcap", st.sampled_from(SOFTCAPS) if on else st.none())
+    for name in ("alibi", "sinks"):
+        if has(name):
+            out[name] = pick(name, st.just(name in use or _rare(draw, name, SCORE_FEATURE_ONE_IN)))
+    return out
 
 
 def _layouts(impl: Impl, B: int, Hkv: int) -> list[str]:
@@ -267,7 +284,7 @@ def specs_for(
     """Specs that `impl` covers (with the extra `needs`, e.g. "backward" or "lse").
 
     use: features every drawn spec must exercise ("causal", "sliding_window", "key_padding",
-        "gqa", "bias", "cross", "blocked_window").
+        "gqa", "bias", "cross", "blocked_window", "softcap", "alibi", "sinks").
     forbid: features never drawn (a permutation property forbids "causal", ...).
     long: None (ordinary lengths), "keys" (one draw in eight with long keys and short queries)
         or "all" (long keys, and queries short, as long, or long too): for properties that
@@ -368,6 +385,11 @@ def relax(spec: Spec, impl: Impl) -> Spec:
         changes["align"] = "bottom_right"
     if spec.Dv != spec.D and "dv" not in f:
         changes["Dv"] = spec.D
+    if spec.softcap is not None and "softcap" not in f:
+        changes["softcap"] = None
+    for name in ("alibi", "sinks"):
+        if getattr(spec, name) and name not in f:
+            changes[name] = False
     if spec.dtype not in impl.dtypes:
         changes["dtype"] = next((d for d in DTYPE_ORDER if d in impl.dtypes), spec.dtype)
     if spec.layout not in impl.layouts:
@@ -419,6 +441,7 @@ def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict)
         causal=pick("causal", st.just(True) if "causal" in use else st.booleans()) if has("causal") else False,
         window=fixed.get("window", window), scale=pick("scale", st.one_of(st.none(), st.sampled_from(SCALES))),
         magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)), seed=pick("seed", st.integers(0, 2**16)),
+        softcap=pick("softcap", st.one_of(st.none(), st.sampled_from(SOFTCAPS))) if has("softcap") else None,
     )
 
 

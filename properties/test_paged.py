@@ -34,8 +34,8 @@ STRIDE = Pinned(PagedSpec(cache_seqlens=(5, 7), block_size=4, table_pad=2, Hq=2,
                 "a block table cut from a wider one: index rows by stride(0)")
 DIVIDE = Pinned(PagedSpec(cache_seqlens=(17, 1, 0), Sq=1, block_size=5, poison=True, causal=True, window=(6, 0)),
                 "block size 5 dividing nothing, one-token and empty caches, NaN in unused slots")
-CHUNK = Pinned(PagedSpec(cache_seqlens=(9, 4), Sq=4, block_size=3, Hq=4, Hkv=2, causal=True, spare_blocks=2),
-               "a chunk of 4 new tokens, GQA")
+CHUNK = Pinned(PagedSpec(cache_seqlens=(9, 4), Sq=4, block_size=3, Hq=4, Hkv=2, causal=True, spare_blocks=2,
+                         window=(5, 0), softcap=2.5), "a chunk of 4 new tokens, GQA, a window and a soft cap")
 
 
 def _names(run: Run) -> list[str]:

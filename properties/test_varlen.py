@@ -31,8 +31,8 @@ pytestmark = pytest.mark.variant("dense")
 BOUNDARY = Pinned(VarlenSpec(seqlens=((3, 3), (2, 2), (17, 17))), "a sequence's last query next to another's first key")
 EMPTY = Pinned(VarlenSpec(seqlens=((0, 0), (1, 1), (2, 0), (0, 3), (5, 5)), causal=True),
                "zero-length sequences and a single token")
-DECODE = Pinned(VarlenSpec(seqlens=((1, 9), (1, 16), (1, 1)), Hq=4, Hkv=2, causal=True, window=(3, 0)),
-                "one query per sequence against its own cache, GQA, windowed")
+DECODE = Pinned(VarlenSpec(seqlens=((1, 9), (1, 16), (1, 1)), Hq=4, Hkv=2, causal=True, window=(3, 0), softcap=5.0),
+                "one query per sequence against its own cache, GQA, windowed, soft-capped")
 
 
 def _grad(impl, spec: VarlenSpec) -> bool:

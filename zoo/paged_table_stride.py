@@ -9,7 +9,7 @@ import torch
 import attnbench.impls.naive as _naive
 from attnbench.checks import check_paged
 from attnbench.registry import Impl
-from attnbench.zoo._base import FEATURES, Kernel
+from attnbench.zoo._base import BASE_FEATURES, Kernel
 
 
 def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, return_lse=True):
@@ -32,7 +32,7 @@ paged_table_stride = Impl(
     name="paged_table_stride",
     variant="dense",
     fn=Kernel(),
-    features=FEATURES | {"paged_kv"},
+    features=BASE_FEATURES | {"paged_kv"},
     paged=paged,
     bug="paged KV: block-table rows read with the wrong stride (shape[1] instead of stride(0))",
 )

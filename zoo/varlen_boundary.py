@@ -7,7 +7,7 @@ import torch
 import attnbench.impls.naive as _naive
 from attnbench.checks import check_varlen
 from attnbench.registry import Impl
-from attnbench.zoo._base import FEATURES, Kernel
+from attnbench.zoo._base import BASE_FEATURES, Kernel
 
 
 def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, return_lse=True):
@@ -26,7 +26,7 @@ varlen_boundary = Impl(
     name="varlen_boundary",
     variant="dense",
     fn=Kernel(),
-    features=FEATURES | {"varlen"},
+    features=BASE_FEATURES | {"varlen"},
     varlen=varlen,
     bug="varlen: off by one at a cu_seqlens boundary (a sequence sees the next one's first key)",
 )
