@@ -605,18 +605,45 @@ def _generator(spec: Spec, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(spec.seed * 7919 + salt)
 
 
+def _expanded_dims(like: torch.Tensor) -> tuple[slice, ...] | None:
+    """The index of one slice along `like`'s expanded (zero-stride) dims; None without any."""
+    if not any(st == 0 and n > 1 for st, n in zip(like.stride(), like.shape)):
+        return None
+    return tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(like.stride(), like.shape))
+
+
 def noise(like: torch.Tensor, spec: Spec, salt: int, scale: float = 1.0) -> torch.Tensor:
-    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved)."""
+    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved); equal
+    along `like`'s expanded dims, so a tensor made from them can keep its layout (with_tensors)."""
     t = scale * torch.randn(like.shape, dtype=torch.float64, generator=_generator(spec, salt))
+    one = _expanded_dims(like)
+    if one is not None:
+        t = t[one].expand(like.shape)
     return t.to(device=like.device, dtype=like.dtype)
 
 
+def _in_layout(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """A copy of t in `like`'s layout (its strides, its expanded dims kept as an expand where t is
+    equal along them), else a plain copy: kernels take other code paths for other layouts, so two
+    runs that must agree bit for bit see the same one."""
+    t = t.detach()
+    if like is None or t.shape != like.shape:
+        return t.clone()
+    one = _expanded_dims(like)
+    if one is None:
+        return same_layout_copy(like).copy_(t)
+    base = t[one].expand(t.shape)
+    same = (t == base) | (t.isnan() & base.isnan())
+    return same_layout_copy(like[one]).copy_(t[one]).expand(t.shape) if bool(same.all()) else t.clone()
+
+
 def with_tensors(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
-    """A copy of `inputs` with these tensors replaced (each a fresh leaf, requiring grad as the one it replaces)."""
+    """A copy of `inputs` with these tensors replaced (each a fresh leaf in the layout of the one it
+    replaces where its values allow, requiring grad as that one does)."""
     new = clone_inputs(inputs)
     for name, t in tensors.items():
         leaf = getattr(inputs, name)
-        setattr(new, name, t.detach().clone().requires_grad_(leaf.requires_grad if leaf is not None else False))
+        setattr(new, name, _in_layout(t, leaf).requires_grad_(leaf.requires_grad if leaf is not None else False))
     return new
 
 

@@ -83,7 +83,7 @@ def test_other_documents_change_nothing(impl, device, measure, data):
     changes = {}
     for salt, (name, mine) in enumerate((("q", mine_q), ("k", mine_k), ("v", mine_k))):
         t = getattr(inputs, name).detach().clone()
-        fresh = noise(t, spec, 70 + salt, 3.0)
+        fresh = noise(getattr(inputs, name), spec, 70 + salt, 3.0)
         keep = torch.zeros(t.shape[0], 1, t.shape[2], 1, dtype=torch.bool, device=t.device)
         keep[0, 0, :, 0] = mine
         keep[1:] = True  # other batch elements keep their values: this is about documents

@@ -145,8 +145,9 @@ def test_masked_keys_have_no_influence(impl, device, measure, data):
     big = big_values(spec.torch_dtype)
     k, v = inputs.k.detach().clone(), inputs.v.detach().clone()
     where = dead.to(k.device)[:, None, :, None]
-    k = torch.where(where, torch.where(noise(k, spec, 5) > 0, big, -big).to(k.dtype), k)
-    v = torch.where(where, torch.where(noise(v, spec, 6) > 0, big, -big).to(v.dtype), v)
+    # noise like the inputs' own k / v: equal along an expanded layout's dims, which then stays
+    k = torch.where(where, torch.where(noise(inputs.k, spec, 5) > 0, big, -big).to(k.dtype), k)
+    v = torch.where(where, torch.where(noise(inputs.v, spec, 6) > 0, big, -big).to(v.dtype), v)
     changes = dict(k=k, v=v)
     if inputs.bias is not None:  # a huge positive bias on a masked key must not matter either
         bias = inputs.bias.detach().clone()
