@@ -63,7 +63,31 @@ def key_padding(mask: torch.Tensor) -> MaskMod:
     return lambda b, h, q, k: mask[b, k]
 
 
-def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None = None) -> MaskMod | None:
+def document(doc_q: torch.Tensor, doc_k: torch.Tensor) -> MaskMod:
+    """Key k is visible to query q only within one document: doc_q[b, q] == doc_k[b, k]."""
+    return lambda b, h, q, k: doc_q[b, q] == doc_k[b, k]
+
+
+def packed_sequences(bounds: list[tuple[int, int, int, int]], cfg: Config, device) -> MaskMod:
+    """A packed batch as one sequence: query q and key k are both in sequence b (its (q start,
+    q end, k start, k end) in `bounds`), and causal / sliding window hold between their
+    positions within b, bottom-right aligned (query i of b at i + len_k - len_q)."""
+    seq_q = torch.cat([torch.full((q1 - q0,), b) for b, (q0, q1, _, _) in enumerate(bounds)]).to(device)
+    seq_k = torch.cat([torch.full((k1 - k0,), b) for b, (_, _, k0, k1) in enumerate(bounds)]).to(device)
+    # a query's aligned position minus its index, and a key's start offset, per token
+    q_shift = torch.cat([torch.full((q1 - q0,), (k1 - k0) - (q1 - q0) - q0) for q0, q1, k0, k1 in bounds]).to(device)
+    k_shift = torch.cat([torch.full((k1 - k0,), -k0) for _, _, k0, k1 in bounds]).to(device)
+    mods = [lambda b, h, q, k: seq_q[q] == seq_k[k]]
+    relative = [causal(0)] if cfg.causal else []
+    if cfg.window is not None:
+        relative.append(sliding_window(*cfg.window, 0))
+    for rel in relative:
+        mods.append(lambda b, h, q, k, rel=rel: rel(b, h, q + q_shift[q], k + k_shift[k]))
+    return and_masks(*mods)
+
+
+def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None = None,
+                document_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> MaskMod | None:
     """The mask_mod for a call, or None when every key is visible."""
     off = offset(Sq, Sk, cfg.align)
     mods = []
@@ -75,6 +99,8 @@ def from_config(cfg: Config, Sq: int, Sk: int, key_padding_mask: torch.Tensor | 
         mods.append(blocked_window(cfg.block, off))
     if key_padding_mask is not None:
         mods.append(key_padding(key_padding_mask.bool()))
+    if document_ids is not None:
+        mods.append(document(*document_ids))
     return and_masks(*mods) if mods else None
 
 
@@ -89,8 +115,9 @@ def materialize(mod: MaskMod | None, B: int, Sq: int, Sk: int, device) -> torch.
     return mod(b, h, q, k).expand(B, 1, Sq, Sk)
 
 
-def dense_mask(cfg: Config, B: int, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    return materialize(from_config(cfg, Sq, Sk, key_padding_mask), B, Sq, Sk, device)
+def dense_mask(cfg: Config, B: int, Sq: int, Sk: int, key_padding_mask: torch.Tensor | None, device,
+               document_ids: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    return materialize(from_config(cfg, Sq, Sk, key_padding_mask, document_ids), B, Sq, Sk, device)
 
 
 def row_bounds(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,3 +161,19 @@ def visible_counts(spec: Spec, key_padding_mask: torch.Tensor | None = None) -> 
     c = torch.nn.functional.pad(keep.cumsum(-1), (1, 0))
     lo_c, hi_c = lo.clamp(0, spec.Sk), (hi + 1).clamp(0, spec.Sk)
     return (c[:, hi_c] - c[:, lo_c]) * (hi >= lo)
+
+
+def alibi_bias(slopes: torch.Tensor, Sq: int, Sk: int, align: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ALiBi bias -slope[b, h] * |i + off - j| materialized as (B or 1, Hq, Sq, Sk) on the
+    slopes' device, for kernels that hold the whole score matrix anyway; slopes (Hq,) or (B, Hq)."""
+    dev = slopes.device
+    i = torch.arange(Sq, device=dev, dtype=dtype).view(Sq, 1) + offset(Sq, Sk, align)
+    j = torch.arange(Sk, device=dev, dtype=dtype).view(1, Sk)
+    s = slopes.to(dtype)
+    s = s.view(1, -1) if s.dim() == 1 else s
+    return -s[:, :, None, None] * (i - j).abs()
+
+
+def softcap(s: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(s / cap), or s itself without a cap."""
+    return s if cap is None else cap * torch.tanh(s / cap)

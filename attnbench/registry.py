@@ -114,6 +114,12 @@ class Impl:
     #   q_index, q_valid, kv_index, kv_valid (the routed mixtures' decisions); None: not exposed.
     route: Callable | None = field(default=None, compare=False)
     decode: Decoder | None = field(default=None, compare=False)  # decoding through a cache
+    # Kernel variants only, the call conventions of attnbench.packing (declared with the feature
+    # of the same name; a kernel declaring "document" takes the dense call's document_ids=):
+    # varlen: fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, return_lse=True)
+    varlen: Callable | None = field(default=None, compare=False)
+    # paged: fn(q, k_cache, v_cache, block_table, cache_seqlens, cfg, return_lse=True)
+    paged: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -131,6 +137,12 @@ class Impl:
         if self.decode is not None and not isinstance(self.decode, Decoder):
             raise ValueError(f"Impl {self.name!r}: decode must be a Decoder, got {type(self.decode).__name__}")
         object.__setattr__(self, "features", frozenset(self.features))
+        for hook, feature in (("varlen", "varlen"), ("paged", "paged_kv")):
+            fn = getattr(self, hook)
+            if fn is not None and (module or not callable(fn)):
+                raise ValueError(f"Impl {self.name!r}: {hook} must be a callable of a kernel variant")
+            if (fn is not None) != (feature in self.features):
+                raise ValueError(f"Impl {self.name!r}: the feature {feature!r} and the {hook} function come together")
         unknown = self.features - FEATURES
         if unknown:
             raise ValueError(f"Impl {self.name!r}: unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
@@ -166,7 +178,8 @@ class Impl:
         return device.split(":")[0] in self.devices
 
     def why_not(self, spec: Spec, needs: Iterable[str] = ()) -> str | None:
-        """Why this implementation does not cover `spec` (plus extra needs), or None."""
+        """Why this implementation does not cover `spec` (plus extra needs), or None. A packed or
+        paged spec (attnbench.packing) is covered when each of its sequences' dense specs is."""
         if not self.device_ok(spec.device):
             return f"device {spec.device} not supported"
         if spec.dtype not in self.dtypes:
@@ -175,6 +188,9 @@ class Impl:
         missing = wanted - self.features
         if missing:
             return f"unsupported features: {', '.join(sorted(missing))}"
+        if not isinstance(spec, Spec):
+            rest = set(needs) - {"varlen", "paged_kv"}
+            return next((why for s in spec.dense_specs() if (why := self.why_not(s, rest))), None)
         if spec.layout not in self.layouts:
             return f"layout {spec.layout} not accepted"
         if spec.grad_layout not in self.grad_layouts:

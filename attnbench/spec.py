@@ -56,6 +56,12 @@ FEATURES = frozenset(
         "backward",  # differentiable in q, k, v
         "lse",  # returns the logsumexp
         "deterministic",  # bit-identical results run to run
+        "varlen",  # packed variable-length batches (Impl.varlen, attnbench.packing)
+        "document",  # document masking: the dense call's document_ids=(doc_q, doc_k) (Spec.documents)
+        "paged_kv",  # a paged KV cache with a block table (Impl.paged, attnbench.packing)
+        "softcap",  # Config.softcap: logits soft-capped, cap * tanh(logit / cap)
+        "alibi",  # alibi_slopes=: ALiBi bias computed in the kernel, never materialized
+        "sinks",  # sinks=: one learnable logit per head in the softmax denominator only
     }
 )
 
@@ -81,6 +87,7 @@ class Config:
     align: str = "bottom_right"
     dropout_p: float = 0.0
     dropout_seed: int = 0
+    softcap: float | None = None  # logit soft cap: cap * tanh(scaled logit / cap), before bias and masks
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -106,6 +113,18 @@ class Config:
             bad("dropout_p", f"must be in [0, 1), got {self.dropout_p!r}")
         if isinstance(self.dropout_seed, bool) or not isinstance(self.dropout_seed, int):
             bad("dropout_seed", f"must be an int, got {self.dropout_seed!r}")
+        why = softcap_problem(self.softcap)
+        if why:
+            bad("softcap", why)
+
+
+def softcap_problem(softcap: object) -> str | None:
+    """What is wrong with a logit soft cap (None, or a finite number > 0); None if fine."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap > 0):
+        return f"must be None or a finite number > 0, got {softcap!r}"
+    return None
 
 
 def window_problem(window: object) -> str | None:
@@ -139,6 +158,15 @@ class Inputs:
     key_padding_mask: torch.Tensor | None  # (B, Sk) bool, True = keep
     bias: torch.Tensor | None  # broadcastable to (B, Hq, Sq, Sk)
     grad_out: torch.Tensor  # (B, Hq, Sq, Dv), for gradient checks
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (doc_q (B, Sq), doc_k (B, Sk)) int64
+    alibi_slopes: torch.Tensor | None = None  # (Hq,) or (B, Hq) float32, positive: the kernel's ALiBi
+    sinks: torch.Tensor | None = None  # (Hq,) one logit per head in the softmax denominator
+
+    def score_kwargs(self) -> dict[str, torch.Tensor]:
+        """The score-feature keyword arguments of a kernel call: only those the spec uses, so an
+        implementation that declares none of them is called with its plain signature."""
+        extra = {"alibi_slopes": self.alibi_slopes, "sinks": self.sinks}
+        return {name: t for name, t in extra.items() if t is not None}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
@@ -169,6 +197,12 @@ class Spec:
     seed: int = 0
     layout: str = "contiguous"  # how q, k, v sit in memory (LAYOUTS)
     grad_layout: str = "contiguous"  # how grad_out sits in memory (GRAD_LAYOUTS)
+    # per batch element, the lengths of consecutive documents along the keys (summing to Sk);
+    # a query belongs to the document of its aligned position p(i) (see document_ids)
+    documents: tuple[tuple[int, ...], ...] | None = None
+    softcap: float | None = None  # logit soft cap (Config.softcap)
+    alibi: bool = False  # the kernel's ALiBi: alibi_slopes drawn per spec (Spec.alibi_values)
+    sinks: bool = False  # attention sinks: one logit per head drawn per spec (Spec.sink_values)
     extra: tuple = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +218,8 @@ class Spec:
             object.__setattr__(self, "block", Block(*self.block))
         if self.key_lengths is not None:
             object.__setattr__(self, "key_lengths", tuple(int(n) for n in self.key_lengths))
+        if self.documents is not None:
+            object.__setattr__(self, "documents", tuple(tuple(int(n) for n in doc) for doc in self.documents))
         self.validate()
 
     # -- validation ------------------------------------------------------------------
@@ -232,6 +268,19 @@ class Spec:
             bad("layout", f"unknown layout {self.layout!r}; one of {LAYOUTS}")
         if self.grad_layout not in GRAD_LAYOUTS:
             bad("grad_layout", f"unknown grad layout {self.grad_layout!r}; one of {GRAD_LAYOUTS}")
+        if self.documents is not None:
+            if len(self.documents) != self.B:
+                bad("documents", f"needs one tuple of document lengths per batch element ({self.B}), "
+                                 f"got {len(self.documents)}")
+            for doc in self.documents:
+                if min(doc, default=0) < 1 or sum(doc) != self.Sk:
+                    bad("documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}")
+        why = softcap_problem(self.softcap)
+        if why:
+            bad("softcap", why)
+        for name in ("alibi", "sinks"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be a bool, got {getattr(self, name)!r}")
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -255,6 +304,7 @@ class Spec:
             align=self.align,
             dropout_p=self.dropout_p,
             dropout_seed=self.seed,
+            softcap=self.softcap,
         )
 
     def needs(self) -> frozenset[str]:
@@ -280,6 +330,14 @@ class Spec:
             need.add("top_left")
         if self.Dv != self.D:
             need.add("dv")
+        if self.documents is not None:
+            need.add("document")
+        if self.softcap is not None:
+            need.add("softcap")
+        if self.alibi:
+            need.add("alibi")
+        if self.sinks:
+            need.add("sinks")
         return frozenset(need)
 
     def replace(self, **changes) -> Spec:
@@ -316,7 +374,63 @@ class Spec:
             key_padding_mask=None if kpm is None else kpm.to(self.device),
             bias=None if bias is None else bias.to(device=self.device, dtype=self.torch_dtype).requires_grad_(requires_grad),
             grad_out=grad_laid_out(self.grad_layout, grad_out.to(device=self.device, dtype=self.torch_dtype)),
+            alibi_slopes=None if not self.alibi else self.alibi_values().to(device=self.device, dtype=torch.float32),
+            sinks=None if not self.sinks else self.sink_values().to(device=self.device, dtype=self.torch_dtype)
+            .requires_grad_(requires_grad),
+            document_ids=self.document_ids(),
         )
+
+    # Salts of the score features' own generators: drawn apart from make_inputs' stream, so a
+    # spec without them keeps exactly the inputs it had before they existed.
+    ALIBI_SALT = 0xA11B1
+    SINK_SALT = 0x51AC
+
+    def alibi_values(self) -> torch.Tensor:
+        """This spec's ALiBi slopes, float64 on the cpu: positive and distinct per head. One of
+        four kinds, chosen by the seed: the standard geometric slopes (alibi_slopes(Hq)), random
+        slopes per head (Hq,), random slopes per batch element and head (B, Hq), or large random
+        slopes (up to 8: a bias that dominates the logits)."""
+        g = torch.Generator().manual_seed(self.seed * 131 + self.ALIBI_SALT)
+        kind = int(torch.randint(4, (1,), generator=g))
+        if kind == 0:
+            return alibi_slopes(self.Hq)
+        shape = (self.B, self.Hq) if kind == 2 else (self.Hq,)
+        top = 8.0 if kind == 3 else 1.0
+        # distinct per head: a sorted grid of Hq steps, each jittered within its own cell, shuffled
+        cells = torch.rand(shape, dtype=torch.float64, generator=g)
+        steps = (torch.arange(self.Hq, dtype=torch.float64) + 0.05 + 0.9 * cells) / self.Hq
+        order = torch.randperm(self.Hq, generator=g)
+        return (top * steps[..., order]).contiguous()
+
+    def sink_values(self) -> torch.Tensor:
+        """This spec's sink logits (Hq,), float64 on the cpu, of a kind chosen by the seed: N(0, 1)
+        per head (3 in 8); scaled like the logits, magnitude^2 * N(0, 1) (2 in 8); log(Sk) + N(0, 1),
+        a share of each row comparable to the keys' (1 in 8); large positive, 20 to 40 (1 in 8: the
+        sink dominates every row and the output shrinks by e^-20 or more); very negative, -40 to
+        -20 (1 in 8: the sink changes nothing visible)."""
+        g = torch.Generator().manual_seed(self.seed * 131 + self.SINK_SALT)
+        kind = int(torch.randint(8, (1,), generator=g))
+        z = torch.randn(self.Hq, dtype=torch.float64, generator=g)
+        if kind < 3:
+            return z
+        if kind < 5:
+            return self.magnitude**2 * z
+        if kind == 5:
+            return math.log(max(self.Sk, 1)) + z
+        u = 20.0 + 20.0 * torch.rand(self.Hq, dtype=torch.float64, generator=g)
+        return u if kind == 6 else -u
+
+    def document_ids(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(doc_q (B, Sq), doc_k (B, Sk)) int64 on the spec's device, None without documents.
+        Key j's id is the index of the document holding it; query i's id is that of its aligned
+        position p(i), or -1 where p(i) lies outside [0, Sk) (such a query sees no key)."""
+        if self.documents is None:
+            return None
+        doc_k = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in self.documents])
+        p = torch.arange(self.Sq) + (self.Sk - self.Sq if self.align == "bottom_right" else 0)
+        inside = (p >= 0) & (p < self.Sk)
+        doc_q = torch.where(inside, doc_k[:, p.clamp(0, self.Sk - 1)], torch.full((), -1, dtype=torch.long))
+        return doc_q.to(self.device), doc_k.to(self.device)
 
     def _normal_shapes(self) -> list[tuple[int, ...]]:
         """q, k, v, grad_out: what make_inputs draws first, in this order."""

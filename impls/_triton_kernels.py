@@ -16,7 +16,15 @@ hi never decrease with p, so a block of queries sees the key interval [lo(first)
 and is fully visible on [lo(last), hi(first)]; the kernels loop only over the first interval
 and apply masks only outside the second. The key padding mask and the bias come on top.
 
-Scores are kept in base 2: s2 = log2(e) * (scale * q.k + bias), so softmax uses exp2. The
+Scores are kept in base 2: s2 = log2(e) * (scale * q.k + bias), so softmax uses exp2.
+
+Score features, in base 2 as well: the soft cap is cap2 * tanh(s2 / cap2) with cap2 = log2(e) *
+cap (the same tanh(scale q.k / cap)), applied before the bias; ALiBi subtracts log2(e) * slope *
+|p - j| after it, from the tile's positions (never materialized); a sink joins the online
+softmax after the last key block as one more logit with no value, so the saved m2 and 1/l (and
+the backward's recomputed p) already carry its share. The backward multiplies dS by the cap's
+derivative 1 - tanh^2 (dbias is taken before, the bias being added after the cap); the sink's
+own gradient is a per-row sum the host takes from m2, 1/l and delta. The
 returned lse is natural log (float32), -inf for rows that see nothing. For the backward the
 forward saves the row max m2 (base 2) and 1/l instead, and the backward recomputes
 p = exp2(s2 - m2) * (1/l): exp2(s2 - lse2) would lose |lse2| * eps of accuracy in every p
@@ -95,14 +103,36 @@ def _stages(first, full_lo, full_hi, last, BLOCK: tl.constexpr):
     return start, f_lo, f_hi, end
 
 
+# -- score features --------------------------------------------------------------------------
+@triton.jit
+def _softcap(s, cap):
+    """(cap * tanh(s / cap), 1 - tanh^2(s / cap)), each to a few ulps relative to itself: a
+    Taylor polynomial below |y| = 0.4 (where 1 - e^-2|y| would cancel), (1 - e) / (1 + e) and
+    4e / (1 + e)^2 with e = exp(-2|y|) above (no cancellation: e < 0.45)."""
+    y = s / cap
+    a = tl.abs(y)
+    e = tl.math.exp2(-2.8853900817779268 * a)  # exp(-2|y|)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(y < 0, -big, big)
+    ys = tl.minimum(tl.maximum(y, -0.4), 0.4)  # the polynomial's branch only: no overflow where it is unused
+    y2 = ys * ys
+    small = ys * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (-0.05396825396825397 + y2 * (
+        0.021869488536155203 + y2 * (-0.008863235529902197 + y2 * (0.003592128036572481
+                                                                   + y2 * -0.0014558343870513183)))))))
+    t = tl.where(a < 0.4, small, big)
+    dt = tl.where(a < 0.4, 1.0 - small * small, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return cap * t, dt
+
+
 # -- forward ---------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base,
     skn, svn, sbm, sbn,
     offs_m, offs_d, offs_dv, lo_i, hi_i,
-    n_lo, n_hi, Sq, Sk, D, DV, qk_scale,
+    n_lo, n_hi, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -117,10 +147,14 @@ def _fwd_inner(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP:
+            s, _ = _softcap(s, cap2)
         if HAS_BIAS:
             b_ptrs = bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn
             bias = tl.load(b_ptrs, mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk), other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
+        if HAS_ALIBI:
+            s -= slope2 * tl.abs(offs_m[:, None] + off - offs_n[None, :]).to(tl.float32)
         if MASKED:
             vis = (offs_n[None, :] >= lo_i[:, None]) & (offs_n[None, :] <= hi_i[:, None])
             s = tl.where(vis, s, float("-inf"))
@@ -150,12 +184,13 @@ def _fwd_inner(
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Bias, KPM, Out, LSE, M2, INVL,
+    Q, K, V, Bias, KPM, Out, LSE, M2, INVL, Slopes, Sinks,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    sbb, sbh, sbm, sbn, spb, sob, soh, som,
+    sbb, sbh, sbm, sbn, spb, sob, soh, som, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
-    qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -175,6 +210,8 @@ def attn_fwd(
     v_base = V + b * svb + hk * svh
     bias_base = Bias + b * sbb + h * sbh
     kpm_base = KPM + b * spb
+    # the head's ALiBi slope in base 2 (Slopes is a stand-in tensor, read and unused, without ALiBi)
+    slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
 
     p_rows = offs_m + off
     lo_i = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)
@@ -194,19 +231,27 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base, skn, svn, sbm, sbn,
-        offs_m, offs_d, offs_dv, lo_i, hi_i, n0, f_lo, Sq, Sk, D, DV, qk_scale,
-        True, HAS_BIAS, HAS_KPM, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, n0, f_lo, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
+        True, HAS_BIAS, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base, skn, svn, sbm, sbn,
-        offs_m, offs_d, offs_dv, lo_i, hi_i, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
-        False, HAS_BIAS, HAS_KPM, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_lo, f_hi, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
+        False, HAS_BIAS, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_base, skn, svn, sbm, sbn,
-        offs_m, offs_d, offs_dv, lo_i, hi_i, f_hi, n1, Sq, Sk, D, DV, qk_scale,
-        True, HAS_BIAS, HAS_KPM, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_hi, n1, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
+        True, HAS_BIAS, HAS_KPM, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
     )
+
+    if HAS_SINKS:  # the sink: one more logit after the last key block, in the denominator only
+        sink2 = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -250,9 +295,10 @@ def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_row, bias_base,
     sqm, sdm, sbm, sbn,
     offs_n, offs_d, offs_dv,
-    m_lo, m_hi, Sq, Sk, D, DV, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    m_lo, m_hi, Sq, Sk, D, DV, qk_scale, cap2, slope2, off, left, right, W, LB, LF, SHIFT_B,
     M2, INVL, Delta,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -287,10 +333,14 @@ def _dkdv_inner(
             s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PREC)) * qk_scale  # (BLOCK_N, BLOCK_M)
         else:
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if HAS_SOFTCAP:
+            s_t, dcap_t = _softcap(s_t, cap2)
         if HAS_BIAS:
             b_ptrs = bias_base + offs_m[None, :] * sbm + offs_n[:, None] * sbn
             bias = tl.load(b_ptrs, mask=(offs_m[None, :] < Sq) & (offs_n[:, None] < Sk), other=0.0)
             s_t += bias.to(tl.float32) * 1.4426950408889634
+        if HAS_ALIBI:
+            s_t -= slope2 * tl.abs(offs_m[None, :] + off - offs_n[:, None]).to(tl.float32)
         p_t = tl.math.exp2(s_t - m2[None, :]) * inv_l[None, :]
         if MASKED:
             p_rows = offs_m + off
@@ -301,19 +351,22 @@ def _dkdv_inner(
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * dcap_t
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DK, DVal,
+    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DK, DVal, Slopes, Sinks,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm,
+    sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, ssb, ssh,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     Hq, Hkv, Sq, Sk, D, DV, GROUP,
-    sm_scale, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -358,23 +411,24 @@ def attn_bwd_dkdv(
         do_base = DO + b * sdb + h * sdh
         bias_base = Bias + b * sbb + h * sbh
         lse_row = (b * Hq + h) * Sq
+        slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
-            offs_n, offs_d, offs_dv, m0, f_lo, Sq, Sk, D, DV, qk_scale,
+            offs_n, offs_d, offs_dv, m0, f_lo, Sq, Sk, D, DV, qk_scale, cap2, slope2,
             off, left, right, W, LB, LF, SHIFT_B, M2, INVL, Delta,
-            True, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
+            True, HAS_BIAS, HAS_KPM, HAS_BLOCK, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
-            offs_n, offs_d, offs_dv, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
+            offs_n, offs_d, offs_dv, f_lo, f_hi, Sq, Sk, D, DV, qk_scale, cap2, slope2,
             off, left, right, W, LB, LF, SHIFT_B, M2, INVL, Delta,
-            False, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
+            False, HAS_BIAS, HAS_KPM, HAS_BLOCK, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
-            offs_n, offs_d, offs_dv, f_hi, m1, Sq, Sk, D, DV, qk_scale,
+            offs_n, offs_d, offs_dv, f_hi, m1, Sq, Sk, D, DV, qk_scale, cap2, slope2,
             off, left, right, W, LB, LF, SHIFT_B, M2, INVL, Delta,
-            True, HAS_BIAS, HAS_KPM, HAS_BLOCK, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
+            True, HAS_BIAS, HAS_KPM, HAS_BLOCK, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_M,
         )
 
     if HAS_KPM:
@@ -396,8 +450,9 @@ def _dq_inner(
     dq, q, do, m2, inv_l, delta, k_base, v_base, bias_base, kpm_base, dbias_base,
     skn, svn, sbm, sbn,
     offs_m, offs_d, offs_dv, lo_i, hi_i,
-    n_lo, n_hi, Sq, Sk, D, DV, qk_scale,
+    n_lo, n_hi, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, STORE_DBIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -418,10 +473,14 @@ def _dq_inner(
             else:
                 v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP:
+            s, dcap = _softcap(s, cap2)
         tile_ok = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=tile_ok, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
+        if HAS_ALIBI:
+            s -= slope2 * tl.abs(offs_m[:, None] + off - offs_n[None, :]).to(tl.float32)
         p = tl.math.exp2(s - m2[:, None]) * inv_l[:, None]
         if MASKED:
             vis = (offs_n[None, :] >= lo_i[:, None]) & (offs_n[None, :] <= hi_i[:, None])
@@ -433,18 +492,21 @@ def _dq_inner(
         ds = p * (dp - delta[:, None])
         if STORE_DBIAS:
             tl.store(dbias_base + offs_m[:, None] * Sk + offs_n[None, :], ds, mask=tile_ok)
+        if HAS_SOFTCAP:  # the bias is added after the cap: dbias above is taken before this
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DQ, DBias,
+    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DQ, DBias, Slopes, Sinks,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-    sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+    sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, sdqb, sdqh, sdqm, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
-    sm_scale, qk_scale, off, left, right, W, LB, LF, SHIFT_B,
+    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr, STORE_DBIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -473,6 +535,7 @@ def attn_bwd_dq(
     bias_base = Bias + b * sbb + h * sbh
     kpm_base = KPM + b * spb
     dbias_base = DBias + bh.to(tl.int64) * Sq * Sk
+    slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
 
     p_rows = offs_m + off
     lo_i = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)
@@ -490,18 +553,18 @@ def attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(
         dq, q, do, m2, inv_l, delta, k_base, v_base, bias_base, kpm_base, dbias_base, skn, svn, sbm, sbn,
-        offs_m, offs_d, offs_dv, lo_i, hi_i, n0, f_lo, Sq, Sk, D, DV, qk_scale,
-        True, HAS_BIAS, HAS_KPM, STORE_DBIAS, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, n0, f_lo, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
+        True, HAS_BIAS, HAS_KPM, STORE_DBIAS, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
     )
     dq = _dq_inner(
         dq, q, do, m2, inv_l, delta, k_base, v_base, bias_base, kpm_base, dbias_base, skn, svn, sbm, sbn,
-        offs_m, offs_d, offs_dv, lo_i, hi_i, f_lo, f_hi, Sq, Sk, D, DV, qk_scale,
-        False, HAS_BIAS, HAS_KPM, STORE_DBIAS, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_lo, f_hi, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
+        False, HAS_BIAS, HAS_KPM, STORE_DBIAS, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
     )
     dq = _dq_inner(
         dq, q, do, m2, inv_l, delta, k_base, v_base, bias_base, kpm_base, dbias_base, skn, svn, sbm, sbn,
-        offs_m, offs_d, offs_dv, lo_i, hi_i, f_hi, n1, Sq, Sk, D, DV, qk_scale,
-        True, HAS_BIAS, HAS_KPM, STORE_DBIAS, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
+        offs_m, offs_d, offs_dv, lo_i, hi_i, f_hi, n1, Sq, Sk, D, DV, qk_scale, cap2, slope2, off,
+        True, HAS_BIAS, HAS_KPM, STORE_DBIAS, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PREC, BLOCK_N,
     )
 
     dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
@@ -534,7 +597,8 @@ FP32_CONFIGS = {
     "dkdv": [_cfg(32, 32, 4, 2), _cfg(16, 32, 4, 2), _cfg(16, 16, 4, 1)],
     "dq": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2), _cfg(16, 16, 4, 1)],
 }
-TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS", "HAS_KPM", "HAS_BLOCK"]
+TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS", "HAS_KPM", "HAS_BLOCK", "HAS_SOFTCAP",
+            "HAS_ALIBI", "HAS_SINKS"]
 SMEM_BUDGET = 200 * 1024  # bytes per program; the H100 allows 227 KB, Triton needs some for layouts
 
 
@@ -587,3 +651,75 @@ else:
         for kind in CONFIGS
     }
 bwd_preprocess = attn_bwd_preprocess
+
+
+# -- paged KV cache: decoding / chunked prefill forward ----------------------------------------
+@triton.jit
+def paged_fwd(
+    Q, KC, VC, Table, Lens, Out, LSE,
+    sqb, sqh, sqm, skc_blk, skc_slot, skc_h, svc_blk, svc_slot, svc_h, stb, stn,
+    sob, soh, som, slb, slh,
+    Hq, Sq, D, DV, GROUP, block_size, qk_scale, left, right, cap2,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (query block, batch, query head): the Sq newest tokens of sequence b
+    against its cache_seqlens[b] cached tokens, walked through the block table token by token
+    (token t: slot t % block_size of block Table[b, t // block_size]), so any block size works.
+    Only tokens below cache_seqlens[b] and table entries they name are ever read. Query i sits
+    at position cache_seqlens[b] - Sq + i; causal is folded into right <= 0 by the host."""
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    n = tl.load(Lens + b).to(tl.int32)
+    off = n - Sq
+
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    p_rows = offs_m + off
+    lo_i = tl.maximum(p_rows - left, 0)
+    hi_i = tl.minimum(p_rows + right, n - 1)
+    first = tl.program_id(0) * BLOCK_M + off
+    last = tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, Sq) - 1 + off
+    n_lo = (tl.maximum(first - left, 0) // BLOCK_N) * BLOCK_N
+    n_hi = tl.minimum(last + right, n - 1) + 1
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    table = Table + b * stb
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        t = start_n + tl.arange(0, BLOCK_N)
+        cached = t < n
+        blk = tl.load(table + (t // block_size) * stn, mask=cached, other=0).to(tl.int64)
+        slot = (t % block_size).to(tl.int64)
+        k = tl.load(KC + blk[:, None] * skc_blk + slot[:, None] * skc_slot + hk * skc_h + offs_d[None, :],
+                    mask=cached[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_SOFTCAP:  # in base 2 with cap2 = log2(e) * cap, as the dense kernels
+            s, _ = _softcap(s, cap2)
+        vis = (t[None, :] >= lo_i[:, None]) & (t[None, :] <= hi_i[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(VC + blk[:, None] * svc_blk + slot[:, None] * svc_slot + hk * svc_h + offs_dv[None, :],
+                    mask=cached[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    safe_l = tl.where(empty, 1.0, l_i)
+    out = acc / safe_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
+    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=row_ok)
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))

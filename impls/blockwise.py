@@ -11,6 +11,13 @@ visibility of a query bucket are skipped.
 Grouped heads are handled without copying k and v: q is viewed as (B, Hkv, G, Sq, D), so the
 G query heads of a group share one kv head (repeat_interleave order: h = kv_head * G + g).
 
+The score features: the soft cap and the ALiBi bias (-slope * |p(i) - j|, from the slopes and
+the tile's positions, never materialized beyond the tile) enter each tile's logits; the
+backward multiplies dS by the cap's derivative 1 - tanh^2. A sink joins the online softmax as
+one last logit after the key buckets (a rescale of the running sum and accumulator, no value);
+the backward's P = exp(S - lse) then already carries the sink's share, and the sink's gradient
+is -sum over rows of exp(sink - lse) * delta.
+
 Dropout uses a counter-based hash of (seed, b, h, i, j), so the backward pass rebuilds the
 same keep-mask tile by tile and the mask never depends on the bucket sizes. Its random
 numbers differ from naive's torch.rand (dropout is checked statistically, not pointwise).
@@ -38,13 +45,17 @@ def attention(
     bias: torch.Tensor | None = None,
     q_bucket_size: int = 512,
     k_bucket_size: int = 1024,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) (float32, float64 for float64)."""
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="blockwise")
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="blockwise", alibi_slopes=alibi_slopes, sinks=sinks)
     _check_buckets(q_bucket_size, k_bucket_size)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
-    return _Blockwise.apply(q, k, v, bias, key_padding_mask, cfg, int(q_bucket_size), int(k_bucket_size))
+    return _Blockwise.apply(q, k, v, bias, key_padding_mask, cfg, int(q_bucket_size), int(k_bucket_size),
+                            alibi_slopes, sinks)
 
 
 def _check_buckets(qbs, kbs) -> None:
@@ -125,7 +136,7 @@ def _keep(seed: int, b, h, i, j, Hq: int, Sq: int, Sk: int, p: float) -> torch.T
 class _Tiles:
     """Everything one tile (q bucket x k bucket) needs, shared by forward and backward."""
 
-    def __init__(self, q, k, v, bias, kpm, cfg: Config, qbs: int, kbs: int):
+    def __init__(self, q, k, v, bias, kpm, cfg: Config, qbs: int, kbs: int, alibi=None):
         B, Hq, Sq, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         self.B, self.Hq, self.Hkv, self.G, self.Sq, self.Sk = B, Hq, Hkv, Hq // Hkv, Sq, Sk
@@ -135,6 +146,8 @@ class _Tiles:
         self.q5 = q.reshape(B, Hkv, self.G, Sq, D)
         self.k, self.v, self.kpm = k, v, kpm
         self.bias5 = None if bias is None else _bias5(bias, Hkv, self.G)
+        # slopes (Hq,) or (B, Hq) as (B or 1, Hkv, G, 1, 1)
+        self.slopes5 = None if alibi is None else alibi.to(self.acc).reshape(-1, Hkv, self.G, 1, 1)
         self.dev = q.device
 
     def buckets(self):
@@ -147,17 +160,25 @@ class _Tiles:
             yield qs, qe, kb
 
     def scores(self, qs, qe, ks, ke):
-        """Logits s (B, Hkv, G, qb, kb) in the accumulation dtype and the visibility mask."""
+        """Logits s (B, Hkv, G, qb, kb) in the accumulation dtype, the visibility mask and the
+        soft cap's derivative 1 - tanh^2 (None without a cap)."""
         s = torch.einsum("bhgqd,bhkd->bhgqk", self.q5[:, :, :, qs:qe], self.k[:, :, ks:ke]).to(self.acc)
         s = s * self.cfg.scale
+        dcap = None
+        if self.cfg.softcap is not None:
+            t = torch.tanh(s / self.cfg.softcap)
+            s, dcap = self.cfg.softcap * t, 1 - t * t
         if self.bias5 is not None:
             s = s + _slice(self.bias5, qs, qe, ks, ke).to(self.acc)
         pos = torch.arange(qs, qe, device=self.dev) + self.off
-        vis = _visible(self.cfg, pos, torch.arange(ks, ke, device=self.dev))
+        j = torch.arange(ks, ke, device=self.dev)
+        if self.slopes5 is not None:
+            s = s - self.slopes5 * (pos[:, None] - j[None, :]).abs().to(self.acc)
+        vis = _visible(self.cfg, pos, j)
         vis = s > NEG_INF if vis is None else vis & (s > NEG_INF)
         if self.kpm is not None:
             vis = vis & self.kpm[:, None, None, None, ks:ke]
-        return s, vis
+        return s, vis, dcap
 
     def keep(self, qs, qe, ks, ke) -> torch.Tensor:
         d = self.dev
@@ -193,9 +214,10 @@ def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 class _Blockwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, kpm, cfg: Config, qbs: int, kbs: int):
-        t = _Tiles(q, k, v, bias, kpm, cfg, qbs, kbs)
+    def forward(ctx, q, k, v, bias, kpm, cfg: Config, qbs: int, kbs: int, alibi, sinks):
+        t = _Tiles(q, k, v, bias, kpm, cfg, qbs, kbs, alibi)
         B, Hkv, G, Sq, Dv = t.B, t.Hkv, t.G, t.Sq, v.shape[-1]
+        sink = None if sinks is None else sinks.to(t.acc).view(1, Hkv, G, 1)
         out = torch.zeros(B, Hkv, G, Sq, Dv, dtype=q.dtype, device=q.device)
         lse = torch.full((B, Hkv, G, Sq), NEG_INF, dtype=t.acc, device=q.device)
         drop = cfg.dropout_p > 0
@@ -204,7 +226,7 @@ class _Blockwise(torch.autograd.Function):
             l = torch.zeros_like(m)
             acc = torch.zeros(B, Hkv, G, qe - qs, Dv, dtype=t.acc, device=q.device)
             for ks, ke in kbuckets:
-                s, vis = t.scores(qs, qe, ks, ke)
+                s, vis, _ = t.scores(qs, qe, ks, ke)
                 m_new = torch.maximum(m, torch.where(vis, s, NEG_INF).amax(-1))
                 m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)  # all-invisible so far
                 p = torch.where(vis, torch.exp(s - m_safe[..., None]), 0.0)
@@ -215,20 +237,26 @@ class _Blockwise(torch.autograd.Function):
                 pv = torch.einsum("bhgqk,bhkd->bhgqd", p.to(v.dtype), v[:, :, ks:ke]).to(t.acc)
                 acc = alpha[..., None] * acc + pv
                 m = m_new
+            if sink is not None:  # the sink: one more logit, in the denominator only
+                m_new = torch.maximum(m, sink)
+                alpha = torch.exp(m - m_new)
+                l = alpha * l + torch.exp(sink - m_new)
+                acc = alpha[..., None] * acc
+                m = m_new
             empty = l == 0
             safe = torch.where(empty, 1.0, l)
             out[:, :, :, qs:qe] = (acc / safe[..., None]).to(q.dtype)  # empty rows: acc = 0
             lse[:, :, :, qs:qe] = torch.where(empty, NEG_INF, torch.log(safe) + m)
-        ctx.save_for_backward(q, k, v, bias, kpm, out, lse)
+        ctx.save_for_backward(q, k, v, bias, kpm, out, lse, alibi, sinks)
         ctx.cfg, ctx.qbs, ctx.kbs = cfg, qbs, kbs
         ctx.mark_non_differentiable(lse)
         return out.reshape(B, t.Hq, Sq, Dv), lse.reshape(B, t.Hq, Sq)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, bias, kpm, out5, lse = ctx.saved_tensors
+        q, k, v, bias, kpm, out5, lse, alibi, sinks = ctx.saved_tensors
         cfg = ctx.cfg
-        t = _Tiles(q, k, v, bias, kpm, cfg, ctx.qbs, ctx.kbs)
+        t = _Tiles(q, k, v, bias, kpm, cfg, ctx.qbs, ctx.kbs, alibi)
         B, Hkv, G, Sq, Dv = t.B, t.Hkv, t.G, t.Sq, v.shape[-1]
         do5 = dout.reshape(B, Hkv, G, Sq, Dv)
         # delta_i = sum_j P_ij dP_ij = <dO_i, O_i> (holds with dropout too)
@@ -243,7 +271,7 @@ class _Blockwise(torch.autograd.Function):
         for qs, qe, kbuckets in t.buckets():
             q_t, do_t = t.q5[:, :, :, qs:qe], do5[:, :, :, qs:qe]
             for ks, ke in kbuckets:
-                s, vis = t.scores(qs, qe, ks, ke)
+                s, vis, dcap = t.scores(qs, qe, ks, ke)
                 p = torch.where(vis, torch.exp(s - lse_safe[:, :, :, qs:qe, None]), 0.0)
                 dp = torch.einsum("bhgqd,bhkd->bhgqk", do_t, v[:, :, ks:ke]).to(t.acc)
                 pd = p
@@ -254,13 +282,20 @@ class _Blockwise(torch.autograd.Function):
                 ds = p * (dp - delta[:, :, :, qs:qe, None])
                 if need_db:
                     _slice(db, qs, qe, ks, ke).add_(_reduce_to(ds, db.shape))
+                if dcap is not None:  # through the cap (the bias and ALiBi are added after it)
+                    ds = ds * dcap
                 ds_in = ds.to(q.dtype)
                 dq[:, :, :, qs:qe] += scale * torch.einsum("bhgqk,bhkd->bhgqd", ds_in, k[:, :, ks:ke]).to(t.acc)
                 dk[:, :, ks:ke] += scale * torch.einsum("bhgqk,bhgqd->bhkd", ds_in, q_t).to(t.acc)
         dbias = None
         if need_db:
             dbias = db.reshape(_bias_shape4(bias)).reshape(bias.shape).to(bias.dtype)
-        return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[9]:  # d sink = -sum over (b, i) of exp(sink - lse) * delta
+            p_sink = torch.exp(sinks.to(t.acc).view(1, Hkv, G, 1) - lse)
+            dsinks = -(p_sink * delta).sum((0, 3)).reshape(-1).to(sinks.dtype)
+        return (dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None, None,
+                dsinks)
 
 
 def _bias_shape4(bias: torch.Tensor) -> tuple[int, ...]:
@@ -269,7 +304,7 @@ def _bias_shape4(bias: torch.Tensor) -> tuple[int, ...]:
 
 FEATURES = {
     "causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias",
-    "bias_grad", "dropout", "top_left", "dv", "backward", "lse", "deterministic",
+    "bias_grad", "dropout", "top_left", "dv", "backward", "lse", "deterministic", "softcap", "alibi", "sinks",
 }
 
 blockwise = Impl(

@@ -7,6 +7,13 @@ invisible blocks are skipped. An additive bias is a score_mod that reads the bia
 Grouped heads use enable_gqa (head h reads kv head h // G). The logsumexp comes back through
 return_aux=AuxRequest(lse=True) (return_lse=True on torch versions before it).
 
+The score features: the soft cap and ALiBi are score_mods too, composed in the contract's order
+(flex applies score_mod to the scaled score: cap, then the bias, then -slope * |p(i) - j|). A
+sink is folded in after the call from flex's own lse (flex_eager only): lse' = logaddexp(lse,
+sink), out' = out * exp(lse - lse'), which is exactly the sink's share taken out of each row
+(an empty row: out 0, lse' = sink). The compiled flex does not declare sinks: its backward
+would have to carry the gradient of lse, which it is not checked to do.
+
 Two registrations:
 - flex: torch.compile'd flex_attention on CUDA (the fused Triton kernel), forward and
   backward. The compiled function is built once; block masks without tensor inputs (no key
@@ -26,7 +33,7 @@ import torch
 from torch.nn.attention import flex_attention as _flex
 
 from attnbench import masks
-from attnbench.checks import check_call, no_keys
+from attnbench.checks import check_call, check_document_ids, check_varlen, no_keys
 from attnbench.modules.common import FLEX_MAIN_KERNEL, FLEX_MIN_HEAD_DIM, allow_recompiles
 from attnbench.registry import Impl
 from attnbench.spec import Block, Config, Spec
@@ -45,11 +52,21 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     compiled: bool | None = None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, Sq, Dv), lse (B, Hq, Sq). compiled defaults to True on CUDA, False on the CPU."""
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="flex")
+    """out (B, Hq, Sq, Dv), lse (B, Hq, Sq). compiled defaults to True on CUDA, False on the CPU.
+    document_ids (doc_q, doc_k) adds a document mask_mod (masks.document)."""
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="flex", alibi_slopes=alibi_slopes, sinks=sinks)
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    if document_ids is not None:
+        check_document_ids(document_ids, B, Sq, Sk, who="flex")
+    if sinks is not None:
+        out, lse = attention(q, k, v, cfg, key_padding_mask, bias, compiled, document_ids, alibi_slopes=alibi_slopes)
+        return with_sinks(out, lse, sinks)
     if Sk == 0:  # no keys: every row is empty (flex cannot build a block mask over zero keys)
         return no_keys(q, k, v, bias)
     if compiled is None:
@@ -57,8 +74,12 @@ def attention(
     if not compiled and not torch.is_grad_enabled():  # eager flex refuses inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
         bias = bias.detach() if bias is not None else None
-    block_mask = _block_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, compiled)
-    score_mod = None if bias is None else bias_mod(bias, B, Hq, Sq, Sk)
+    block_mask = _block_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, compiled, document_ids)
+    score_mod = score_mods(
+        softcap_mod(cfg.softcap) if cfg.softcap is not None else None,
+        bias_mod(bias, B, Hq, Sq, Sk) if bias is not None else None,
+        alibi_mod(alibi_slopes, masks.offset(Sq, Sk, cfg.align)) if alibi_slopes is not None else None,
+    )
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != Hkv)
     if compiled and Hq != Hkv and block_mask is not None and Sq < DECODE_BELOW:
         kwargs["kernel_options"] = FLEX_MAIN_KERNEL  # the decoding kernel fails to lower here
@@ -74,6 +95,51 @@ def attention(
             out, aux = flex_attention(q, k, v, **kwargs)
     lse = aux.lse if AuxRequest is not None else aux
     return out, lse
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the softmax over the keys, turned into those of the softmax over the keys
+    and one sink logit per head: lse' = logaddexp(lse, sink), out' = out * exp(lse - lse')."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    both = torch.logaddexp(lse, sink)
+    share = torch.exp(lse - both)  # 0 on an empty row (lse = -inf)
+    return (out * share[..., None].to(out.dtype)).to(out.dtype), both
+
+
+def score_mods(*mods):
+    """One score_mod applying `mods` (None entries skipped) in order; None when there are none."""
+    mods = [m for m in mods if m is not None]
+    if not mods:
+        return None
+    if len(mods) == 1:
+        return mods[0]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        for m in mods:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
+
+    return mod
+
+
+def softcap_mod(cap: float):
+    """score_mod: cap * tanh(score / cap), on flex's scaled score."""
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return mod
+
+
+def alibi_mod(slopes: torch.Tensor, off: int):
+    """score_mod: -slope[b, h] * |q_idx + off - kv_idx|; slopes (Hq,) or (B, Hq)."""
+    per_batch = slopes.dim() == 2
+
+    def mod(score, b, h, q_idx, kv_idx):
+        slope = slopes[b, h] if per_batch else slopes[h]
+        return score - slope.to(score.dtype) * (q_idx + off - kv_idx).abs().to(score.dtype)
+
+    return mod
 
 
 def bias_mod(bias: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int):
@@ -94,10 +160,11 @@ def bias_mod(bias: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int):
     return mod
 
 
-def _block_mask(cfg: Config, B: int, Sq: int, Sk: int, kpm, device, compiled: bool):
-    if kpm is None:
+def _block_mask(cfg: Config, B: int, Sq: int, Sk: int, kpm, device, compiled: bool, document_ids=None):
+    if kpm is None and document_ids is None:
         return _cached_block_mask(cfg.causal, cfg.window, cfg.block, cfg.align, Sq, Sk, str(device), compiled)
-    mod = masks.from_config(cfg, Sq, Sk, kpm.to(device=device))
+    docs = None if document_ids is None else tuple(d.to(device) for d in document_ids)
+    mod = masks.from_config(cfg, Sq, Sk, None if kpm is None else kpm.to(device=device), docs)
     return create_block_mask(mod, B, None, Sq, Sk, device=device, _compile=compiled)
 
 
@@ -177,7 +244,47 @@ def _forward_smem_16bit(D: int, Dv: int, bias: bool) -> int:
     return 2 * (bm * pd + stages * bn * (pd + pdv)) + (4 * bm * bn if bias else 0)
 
 
-FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse"}
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True,
+           compiled: bool | None = None):
+    """The packed batch as one sequence of total_q queries and total_k keys, with a mask_mod that
+    keeps each query to its own sequence's keys (masks.packed_sequences): exact, since an
+    invisible key is left out of flex's softmax entirely. out (total_q, Hq, Dv), lse (Hq, total_q)."""
+    bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="flex")
+    Tq, Hq = q.shape[:2]
+    if Tq == 0 or k.shape[0] == 0:
+        out, lse = no_keys(q.transpose(0, 1)[None], k[:0].transpose(0, 1)[None], v[:0].transpose(0, 1)[None])
+        return out[0].transpose(0, 1), lse[0]
+    if compiled is None:
+        compiled = q.device.type == "cuda"
+    mod = masks.packed_sequences(bounds, cfg, q.device)
+    block_mask = create_block_mask(mod, 1, None, Tq, k.shape[0], device=q.device, _compile=compiled)
+    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
+    if not compiled and not torch.is_grad_enabled():
+        qb, kb, vb = qb.detach(), kb.detach(), vb.detach()
+    score_mod = softcap_mod(cfg.softcap) if cfg.softcap is not None else None
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=cfg.scale, enable_gqa=Hq != k.shape[1])
+    if compiled and Hq != k.shape[1] and Tq < DECODE_BELOW:
+        kwargs["kernel_options"] = FLEX_MAIN_KERNEL
+    if AuxRequest is not None:
+        kwargs["return_aux"] = AuxRequest(lse=True)
+    else:
+        kwargs["return_lse"] = True
+    if compiled:
+        out, aux = _compiled_flex()(qb, kb, vb, **kwargs)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out, aux = flex_attention(qb, kb, vb, **kwargs)
+    lse = aux.lse if AuxRequest is not None else aux
+    return out[0].transpose(0, 1), lse[0]
+
+
+FORWARD = {"causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "top_left", "dv", "lse",
+           "softcap", "alibi"}
+# A document mask is a mask_mod over two index tensors; a packed batch is one sequence with a
+# per-sequence mask_mod. Not expressed: the paged KV cache (flex reads K / V as dense (B, H, S, D)
+# tensors; a block table would need its own gather first, which is not a flex kernel).
+SEQUENCES = {"document", "varlen"}
 
 flex = Impl(
     memory="linear",
@@ -185,7 +292,8 @@ flex = Impl(
     name="flex",
     variant="dense",
     fn=attention,
-    features=FORWARD | {"backward", "bias_grad"},
+    features=FORWARD | SEQUENCES | {"backward", "bias_grad"},
+    varlen=varlen,
     devices=("cuda",),
     dtypes=("float32", "float16", "bfloat16"),
     supports=_flex_limits,
@@ -196,15 +304,22 @@ flex_local = flex.for_variant(
 )
 
 
-def _eager(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
-    return attention(q, k, v, cfg, key_padding_mask, bias, compiled=False)
+def _eager(q, k, v, cfg: Config, key_padding_mask=None, bias=None, document_ids=None, *, alibi_slopes=None,
+           sinks=None):
+    return attention(q, k, v, cfg, key_padding_mask, bias, compiled=False, document_ids=document_ids,
+                     alibi_slopes=alibi_slopes, sinks=sinks)
+
+
+def _eager_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse=True):
+    return varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, compiled=False)
 
 
 flex_eager = Impl(
     name="flex_eager",
     variant="dense",
     fn=_eager,
-    features=FORWARD,
+    features=FORWARD | SEQUENCES | {"sinks"},
+    varlen=_eager_varlen,
     devices=("cpu",),
     compiles=True,  # flex_attention outside torch.compile still traces through dynamo (backend "eager") per shape
     description="uncompiled FlexAttention on the CPU (unfused reference path; forward only)",

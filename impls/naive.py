@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.checks import check_call
+from attnbench.checks import check_call, check_document_ids, check_paged, check_varlen
 from attnbench.impls._seed import seed_hooks, seed_module
-from attnbench.masks import dense_mask
+from attnbench.masks import alibi_bias, dense_mask, softcap
 from attnbench.modules.flash_attention_two import FlashAttentionTwo
 from attnbench.modules.local_mha import LocalMHA
 from attnbench.modules.multi_query import MultiQueryAttention
@@ -14,25 +14,35 @@ from attnbench.registry import Impl
 from attnbench.spec import Config
 
 
-def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse: bool = True):
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="naive")
+def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse: bool = True, document_ids=None, *,
+              alibi_slopes=None, sinks=None):
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="naive", alibi_slopes=alibi_slopes, sinks=sinks)
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    if document_ids is not None:
+        check_document_ids(document_ids, B, Sq, Sk, who="naive")
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax in fp32 at least
-    s = (q @ k.transpose(-1, -2)).to(acc) * cfg.scale
+    s = softcap((q @ k.transpose(-1, -2)).to(acc) * cfg.scale, cfg.softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
-    mask = dense_mask(cfg, B, Sq, Sk, key_padding_mask, q.device)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, Sq, Sk, cfg.align, s.dtype)
+    mask = dense_mask(cfg, B, Sq, Sk, key_padding_mask, q.device, document_ids)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     # Empty rows (every logit -inf, or Sk = 0): exclude them from the softmax so they give 0, not NaN.
     m = s.amax(-1, keepdim=True) if Sk else s.new_full((*s.shape[:-1], 1), float("-inf"))
+    sink = None if sinks is None else sinks.to(acc).view(1, Hq, 1, 1)
+    if sink is not None:  # the sink's logit joins the row maximum and the denominator, never the values
+        m = torch.maximum(m, sink)
     empty = m == float("-inf")
     m = torch.where(empty, torch.zeros_like(m), m)
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
+    if sink is not None:
+        l = l + torch.exp(sink - m)
     p = p / torch.where(empty, torch.ones_like(l), l)
     if cfg.dropout_p > 0:
         gen = torch.Generator(device=q.device).manual_seed(cfg.dropout_seed)
@@ -43,14 +53,45 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse
     return out, lse
 
 
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
+    """The packed batch as a loop over its sequences, each a dense call (B = 1)."""
+    bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="naive")
+    outs, lses = [], []
+    for q0, q1, k0, k1 in bounds:
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        out, lse = attention(qb, kb, vb, cfg)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_lse: bool = True):
+    """Each sequence's cached tokens gathered through its block table into a contiguous
+    (1, Hkv, cache_seqlens[b], D) K / V, then a dense call (B = 1) on its queries."""
+    lengths = check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="naive")
+    outs, lses = [], []
+    size = k_cache.shape[1]
+    for b, n in enumerate(lengths):
+        t = torch.arange(n, device=q.device)
+        blocks = block_table[b].to(q.device).long()[t // size]
+        kb, vb = (c[blocks, t % size].permute(1, 0, 2)[None] for c in (k_cache, v_cache))
+        out, lse = attention(q[b : b + 1], kb, vb, cfg)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 0), torch.cat(lses, 0)
+
+
 naive = Impl(
     name="naive",
     variant="dense",
     fn=attention,
     features={
         "causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias",
-        "bias_grad", "dropout", "top_left", "dv", "backward", "lse", "deterministic",
+        "bias_grad", "dropout", "top_left", "dv", "backward", "lse", "deterministic", "varlen", "document",
+        "paged_kv", "softcap", "alibi", "sinks",
     },
+    varlen=varlen,
+    paged=paged,
     reference=True,
     description="materialized scores in PyTorch (fp32 softmax for low precision); the tolerance reference",
 )

@@ -24,6 +24,10 @@ How the contract maps onto SDPA:
 - dropout: SDPA's own dropout, drawn under torch.manual_seed(cfg.dropout_seed) inside a
   forked RNG state (the caller's RNG stream is left untouched).
 SDPA's public API returns no logsumexp, so these declare no "lse".
+Packed batches are not declared: with jagged nested tensors (torch 2.13, CPU) SDPA runs the
+non-causal case, but refuses is_causal ("Nested tensors for query / key are not supported when
+is_causal=True") and takes no window, so the varlen call could not honour its config. There is
+no paged KV cache and no document mask beyond an explicit dense mask.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """triton: attnbench's own fused attention kernel (FlashAttention-2 scheme), forward and backward.
 
 One kernel call serves every mask the contract has (causal either alignment, sliding and
-blocked windows), grouped heads without repeating K/V, a key padding mask and an additive bias
-(with its gradient). Key blocks a query block cannot see are skipped by the loop bounds; masks
+blocked windows), grouped heads without repeating K/V, a key padding mask, an additive bias
+(with its gradient) and the score features: a logit soft cap, ALiBi from per-head slopes and
+per-head sinks (with their gradient). Key blocks a query block cannot see are skipped by the loop bounds; masks
 run only on edge blocks. The kernels live in impls/_triton_kernels.py.
 
 Triton fixes compiled-vs-interpreted when a kernel is defined, so the kernel file is loaded
@@ -23,7 +24,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from attnbench.checks import check_call, no_keys
+from attnbench.checks import check_call, check_paged, check_varlen, no_keys
 from attnbench.registry import Impl
 from attnbench.spec import Config, Spec
 
@@ -66,9 +67,9 @@ def kernels(interpret: bool | None = None) -> ModuleType:
 
 
 # -- checks ---------------------------------------------------------------------------------
-def _check(q, k, v, cfg: Config, key_padding_mask, bias) -> None:
+def _check(q, k, v, cfg: Config, key_padding_mask, bias, alibi_slopes=None, sinks=None) -> None:
     """The call convention (attnbench.checks), then this kernel's own limits."""
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="triton")
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="triton", alibi_slopes=alibi_slopes, sinks=sinks)
     if q.dtype not in DTYPES:
         raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
     D, Dv = q.shape[3], v.shape[3]
@@ -223,13 +224,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _common(q, k, v, cfg, kpm, bias_full) -> dict:
+def _common(q, k, v, cfg, kpm, bias_full, slopes, sinks) -> dict:
+    """The arguments every kernel takes. Slopes / Sinks stand in as q when absent (read, unused)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     masks, has_block = _mask_args(cfg, Sq, Sk)
     sbb, sbh, sbm, sbn = _strides(bias_full, 4)
+    ssb, ssh = (0, 0) if slopes is None else (0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride()
     args = dict(
         Q=q, K=k, V=v, Bias=bias_full if bias_full is not None else q, KPM=kpm if kpm is not None else q,
+        Slopes=slopes if slopes is not None else q, Sinks=sinks if sinks is not None else q, ssb=ssb, ssh=ssh,
+        cap2=(cfg.softcap if cfg.softcap is not None else 1.0) * 1.4426950408889634,
+        HAS_SOFTCAP=cfg.softcap is not None, HAS_ALIBI=slopes is not None, HAS_SINKS=sinks is not None,
         sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2),
         skb=k.stride(0), skh=k.stride(1), skn=k.stride(2),
         svb=v.stride(0), svh=v.stride(1), svn=v.stride(2),
@@ -255,7 +261,7 @@ class _Null:
         return False
 
 
-def _forward(q, k, v, cfg, kpm, bias_full):
+def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None):
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
@@ -265,24 +271,24 @@ def _forward(q, k, v, cfg, kpm, bias_full):
     if out.numel() == 0 or Sk == 0:
         return out.zero_(), lse.fill_(-math.inf), (m2.fill_(math.inf), inv_l.zero_())
     interpret = interpret_requested()
-    args = _common(q, k, v, cfg, kpm, bias_full)
+    args = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks)
     args.update(Out=out, LSE=lse, M2=m2, INVL=inv_l, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
     with _device_ctx(q):
         _launch("fwd", Sq, "BLOCK_M", B * Hq, interpret, **args)
     return out, lse, (m2, inv_l)
 
 
-def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias):
+def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias, slopes=None, sinks=None):
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = torch.zeros(B, Hq, Sq, Sk, dtype=torch.float32, device=q.device) if want_dbias else None
     if q.numel() == 0 or Sk == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias, None
     interpret = interpret_requested()
     ker = kernels(interpret)
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    common = _common(q, k, v, cfg, kpm, bias_full)
+    common = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks)
     grads = dict(DO=dout, M2=stats[0], INVL=stats[1], Delta=delta, sdb=dout.stride(0), sdh=dout.stride(1), sdm=dout.stride(2))
     with _device_ctx(q):
         block_m = 64 if not interpret else 16
@@ -301,7 +307,11 @@ def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias):
             sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), Hq=Hq, sm_scale=cfg.scale,
             STORE_DBIAS=want_dbias,
         )
-    return dq, dk, dv, dbias
+    dsinks = None
+    if sinks is not None:  # d sink_h = -sum over (b, i) of p_sink * delta, p_sink = exp2(sink2 - m2) / l
+        p_sink = torch.exp2(sinks.float().view(1, Hq, 1) * 1.4426950408889634 - stats[0]) * stats[1]
+        dsinks = -(p_sink * delta).sum((0, 2))
+    return dq, dk, dv, dbias, dsinks
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -319,14 +329,14 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, key_padding_mask, cfg):
+    def forward(ctx, q, k, v, bias, key_padding_mask, cfg, slopes, sinks):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         B, Hq, Sq, _ = q.shape
         Sk = k.shape[2]
         bias_full = None if bias is None else bias.expand(B, Hq, Sq, Sk)
         kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-        out, lse, (m2, inv_l) = _forward(q, k, v, cfg, kpm, bias_full)
-        ctx.save_for_backward(q, k, v, out, m2, inv_l, bias_full, kpm)
+        out, lse, (m2, inv_l) = _forward(q, k, v, cfg, kpm, bias_full, slopes, sinks)
+        ctx.save_for_backward(q, k, v, out, m2, inv_l, bias_full, kpm, slopes, sinks)
         ctx.cfg = cfg
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -335,22 +345,91 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, m2, inv_l, bias_full, kpm = ctx.saved_tensors
+        q, k, v, out, m2, inv_l, bias_full, kpm, slopes, sinks = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         want_dbias = bias_full is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, out, (m2, inv_l), dout, dlse, ctx.cfg, kpm, bias_full, want_dbias)
+        dq, dk, dv, dbias, dsinks = _backward(q, k, v, out, (m2, inv_l), dout, dlse, ctx.cfg, kpm, bias_full, want_dbias,
+                                              slopes, sinks)
         if dbias is not None:
             dbias = _sum_to(dbias, ctx.bias_shape).to(ctx.bias_dtype)
-        return dq, dk, dv, dbias, None, None
+        if dsinks is not None and ctx.needs_input_grad[7]:
+            dsinks = dsinks.to(sinks.dtype)
+        else:
+            dsinks = None
+        return dq, dk, dv, dbias, None, None, None, dsinks
 
 
-def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (-inf on empty rows)."""
-    _check(q, k, v, cfg, key_padding_mask, bias)
+def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None,
+              sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (-inf on empty rows; the
+    sink on empty rows with sinks)."""
+    _check(q, k, v, cfg, key_padding_mask, bias, alibi_slopes, sinks)
     if k.shape[2] == 0:  # no keys: every row is empty (no key block to launch over)
-        return no_keys(q, k, v, bias)
-    return _Attention.apply(q, k, v, bias, key_padding_mask, cfg)
+        if sinks is None:
+            return no_keys(q, k, v, bias)
+        out, lse = no_keys(q, k, v, bias)  # the sink alone: out 0, lse = sink, d sink = 0
+        return out, lse + sinks.to(lse.dtype).view(1, -1, 1)
+    slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
+    return _Attention.apply(q, k, v, bias, key_padding_mask, cfg, slopes, sinks)
+
+
+# -- paged KV cache -----------------------------------------------------------------------------
+PAGED_BLOCKS = {"interpret": (16, 16), "compiled": (16, 64)}  # (BLOCK_M, BLOCK_N) of paged_fwd
+
+
+def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_lse: bool = True):
+    """The paged-cache forward (attnbench.packing's convention): one launch of the paged_fwd
+    kernel, which walks each sequence's block table; no split-KV. out (B, Hq, Sq, Dv) in q's
+    dtype, lse (B, Hq, Sq) float32."""
+    check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="triton")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    B, Hq, Sq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}")
+    if q.device.type == "cpu" and not interpret_requested():
+        raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    left, right = cfg.window if cfg.window is not None else (None, None)
+    left = BIG if left is None else min(int(left), BIG)
+    right = BIG if right is None else min(int(right), BIG)
+    if cfg.causal:
+        right = min(right, 0)
+    interpret = interpret_requested()
+    block_m, block_n = PAGED_BLOCKS["interpret" if interpret else "compiled"]
+    lens = cache_seqlens.contiguous()
+    with _device_ctx(q):
+        kernels(interpret).paged_fwd[(_cdiv(Sq, block_m), B * Hq)](
+            q, k_cache, v_cache, block_table, lens, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), block_table.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            Hq, Sq, D, Dv, Hq // Hkv, k_cache.shape[1], cfg.scale * 1.4426950408889634, left, right,
+            (cfg.softcap if cfg.softcap is not None else 1.0) * 1.4426950408889634,
+            HAS_SOFTCAP=cfg.softcap is not None, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+        )
+    return out, lse
+
+
+# -- packed (varlen) batches ----------------------------------------------------------------
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
+    """The varlen convention (attnbench.packing) on the dense kernel: one forward (and backward)
+    launch per sequence, on strided views of the packed tensors at the offsets cu_seqlens gives
+    (no copies). Not a single varlen launch: B launches per call. out (total_q, Hq, Dv), lse
+    (Hq, total_q) float32."""
+    bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="triton")
+    outs, lses = [], []
+    for q0, q1, k0, k1 in bounds:
+        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        out, lse = attention(qb, kb, vb, cfg)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -383,14 +462,16 @@ def tuning() -> dict:
 
 FEATURES = frozenset({
     "causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias", "bias_grad",
-    "top_left", "dv", "backward", "lse", "deterministic",
+    "top_left", "dv", "backward", "lse", "deterministic", "softcap", "alibi", "sinks",
 })
 
 triton_dense = Impl(
     name="triton",
     variant="dense",
     fn=attention,
-    features=FEATURES,
+    features=FEATURES | {"paged_kv", "varlen"},
+    paged=paged,
+    varlen=varlen,
     devices=("cuda", "cpu"),
     dtypes=("float32", "float16", "bfloat16"),
     requires=("triton",),

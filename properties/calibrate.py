@@ -7,7 +7,8 @@ evidence/tolerance_calibration.json is `--cases 800 --jobs 2` (16 minutes on the
 box under load; the default 500 cases per dtype takes a few minutes on an idle one).
 
 For each dtype, draws `--cases` specs from the property suite's own strategy (everything naive
-covers: masks, padding, bias with -inf entries, GQA, cross lengths, scales, magnitudes up to 8)
+covers: masks, padding, bias with -inf entries, GQA, cross lengths, scales, magnitudes up to 8,
+soft caps, ALiBi slopes and sinks)
 and runs the float64 oracle, the naive reference and each correct ordering of
 properties/orderings.py, forward and backward, on the same inputs. Every quantity of every
 ordering goes through tolerance.compare exactly as the properties call it. A ratio over 1 is a
@@ -34,7 +35,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # The rule before the error model (K x naive's error + a per-dtype floor of the term magnitude),
 # kept here only to report how often it failed the same correct orderings.
-OLD_FLOOR = {"out": 1.0, "lse": 1.0, "dq": 2.0, "dk": 2.0, "dv": 2.0, "dbias": 2.0}
+OLD_FLOOR = {"out": 1.0, "lse": 1.0, "dq": 2.0, "dk": 2.0, "dv": 2.0, "dbias": 2.0, "dsinks": 2.0}
 OLD_FLOOR_ULPS = {"float64": 1024.0, "float32": 16.0, "float16": 2.0, "bfloat16": 2.0}
 
 
@@ -45,7 +46,7 @@ def old_allowed(quantity: str, reference_error: float, dtype: str, oracle_magnit
     return tolerance.K[quantity] * reference_error + floor * max(1.0, oracle_magnitude, terms)
 
 
-def measure(dtype: str, cases: int, seed: int, device: str) -> list[dict]:
+def measure(dtype: str, cases: int, seed: int, device: str, use: tuple[str, ...] = ()) -> list[dict]:
     """One row per (spec, ordering, quantity): the new ratio, the old ratio and what made them."""
     import torch
     from hypothesis import HealthCheck, Phase, given, settings
@@ -63,14 +64,15 @@ def measure(dtype: str, cases: int, seed: int, device: str) -> list[dict]:
     @hseed(seed)
     @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(specs_for(naive, ("backward", "lse"), device, dtype=dtype))
+    @given(specs_for(naive, ("backward", "lse"), device, use=use, dtype=dtype))
     def one(spec):
         inputs = harness.fresh_inputs(spec, naive, grad=True)
         want = harness.run_oracle(spec, inputs, grad=True)
         ref = harness.run_impl(naive, spec, harness.clone_inputs(inputs), grad=True)
         scales = harness.scales_of(spec, inputs)
         terms, logits = tolerance.term_magnitudes(
-            inputs.q, inputs.k, inputs.v, inputs.grad_out, spec.config(), inputs.key_padding_mask, inputs.bias)
+            inputs.q, inputs.k, inputs.v, inputs.grad_out, spec.config(), inputs.key_padding_mask, inputs.bias,
+            **inputs.score_kwargs())
         names = ["out", "lse", *sorted(want.grads)]
         for order, fn in ORDERINGS.items():
             got = harness.call(fn, harness.clone_inputs(inputs), spec.config(), grad=True)
@@ -110,8 +112,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _job(args: tuple) -> tuple[str, list[dict]]:
-    dtype, cases, seed, device = args
-    return dtype, measure(dtype, cases, seed, device)
+    dtype, cases, seed, device, use = args
+    return dtype, measure(dtype, cases, seed, device, use)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes; each dtype splits into jobs chunks")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--use", nargs="+", default=[], metavar="FEATURE",
+                        help="features every drawn spec uses (e.g. softcap alibi sinks; default: drawn as the suite does)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
     parser.add_argument("--raw", type=Path, default=None, help="write every row here (JSON lines), to refit the rule")
     args = parser.parse_args(argv)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(f"calibrate: --device {args.device} but CUDA is not available", file=sys.stderr)
             return 2
-    chunks = [(d, -(-args.cases // args.jobs), args.seed * 1000 + i, args.device)
+    chunks = [(d, -(-args.cases // args.jobs), args.seed * 1000 + i, args.device, tuple(args.use))
               for d in args.dtypes for i in range(args.jobs)]
     start = time.time()
     rows: dict[str, list[dict]] = defaultdict(list)

@@ -6,28 +6,32 @@ Properties use these few helpers so that every check goes through the one tolera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from attnbench.checks import ContractError, check_result, dtype_name
+from attnbench.checks import ContractError, check_result, check_varlen_result, dtype_name
 from attnbench.oracles import dense as oracle_dense
+from attnbench.oracles import sequences as oracle_sequences
+from attnbench.packing import PagedInputs, PagedSpec, VarlenInputs, VarlenSpec
 from attnbench.properties import tolerance
 from attnbench.properties.strategies import draw_int
 from attnbench.registry import Impl, registry
 from attnbench.spec import Config, Inputs, Spec
 
-GRAD_NAMES = ("q", "k", "v", "bias")
+GRAD_NAMES = ("q", "k", "v", "bias", "sinks")
 
 
 @dataclass
 class Run:
     out: torch.Tensor
     lse: torch.Tensor | None
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # "dq", "dk", "dv", "dbias"
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # "dq", "dk", "dv", "dbias", "dsinks"
 
     def get(self, quantity: str) -> torch.Tensor | None:
         """"out", "lse" or a gradient name."""
@@ -86,10 +90,12 @@ def clone_inputs(inputs: Inputs) -> Inputs:
         q=c(inputs.q), k=c(inputs.k), v=c(inputs.v),
         key_padding_mask=None if inputs.key_padding_mask is None else inputs.key_padding_mask.clone(),
         bias=c(inputs.bias), grad_out=same_layout_copy(inputs.grad_out),
+        document_ids=None if inputs.document_ids is None else tuple(d.clone() for d in inputs.document_ids),
+        alibi_slopes=None if inputs.alibi_slopes is None else inputs.alibi_slopes.clone(), sinks=c(inputs.sinks),
     )
 
 
-INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out")
+INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out", "alibi_slopes", "sinks")
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -132,6 +138,8 @@ def _inputs_finite(inputs: Inputs) -> bool:
     if ok and inputs.bias is not None:
         b = inputs.bias.detach()
         ok = not bool((b.isnan() | (b == float("inf"))).any())
+    for t in (inputs.alibi_slopes, inputs.sinks):
+        ok = ok and (t is None or bool(torch.isfinite(t.detach()).all()))
     return ok
 
 
@@ -176,7 +184,7 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
 
     With `who` (the implementation's name) the call contract is checked around it, forward and
     backward: result types, dtypes, shapes and devices (check_result), every input (q, k, v,
-    bias, key_padding_mask, grad_out) bit-identical afterwards, and out, lse and the gradients
+    bias, key_padding_mask, grad_out, alibi_slopes, sinks) bit-identical afterwards, and out, lse and the gradients
     finite wherever the oracle is (all inputs finite). A broken clause raises ContractError
     naming it. The flags of each pass come back in one device-to-host transfer.
     """
@@ -185,9 +193,14 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
     for t in leaves.values():
         t.grad = None
     given = {n: getattr(inputs, n) for n in INPUT_NAMES}
+    docs = {}  # document_ids is passed only when the spec has documents (Spec.documents)
+    if inputs.document_ids is not None:
+        docs = {"document_ids": inputs.document_ids}
+        given.update(doc_q=inputs.document_ids[0], doc_k=inputs.document_ids[1])
     before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
-        result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias)
+        result = fn(inputs.q, inputs.k, inputs.v, cfg, key_padding_mask=inputs.key_padding_mask, bias=inputs.bias,
+                    **docs, **inputs.score_kwargs())
     if who:
         out, lse = check_result(who, result, inputs.q, inputs.v)
         _raise_flagged(who, _changed(given, before), inputs, {"out": out, "lse": lse})
@@ -238,7 +251,8 @@ def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | Non
 
     f64 = Inputs(
         q=up(inputs.q), k=up(inputs.k), v=up(inputs.v), key_padding_mask=inputs.key_padding_mask,
-        bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64),
+        bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64), document_ids=inputs.document_ids,
+        alibi_slopes=inputs.alibi_slopes, sinks=up(inputs.sinks),
     )
     return call(oracle_dense.attention, f64, cfg or spec.config(), grad=grad)
 
@@ -298,7 +312,8 @@ def reference_error(quantity: str, spec: Spec, ref: Run, oracle: Run) -> tuple[f
 def scales_of(spec: Spec, inputs: Inputs, cfg: Config | None = None) -> dict[str, float]:
     """The tolerance error model's scale per quantity for this call (tolerance.term_scales)."""
     return tolerance.term_scales(
-        inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias
+        inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias,
+        **inputs.score_kwargs(),
     )
 
 
@@ -346,23 +361,30 @@ def rows_of(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor |
 def rows_problem(spec: Spec, inputs: Inputs, rows: torch.Tensor, cfg: Config | None = None) -> tuple[Inputs, Config]:
     """The problem restricted to query `rows`, for an implementation: q and grad_out rows, the
     structure (causal, windows, blocks, alignment) folded into an additive bias that is -inf on
-    the keys each row may not see (the spec's bias on the others), and a config without
-    structure. Key padding stays a mask. Only q requires grad (dq of a row is exact from the
-    row alone; dk and dv are sums over every row)."""
+    the keys each row may not see (the spec's bias, plus the ALiBi bias of the rows' positions
+    when the spec has alibi_slopes, on the others), and a config without structure (the soft
+    cap kept: it applies before any bias). Key padding stays a mask, the sinks stay sinks. Only
+    q requires grad (dq of a row is exact from the row alone; dk and dv are sums over every row)."""
     cfg = cfg or spec.config()
     dev = inputs.q.device
     vis = oracle_dense.visible(spec.B, spec.Sq, spec.Sk, causal=cfg.causal, window=cfg.window, block=cfg.block,
                                align=cfg.align, rows=rows)[:, None].to(dev)  # (B, 1, R, Sk)
-    bias = torch.zeros((), dtype=inputs.q.dtype, device=dev)
+    # an ALiBi bias (up to slope * Sk) is kept in float32 at least: the kernel computes it so
+    dtype = inputs.q.dtype if inputs.alibi_slopes is None else torch.promote_types(inputs.q.dtype, torch.float32)
+    bias = torch.zeros((), dtype=dtype, device=dev)
     if inputs.bias is not None:
         bias = inputs.bias.detach()
         if bias.dim() >= 2 and bias.shape[-2] == spec.Sq:
             bias = bias[..., rows.to(dev), :]
-    bias = torch.where(vis, bias, torch.full((), float("-inf"), dtype=inputs.q.dtype, device=dev))
+    if inputs.alibi_slopes is not None:
+        alibi = oracle_dense.alibi_bias(inputs.alibi_slopes, spec.Sq, spec.Sk, cfg.align, rows)
+        bias = bias.to(dtype) + alibi.to(device=dev, dtype=dtype)
+    bias = torch.where(vis, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=dev))
     q = inputs.q.detach()[:, :, rows.to(dev)].clone().requires_grad_(inputs.q.requires_grad)
+    sinks = None if inputs.sinks is None else inputs.sinks.detach()
     flat = Inputs(q=q, k=inputs.k.detach(), v=inputs.v.detach(), key_padding_mask=inputs.key_padding_mask,
-                  bias=bias.contiguous(), grad_out=inputs.grad_out[:, :, rows.to(dev)].contiguous())
-    plain = Config(scale=cfg.scale, dropout_p=cfg.dropout_p, dropout_seed=cfg.dropout_seed)
+                  bias=bias.contiguous(), grad_out=inputs.grad_out[:, :, rows.to(dev)].contiguous(), sinks=sinks)
+    plain = Config(scale=cfg.scale, dropout_p=cfg.dropout_p, dropout_seed=cfg.dropout_seed, softcap=cfg.softcap)
     return flat, plain
 
 
@@ -391,8 +413,10 @@ def run_oracle_rows(spec: Spec, inputs: Inputs, rows: torch.Tensor | None, grad:
     q = inputs.q.detach().to(torch.float64).requires_grad_(grad)
     k, v = (t.detach().to(torch.float64) for t in (inputs.k, inputs.v))
     bias = None if inputs.bias is None else inputs.bias.detach().to(torch.float64)
+    sinks = None if inputs.sinks is None else inputs.sinks.detach().to(torch.float64)
     with torch.set_grad_enabled(grad):
-        out, lse = oracle_dense.attention_rows(q, k, v, cfg or spec.config(), inputs.key_padding_mask, bias, rows=rows)
+        out, lse = oracle_dense.attention_rows(q, k, v, cfg or spec.config(), inputs.key_padding_mask, bias, rows=rows,
+                                               alibi_slopes=inputs.alibi_slopes, sinks=sinks)
     run = Run(out=out.detach(), lse=lse.detach())
     if grad:
         out.backward(inputs.grad_out.detach()[:, :, rows.to(out.device)].to(torch.float64))
@@ -415,6 +439,134 @@ def draw_rows(data, spec: Spec) -> torch.Tensor | None:
         return None
     extra = tuple(draw_int(data, 0, spec.Sq - 1, spec.Sq - 1, label=f"row {n}") for n in range(2))
     return sample_rows(spec, extra)
+
+
+# -- packed (varlen) batches and the paged KV cache (attnbench.packing) -----------------------
+def _finite(*tensors: torch.Tensor) -> SimpleNamespace:
+    """What _raise_flagged reads to decide whether every input is finite (no bias here)."""
+    q, *kv = tensors
+    return SimpleNamespace(q=q, k=kv[0] if kv else q, v=kv[1] if len(kv) > 1 else q, bias=None)
+
+
+def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = False, who: str | None = None) -> Run:
+    """Run a varlen fn (the packing convention); with grad, backpropagate inputs.grad_out into
+    q, k, v. With `who`, the varlen contract is checked as `call` checks the dense one: result
+    types and shapes (out (total_q, Hq, Dv), lse (Hq, total_q)), inputs unchanged, results
+    finite for finite inputs."""
+    leaves = {n: getattr(inputs, n) for n in ("q", "k", "v")}
+    leaves = {n: t for n, t in leaves.items() if t.requires_grad}
+    for t in leaves.values():
+        t.grad = None
+    given = {n: getattr(inputs, n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "grad_out")}
+    before = snapshot(given) if who else {}
+    with torch.set_grad_enabled(grad):
+        result = fn(*inputs.args(), cfg)
+    if who:
+        out, lse = check_varlen_result(who, result, inputs.q, inputs.v)
+        _raise_flagged(who, _changed(given, before), _finite(inputs.q, inputs.k, inputs.v), {"out": out, "lse": lse})
+    elif not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"varlen result: expected (out, lse_or_None), got {type(result).__name__}")
+    out, lse = result
+    run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
+    if grad:
+        if not out.requires_grad:
+            raise AssertionError("out does not require grad: the implementation is not differentiable here")
+        out.backward(inputs.grad_out.to(out.dtype))
+        for n, t in leaves.items():
+            run.grads["d" + n] = torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
+        if who:
+            _raise_flagged(who, _changed(given, before), _finite(inputs.q, inputs.k, inputs.v), run.grads)
+    return run
+
+
+def run_varlen(impl: Impl, spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False) -> Run:
+    return call_varlen(impl.varlen, inputs, spec.config(), grad=grad, who=impl.key)
+
+
+def run_varlen_oracle(spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False) -> Run:
+    """The float64 varlen oracle on the same (rounded) inputs."""
+    f64 = dataclasses.replace(inputs, **{n: getattr(inputs, n).detach().to(torch.float64).requires_grad_(
+        grad and getattr(inputs, n).requires_grad) for n in ("q", "k", "v")},
+        grad_out=inputs.grad_out.detach().to(torch.float64))
+    return call_varlen(oracle_sequences.varlen_attention, f64, spec.config(), grad=grad)
+
+
+def clone_varlen(inputs: VarlenInputs) -> VarlenInputs:
+    def c(t):
+        return t.detach().clone().requires_grad_(t.requires_grad)
+
+    return dataclasses.replace(inputs, q=c(inputs.q), k=c(inputs.k), v=c(inputs.v),
+                               cu_seqlens_q=inputs.cu_seqlens_q.clone(), cu_seqlens_k=inputs.cu_seqlens_k.clone(),
+                               grad_out=inputs.grad_out.clone())
+
+
+def _sequence_scales(parts: list[tuple]) -> dict[str, float]:
+    """The tolerance error model's scale per quantity over several dense calls: the largest.
+    parts: (q, k, v, grad_out, cfg) of each sequence in the dense layout."""
+    scales: dict[str, float] = {}
+    for q, k, v, grad_out, cfg in parts:
+        for name, value in tolerance.term_scales(q, k, v, grad_out, cfg, None, None).items():
+            scales[name] = max(scales.get(name, 0.0), value)
+    return scales
+
+
+def varlen_scales(spec: VarlenSpec, inputs: VarlenInputs) -> dict[str, float]:
+    """`scales_of` for a packed batch: the largest over its sequences."""
+    cq, ck = inputs.cu_seqlens_q.tolist(), inputs.cu_seqlens_k.tolist()
+    parts = []
+    for b in range(spec.B):
+        if cq[b + 1] > cq[b] and ck[b + 1] > ck[b]:
+            q, go = (t.detach()[cq[b] : cq[b + 1]].transpose(0, 1)[None] for t in (inputs.q, inputs.grad_out))
+            k, v = (t.detach()[ck[b] : ck[b + 1]].transpose(0, 1)[None] for t in (inputs.k, inputs.v))
+            parts.append((q, k, v, go, spec.config()))
+    return _sequence_scales(parts)
+
+
+def call_paged(fn: Callable, inputs: PagedInputs, cfg: Config, who: str | None = None) -> Run:
+    """Run a paged fn (forward only). With `who`, the paged contract: out (B, Hq, Sq, Dv) and lse
+    (B, Hq, Sq) as the dense call's, inputs (the pool, poison included, the table, the lengths)
+    unchanged, results finite when q and every cached token below cache_seqlens are."""
+    given = {n: getattr(inputs, n) for n in ("q", "k_cache", "v_cache", "block_table", "cache_seqlens", "grad_out")}
+    before = snapshot(given) if who else {}
+    with torch.no_grad():
+        result = fn(*inputs.args(), cfg)
+    if who:
+        out, lse = check_result(who, result, inputs.q, inputs.v_cache)
+        k, v = paged_contiguous(inputs)
+        finite = _finite(inputs.q, torch.cat([t.flatten() for t in k] + [inputs.q.new_zeros(1)]),
+                         torch.cat([t.flatten() for t in v] + [inputs.q.new_zeros(1)]))
+        _raise_flagged(who, _changed(given, before), finite, {"out": out, "lse": lse})
+    elif not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"paged result: expected (out, lse_or_None), got {type(result).__name__}")
+    out, lse = result
+    return Run(out=out.detach(), lse=None if lse is None else lse.detach())
+
+
+def run_paged(impl: Impl, spec: PagedSpec, inputs: PagedInputs) -> Run:
+    return call_paged(impl.paged, inputs, spec.config(), who=impl.key)
+
+
+def run_paged_oracle(spec: PagedSpec, inputs: PagedInputs) -> Run:
+    return call_paged(oracle_sequences.paged_attention, inputs, spec.config())
+
+
+def paged_contiguous(inputs: PagedInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each sequence's cached keys and values, contiguous (1, Hkv, cache_seqlens[b], D), gathered
+    by the oracle's index arithmetic."""
+    table = inputs.block_table.cpu()
+    ks, vs = [], []
+    for b, n in enumerate(inputs.cache_seqlens.tolist()):
+        ks.append(oracle_sequences.gather(inputs.k_cache, table[b], n)[None])
+        vs.append(oracle_sequences.gather(inputs.v_cache, table[b], n)[None])
+    return ks, vs
+
+
+def paged_scales(spec: PagedSpec, inputs: PagedInputs) -> dict[str, float]:
+    """`scales_of` for a paged call: the largest over its sequences (over their cached tokens)."""
+    ks, vs = paged_contiguous(inputs)
+    parts = [(inputs.q[b : b + 1].detach(), k, v, inputs.grad_out[b : b + 1], spec.config())
+             for b, (k, v) in enumerate(zip(ks, vs)) if k.shape[2]]
+    return _sequence_scales(parts)
 
 
 def check_sampled_heads(impl, device: str, shape: dict, measure) -> None:
@@ -453,18 +605,45 @@ def _generator(spec: Spec, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(spec.seed * 7919 + salt)
 
 
+def _expanded_dims(like: torch.Tensor) -> tuple[slice, ...] | None:
+    """The index of one slice along `like`'s expanded (zero-stride) dims; None without any."""
+    if not any(st == 0 and n > 1 for st, n in zip(like.stride(), like.shape)):
+        return None
+    return tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(like.stride(), like.shape))
+
+
 def noise(like: torch.Tensor, spec: Spec, salt: int, scale: float = 1.0) -> torch.Tensor:
-    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved)."""
+    """Fresh values shaped like `like` (drawn in float64 on the CPU, then cast and moved); equal
+    along `like`'s expanded dims, so a tensor made from them can keep its layout (with_tensors)."""
     t = scale * torch.randn(like.shape, dtype=torch.float64, generator=_generator(spec, salt))
+    one = _expanded_dims(like)
+    if one is not None:
+        t = t[one].expand(like.shape)
     return t.to(device=like.device, dtype=like.dtype)
 
 
+def _in_layout(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """A copy of t in `like`'s layout (its strides, its expanded dims kept as an expand where t is
+    equal along them), else a plain copy: kernels take other code paths for other layouts, so two
+    runs that must agree bit for bit see the same one."""
+    t = t.detach()
+    if like is None or t.shape != like.shape:
+        return t.clone()
+    one = _expanded_dims(like)
+    if one is None:
+        return same_layout_copy(like).copy_(t)
+    base = t[one].expand(t.shape)
+    same = (t == base) | (t.isnan() & base.isnan())
+    return same_layout_copy(like[one]).copy_(t[one]).expand(t.shape) if bool(same.all()) else t.clone()
+
+
 def with_tensors(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
-    """A copy of `inputs` with these tensors replaced (each a fresh leaf, requiring grad as the one it replaces)."""
+    """A copy of `inputs` with these tensors replaced (each a fresh leaf in the layout of the one it
+    replaces where its values allow, requiring grad as that one does)."""
     new = clone_inputs(inputs)
     for name, t in tensors.items():
         leaf = getattr(inputs, name)
-        setattr(new, name, t.detach().clone().requires_grad_(leaf.requires_grad if leaf is not None else False))
+        setattr(new, name, _in_layout(t, leaf).requires_grad_(leaf.requires_grad if leaf is not None else False))
     return new
 
 

@@ -14,7 +14,9 @@ spec, whichever order the naive reference happens to use.
   D = rowsum(dO * O) from the rounded output, p and ds rounded to the input dtype for the
   gradient products (as the CUDA kernels do).
 
-All take (q, k, v, cfg, key_padding_mask=None, bias=None) -> (out, lse) like an Impl's fn.
+All take (q, k, v, cfg, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None)
+-> (out, lse) like an Impl's fn, with the score features (soft cap, ALiBi slopes, sinks): in base
+2, exp2_folded folds log2(e) into the cap, the slopes and the sinks too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnbench.masks import dense_mask
+from attnbench.masks import alibi_bias, dense_mask
 from attnbench.spec import Config
 
 LOG2E = 1.4426950408889634
@@ -40,63 +42,82 @@ def _expand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
     return k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
 
 
-def _masked(s: torch.Tensor, cfg: Config, q: torch.Tensor, k: torch.Tensor, kpm, bias) -> torch.Tensor:
+def _masked(s: torch.Tensor, cfg: Config, q: torch.Tensor, k: torch.Tensor, kpm, bias, alibi=None,
+            unit: float = 1.0) -> torch.Tensor:
+    """The scaled scores s (in units of `unit`: log2(e) for base 2) capped, biased, ALiBi'd
+    and masked."""
+    if cfg.softcap is not None:
+        cap = cfg.softcap * unit
+        s = cap * torch.tanh(s / cap)
     if bias is not None:
-        s = s + bias.to(s.dtype)
+        s = s + bias.to(s.dtype) * unit
+    if alibi is not None:
+        s = s + alibi_bias(alibi.to(s.dtype) * unit, q.shape[2], k.shape[2], cfg.align, s.dtype)
     mask = dense_mask(cfg, q.shape[0], q.shape[2], k.shape[2], kpm, q.device)
     return s if mask is None else s.masked_fill(~mask, -math.inf)
 
 
-def _softmax(s: torch.Tensor, exp: Callable, log: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """p and lse (in the base of exp / log) of masked logits; empty rows give p = 0, lse = -inf."""
-    m = s.amax(-1, keepdim=True)
+def _sink(sinks, s: torch.Tensor, unit: float = 1.0) -> torch.Tensor | None:
+    return None if sinks is None else (sinks.to(s.dtype) * unit).view(1, -1, 1, 1)
+
+
+def _softmax(s: torch.Tensor, exp: Callable, log: Callable, sink=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """p and lse (in the base of exp / log) of masked logits; empty rows give p = 0, lse = -inf
+    (lse = the sink with one)."""
+    m = s.amax(-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), -math.inf)
+    if sink is not None:
+        m = torch.maximum(m, sink)
     empty = m == -math.inf
     m = torch.where(empty, torch.zeros_like(m), m)
     p = exp(s - m)
     l = p.sum(-1, keepdim=True)
+    if sink is not None:
+        l = l + exp(sink - m)
     p = p / torch.where(empty, torch.ones_like(l), l)
     lse = torch.where(empty, torch.full_like(l, -math.inf), log(l) + m)
     return p, lse.squeeze(-1)
 
 
-def scale_first(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
+def scale_first(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None):
     k, v = _expand(q, k, v)
     s = ((q * cfg.scale) @ k.transpose(-1, -2)).to(_acc(q.dtype))
-    p, lse = _softmax(_masked(s, cfg, q, k, key_padding_mask, bias), torch.exp, torch.log)
+    p, lse = _softmax(_masked(s, cfg, q, k, key_padding_mask, bias, alibi_slopes), torch.exp, torch.log,
+                      _sink(sinks, s))
     return p.to(v.dtype) @ v, lse
 
 
-def exp2_folded(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
+def exp2_folded(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None):
     k, v = _expand(q, k, v)
     s2 = (q @ k.transpose(-1, -2)).to(_acc(q.dtype)) * (cfg.scale * LOG2E)
-    if bias is not None:
-        bias = bias * LOG2E
-    p, lse2 = _softmax(_masked(s2, cfg, q, k, key_padding_mask, bias), torch.exp2, torch.log2)
+    p, lse2 = _softmax(_masked(s2, cfg, q, k, key_padding_mask, bias, alibi_slopes, LOG2E), torch.exp2, torch.log2,
+                       _sink(sinks, s2, LOG2E))
     return p.to(v.dtype) @ v, lse2 * math.log(2.0)
 
 
-def fp32_inputs(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
+def fp32_inputs(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None):
     acc = _acc(q.dtype)
     k, v = _expand(q, k, v)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     s = (qa @ ka.transpose(-1, -2)) * cfg.scale
-    p, lse = _softmax(_masked(s, cfg, q, k, key_padding_mask, bias), torch.exp, torch.log)
+    p, lse = _softmax(_masked(s, cfg, q, k, key_padding_mask, bias, alibi_slopes), torch.exp, torch.log,
+                      _sink(sinks, s))
     return (p @ va).to(v.dtype), lse
 
 
-def _logits(q, k, cfg: Config, kpm, bias) -> torch.Tensor:
+def _logits(q, k, cfg: Config, kpm, bias, alibi=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked logits in the accumulation dtype, from inputs of any dtype (as a flash kernel's
-    fp32 dot of low-precision tiles)."""
+    fp32 dot of low-precision tiles), and the soft cap's derivative 1 - tanh^2 (None without a cap)."""
     acc = _acc(q.dtype)
     s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * cfg.scale
-    return _masked(s, cfg, q, k, kpm, bias)
+    dcap = None if cfg.softcap is None else 1 - torch.tanh(s / cfg.softcap) ** 2
+    return _masked(s, cfg, q, k, kpm, bias, alibi), dcap
 
 
 class _Online(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, cfg, kpm):
+    def forward(ctx, q, k, v, bias, sinks, cfg, kpm, alibi):
         ke, ve = _expand(q, k, v)
-        s = _logits(q, ke, cfg, kpm, bias)
+        s, _ = _logits(q, ke, cfg, kpm, bias, alibi)
         acc = s.dtype
         m = torch.full(s.shape[:-1], -math.inf, dtype=acc, device=s.device)
         l = torch.zeros_like(m)
@@ -110,19 +131,26 @@ class _Online(torch.autograd.Function):
             l = l * alpha + p.sum(-1)
             o = o * alpha[..., None] + p.to(v.dtype).to(acc) @ ve[..., j : j + BLOCK, :].to(acc)
             m = m_new
+        if sinks is not None:  # the sink as one last block of one logit, with no value
+            sink = sinks.to(acc).view(1, -1, 1).expand_as(m)
+            m_new = torch.maximum(m, sink)
+            alpha = torch.exp(m - m_new)
+            l = l * alpha + torch.exp(sink - m_new)
+            o = o * alpha[..., None]
+            m = m_new
         empty = l == 0
         out = (o / torch.where(empty, torch.ones_like(l), l)[..., None]).to(v.dtype)
         lse = torch.where(empty, torch.full_like(l, -math.inf), torch.log(torch.where(empty, torch.ones_like(l), l)) + m)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.cfg, ctx.kpm = cfg, kpm
+        ctx.save_for_backward(q, k, v, bias, sinks, out, lse)
+        ctx.cfg, ctx.kpm, ctx.alibi = cfg, kpm, alibi
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, sinks, out, lse = ctx.saved_tensors
         cfg, dt = ctx.cfg, q.dtype
         ke, ve = _expand(q, k, v)
-        s = _logits(q, ke, cfg, ctx.kpm, bias)
+        s, dcap = _logits(q, ke, cfg, ctx.kpm, bias, ctx.alibi)
         acc = s.dtype
         lse_safe = torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
         p = torch.exp(s - lse_safe[..., None])  # FA2: recomputed from the saved lse
@@ -133,6 +161,15 @@ class _Online(torch.autograd.Function):
         dv = p.to(dt).to(acc).transpose(-1, -2) @ do
         dp = do @ ve.to(acc).transpose(-1, -2)
         ds = p * (dp - delta)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[4]:  # d sink = -sum over rows of p_sink * D
+            p_sink = torch.exp(sinks.to(acc).view(1, -1, 1) - lse_safe)
+            dsinks = -(p_sink * delta.squeeze(-1)).sum((0, 2)).to(sinks.dtype)
+        dbias = None
+        if bias is not None and ctx.needs_input_grad[3]:
+            dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
+        if dcap is not None:  # through the cap: d/dx cap * tanh(x / cap) = 1 - tanh^2
+            ds = ds * dcap
         dq = (ds.to(dt).to(acc) @ ke.to(acc)) * cfg.scale
         dk = (ds.to(dt).to(acc).transpose(-1, -2) @ q.to(acc)) * cfg.scale
         g = q.shape[1] // k.shape[1]
@@ -140,14 +177,11 @@ class _Online(torch.autograd.Function):
         def grouped(t):
             return t.view(t.shape[0], t.shape[1] // g, g, *t.shape[2:]).sum(2)
 
-        dbias = None
-        if bias is not None and ctx.needs_input_grad[3]:
-            dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
-        return dq.to(dt), grouped(dk).to(dt), grouped(dv).to(dt), dbias, None, None
+        return dq.to(dt), grouped(dk).to(dt), grouped(dv).to(dt), dbias, dsinks, None, None, None
 
 
-def online(q, k, v, cfg: Config, key_padding_mask=None, bias=None):
-    return _Online.apply(q, k, v, bias, cfg, key_padding_mask)
+def online(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None):
+    return _Online.apply(q, k, v, bias, sinks, cfg, key_padding_mask, alibi_slopes)
 
 
 ORDERINGS: dict[str, Callable] = {

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from hypothesis import example, note
 from hypothesis import strategies as st
 
+from attnbench.packing import PagedSpec, VarlenSpec
 from attnbench.registry import Impl
 from attnbench.spec import LAYOUTS, Block, Spec
 
@@ -46,6 +47,10 @@ SCALES = (0.0, 1.0, 0.01, 2.0)  # besides the default 1/sqrt(D); 0 is uniform at
 SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
 LONG_ONE_IN = 8  # one draw in 8 is long, where a property asks (the cost of the CPU ci profile)
 MAGNITUDES = (1.0, 3.0, 8.0)  # 8: scaled logits reach the hundreds, exp() overflows without max
+# Logit soft caps: 1 to 5 saturate tanh at the logits magnitude 3 and 8 draw; 30 and 50 (Gemma 2's
+# attention and final caps) leave most logits in tanh's linear part.
+SOFTCAPS = (1.0, 2.5, 5.0, 30.0, 50.0)
+SCORE_FEATURE_ONE_IN = 6  # each score feature (softcap, alibi, sinks) is drawn one draw in 6
 
 
 @dataclass(frozen=True)
@@ -233,13 +238,26 @@ def _specs(
         B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=dtype, device=device,
         scale=pick("scale", st.one_of(st.none(), st.sampled_from(SCALES))),
         causal=causal, window=window, block=block, key_lengths=key_lengths, key_drop=key_drop,
-        bias=bias, bias_neginf=bias_neginf, align=align,
+        bias=bias, bias_neginf=bias_neginf, align=align, **_score_features(draw, pick, has, use),
         dropout_p=fixed.get("dropout_p", 0.0),
         magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)),
         seed=pick("seed", st.integers(0, 2**16)),
         layout=pick("layout", st.sampled_from(_layouts(impl, B, Hkv))),
         grad_layout=pick("grad_layout", st.sampled_from(impl.grad_layouts)) if has("backward") else "contiguous",
     )
+
+
+def _score_features(draw, pick, has, use: frozenset[str]) -> dict:
+    """softcap, alibi and sinks for an impl that declares them: each one draw in
+    SCORE_FEATURE_ONE_IN (always when `use` names it); each shrinks to off."""
+    out: dict = {}
+    if has("softcap"):
+        on = "softcap" in use or _rare(draw, "softcapped", SCORE_FEATURE_ONE_IN)
+        out["softcap"] = pick("softcap", st.sampled_from(SOFTCAPS) if on else st.none())
+    for name in ("alibi", "sinks"):
+        if has(name):
+            out[name] = pick(name, st.just(name in use or _rare(draw, name, SCORE_FEATURE_ONE_IN)))
+    return out
 
 
 def _layouts(impl: Impl, B: int, Hkv: int) -> list[str]:
@@ -266,7 +284,7 @@ def specs_for(
     """Specs that `impl` covers (with the extra `needs`, e.g. "backward" or "lse").
 
     use: features every drawn spec must exercise ("causal", "sliding_window", "key_padding",
-        "gqa", "bias", "cross", "blocked_window").
+        "gqa", "bias", "cross", "blocked_window", "softcap", "alibi", "sinks").
     forbid: features never drawn (a permutation property forbids "causal", ...).
     long: None (ordinary lengths), "keys" (one draw in eight with long keys and short queries)
         or "all" (long keys, and queries short, as long, or long too): for properties that
@@ -314,8 +332,9 @@ def pinned(*pins: Pinned):
     return wrap
 
 
-def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs) -> Spec | None:
-    """Draw a spec for `impl` (or take the pinned one); None when a pinned spec does not apply."""
+def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), quiet: bool = False, **kwargs) -> Spec | None:
+    """Draw a spec for `impl` (or take the pinned one); None when a pinned spec does not apply.
+    quiet: do not note the spec (the caller notes what it makes of it, e.g. draw_documents)."""
     if isinstance(data, Pinned):
         fixed = {k: v for k, v in kwargs.items() if k not in ("use", "forbid", "min_batch", "caps", "long")}
         spec = relax(data.spec, impl).replace(device=device, **fixed)
@@ -329,7 +348,8 @@ def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), **kwargs
             return None  # a long pinned case, for an impl that is slow here: as long draws are
     else:
         spec = data.draw(specs_for(impl, needs, device, **kwargs), label="spec")
-    note(f"spec: {spec.short()}")
+    if not quiet:
+        note(f"spec: {spec.short()}")
     return spec
 
 
@@ -365,6 +385,11 @@ def relax(spec: Spec, impl: Impl) -> Spec:
         changes["align"] = "bottom_right"
     if spec.Dv != spec.D and "dv" not in f:
         changes["Dv"] = spec.D
+    if spec.softcap is not None and "softcap" not in f:
+        changes["softcap"] = None
+    for name in ("alibi", "sinks"):
+        if getattr(spec, name) and name not in f:
+            changes[name] = False
     if spec.dtype not in impl.dtypes:
         changes["dtype"] = next((d for d in DTYPE_ORDER if d in impl.dtypes), spec.dtype)
     if spec.layout not in impl.layouts:
@@ -372,3 +397,149 @@ def relax(spec: Spec, impl: Impl) -> Spec:
     if spec.grad_layout not in impl.grad_layouts or "backward" not in f:
         changes["grad_layout"] = "contiguous"
     return spec.replace(**changes) if changes else spec
+
+
+# -- packed (varlen) batches, document masks and the paged KV cache ---------------------------
+# Per-sequence lengths: 0 and 1, and boundaries on both sides of the 16-token tiles.
+SEQ_EDGES = (0, 1, 2, 15, 16, 17)
+SEQ_CAP = {"cpu": 20, "cuda": 300}  # the longest sequence of a packed or paged draw
+SEQ_CAP_SLOW = 10  # the same on the CPU for an impl that runs interpreted there (long_ok False)
+BLOCK_SIZES = (16, 1, 3, 4, 5, 8)  # paged block sizes: 16 first (shrinks to it), then ones that divide nothing
+
+
+def _seq_cap(impl: Impl, device: str) -> int:
+    kind = device.split(":")[0]
+    return SEQ_CAP_SLOW if not long_ok(impl, device) else SEQ_CAP.get(kind, SEQ_CAP["cpu"])
+
+
+def _seq_length(cap: int, lo: int = 0) -> st.SearchStrategy[int]:
+    edges = [n for n in SEQ_EDGES if lo <= n <= cap]
+    return st.one_of(st.integers(lo, cap), st.sampled_from(edges))
+
+
+def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict) -> dict:
+    """The fields VarlenSpec and PagedSpec share: dtype, heads, head dims, causal, window, scale."""
+    has = impl.features.__contains__
+
+    def pick(name: str, strategy: st.SearchStrategy):
+        return fixed[name] if name in fixed else draw(strategy, label=name)
+
+    dtypes = [d for d in DTYPE_ORDER if d in impl.dtypes]
+    caps = caps_for(device)
+    Hkv = pick("Hkv", st.integers(1, 2)) if has("gqa") else None
+    group = pick("group", st.integers(2 if "gqa" in use else 1, 3)) if Hkv else 1
+    Hq = Hkv * group if Hkv else pick("Hq", st.integers(1, 2))
+    D = pick("D", st.sampled_from(caps.head_dims[:4]))
+    window = None
+    if has("sliding_window") and ("sliding_window" in use or draw(st.booleans(), label="windowed")):
+        side = st.one_of(st.none(), st.integers(0, 6))
+        window = (draw(side, label="window.left"), draw(side, label="window.right"))
+        window = None if window == (None, None) else window
+    return dict(
+        dtype=pick("dtype", st.sampled_from(dtypes)), device=device, Hq=Hq, Hkv=Hkv or Hq, D=D,
+        Dv=pick("Dv", st.one_of(st.just(D), st.sampled_from(caps.head_dims[:4]))) if has("dv") else D,
+        causal=pick("causal", st.just(True) if "causal" in use else st.booleans()) if has("causal") else False,
+        window=fixed.get("window", window), scale=pick("scale", st.one_of(st.none(), st.sampled_from(SCALES))),
+        magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)), seed=pick("seed", st.integers(0, 2**16)),
+        softcap=pick("softcap", st.one_of(st.none(), st.sampled_from(SOFTCAPS))) if has("softcap") else None,
+    )
+
+
+@st.composite
+def _varlen_specs(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict, min_seqs: int) -> VarlenSpec:
+    common = _seq_common(draw, impl, device, use, fixed)
+    cap = _seq_cap(impl, device)
+    if "seqlens" in fixed:
+        return VarlenSpec(seqlens=fixed["seqlens"], **common)
+    most = 4 if long_ok(impl, device) else 3  # an interpreted impl pays per launch: one per sequence at worst
+    count = draw(st.integers(min_seqs, max(min_seqs, most)), label="sequences")
+    cross = "cross" in impl.features
+    seqlens = []
+    for _ in range(count):
+        sk = draw(_seq_length(cap), label="seqlen_k")
+        sq = draw(st.one_of(st.just(sk), _seq_length(cap)), label="seqlen_q") if cross else sk
+        seqlens.append((sq, sk))
+    return VarlenSpec(seqlens=tuple(seqlens), **common)
+
+
+def varlen_specs(impl: Impl, device: str = "cpu", needs: Iterable[str] = (), *, use: Iterable[str] = (),
+                 min_seqs: int = 1, **fixed) -> st.SearchStrategy[VarlenSpec]:
+    """Packed batches `impl` covers: 1 to 4 sequences (at least min_seqs) of 0 to SEQ_CAP tokens
+    each, the SEQ_EDGES among them (0, 1, tile boundaries +- 1), queries as many as keys or
+    (with "cross") not; grouped heads, Dv, causal, windows where declared. fixed: VarlenSpec
+    fields held at a value (and "group": the GQA group)."""
+    use = frozenset(use)
+    if use - impl.features:
+        raise ValueError(f"use: {impl.key} does not declare {sorted(use - impl.features)}; check first")
+    return _varlen_specs(impl, device, use, fixed, min_seqs).filter(lambda s: impl.covers(s, needs))
+
+
+@st.composite
+def _paged_specs(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict, min_seqs: int) -> PagedSpec:
+    common = _seq_common(draw, impl, device, use, fixed)
+    cap = _seq_cap(impl, device)
+
+    def pick(name: str, strategy: st.SearchStrategy):
+        return fixed[name] if name in fixed else draw(strategy, label=name)
+
+    Sq = pick("Sq", st.one_of(st.integers(1, 4), st.integers(1, cap))) if "cross" in impl.features else None
+    count = draw(st.integers(min_seqs, max(min_seqs, 3)), label="sequences")
+    if Sq is None:  # without "cross" every sequence holds exactly its Sq new tokens
+        Sq = pick("Sq", st.integers(1, cap))
+        lengths = (Sq,) * count
+    else:
+        lengths = tuple(draw(st.one_of(st.integers(Sq, max(Sq, cap)), _seq_length(cap)), label="cache_seqlen")
+                        for _ in range(count))
+    return PagedSpec(
+        cache_seqlens=fixed.get("cache_seqlens", lengths), Sq=Sq, block_size=pick("block_size", st.sampled_from(BLOCK_SIZES)),
+        spare_blocks=pick("spare_blocks", st.integers(0, 2)), table_pad=pick("table_pad", st.sampled_from((0, 2))),
+        permute=pick("permute", st.booleans()), poison=pick("poison", st.booleans()), **common,
+    )
+
+
+def paged_specs(impl: Impl, device: str = "cpu", needs: Iterable[str] = (), *, use: Iterable[str] = (),
+                min_seqs: int = 1, **fixed) -> st.SearchStrategy[PagedSpec]:
+    """Paged decoding / chunked-prefill steps `impl` covers: 1 to 3 sequences (at least
+    min_seqs), Sq new tokens (1 to 4 mostly: decoding), cache lengths from 0 up with the
+    SEQ_EDGES, block sizes that divide nothing (BLOCK_SIZES), spare blocks, a block table that
+    is a column slice of a wider one, physical blocks permuted, NaN in every unused slot."""
+    use = frozenset(use)
+    if use - impl.features:
+        raise ValueError(f"use: {impl.key} does not declare {sorted(use - impl.features)}; check first")
+    return _paged_specs(impl, device, use, fixed, min_seqs).filter(lambda s: impl.covers(s, needs))
+
+
+def draw_case(data, impl: Impl, device: str, strategy: st.SearchStrategy, needs: Iterable[str] = ()):
+    """A drawn VarlenSpec / PagedSpec, or a pinned one (Pinned(VarlenSpec(...))) on the test's
+    device; None when the pinned one is not covered."""
+    if isinstance(data, Pinned):
+        case = data.spec.replace(device=device)
+        if not impl.covers(case, needs):
+            return None
+    else:
+        case = data.draw(strategy, label="spec")
+    note(f"spec: {case.short()}")
+    return case
+
+
+def draw_documents(data, spec: Spec, default: tuple[tuple[int, ...], ...] | None = None) -> Spec:
+    """`spec` with documents along its keys: per batch element, cut points drawn at random and at
+    the 16-token tile boundaries +- 1 (documents of one token too). A pinned example takes
+    `default` (or two documents split in the middle)."""
+    if isinstance(data, Pinned):
+        if default is None:
+            half = max(1, spec.Sk // 2)
+            default = tuple((half, spec.Sk - half) if spec.Sk > 1 else (spec.Sk,) for _ in range(spec.B))
+        spec = spec.replace(documents=default)
+        note(f"spec: {spec.short()}")
+        return spec
+    docs = []
+    for _ in range(spec.B):
+        edges = sorted({n for n in (1, 15, 16, 17) if 0 < n < spec.Sk})
+        cut = st.one_of(st.integers(1, max(1, spec.Sk - 1)), st.sampled_from(edges)) if edges else st.just(spec.Sk)
+        cuts = data.draw(st.lists(cut, max_size=3), label="document cuts")
+        points = sorted({c for c in cuts if 0 < c < spec.Sk} | {0, spec.Sk})
+        docs.append(tuple(b - a for a, b in zip(points, points[1:])))
+    spec = spec.replace(documents=tuple(docs))
+    note(f"spec: {spec.short()}")
+    return spec

@@ -99,7 +99,7 @@ def test_gradients_match_oracle(impl, device, measure, data):
     ref = run_impl(reference_impl(impl), spec, clone_inputs(inputs), grad=True)
     want = run_oracle(spec, inputs, grad=True)
     scales = scales_of(spec, inputs)
-    for name in ("dq", "dk", "dv", "dbias"):
+    for name in ("dq", "dk", "dv", "dbias", "dsinks"):
         if name in want.grads:
             check(measure, name, got.grads[name], want.grads[name], ref.grads[name], spec.dtype, scales)
 
@@ -125,13 +125,16 @@ def test_float64_gradcheck(impl, device, data):
         return
     inputs = fresh_inputs(spec, impl, grad=True)
     cfg = spec.config()
-    names = [n for n in ("q", "k", "v", "bias") if getattr(inputs, n) is not None and getattr(inputs, n).requires_grad]
+    names = [n for n in ("q", "k", "v", "bias", "sinks")
+             if getattr(inputs, n) is not None and getattr(inputs, n).requires_grad]
     fixed_bias = None if "bias" in names else inputs.bias
+    extra = inputs.score_kwargs()
 
     def fn(*tensors):
         args = dict(zip(names, tensors))
+        more = {**extra, **({"sinks": args["sinks"]} if "sinks" in args else {})}
         out, _ = impl.fn(args["q"], args["k"], args["v"], cfg, key_padding_mask=inputs.key_padding_mask,
-                         bias=args.get("bias", fixed_bias))
+                         bias=args.get("bias", fixed_bias), **more)
         return out
 
     # gradcheck perturbs one element at a time, which a zero-stride ("expanded") tensor cannot

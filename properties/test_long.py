@@ -29,7 +29,8 @@ from attnbench.spec import Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense")
 
-STRUCTURE = ("causal", "sliding_window", "blocked_window")  # positions would shift with the keys
+# positions would shift with the keys (ALiBi too); a sink would be counted once per chunk
+STRUCTURE = ("causal", "sliding_window", "blocked_window", "alibi", "sinks")
 
 
 def merge(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor):

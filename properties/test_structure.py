@@ -97,6 +97,8 @@ def test_batch_elements_are_independent(impl, device, measure, data):
         alone.bias = inputs.bias.detach()[:1].clone().requires_grad_(inputs.bias.requires_grad)
     if inputs.key_padding_mask is not None:
         alone.key_padding_mask = inputs.key_padding_mask[:1].clone()
+    if inputs.alibi_slopes is not None and inputs.alibi_slopes.dim() == 2:  # per batch element: (B, Hq)
+        alone.alibi_slopes = inputs.alibi_slopes[:1].clone()
     c = run_impl(impl, alone_spec, alone)
     for name in [n for n in names if n in ("out", "lse")]:
         check_runs(measure, name, c.get(name), a.get(name)[:1], impl, errors[name], spec.dtype, scales[name],
@@ -110,7 +112,7 @@ def test_key_permutation_equivariance(impl, device, measure, data):
     changes nothing, and permutes the key gradients."""
     if impl.variant == "local":
         pytest.skip("local attention is always windowed: key order matters")
-    spec = draw_spec(data, impl, device, forbid=("causal", "sliding_window", "blocked_window", "bias"))
+    spec = draw_spec(data, impl, device, forbid=("causal", "sliding_window", "blocked_window", "bias", "alibi"))
     if spec is None:
         return
     perm = torch.randperm(spec.Sk, generator=torch.Generator().manual_seed(spec.seed)).to(spec.device)

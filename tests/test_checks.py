@@ -128,3 +128,21 @@ def test_no_keys_gives_empty_rows(name, extras):
         for t in leaves:
             assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t)), t.grad
         assert q.grad is not None and q.grad.shape == q.shape
+
+
+SCORE_KERNELS = ("oracle", "naive", "blockwise", "flex_eager", "triton")  # those that take the score features
+
+
+@pytest.mark.parametrize("name", SCORE_KERNELS)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(alibi_slopes=torch.ones(3, dtype=torch.float64)), "alibi_slopes must be float32"),
+    (dict(alibi_slopes=torch.ones(2, dtype=torch.float32)), "alibi_slopes must have shape (Hq,)"),
+    (dict(alibi_slopes=[0.5]), "alibi_slopes must be a tensor"),
+    (dict(sinks=torch.ones(3, dtype=torch.float16)), "sinks must be in q's dtype"),
+    (dict(sinks=torch.ones(1, 3)), "sinks must have shape (Hq,)"),
+])
+def test_score_feature_arguments_are_checked(name, kwargs, message):
+    q, k, v = (torch.randn(1, 3, 4, 16) for _ in range(3))
+    who = {"flex_eager": "flex"}.get(name, name)
+    with pytest.raises(ValueError, match=f"^{who}: {message}".replace("(", r"\(").replace(")", r"\)")):
+        KERNELS[name](q, k, v, Config(scale=0.5), **kwargs)

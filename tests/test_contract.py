@@ -17,7 +17,7 @@ from attnbench.spec import Spec
 
 
 def _impl(name: str, fn) -> Impl:
-    return Impl(name=name, variant="dense", fn=fn, features=naive.naive.features)
+    return Impl(name=name, variant="dense", fn=fn, features=naive.naive.features - {"varlen", "paged_kv"})
 
 
 def float64_out(q, k, v, cfg, key_padding_mask=None, bias=None):
@@ -177,8 +177,8 @@ FAULTY_MODULE = textwrap.dedent("""
         v.data.zero_()
         return result
 
-    wide = Impl(name="wide", variant="dense", fn=float64_out, features=naive.features)
-    writer = Impl(name="writer", variant="dense", fn=writes_v, features=naive.features)
+    wide = Impl(name="wide", variant="dense", fn=float64_out, features=naive.features - {"varlen", "paged_kv"})
+    writer = Impl(name="writer", variant="dense", fn=writes_v, features=naive.features - {"varlen", "paged_kv"})
 """)
 
 

@@ -508,3 +508,25 @@ def test_gpu_plan_launches_equal_jit_launches(monkeypatch):
         monkeypatch.setenv("ATTNBENCH_TRITON_PLANS", "1")
         for _ in range(3):
             assert all(torch.equal(a, b) for a, b in zip(run(q_odd), want)), f"{name}, misaligned q"
+
+
+# -- the score features (soft cap, ALiBi slopes, sinks), interpreter ---------------------------
+SCORE_SPECS = {
+    "all_three_multiblock_gqa": Spec(B=2, Hq=4, Hkv=2, Sq=37, Sk=50, causal=True, softcap=2.5, alibi=True, sinks=True,
+                                     seed=2),
+    "saturated_cap_window_fp16": Spec(Hq=2, Sq=33, Sk=20, window=(6, 3), softcap=1.0, magnitude=8.0, alibi=True,
+                                      dtype="float16", seed=5),
+    "empty_rows_with_sinks": Spec(B=2, Hq=2, Sq=18, key_lengths=(0, 11), sinks=True, bias="full", seed=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORE_SPECS))
+def test_score_features_match_oracle(interp, name):
+    """out, lse, dq, dk, dv (dbias, dsinks) against the oracle under the suite's tolerance rule."""
+    from attnbench.properties import harness
+
+    spec = SCORE_SPECS[name]
+    verdicts = harness.verdicts(registry().impls["dense/triton"], spec, grad=True)
+    assert "dsinks" in verdicts or not spec.sinks
+    bad = [v.message() for v in verdicts.values() if not v.ok]
+    assert not bad, bad

@@ -381,3 +381,80 @@ def test_reference_runs_a_spec():
     )
     assert out.shape == (2, 4, 5, 4) and lse.shape == (2, 4, 5) and torch.equal(out, direct)
     assert torch.isfinite(out).all()
+
+
+# -- score features (CONTRACT.md, "Score features") -------------------------------------------
+def test_softcap_applies_to_the_scaled_score_before_the_bias():
+    q, k, v = qkv(Sq=3, Sk=4)
+    bias = randn(1, 1, 3, 4, seed=9)
+    cap = 0.7
+    out, lse = attention(q, k, v, Config(scale=0.5, softcap=cap), bias=bias)
+    s = cap * torch.tanh(0.5 * (q @ k.transpose(-1, -2)) / cap) + bias
+    assert torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-12)
+    assert torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-12)
+
+
+def test_softcap_keeps_masked_keys_out():
+    q, k, v = qkv(Sq=3, Sk=3)
+    cfg = Config(scale=1.0, causal=True, softcap=1.0)
+    out, lse = attention(q, k, v, cfg)
+    assert torch.allclose(out[..., 0, :], v[..., 0, :], atol=1e-12)  # row 0 sees key 0 only, never -cap logits
+    assert torch.allclose(lse[..., 0], torch.tanh((q[..., 0, :] * k[..., 0, :]).sum(-1)), atol=1e-12)
+
+
+def test_alibi_slopes_follow_flash_attn():
+    """bias -slope[b, h] * |i + Sk - Sq - j| (bottom-right), |i - j| (top-left); per batch slopes."""
+    q, k, v = qkv(B=2, Hq=2, Hkv=2, Sq=3, Sk=5)
+    slopes = torch.tensor([[0.5, 0.25], [1.0, 2.0]], dtype=torch.float32)
+    i, j = torch.arange(3.0).view(3, 1), torch.arange(5.0).view(1, 5)
+    for align, dist in (("bottom_right", (i + 2 - j).abs()), ("top_left", (i - j).abs())):
+        cfg = Config(scale=0.3, align=align)
+        bias = -slopes.double()[:, :, None, None] * dist
+        want = attention(q, k, v, cfg, bias=bias)
+        got = attention(q, k, v, cfg, alibi_slopes=slopes)
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want)), align
+    per_head = attention(q, k, v, Config(scale=0.3), alibi_slopes=slopes[0])
+    assert torch.allclose(per_head[0][0], attention(q, k, v, Config(scale=0.3), alibi_slopes=slopes)[0][0])
+
+
+def test_sink_joins_the_denominator_only():
+    q, k, v = qkv(Hq=2, Hkv=2, Sq=3, Sk=4)
+    sinks = torch.tensor([0.3, -1.2], dtype=F64)
+    out, lse = attention(q, k, v, Config(scale=0.5), sinks=sinks)
+    s = 0.5 * (q @ k.transpose(-1, -2))
+    e = torch.exp(s)
+    denom = e.sum(-1, keepdim=True) + torch.exp(sinks).view(1, 2, 1, 1)
+    assert torch.allclose(out, (e / denom) @ v, atol=1e-12)
+    assert torch.allclose(lse, torch.log(denom).squeeze(-1), atol=1e-12)
+
+
+def test_empty_row_with_a_sink_gives_zero_and_lse_sink():
+    q, k, v = qkv(Sq=2, Sk=3)
+    sinks = torch.tensor([1.5], dtype=F64)
+    out, lse = attention(q, k, v, Config(scale=1.0), key_padding_mask=torch.zeros(1, 3, dtype=torch.bool), sinks=sinks)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, torch.full_like(lse, 1.5))
+
+
+def test_sink_gradient_formula():
+    """d sink_h = -sum over (b, i) of exp(sink_h - lse) * (dO . O)."""
+    q, k, v = qkv(B=2, Hq=2, Hkv=1, Sq=3, Sk=4)
+    sinks = torch.tensor([0.4, -0.8], dtype=F64, requires_grad=True)
+    cfg = Config(scale=0.7, causal=True)
+    out, lse = attention(q, k, v, cfg, sinks=sinks)
+    do = randn(*out.shape, seed=5)
+    out.backward(do)
+    want = -(torch.exp(sinks.detach().view(1, 2, 1) - lse.detach()) * (do * out.detach()).sum(-1)).sum((0, 2))
+    assert torch.allclose(sinks.grad, want, atol=1e-12)
+
+
+def test_gradcheck_with_score_features():
+    q, k, v = qkv(Hq=2, Hkv=1, Sq=3, Sk=4, grad=True)
+    sinks = torch.tensor([0.2, -0.5], dtype=F64, requires_grad=True)
+    slopes = torch.tensor([0.5, 0.125], dtype=torch.float32)
+    cfg = Config(scale=0.6, causal=True, softcap=1.5)
+
+    def f(q, k, v, sinks):
+        return attention(q, k, v, cfg, alibi_slopes=slopes, sinks=sinks)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))

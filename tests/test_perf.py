@@ -520,8 +520,8 @@ def test_prewarm_groups_compiling_impls_and_survives_a_failing_one():
     from attnbench.perf import prewarm
 
     naive = registry().get("dense/naive")
-    compiling = Impl(name="naive", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
-    ghost = Impl(name="ghost", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
+    compiling = Impl(name="naive", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"}, compiles=True)
+    ghost = Impl(name="ghost", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"}, compiles=True)
     spec = Spec(B=1, Hq=2, Sq=16, D=8, causal=True)
     cells = [Cell("dense", mode, spec=spec) for mode in ("fwd", "fwdbwd")]
     groups = prewarm.plan([(c, i) for c in cells for i in (compiling, ghost, naive)])
@@ -549,7 +549,7 @@ def _fn(q, k, v, cfg, key_padding_mask=None, bias=None):
         os.kill(os.getpid(), 9)
     return _naive.fn(q, k, v, cfg, key_padding_mask, bias)
 
-impl = Impl(name="sleepy", variant="dense", fn=_fn, features=_naive.features, compiles=True)
+impl = Impl(name="sleepy", variant="dense", fn=_fn, features=_naive.features - {"varlen", "paged_kv"}, compiles=True)
 """
 
 
@@ -562,7 +562,7 @@ def test_prewarm_cuts_a_stuck_worker_and_names_what_it_left(tmp_path, monkeypatc
     (tmp_path / "sleepy_impl.py").write_text(SLEEPY)
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers start with the parent's sys.path
     naive = registry().get("dense/naive")
-    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features, compiles=True,
+    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"}, compiles=True,
                   origin="sleepy_impl:impl")
     cells = [Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=S, D=8)) for S in (7, 16)]
     groups = prewarm.plan([(c, sleepy) for c in cells])
@@ -588,7 +588,7 @@ def test_prewarm_fails_a_dead_workers_group_at_once_and_goes_on(tmp_path, monkey
     (tmp_path / "sleepy_impl.py").write_text(SLEEPY)
     monkeypatch.syspath_prepend(str(tmp_path))
     naive = registry().get("dense/naive")
-    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features, compiles=True,
+    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"}, compiles=True,
                   origin="sleepy_impl:impl")
     cells = [Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=S, D=8)) for S in (5, 6, 16, 17)]
     start = time.perf_counter()
@@ -606,7 +606,7 @@ def test_prewarm_leaves_the_rest_to_the_sweep_when_every_worker_died(tmp_path, m
     (tmp_path / "sleepy_impl.py").write_text(SLEEPY)
     monkeypatch.syspath_prepend(str(tmp_path))
     naive = registry().get("dense/naive")
-    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features, compiles=True,
+    sleepy = Impl(name="sleepy", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"}, compiles=True,
                   origin="sleepy_impl:impl")
     cells = [Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=S, D=8)) for S in (5, 16)]
     summary = prewarm.prewarm(prewarm.plan([(c, sleepy) for c in cells]), workers=1, timeout_s=280)
@@ -654,7 +654,8 @@ def test_first_calls_of_compiling_impls_are_recorded():
     """The sweep keeps, per compiling implementation's first call, its time and torch.compile's
     cache hits and misses (env.first_calls): where prewarm did not help shows up there."""
     naive = registry().get("dense/naive")
-    compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features, compiles=True)
+    compiling = Impl(name="naive_c", variant="dense", fn=naive.fn, features=naive.features - {"varlen", "paged_kv"},
+                     compiles=True)
     cell = Cell("dense", "fwd", spec=Spec(B=1, Hq=1, Sq=8, D=8))
     settings = measure.Settings.default(True, "cpu")
     calls: list = []

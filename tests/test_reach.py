@@ -68,7 +68,9 @@ def test_row_oracle_equals_the_full_oracle():
     Spec(B=2, Hq=4, Hkv=2, Sq=130, Sk=150, causal=True, window=(9, 3), bias="full", key_lengths=(20, 150),
          dtype="float16"),
     Spec(Hq=2, Sq=100, Sk=90, causal=True, bias="per_key", align="top_left", layout="bshd", block=(7, 1, 1)),
-], ids=["fp16-window-bias", "top-left-block"])
+    Spec(B=2, Hq=4, Hkv=2, Sq=130, Sk=150, causal=True, window=(9, 3), key_lengths=(20, 150), dtype="float16",
+         softcap=5.0, alibi=True, sinks=True, seed=3),
+], ids=["fp16-window-bias", "top-left-block", "fp16-score-features"])
 def test_sampled_rows_reference_and_oracle(spec):
     x = harness.fresh_inputs(spec, naive, grad=True)
     rows = harness.sample_rows(spec, (77,))

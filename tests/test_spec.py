@@ -44,6 +44,12 @@ BAD = [
     ("dropout_p", dict(dropout_p=-0.5)),
     ("magnitude", dict(magnitude=0.0)),
     ("magnitude", dict(magnitude=math.inf)),
+    ("softcap", dict(softcap=0.0)),
+    ("softcap", dict(softcap=-1.0)),
+    ("softcap", dict(softcap=math.inf)),
+    ("softcap", dict(softcap=True)),
+    ("alibi", dict(alibi=1)),
+    ("sinks", dict(sinks="yes")),
 ]
 
 
@@ -181,3 +187,46 @@ def test_padding_keep_and_visible_counts_follow_the_mask_make_inputs_draws() -> 
         assert visible_counts(spec).tolist() == want
     assert Spec(Sq=3).padding_keep() is None
     assert Spec(Sq=3, Sk=5, key_lengths=(2,)).padding_keep().tolist() == [[True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("cap", [0.0, -2.0, math.nan, math.inf, "1", True])
+def test_config_softcap_must_be_finite_and_positive(cap):
+    with pytest.raises(ValueError, match=r"^Config\.softcap: must be None or a finite number > 0"):
+        Config(scale=1.0, softcap=cap)
+
+
+def test_score_features_are_needed_and_configured():
+    s = Spec(Hq=3, softcap=2.5, alibi=True, sinks=True)
+    assert {"softcap", "alibi", "sinks"} <= s.needs() <= FEATURES
+    assert s.config().softcap == 2.5
+    assert eval(s.short()) == s  # the short form is valid Python
+
+
+def test_score_features_leave_the_other_inputs_unchanged():
+    """Slopes and sinks come from their own generators: a spec keeps its q, k, v, bias, mask and
+    grad_out whether or not it uses them."""
+    base = Spec(B=2, Hq=3, Sq=5, Sk=7, key_drop=0.25, bias="full", seed=11)
+    plain, scored = base.make_inputs(), base.replace(alibi=True, sinks=True, softcap=3.0).make_inputs()
+    for name in ("q", "k", "v", "bias", "key_padding_mask", "grad_out"):
+        assert torch.equal(getattr(plain, name), getattr(scored, name)), name
+    assert plain.alibi_slopes is None and plain.sinks is None and plain.score_kwargs() == {}
+    assert set(scored.score_kwargs()) == {"alibi_slopes", "sinks"}
+
+
+def test_alibi_values_are_positive_distinct_and_include_the_geometric_slopes():
+    kinds = set()
+    for seed in range(40):
+        spec = Spec(B=2, Hq=4, alibi=True, seed=seed)
+        slopes = spec.alibi_values()
+        assert slopes.shape in ((4,), (2, 4)) and bool((slopes > 0).all())
+        assert all(len(set(row.tolist())) == 4 for row in slopes.view(-1, 4))
+        kinds.add("geometric" if torch.equal(slopes, alibi_slopes(4)) else tuple(slopes.shape))
+        assert spec.make_inputs().alibi_slopes.dtype == torch.float32
+    assert kinds == {"geometric", (4,), (2, 4)}
+
+
+def test_sink_values_include_dominant_and_negligible_sinks():
+    values = torch.stack([Spec(Hq=2, sinks=True, seed=seed).sink_values() for seed in range(60)])
+    assert bool((values >= 20).any()) and bool((values <= -20).any())
+    assert bool((values.abs() < 5).any())
+    assert Spec(dtype="float16", sinks=True).make_inputs().sinks.dtype == torch.float16

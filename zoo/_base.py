@@ -15,21 +15,32 @@ import attnbench.impls.naive as _naive
 from attnbench.registry import Impl
 from attnbench.spec import Config
 
-FEATURES = _naive.naive.features  # every member claims what the correct kernel would
+# every member claims what the correct dense kernel would; the packed / paged call conventions
+# come with their own functions, declared by the members that carry those bugs
+FEATURES = _naive.naive.features - {"varlen", "document", "paged_kv"}
+SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks"})
+# A member claims what the correct kernel would, the score features only when its bug is one of
+# theirs: the others keep the draws (and so the ci examples) that catch them.
+BASE_FEATURES = FEATURES - SCORE_FEATURES
 
 
 class Kernel:
-    """fn(q, k, v, cfg, key_padding_mask=None, bias=None) -> (out, lse), step by step."""
+    """fn(q, k, v, cfg, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None)
+    -> (out, lse), step by step."""
 
-    def __call__(self, q, k, v, cfg: Config, key_padding_mask=None, bias=None):
+    def __call__(self, q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None, sinks=None):
         B, Hq, Sq, D = q.shape
         Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
         k, v = self.expand(k, Hq // Hkv), self.expand(v, Hq // Hkv)
         s = self.scores(q, k, self.scale(cfg, D, Dv))
+        ok = self.visible(cfg, B, Sq, Sk, key_padding_mask, q.device)
+        s = self.softcap(s, cfg.softcap, ok)
         if bias is not None:
             s = s + self.bias(bias, Sq, Sk).to(s.dtype)
-        ok = self.visible(cfg, B, Sq, Sk, key_padding_mask, q.device)
-        p, lse = self.softmax(s, ok)
+        if alibi_slopes is not None:
+            s = s + self.alibi(alibi_slopes, cfg, Sq, Sk).to(s.dtype)
+        sink = None if sinks is None else sinks.to(s.dtype).view(1, Hq, 1, 1)
+        p, lse = self.softmax(s, ok, sink)
         p = self.dropout(p, cfg)
         return self.combine(p, v), lse
 
@@ -46,6 +57,20 @@ class Kernel:
 
     def bias(self, bias: torch.Tensor, Sq: int, Sk: int) -> torch.Tensor:
         return bias
+
+    def softcap(self, s: torch.Tensor, cap: float | None, ok: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(s / cap) on the scaled scores (before the bias and the masks)."""
+        return s if cap is None else cap * torch.tanh(s / cap)
+
+    def slopes(self, slopes: torch.Tensor) -> torch.Tensor:
+        """(B or 1, Hq) ALiBi slopes."""
+        return slopes.view(1, -1) if slopes.dim() == 1 else slopes
+
+    def alibi(self, slopes: torch.Tensor, cfg: Config, Sq: int, Sk: int) -> torch.Tensor:
+        """-slope * |p(i) - j|, (B or 1, Hq, Sq, Sk)."""
+        i = torch.arange(Sq, device=slopes.device).view(Sq, 1) + self.offset(cfg, Sq, Sk)
+        j = torch.arange(Sk, device=slopes.device).view(1, Sk)
+        return -self.slopes(slopes).double()[:, :, None, None] * (i - j).abs()  # exact; rounded once by the caller
 
     def offset(self, cfg: Config, Sq: int, Sk: int) -> int:
         return Sk - Sq if cfg.align == "bottom_right" else 0
@@ -81,16 +106,25 @@ class Kernel:
             ok = ok & self.padding(key_padding_mask).view(B, 1, 1, Sk)
         return ok
 
-    def softmax(self, s: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def softmax(self, s: torch.Tensor, ok: torch.Tensor, sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and lse; a sink (1, Hq, 1, 1) joins the maximum and the denominator."""
         s = s.masked_fill(~ok, float("-inf"))
-        m = s.amax(-1, keepdim=True)
+        m = s.amax(-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
+        if sink is not None:
+            m = torch.maximum(m, sink)
         empty = m == float("-inf")
         m = torch.where(empty, torch.zeros_like(m), m)
         p = torch.exp(s - m)
         l = p.sum(-1, keepdim=True)
+        if sink is not None:
+            l = l + self.sink_term(sink, m)
         p = p / torch.where(empty, torch.ones_like(l), l)
         lse = torch.where(empty, torch.full_like(l, float("-inf")), torch.log(l) + m)
         return p, lse.squeeze(-1)
+
+    def sink_term(self, sink: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The sink's share of the denominator, exp(sink - m)."""
+        return torch.exp(sink - m)
 
     def dropout(self, p: torch.Tensor, cfg: Config) -> torch.Tensor:
         if cfg.dropout_p <= 0:
@@ -105,13 +139,15 @@ class Kernel:
         return p.to(v.dtype) @ v
 
 
-def member(name: str, kernel: Kernel, bug: str, description: str = "") -> Impl:
-    """A zoo member: the broken kernel, declared exactly like the correct one."""
+def member(name: str, kernel: Kernel, bug: str, description: str = "",
+           features: frozenset[str] = BASE_FEATURES) -> Impl:
+    """A zoo member: the broken kernel, declared like the correct one (BASE_FEATURES, or
+    FEATURES for a member whose bug is in a score feature)."""
     return Impl(
         name=name,
         variant="dense",
         fn=kernel,
-        features=FEATURES,
+        features=features,
         bug=bug,
         description=description or bug,
     )

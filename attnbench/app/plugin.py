@@ -483,7 +483,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-_CASE = re.compile(r"\b(?:Spec|ModuleCase)\(")  # the drawn cases whose repr pastes back into Python
+_CASE = re.compile(r"\b(?:Spec|ModuleCase|VarlenSpec|PagedSpec)\(")  # the drawn cases whose repr pastes back into Python
 
 
 def _counterexample(text: str) -> str | None:

@@ -1,0 +1,351 @@
+"""Packed (variable-length) batches and the paged KV cache: their specs, inputs and helpers.
+
+Two call conventions beyond the dense one (oracles/CONTRACT.md, sections 1.1 and 1.3):
+
+- varlen: fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg,
+  return_lse=True) -> (out, lse), with q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv)
+  packed along the token axis, cu_seqlens int32 (B + 1,) prefix sums of the lengths, out
+  (total_q, Hq, Dv) and lse (Hq, total_q) or None: flash-attn's varlen convention.
+- paged: fn(q, k_cache, v_cache, block_table, cache_seqlens, cfg, return_lse=True) -> (out, lse),
+  with q (B, Hq, Sq, D) the newest Sq tokens of each sequence, k_cache / v_cache (num_blocks,
+  block_size, Hkv, D / Dv) the block pool, block_table int32 (B, max_blocks) and cache_seqlens
+  int32 (B,) the tokens in the cache, the Sq new ones included (already appended, as vLLM's
+  reshape_and_cache does); out (B, Hq, Sq, Dv), lse (B, Hq, Sq) or None.
+
+A VarlenSpec / PagedSpec is plain data like attnbench.spec.Spec: it validates itself, says which
+features it needs, makes seeded inputs and prints as Python that pastes back. `dense_specs()`
+gives the dense Spec of each sequence, which carries an implementation's size limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnbench.spec import DTYPES, Config, Spec, softcap_problem, window_problem
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _shared_problems(spec) -> list[tuple[str, str]]:
+    """(field, why) for the fields VarlenSpec and PagedSpec share."""
+    out = []
+    for name in ("Hq", "Hkv", "D", "Dv"):
+        if not _positive(getattr(spec, name)):
+            out.append((name, f"must be a positive integer, got {getattr(spec, name)!r}"))
+    if not out and spec.Hq % spec.Hkv:
+        out.append(("Hkv", f"Hq={spec.Hq} is not divisible by Hkv={spec.Hkv}"))
+    if spec.dtype not in DTYPES:
+        out.append(("dtype", f"unknown dtype {spec.dtype!r}; one of {sorted(DTYPES)}"))
+    if spec.device.split(":")[0] not in ("cpu", "cuda"):
+        out.append(("device", f"unknown device {spec.device!r}; 'cpu' or 'cuda[:n]'"))
+    if spec.scale is not None and not math.isfinite(spec.scale):
+        out.append(("scale", f"must be finite, got {spec.scale!r}"))
+    if spec.window is not None and window_problem(spec.window):
+        out.append(("window", window_problem(spec.window)))
+    if not (spec.magnitude > 0 and math.isfinite(spec.magnitude)):
+        out.append(("magnitude", f"must be positive and finite, got {spec.magnitude!r}"))
+    if softcap_problem(spec.softcap):
+        out.append(("softcap", softcap_problem(spec.softcap)))
+    return out
+
+
+def _fill_defaults(spec) -> None:
+    for name, value in {"Hkv": spec.Hq, "Dv": spec.D}.items():
+        if getattr(spec, name) is None:
+            object.__setattr__(spec, name, value)
+    if spec.window is not None:
+        object.__setattr__(spec, "window", tuple(spec.window))
+        if spec.window == (None, None):
+            object.__setattr__(spec, "window", None)
+
+
+def _short(spec) -> str:
+    """The fields that differ from the defaults, as Python (paste into the class)."""
+    parts = []
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        default = {"Hkv": spec.Hq, "Dv": spec.D}.get(f.name, f.default)
+        if value != default:
+            parts.append(f"{f.name}={value!r}")
+    return f"{type(spec).__name__}({', '.join(parts)})"
+
+
+def _needs(spec, cross: bool) -> set[str]:
+    need = set()
+    if spec.causal:
+        need.add("causal")
+    if spec.window is not None:
+        need.add("sliding_window")
+    if spec.Hkv != spec.Hq:
+        need.add("gqa")
+    if spec.Dv != spec.D:
+        need.add("dv")
+    if cross:
+        need.add("cross")
+    if spec.softcap is not None:
+        need.add("softcap")
+    return need
+
+
+def _config(spec) -> Config:
+    scale = 1.0 / math.sqrt(spec.D) if spec.scale is None else float(spec.scale)
+    return Config(scale=scale, causal=spec.causal, window=spec.window, softcap=spec.softcap)
+
+
+def cu_seqlens(lengths: list[int] | tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
+    """int32 (B + 1,) prefix sums of the lengths, starting at 0."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+# -- varlen ------------------------------------------------------------------------------------
+@dataclass
+class VarlenInputs:
+    q: torch.Tensor  # (total_q, Hq, D)
+    k: torch.Tensor  # (total_k, Hkv, D)
+    v: torch.Tensor  # (total_k, Hkv, Dv)
+    cu_seqlens_q: torch.Tensor  # int32 (B + 1,)
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    grad_out: torch.Tensor  # (total_q, Hq, Dv)
+
+    def args(self) -> tuple:
+        """The varlen call's tensor and length arguments, in call order (cfg follows)."""
+        return (self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
+
+
+@dataclass(frozen=True)
+class VarlenSpec:
+    """A packed batch: sequence b has seqlens[b] = (queries, keys) tokens, 0 allowed."""
+
+    seqlens: tuple[tuple[int, int], ...] = ((16, 16),)
+    Hq: int = 1
+    Hkv: int | None = None  # default: Hq
+    D: int = 16
+    Dv: int | None = None  # default: D
+    dtype: str = "float32"
+    device: str = "cpu"
+    scale: float | None = None  # default 1/sqrt(D)
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    magnitude: float = 1.0
+    seed: int = 0
+    softcap: float | None = None  # logit soft cap (Config.softcap)
+
+    def __post_init__(self) -> None:
+        _fill_defaults(self)
+        object.__setattr__(self, "seqlens", tuple(tuple(int(n) for n in pair) for pair in self.seqlens))
+        problems = _shared_problems(self)
+        if not self.seqlens:
+            problems.append(("seqlens", "needs at least one sequence"))
+        for pair in self.seqlens:
+            if len(pair) != 2 or min(pair) < 0:
+                problems.append(("seqlens", f"each entry is (queries, keys) with both >= 0, got {pair!r}"))
+                break
+        if problems:
+            name, why = problems[0]
+            raise ValueError(f"VarlenSpec.{name}: {why}")
+
+    @property
+    def B(self) -> int:
+        return len(self.seqlens)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def config(self) -> Config:
+        return _config(self)
+
+    def needs(self) -> frozenset[str]:
+        return frozenset(_needs(self, any(sq != sk for sq, sk in self.seqlens)) | {"varlen"})
+
+    def dense_specs(self) -> list[Spec]:
+        """The dense Spec of each sequence with at least one query and one key."""
+        return [Spec(Hq=self.Hq, Hkv=self.Hkv, Sq=sq, Sk=sk, D=self.D, Dv=self.Dv, dtype=self.dtype, device=self.device,
+                     scale=self.scale, causal=self.causal, window=self.window, magnitude=self.magnitude, seed=self.seed,
+                     softcap=self.softcap)
+                for sq, sk in self.seqlens if sq and sk]
+
+    def replace(self, **changes) -> VarlenSpec:
+        return dataclasses.replace(self, **changes)
+
+    def short(self) -> str:
+        return _short(self)
+
+    def make_inputs(self, requires_grad: bool = False) -> VarlenInputs:
+        """Seeded packed inputs: q, k, v, grad_out drawn in float64 and cast."""
+        g = torch.Generator().manual_seed(self.seed)
+        tq = sum(sq for sq, _ in self.seqlens)
+        tk = sum(sk for _, sk in self.seqlens)
+        shapes = [(tq, self.Hq, self.D), (tk, self.Hkv, self.D), (tk, self.Hkv, self.Dv), (tq, self.Hq, self.Dv)]
+        q, k, v, grad_out = (torch.randn(*s, dtype=torch.float64, generator=g) for s in shapes)
+        q, k = self.magnitude * q, self.magnitude * k
+        q, k, v, grad_out = (t.to(device=self.device, dtype=self.torch_dtype) for t in (q, k, v, grad_out))
+        return VarlenInputs(
+            q=q.requires_grad_(requires_grad), k=k.requires_grad_(requires_grad), v=v.requires_grad_(requires_grad),
+            cu_seqlens_q=cu_seqlens([sq for sq, _ in self.seqlens], self.device),
+            cu_seqlens_k=cu_seqlens([sk for _, sk in self.seqlens], self.device),
+            max_seqlen_q=max(sq for sq, _ in self.seqlens), max_seqlen_k=max(sk for _, sk in self.seqlens),
+            grad_out=grad_out,
+        )
+
+
+# -- paged KV cache ----------------------------------------------------------------------------
+@dataclass
+class PagedInputs:
+    q: torch.Tensor  # (B, Hq, Sq, D)
+    k_cache: torch.Tensor  # (num_blocks, block_size, Hkv, D)
+    v_cache: torch.Tensor  # (num_blocks, block_size, Hkv, Dv)
+    block_table: torch.Tensor  # int32 (B, max_blocks)
+    cache_seqlens: torch.Tensor  # int32 (B,)
+    grad_out: torch.Tensor  # (B, Hq, Sq, Dv)
+
+    def args(self) -> tuple:
+        return (self.q, self.k_cache, self.v_cache, self.block_table, self.cache_seqlens)
+
+
+@dataclass(frozen=True)
+class PagedSpec:
+    """A decoding / chunked-prefill step over a paged cache: sequence b holds cache_seqlens[b]
+    tokens (its Sq newest are the queries' own), stored in blocks of block_size tokens."""
+
+    cache_seqlens: tuple[int, ...] = (16,)
+    Sq: int = 1  # new tokens per sequence (the queries)
+    block_size: int = 16
+    spare_blocks: int = 1  # pool blocks no sequence uses
+    table_pad: int = 0  # the block table is a column slice of a table this much wider
+    permute: bool = True  # physical blocks in a seeded random order (else in sequence order)
+    poison: bool = False  # unused blocks, slots past cache_seqlens and unused table entries hold NaN / spare ids
+    Hq: int = 1
+    Hkv: int | None = None
+    D: int = 16
+    Dv: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    scale: float | None = None
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    magnitude: float = 1.0
+    seed: int = 0
+    softcap: float | None = None  # logit soft cap (Config.softcap)
+
+    def __post_init__(self) -> None:
+        _fill_defaults(self)
+        object.__setattr__(self, "cache_seqlens", tuple(int(n) for n in self.cache_seqlens))
+        problems = _shared_problems(self)
+        if not self.cache_seqlens or min(self.cache_seqlens) < 0:
+            problems.append(("cache_seqlens", f"needs one length >= 0 per sequence, got {self.cache_seqlens!r}"))
+        if not _positive(self.Sq):
+            problems.append(("Sq", f"must be a positive integer, got {self.Sq!r}"))
+        if not _positive(self.block_size):
+            problems.append(("block_size", f"must be a positive integer, got {self.block_size!r}"))
+        for name in ("spare_blocks", "table_pad"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append((name, f"must be an int >= 0, got {value!r}"))
+        if problems:
+            name, why = problems[0]
+            raise ValueError(f"PagedSpec.{name}: {why}")
+
+    @property
+    def B(self) -> int:
+        return len(self.cache_seqlens)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def blocks_per_seq(self) -> list[int]:
+        return [-(-n // self.block_size) for n in self.cache_seqlens]
+
+    @property
+    def max_blocks(self) -> int:
+        return max(1, *self.blocks_per_seq)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.blocks_per_seq) + self.spare_blocks
+
+    def config(self) -> Config:
+        return _config(self)
+
+    def needs(self) -> frozenset[str]:
+        return frozenset(_needs(self, any(n != self.Sq for n in self.cache_seqlens)) | {"paged_kv"})
+
+    def dense_specs(self) -> list[Spec]:
+        return [Spec(Hq=self.Hq, Hkv=self.Hkv, Sq=self.Sq, Sk=n, D=self.D, Dv=self.Dv, dtype=self.dtype,
+                     device=self.device, scale=self.scale, causal=self.causal, window=self.window,
+                     magnitude=self.magnitude, seed=self.seed, softcap=self.softcap) for n in self.cache_seqlens if n]
+
+    def replace(self, **changes) -> PagedSpec:
+        return dataclasses.replace(self, **changes)
+
+    def short(self) -> str:
+        return _short(self)
+
+    def make_inputs(self, requires_grad: bool = False) -> PagedInputs:
+        """Seeded inputs: q and grad_out, and each sequence's keys and values (drawn contiguous in
+        float64, cast) written into the pool through a seeded block table."""
+        g = torch.Generator().manual_seed(self.seed)
+        B, Hkv = self.B, self.Hkv
+        q = self.magnitude * torch.randn(B, self.Hq, self.Sq, self.D, dtype=torch.float64, generator=g)
+        grad_out = torch.randn(B, self.Hq, self.Sq, self.Dv, dtype=torch.float64, generator=g)
+        order = torch.randperm(self.num_blocks, generator=g) if self.permute else torch.arange(self.num_blocks)
+        fill = math.nan if self.poison else 0.0
+        k_cache = torch.full((self.num_blocks, self.block_size, Hkv, self.D), fill, dtype=torch.float64)
+        v_cache = torch.full((self.num_blocks, self.block_size, Hkv, self.Dv), fill, dtype=torch.float64)
+        spare = int(order[-1]) if self.spare_blocks else 0  # what unused table entries name
+        table = torch.full((B, self.max_blocks + self.table_pad), spare if self.poison else 0, dtype=torch.int32)
+        used = 0
+        for b, n in enumerate(self.cache_seqlens):
+            k = self.magnitude * torch.randn(n, Hkv, self.D, dtype=torch.float64, generator=g)
+            v = torch.randn(n, Hkv, self.Dv, dtype=torch.float64, generator=g)
+            blocks = order[used : used + self.blocks_per_seq[b]]
+            used += len(blocks)
+            table[b, : len(blocks)] = blocks.to(torch.int32)
+            for t in range(0, n, self.block_size):
+                stop = min(n, t + self.block_size)
+                block = int(blocks[t // self.block_size])
+                k_cache[block, : stop - t] = k[t:stop]
+                v_cache[block, : stop - t] = v[t:stop]
+        dev, dt = self.device, self.torch_dtype
+        return PagedInputs(
+            q=q.to(device=dev, dtype=dt).requires_grad_(requires_grad),
+            k_cache=k_cache.to(device=dev, dtype=dt),
+            v_cache=v_cache.to(device=dev, dtype=dt),
+            block_table=table.to(dev)[:, : self.max_blocks],
+            cache_seqlens=torch.tensor(self.cache_seqlens, dtype=torch.int32, device=dev),
+            grad_out=grad_out.to(device=dev, dtype=dt),
+        )
+
+
+def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+              k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """Write k_new / v_new (B, n, Hkv, D / Dv) after each sequence's cache_seqlens[b] tokens, in
+    place (the pool must have the blocks the table names), and return the new cache_seqlens."""
+    B, n = k_new.shape[:2]
+    if tuple(v_new.shape[:2]) != (B, n) or cache_seqlens.shape != (B,) or block_table.shape[0] != B:
+        raise ValueError(f"append_kv: k_new {tuple(k_new.shape)}, v_new {tuple(v_new.shape)}, cache_seqlens "
+                         f"{tuple(cache_seqlens.shape)} and block_table {tuple(block_table.shape)} disagree on B")
+    size = k_cache.shape[1]
+    lengths = cache_seqlens.detach().cpu().tolist()
+    for b, start in enumerate(lengths):
+        t = torch.arange(start, start + n)
+        if len(t) and int(t[-1]) // size >= block_table.shape[1]:
+            raise ValueError(f"append_kv: sequence {b} needs {int(t[-1]) // size + 1} blocks, the table has "
+                             f"{block_table.shape[1]}")
+        blocks = block_table[b].detach().cpu().long()[t // size]
+        k_cache[blocks.to(k_cache.device), (t % size).to(k_cache.device)] = k_new[b].to(k_cache.dtype)
+        v_cache[blocks.to(v_cache.device), (t % size).to(v_cache.device)] = v_new[b].to(v_cache.dtype)
+    return cache_seqlens + n
