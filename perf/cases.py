@@ -1,7 +1,8 @@
 """Cases: a cell and an implementation turned into a prepare / run pair to time, with its work.
 
 A kernel cell gets seeded input sets (rotated when one set is cache-sized) and calls the
-implementation (its dense call, or Impl.varlen / Impl.paged for a packed batch / paged step) in its mode (fwd under no_grad; bwd times only the backward; fwdbwd both); a
+implementation (its dense call, or Impl.varlen / Impl.paged for a packed batch / paged step) in
+its mode (fwd under no_grad; bwd times only the backward; fwdbwd both); a
 module cell builds the seed module with the implementation's factory and times its forward.
 The first output of every case is checked (shape and dtype): a wrong output is an error row,
 never a timing. perf/measure.py times cases; perf/prewarm.py runs each once to compile.

@@ -17,9 +17,9 @@ from attnbench.registry import MODULE_VARIANTS, VARIANTS
 from attnbench.reports.tables import cell_label
 from attnbench.spec import Block, Spec
 
-KernelSpec = Spec | VarlenSpec | PagedSpec  # a dense problem, a packed batch, a paged-cache step
-
 from .work import check_mode
+
+KernelSpec = Spec | VarlenSpec | PagedSpec  # a dense problem, a packed batch, a paged-cache step
 
 
 @dataclass(frozen=True)
