@@ -99,10 +99,11 @@ class VarlenCase(KernelCase):
 
 
 class PagedCase(VarlenCase):
-    """A step over a paged KV cache through Impl.paged: out (B, Hq, Sq, Dv)."""
+    """A step over a paged KV cache through Impl.paged: out (B, Hq, Sq, Dv); forward only (the
+    cache holds no gradients)."""
 
     def __init__(self, impl: Impl, cell: Cell, input_sets: list[PagedInputs]) -> None:
-        KernelCase.__init__(self, impl, cell, input_sets)
+        super().__init__(impl, cell, input_sets)
         self.fn = impl.paged
 
     def out_shape(self) -> tuple[int, ...]:
