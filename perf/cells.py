@@ -1,6 +1,7 @@
 """Cells: what one benchmark measurement is about (a problem, a mode), and its key.
 
-A kernel cell is a Spec plus a mode (fwd, bwd, fwdbwd); a module cell is a seed module's
+A kernel cell is a Spec plus a mode (fwd, bwd, fwdbwd), or a packed batch (VarlenSpec) or a
+paged-cache step (PagedSpec) plus a mode; a module cell is a seed module's
 constructor arguments plus an input size (timed forward). perf/sweeps.py groups cells into
 named sweeps; perf/cases.py turns a cell and an implementation into something to time.
 """
@@ -11,11 +12,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnbench.packing import PagedSpec, VarlenSpec
 from attnbench.registry import MODULE_VARIANTS, VARIANTS
 from attnbench.reports.tables import cell_label
 from attnbench.spec import Block, Spec
 
 from .work import check_mode
+
+KernelSpec = Spec | VarlenSpec | PagedSpec  # a dense problem, a packed batch, a paged-cache step
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class ModuleCase:
 class Cell:
     variant: str
     mode: str
-    spec: Spec | None = None
+    spec: KernelSpec | None = None
     module: ModuleCase | None = None
     graph: bool = False  # time with CUDA graphs (small, launch-bound shapes)
     tags: tuple[str, ...] = field(default=(), compare=False)  # which sweeps asked for it
@@ -70,6 +74,8 @@ class Cell:
             m = self.module
             return {"B": m.B, "S": m.S, "dtype": m.dtype, **{k: _jsonable(v) for k, v in m.kwargs}}
         s = self.spec
+        if not isinstance(s, Spec):
+            return packed_shape(s)
         out: dict[str, Any] = {
             "B": s.B, "Hq": s.Hq, "Hkv": s.Hkv, "Sq": s.Sq, "Sk": s.Sk, "D": s.D, "Dv": s.Dv,
             "causal": s.causal, "window": _jsonable(s.window), "dtype": s.dtype,
@@ -84,13 +90,38 @@ class Cell:
             out["key_lengths"] = list(s.key_lengths)
         if s.key_drop:
             out["key_drop"] = s.key_drop
-        return out
+        return {**out, **score_features(s)}
 
     def key(self) -> str:
         return cell_key(self.variant, self.mode, self.shape())
 
     def label(self) -> str:
         return cell_label(self.variant, self.mode, self.shape())
+
+
+def score_features(spec: KernelSpec) -> dict[str, Any]:
+    """The score features a spec uses (none: an empty dict, so plain cells keep their keys)."""
+    out: dict[str, Any] = {}
+    if spec.softcap is not None:
+        out["softcap"] = spec.softcap
+    for name in ("alibi", "sinks"):
+        if getattr(spec, name, False):
+            out[name] = True
+    return out
+
+
+def packed_shape(s: VarlenSpec | PagedSpec) -> dict[str, Any]:
+    """A packed batch or paged step as JSON-ready data: Sq / Sk are the total query / key tokens
+    (varlen) or the new tokens and the longest cache (paged), so labels and tables read as dense."""
+    out: dict[str, Any] = {"B": s.B, "Hq": s.Hq, "Hkv": s.Hkv, "D": s.D, "Dv": s.Dv, "causal": s.causal,
+                           "window": _jsonable(s.window), "dtype": s.dtype}
+    if isinstance(s, VarlenSpec):
+        out.update(packing="varlen", seqlens=[list(p) for p in s.seqlens],
+                   Sq=sum(q for q, _ in s.seqlens), Sk=sum(k for _, k in s.seqlens))
+    else:
+        out.update(packing="paged", block_size=s.block_size, cache_seqlens=list(s.cache_seqlens),
+                   Sq=s.Sq, Sk=max(s.cache_seqlens))
+    return {**out, **score_features(s)}
 
 
 def _jsonable(value: Any) -> Any:

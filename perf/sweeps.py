@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
+from attnbench.packing import PagedSpec, VarlenSpec
 from attnbench.registry import VARIANTS
 from attnbench.spec import Block, Spec
 
@@ -309,6 +312,53 @@ def moa(device: str, quick: bool) -> list[Cell]:
         block = dict(dim=dim, heads=H, dim_head=dh, causal=False)
         case = ModuleCase(tuple(sorted(block.items())), B=1, S=N, dtype=dtype, device=device)
         cells.append(Cell("FlashAttentionTwo", "fwd", module=case, tags=("moa",)))
+    return cells
+
+
+def varlen_lengths(short: tuple[int, int, int], long: tuple[int, int, int], seed: int = 0) -> tuple[int, ...]:
+    """A fixed, seeded length mix: short = (count, lo, hi) and long = (count, lo, hi), each length
+    drawn uniformly in [lo, hi], the long ones spread among the short ones."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(n) for count, lo, hi in (short, long) for n in torch.randint(lo, hi + 1, (count,), generator=g)]
+    return tuple(lengths[int(i)] for i in torch.randperm(len(lengths), generator=g))
+
+
+@sweep("varlen", devices=("cpu", "cuda"), default=())
+def varlen(device: str, quick: bool) -> list[Cell]:
+    """Packed batches (Impl.varlen): 64 sequences of 128-512 tokens and 4 of 4096-8192, causal and not."""
+    if is_cuda(device):
+        lengths = varlen_lengths((64, 128, 512), (4, 4096, 8192))
+        base = VarlenSpec(seqlens=tuple((n, n) for n in lengths), Hq=16, D=128, dtype="bfloat16", device=device)
+    else:
+        lengths = varlen_lengths((3, 8, 32), (1, 64, 96))
+        base = VarlenSpec(seqlens=tuple((n, n) for n in lengths), Hq=2, D=32, device=device)
+    return [Cell("dense", m, spec=base.replace(causal=causal), tags=("varlen",)) for causal in (False, True)
+            for m in BOTH]
+
+
+@sweep("paged_decode", devices=("cpu", "cuda"), default=())
+def paged_decode(device: str, quick: bool) -> list[Cell]:
+    """Decoding (Sq=1) over a paged KV cache (Impl.paged), Sk 4k-128k, blocks of 16 and 256 tokens."""
+    if is_cuda(device):
+        fields = dict(Hq=32, Hkv=8, D=128, dtype="bfloat16")
+        B, lengths, sizes = 8, (4096, 16384) if quick else (4096, 16384, 65536, 131072), (16, 256)
+    else:
+        fields, B, lengths, sizes = dict(Hq=4, Hkv=2, D=32), 2, (256,), (16, 256)
+    return [Cell("dense", "fwd", spec=PagedSpec(cache_seqlens=(n,) * B, block_size=size, device=device, **fields),
+                 graph=is_cuda(device), tags=("paged_decode",)) for n in lengths for size in sizes]
+
+
+@sweep("score_features", devices=("cpu", "cuda"), default=())
+def score_features(device: str, quick: bool) -> list[Cell]:
+    """Soft cap (30), ALiBi slopes and attention sinks beside the plain kernel on one dense shape."""
+    if is_cuda(device):
+        base = _gpu_base(device)
+    else:
+        base = _Base(B=1, Hq=2, Sq=128, D=32, dtype="float32", device=device)
+    cells = []
+    for causal in (False, True):
+        for extra in ({}, dict(softcap=30.0), dict(alibi=True), dict(sinks=True)):
+            cells += kernel_cells("dense", base.replace(causal=causal, **extra), BOTH, "score_features")
     return cells
 
 

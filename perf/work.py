@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from attnbench.masks import visible_counts
+from attnbench.packing import PagedSpec, VarlenSpec
 from attnbench.spec import Spec
 
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -77,6 +78,18 @@ def attention_bytes(spec: Spec, mode: str = "fwd") -> float:
     fwd = reads + out
     bwd = reads + out + out + lse + q + k + v  # read q, k, v, out, dout, lse; write dq, dk, dv
     return float({"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + lse + bwd}[check_mode(mode)])
+
+
+def packed_flops(spec: VarlenSpec | PagedSpec, mode: str = "fwd") -> float:
+    """FLOPs of a packed batch or paged step: the sum over its sequences' dense problems (each
+    sequence sees only its own keys, so the visible pairs add up per sequence)."""
+    return sum(attention_flops(s, mode) for s in spec.dense_specs())
+
+
+def packed_bytes(spec: VarlenSpec | PagedSpec, mode: str = "fwd") -> float:
+    """The fewest bytes of a packed batch or paged step: the sum over its sequences (a paged step
+    reads each sequence's cached keys and values once; the block table is negligible)."""
+    return sum(attention_bytes(s, mode) for s in spec.dense_specs())
 
 
 # -- module variants --------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from attnbench.results import CorrectnessRow, PerfRow, Results, ZooRow, over_pea
 _SEVERITY = {"none": 0, "skip": 1, "pass": 2, "error": 3, "fail": 4}
 STATUSES = ("pass", "fail", "error", "skip")
 SWEEP_KEYS = ("Sq", "Sk")  # shape keys a sweep varies along one curve; the rest (B too) names the group
+# shape keys a row shows beside its implementation rather than in its group's title: a packed
+# batch's lengths (long lists) and the score features (so a softcap row sits beside the plain one)
+ROW_KEYS = ("seqlens", "cache_seqlens", "softcap", "alibi", "sinks")
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -225,7 +228,7 @@ def fixed_shape(shape: dict[str, Any]) -> dict[str, Any]:
     """The part of a shape that names its table: all but batch and lengths, plus the regime
     (self-attention, decoding with a few queries, or cross-attention), so a decode cell never
     shares a line with a self-attention sweep."""
-    fixed = {k: v for k, v in shape.items() if k not in SWEEP_KEYS}
+    fixed = {k: v for k, v in shape.items() if k not in SWEEP_KEYS + ROW_KEYS}
     sq, sk = shape.get("Sq"), shape.get("Sk")
     if sq is not None and sk is not None and sq != sk:
         if sq <= 16:
@@ -266,7 +269,18 @@ def cell_label(variant: str, mode: str, shape: dict[str, Any]) -> str:
         parts.append("key-padded")
     if shape.get("bias") is not None:
         parts.append(f"bias={shape['bias']}")
+    if shape.get("packing") == "paged":
+        parts.append(f"paged{shape.get('block_size')}")
+    elif shape.get("packing") is not None:
+        parts.append(str(shape["packing"]))
+    parts += score_words(shape)
     return f"{variant} " + " ".join([*parts, str(shape.get("dtype")), mode])
+
+
+def score_words(shape: dict[str, Any]) -> list[str]:
+    """The score features of a shape as words: 'softcap=30', 'alibi', 'sinks'."""
+    words = [f"softcap={shape['softcap']:g}"] if shape.get("softcap") is not None else []
+    return words + [name for name in ("alibi", "sinks") if shape.get(name)]
 
 
 def seq_label(shape: dict[str, Any]) -> str:
@@ -377,7 +391,7 @@ PERF_HEADERS = ("S", "B", "impl", "ms", "noise", "TFLOP/s", "% peak", "GB/s", "m
 
 def perf_cells(row: PerfRow, peaks: dict[str, Any]) -> list[str]:
     """One table row: S, B, impl, ms, noise, TFLOP/s, % peak, GB/s, memory, speedup."""
-    head = [seq_label(row.shape), str(row.shape.get("B", "")), row.impl]
+    head = [seq_label(row.shape), str(row.shape.get("B", "")), " ".join([row.impl, *score_words(row.shape)])]
     if row.status != "ok":
         return head + [status_text(row), "", "", "", "", fmt_bytes(row.mem_bytes), ""]
     pct = pct_peak(row, peaks)

@@ -412,6 +412,36 @@ def test_the_moa_sweep_measures_on_the_cpu():
     assert len(rows) == len(picked) and all(r.status == "ok" and r.ms > 0 for r in rows), rows
 
 
+
+def test_the_feature_sweeps_measure_on_the_cpu():
+    """varlen, paged_decode and score_features time with naive on the CPU; their work is counted
+    per sequence (hand-counted here) and the score features keep the plain cell's FLOPs."""
+    naive = registry().get("dense/naive")
+    cells = sweep_cells(True, "cpu", names=["varlen", "paged_decode", "score_features"])
+    for c in cells:
+        assert cell_key(c.variant, c.mode, json.loads(json.dumps(c.shape()))) == c.key()
+    rows = measure.run_cells(cells, [naive], settings=SETTINGS, peaks={})
+    assert len(rows) == len(cells) and all(r.status == "ok" and r.ms > 0 for r in rows), rows
+    factor = {"fwd": 1.0, "fwdbwd": 3.5}
+    for cell, row in zip(cells, rows, strict=True):
+        flops, nbytes = cases.make_case(naive, cell).work()
+        s, shape = cell.spec, cell.shape()
+        if shape.get("packing") == "varlen":
+            pairs = sum(n * (n + 1) // 2 if s.causal else n * n for n, _ in s.seqlens)
+            assert flops == 2 * s.Hq * pairs * (s.D + s.Dv) * factor[cell.mode]
+        elif shape.get("packing") == "paged":
+            kv = sum(s.cache_seqlens) * s.Hkv * (s.D + s.Dv) * 4
+            assert nbytes == kv + s.B * s.Hq * s.Sq * (s.D + s.Dv) * 4
+            assert flops == 2 * s.Hq * sum(s.cache_seqlens) * (s.D + s.Dv)
+        else:
+            plain = Spec(B=s.B, Hq=s.Hq, Sq=s.Sq, D=s.D, causal=s.causal, device="cpu")
+            assert flops == work.attention_flops(plain, cell.mode)
+        assert row.tflops == pytest.approx(flops / (row.ms * 1e-3) / 1e12, rel=1e-3)
+    kinds = {(c.shape().get("packing"), *sorted(k for k in ("softcap", "alibi", "sinks") if k in c.shape()))
+             for c in cells}
+    assert kinds == {("varlen",), ("paged",), (None,), (None, "softcap"), (None, "alibi"), (None, "sinks")}
+    assert {c.spec.block_size for c in cells if c.shape().get("packing") == "paged"} == {16, 256}
+
 # -- the harness on the CPU ----------------------------------------------------------------------
 
 
