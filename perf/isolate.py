@@ -48,8 +48,11 @@ def default_deadline(device: str) -> float:
     first call may compile for minutes when prewarming did not cover it)."""
     value = os.environ.get("ATTNBENCH_BENCH_DEADLINE")
     if value:
-        seconds = float(value)
-        if not seconds > 0:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
             raise ValueError(f"ATTNBENCH_BENCH_DEADLINE must be a positive number of seconds, got {value!r}")
         return seconds
     return 120.0 if device.split(":")[0] == "cpu" else 600.0

@@ -98,6 +98,25 @@ def test_bad_selection_is_one_line_exit_2(kernels, capsys, argv, problem):
     assert "❌" not in out  # `:x` followed by `: ` is rich's emoji code for a cross mark
 
 
+@pytest.mark.parametrize(
+    "command, setting, value",
+    [
+        ("verify", "ATTNBENCH_VERIFY_WORKERS", "abc"),
+        ("run", "ATTNBENCH_VERIFY_WORKERS", "0"),
+        ("verify", "ATTNBENCH_VERIFY_DEADLINE", "abc"),
+        ("run", "ATTNBENCH_VERIFY_DEADLINE", "-1"),
+        ("bench", "ATTNBENCH_BENCH_DEADLINE", "nan"),
+        ("run", "ATTNBENCH_BENCH_DEADLINE", "abc"),
+    ],
+)
+def test_a_bad_setting_is_one_line_exit_2_before_anything_runs(monkeypatch, capsys, command, setting, value):
+    monkeypatch.setenv(setting, value)
+    code, out = _main(capsys, command, "--impl", "dense/naive", "--device", "cpu")
+    assert code == cli.EXIT_USAGE, out
+    assert out.startswith(f"error: {setting} must be a positive") and f"got {value!r}" in out, out
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
+
+
 def test_bench_lists_its_sweeps(capsys):
     from attnbench.perf.sweeps import SWEEPS
 

@@ -16,7 +16,7 @@ from rich.text import Text
 from attnbench import procs
 from attnbench.app import verify
 from attnbench.files import new_run_dir, results_file, set_latest
-from attnbench.perf import gate, sweeps
+from attnbench.perf import gate, isolate, sweeps
 from attnbench.perf.bench import run_bench
 from attnbench.perf.gate import add_arguments as gate_arguments
 from attnbench.registry import VARIANTS, error_line, is_target, load_zoo, registry
@@ -203,6 +203,16 @@ def _verify_keeping_partial(args: argparse.Namespace):
         raise
 
 
+def _settings_problem() -> str | None:
+    """A bad ATTNBENCH_VERIFY_* / ATTNBENCH_BENCH_DEADLINE setting, as one line, before anything runs."""
+    for setting in (verify.default_deadline, verify.default_workers, isolate.default_deadline):
+        try:
+            setting("cpu")
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def _suite_problem(outcome) -> int | None:
     """EXIT_USAGE with its one-line error when the suite refused the selection or could not start."""
     if outcome.usage_error:
@@ -231,7 +241,7 @@ def finish(outcome, code: int) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problem = _check_impl_args(args)
+    problem = _check_impl_args(args) or _settings_problem()
     if problem:
         return error(problem)
     outcome = _verify_keeping_partial(args)
@@ -289,7 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.list_sweeps:
         print(sweep_table(sweeps.SWEEPS.values()))
         return EXIT_OK
-    problem = _check_impl_args(args)
+    problem = _check_impl_args(args) or _settings_problem()
     if not problem and args.sweep:
         try:
             sweeps.check_sweeps(args.sweep, args.device or default_device())
@@ -355,7 +365,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 # -- run: the main job -------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    problem = _check_impl_args(args)
+    problem = _check_impl_args(args) or _settings_problem()
     if problem:
         return error(problem)
     device = args.device or default_device()

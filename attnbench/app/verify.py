@@ -99,8 +99,11 @@ def default_deadline(device: str) -> float:
     CPU (Triton's interpreter) and 900 s on CUDA (a first call may compile for minutes)."""
     value = os.environ.get("ATTNBENCH_VERIFY_DEADLINE")
     if value:
-        seconds = float(value)
-        if not seconds > 0:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
             raise ValueError(f"ATTNBENCH_VERIFY_DEADLINE must be a positive number of seconds, got {value!r}")
         return seconds
     return 300.0 if device == "cpu" else 900.0
