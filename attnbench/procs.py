@@ -122,3 +122,18 @@ class Lines:
         except queue.Empty:
             raise TimeoutError from None
         return None if item is self._EOF else item
+
+
+def seconds_setting(name: str) -> float | None:
+    """The environment variable `name` as a positive, finite number of seconds; None when unset.
+    ValueError naming the variable otherwise (the CLI prints it as one line)."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds

@@ -46,14 +46,8 @@ def default_deadline(device: str) -> float:
     """Seconds one (cell, implementation) pair may take: ATTNBENCH_BENCH_DEADLINE, else 120 s on
     a CPU (the slowest quick-sweep cell took 9 s on a loaded 2-core box) and 600 s on CUDA (a
     first call may compile for minutes when prewarming did not cover it)."""
-    value = os.environ.get("ATTNBENCH_BENCH_DEADLINE")
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = float("nan")
-        if not 0 < seconds < float("inf"):
-            raise ValueError(f"ATTNBENCH_BENCH_DEADLINE must be a positive number of seconds, got {value!r}")
+    seconds = procs.seconds_setting("ATTNBENCH_BENCH_DEADLINE")
+    if seconds is not None:
         return seconds
     return 120.0 if device.split(":")[0] == "cpu" else 600.0
 

@@ -204,20 +204,31 @@ def call(fn: Callable, inputs: Inputs, cfg: Config, grad: bool = False, who: str
     if who:
         out, lse = check_result(who, result, inputs.q, inputs.v)
         _raise_flagged(who, _changed(given, before), inputs, {"out": out, "lse": lse})
-    elif not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"kernel result: expected (out, lse_or_None), got {type(result).__name__}")
-    out, lse = result
+    out, lse = _pair(result, "kernel")
     run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
     if grad:
-        if not out.requires_grad:
-            raise AssertionError("out does not require grad: the implementation is not differentiable here")
-        out.backward(inputs.grad_out.to(out.dtype))
-        for n, t in leaves.items():
-            g = t.grad
-            run.grads["d" + n] = torch.zeros_like(t) if g is None else g.detach().clone()
-        if who:
-            _raise_flagged(who, _changed(given, before), inputs, run.grads)
+        _backward(run, out, inputs.grad_out, leaves, who, given, before, inputs)
     return run
+
+
+def _pair(result, what: str) -> tuple:
+    """(out, lse_or_None) from a call whose result the contract check did not already read."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"{what} result: expected (out, lse_or_None), got {type(result).__name__}")
+    return result
+
+
+def _backward(run: Run, out: torch.Tensor, grad_out: torch.Tensor, leaves: dict[str, torch.Tensor], who: str | None,
+              given: dict, before: dict, finite) -> None:
+    """Backpropagate grad_out from out into the leaves, their gradients into run.grads (zeros where
+    none flowed); with `who`, the contract check of the backward (inputs unchanged, finite grads)."""
+    if not out.requires_grad:
+        raise AssertionError("out does not require grad: the implementation is not differentiable here")
+    out.backward(grad_out.to(out.dtype))
+    for n, t in leaves.items():
+        run.grads["d" + n] = torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
+    if who:
+        _raise_flagged(who, _changed(given, before), finite, run.grads)
 
 
 def run_impl(impl: Impl, spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | None = None) -> Run:
@@ -461,21 +472,14 @@ def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = Fa
     before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
         result = fn(*inputs.args(), cfg)
+    finite = _finite(inputs.q, inputs.k, inputs.v)
     if who:
         out, lse = check_varlen_result(who, result, inputs.q, inputs.v)
-        _raise_flagged(who, _changed(given, before), _finite(inputs.q, inputs.k, inputs.v), {"out": out, "lse": lse})
-    elif not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"varlen result: expected (out, lse_or_None), got {type(result).__name__}")
-    out, lse = result
+        _raise_flagged(who, _changed(given, before), finite, {"out": out, "lse": lse})
+    out, lse = _pair(result, "varlen")
     run = Run(out=out.detach(), lse=None if lse is None else lse.detach())
     if grad:
-        if not out.requires_grad:
-            raise AssertionError("out does not require grad: the implementation is not differentiable here")
-        out.backward(inputs.grad_out.to(out.dtype))
-        for n, t in leaves.items():
-            run.grads["d" + n] = torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
-        if who:
-            _raise_flagged(who, _changed(given, before), _finite(inputs.q, inputs.k, inputs.v), run.grads)
+        _backward(run, out, inputs.grad_out, leaves, who, given, before, finite)
     return run
 
 
@@ -536,9 +540,7 @@ def call_paged(fn: Callable, inputs: PagedInputs, cfg: Config, who: str | None =
         finite = _finite(inputs.q, torch.cat([t.flatten() for t in k] + [inputs.q.new_zeros(1)]),
                          torch.cat([t.flatten() for t in v] + [inputs.q.new_zeros(1)]))
         _raise_flagged(who, _changed(given, before), finite, {"out": out, "lse": lse})
-    elif not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"paged result: expected (out, lse_or_None), got {type(result).__name__}")
-    out, lse = result
+    out, lse = _pair(result, "paged")
     return Run(out=out.detach(), lse=None if lse is None else lse.detach())
 
 

@@ -97,14 +97,8 @@ def default_deadline(device: str) -> float:
     """Seconds a child may go without progress (a test starting or finishing, or a call into an
     implementation starting) before it is killed: ATTNBENCH_VERIFY_DEADLINE, else 300 s on a
     CPU (Triton's interpreter) and 900 s on CUDA (a first call may compile for minutes)."""
-    value = os.environ.get("ATTNBENCH_VERIFY_DEADLINE")
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = float("nan")
-        if not 0 < seconds < float("inf"):
-            raise ValueError(f"ATTNBENCH_VERIFY_DEADLINE must be a positive number of seconds, got {value!r}")
+    seconds = procs.seconds_setting("ATTNBENCH_VERIFY_DEADLINE")
+    if seconds is not None:
         return seconds
     return 300.0 if device == "cpu" else 900.0
 
