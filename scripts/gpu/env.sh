@@ -25,3 +25,6 @@ else
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
 rm -f "$OUT/pip.log"
+# the compilers' settings `attnbench` gives its processes, for the scripts that run python directly
+eval "$(python3 -c "from attnbench.cache import compiler_env
+for k, v in compiler_env('cuda').items(): print(f'export {k}={v}')")"
