@@ -676,7 +676,7 @@ def paged_fwd(
     natural lse at Out + s * sos, LSE + s * sls (a split that sees no key: 0 and -inf), for
     paged_combine; with NUM_SPLITS = 1 that is the final result in q's dtype."""
     bh = tl.program_id(0)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
     start_m = tl.program_id(2) * BLOCK_M
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -735,8 +735,9 @@ def paged_fwd(
     safe_l = tl.where(empty, 1.0, l_i)
     out = acc / safe_l[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
-    tl.store(LSE + split * sls + b * slb + h * slh + offs_m, lse, mask=row_ok)
-    tl.store(Out + split * sos + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :],
+    split64 = split.to(tl.int64)
+    tl.store(LSE + split64 * sls + b * slb + h * slh + offs_m, lse, mask=row_ok)
+    tl.store(Out + split64 * sos + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
