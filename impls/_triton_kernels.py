@@ -658,24 +658,33 @@ bwd_preprocess = attn_bwd_preprocess
 def paged_fwd(
     Q, KC, VC, Table, Lens, Out, LSE,
     sqb, sqh, sqm, skc_blk, skc_slot, skc_h, svc_blk, svc_slot, svc_h, stb, stn,
-    sob, soh, som, slb, slh,
-    Hq, Sq, D, DV, GROUP, block_size, qk_scale, left, right, cap2,
+    sos, sob, soh, som, sls, slb, slh,
+    Hq, Sq, D, DV, GROUP, block_size, qk_scale, left, right, cap2, NUM_SPLITS, MIN_BLOCKS,
     HAS_SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (query block, batch, query head): the Sq newest tokens of sequence b
-    against its cache_seqlens[b] cached tokens, walked through the block table token by token
-    (token t: slot t % block_size of block Table[b, t // block_size]), so any block size works.
-    Only tokens below cache_seqlens[b] and table entries they name are ever read. Query i sits
-    at position cache_seqlens[b] - Sq + i; causal is folded into right <= 0 by the host."""
-    bh = tl.program_id(1)
+    """One program per (batch * query head, split, query block): the Sq newest tokens of
+    sequence b against its cache_seqlens[b] cached tokens, walked through the block table token
+    by token (token t: slot t % block_size of block Table[b, t // block_size]), so any block
+    size works. Only tokens below cache_seqlens[b] and table entries they name are ever read.
+    Query i sits at position cache_seqlens[b] - Sq + i; causal is folded into right <= 0 by the
+    host.
+
+    Split-KV: the key blocks the query block sees are cut into min(NUM_SPLITS, blocks //
+    MIN_BLOCKS) (at least 1) runs of equal whole blocks, from the sequence's own length, and
+    split s walks run s (none past the last). Each split stores its normalized output and
+    natural lse at Out + s * sos, LSE + s * sls (a split that sees no key: 0 and -inf), for
+    paged_combine; with NUM_SPLITS = 1 that is the final result in q's dtype."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    start_m = tl.program_id(2) * BLOCK_M
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     n = tl.load(Lens + b).to(tl.int32)
     off = n - Sq
 
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
@@ -684,16 +693,22 @@ def paged_fwd(
     p_rows = offs_m + off
     lo_i = tl.maximum(p_rows - left, 0)
     hi_i = tl.minimum(p_rows + right, n - 1)
-    first = tl.program_id(0) * BLOCK_M + off
-    last = tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, Sq) - 1 + off
+    first = start_m + off
+    last = tl.minimum(start_m + BLOCK_M, Sq) - 1 + off
     n_lo = (tl.maximum(first - left, 0) // BLOCK_N) * BLOCK_N
     n_hi = tl.minimum(last + right, n - 1) + 1
+    # this split's run of key blocks: the same cut for every launch with the same NUM_SPLITS
+    blocks = tl.maximum(tl.cdiv(n_hi - n_lo, BLOCK_N), 0)
+    used = tl.maximum(tl.minimum(NUM_SPLITS, blocks // MIN_BLOCKS), 1)
+    per = tl.cdiv(blocks, used) * BLOCK_N
+    s_lo = n_lo + split * per
+    s_hi = tl.minimum(s_lo + per, n_hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     table = Table + b * stb
-    for start_n in range(n_lo, n_hi, BLOCK_N):
+    for start_n in range(s_lo, s_hi, BLOCK_N):
         t = start_n + tl.arange(0, BLOCK_N)
         cached = t < n
         blk = tl.load(table + (t // block_size) * stn, mask=cached, other=0).to(tl.int64)
@@ -720,6 +735,55 @@ def paged_fwd(
     safe_l = tl.where(empty, 1.0, l_i)
     out = acc / safe_l[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
+    split64 = split.to(tl.int64)
+    tl.store(LSE + split64 * sls + b * slb + h * slh + offs_m, lse, mask=row_ok)
+    tl.store(Out + split64 * sos + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def paged_combine(
+    PO, PL, Out, LSE,
+    sps, spb, sph, spm, spls, splb, splh, sob, soh, som, slb, slh,
+    Hq, Sq, DV, NUM_SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge paged_fwd's NUM_SPLITS partial results of one (batch * query head, query block) by
+    the log-sum-exp rule: with M the largest partial lse, w_s = exp(lse_s - M), out = sum w_s o_s
+    / sum w_s and lse = M + log(sum w_s). Splits that saw no key (lse -inf) weigh 0; a row that
+    no split saw is empty (out 0, lse -inf). Splits are added in order, so a split that saw
+    nothing adds exact zeros."""
+    bh = tl.program_id(0)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    lse_base = PL + b * splb + h * splh + offs_m
+    o_base = PO + b * spb + h * sph + offs_m[:, None] * spm + offs_dv[None, :]
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lse_ptrs = lse_base
+    for _ in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(lse_ptrs, mask=row_ok, other=float("-inf")))
+        lse_ptrs += spls
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lse_ptrs = lse_base
+    o_ptrs = o_base
+    for _ in range(0, NUM_SPLITS):
+        w = tl.exp(tl.load(lse_ptrs, mask=row_ok, other=float("-inf")) - m_use)
+        total += w
+        acc += w[:, None] * tl.load(o_ptrs, mask=o_mask, other=0.0)
+        lse_ptrs += spls
+        o_ptrs += sps
+
+    empty = total == 0.0
+    safe = tl.where(empty, 1.0, total)
+    out = acc / safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(safe))
     tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=row_ok)
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+             mask=o_mask)

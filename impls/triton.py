@@ -407,13 +407,62 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_s
 
 # -- paged KV cache -----------------------------------------------------------------------------
 PAGED_BLOCKS = {"interpret": (16, 16), "compiled": (16, 64)}  # (BLOCK_M, BLOCK_N) of paged_fwd
+# Split-KV. A paged_fwd program holds small tiles (16 x 64), so several run on one SM at once:
+# the heuristic aims at SPLIT_PROGRAMS_PER_SM programs per SM, each split walking at least
+# SPLIT_MIN_BLOCKS key blocks (256 keys compiled), at most MAX_SPLITS splits.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_BLOCKS = 4
+MAX_SPLITS = 64
+SPLITS_ENV = "ATTNBENCH_TRITON_SPLITS"
 
 
-def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_lse: bool = True):
-    """The paged-cache forward (attnbench.packing's convention): one launch of the paged_fwd
-    kernel, which walks each sequence's block table; no split-KV. out (B, Hq, Sq, Dv) in q's
-    dtype, lse (B, Hq, Sq) float32."""
-    check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="triton")
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter runs programs one
+    after another, so splitting only adds work there)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+_SMS: dict[int, int] = {}
+
+
+def split_heuristic(programs: int, key_blocks: int, sms: int) -> int:
+    """Splits per query block so that about SPLIT_PROGRAMS_PER_SM * sms programs run: 1 when
+    `programs` (batch * heads * query blocks) already fill the device or when the longest visible
+    key range, `key_blocks` blocks, is too short to give each split SPLIT_MIN_BLOCKS."""
+    want = _cdiv(SPLIT_PROGRAMS_PER_SM * sms, max(programs, 1))
+    return max(1, min(want, key_blocks // SPLIT_MIN_BLOCKS, MAX_SPLITS))
+
+
+def forced_splits(num_splits: int | None) -> int | None:
+    """The caller's split count: the num_splits keyword, else ATTNBENCH_TRITON_SPLITS, else None
+    (the heuristic decides)."""
+    if num_splits is None:
+        raw = os.environ.get(SPLITS_ENV, "").strip()
+        if not raw:
+            return None
+        if not raw.isdigit():
+            raise ValueError(f"triton: {SPLITS_ENV}={raw!r} is not a positive integer")
+        num_splits = int(raw)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"triton: num_splits must be an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    return num_splits
+
+
+def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_lse: bool = True, *,
+          num_splits: int | None = None):
+    """The paged-cache forward (attnbench.packing's convention), forward only. paged_fwd walks
+    each sequence's block table; with split-KV (flash-decoding) each query block's visible keys
+    are cut into up to `num_splits` runs of whole key blocks, one program each writing a float32
+    partial output and lse, and paged_combine merges them by the log-sum-exp rule. num_splits
+    defaults to ATTNBENCH_TRITON_SPLITS, else to split_heuristic (1 on the CPU interpreter and
+    for short caches); a forced count splits down to single key blocks. out (B, Hq, Sq, Dv) in
+    q's dtype, lse (B, Hq, Sq) float32."""
+    lengths = check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="triton")
     if q.dtype not in DTYPES:
         raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
     B, Hq, Sq, D = q.shape
@@ -422,6 +471,7 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
         raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}")
     if q.device.type == "cpu" and not interpret_requested():
         raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    forced = forced_splits(num_splits)
     q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
@@ -432,19 +482,43 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
         right = min(right, 0)
     interpret = interpret_requested()
     block_m, block_n = PAGED_BLOCKS["interpret" if interpret else "compiled"]
-    lens = cache_seqlens.contiguous()
+    num_m = _cdiv(Sq, block_m)
+    if forced is not None:
+        splits, min_blocks = forced, 1
+    else:  # the widest key range a query block can see: its window, within the longest cache
+        span = min(max(lengths, default=0), left + max(right, 0) + min(Sq, block_m) + block_n - 1)
+        splits = split_heuristic(B * Hq * num_m, _cdiv(span, block_n), _sm_count(q.device))
+        min_blocks = SPLIT_MIN_BLOCKS
+    if splits > 1:
+        part_out = torch.empty(splits, B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, B, Hq, Sq, dtype=torch.float32, device=q.device)
+    else:
+        part_out, part_lse = out, lse
+    ker = kernels(interpret)
     with _device_ctx(q):
-        kernels(interpret).paged_fwd[(_cdiv(Sq, block_m), B * Hq)](
-            q, k_cache, v_cache, block_table, lens, out, lse,
+        ker.paged_fwd[(B * Hq, splits, num_m)](
+            q, k_cache, v_cache, block_table, cache_seqlens.contiguous(), part_out, part_lse,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), block_table.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            *_split_strides(part_out, splits > 1, 4), *_split_strides(part_lse, splits > 1, 3),
             Hq, Sq, D, Dv, Hq // Hkv, k_cache.shape[1], cfg.scale * 1.4426950408889634, left, right,
-            (cfg.softcap if cfg.softcap is not None else 1.0) * 1.4426950408889634,
+            (cfg.softcap if cfg.softcap is not None else 1.0) * 1.4426950408889634, splits, min_blocks,
             HAS_SOFTCAP=cfg.softcap is not None, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
         )
+        if splits > 1:
+            ker.paged_combine[(B * Hq, num_m)](
+                part_out, part_lse, out, lse, *part_out.stride()[:4], *part_lse.stride()[:3],
+                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                Hq, Sq, Dv, splits, BLOCK_M=block_m, BLOCK_DV=_pow2(Dv),
+            )
     return out, lse
+
+
+def _split_strides(t: torch.Tensor, split: bool, n: int) -> list[int]:
+    """The split stride and the first n - 1 other strides of a partial buffer (split, ...) or,
+    unsplit, of the result itself (split stride 0)."""
+    return list(t.stride()[:n]) if split else [0, *t.stride()[: n - 1]]
 
 
 # -- packed (varlen) batches ----------------------------------------------------------------

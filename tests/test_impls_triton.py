@@ -20,6 +20,7 @@ import torch
 from attnbench.impls import naive
 from attnbench.impls import triton as tri
 from attnbench.oracles.dense import reference, visible
+from attnbench.packing import PagedSpec
 from attnbench.registry import registry
 from attnbench.spec import Config, Spec
 
@@ -557,3 +558,91 @@ def test_spread_picks_one_config_per_specialization(monkeypatch):
     for value, mode in (("0", "first"), ("1", "tune"), ("off", "first"), ("", "tune")):
         monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", value)
         assert tri.tune_mode() == mode
+
+
+# -- the paged cache with split-KV, interpreter -------------------------------------------------
+PAGED_SPLIT_SPECS = {
+    # GQA; an empty cache (row out 0, lse -inf); a 3-block cache over 3 splits; a one-block cache
+    # (splits 2 and 3 see no key)
+    "gqa_empty_and_short": (PagedSpec(cache_seqlens=(40, 0, 5), Sq=1, block_size=5, Hq=4, Hkv=2, seed=3), 3),
+    # a window of 5 over a 4-token chunk: the second split holds key 32 only, which rows 0-2 of
+    # the chunk do not see; block size 4 against 33 and 26 tokens; the soft cap
+    "window_chunk_softcap": (PagedSpec(cache_seqlens=(33, 26), Sq=4, block_size=4, Hq=2, Hkv=1, causal=True,
+                                       window=(5, 0), softcap=2.5, seed=4), 2),
+    # chunked prefill across two query blocks, each with its own key range cut in three
+    "causal_prefill_two_query_blocks": (PagedSpec(cache_seqlens=(52,), Sq=20, block_size=3, Hq=2, Hkv=2,
+                                                  causal=True, seed=5), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(PAGED_SPLIT_SPECS))
+def test_paged_split_kv_matches_unsplit_and_oracle(interp, name):
+    """Split-KV (num_splits > 1) and one split against the float64 oracle, within the naive-relative
+    rule; -inf exactly where the oracle's rows are empty; sequences whose keys fit one split come
+    back bit for bit (splits that see nothing add exact zeros in the combine)."""
+    from attnbench.properties.harness import run_paged_oracle
+
+    spec, splits = PAGED_SPLIT_SPECS[name]
+    x = spec.make_inputs()
+    args = (x.q, x.k_cache, x.v_cache, x.block_table, x.cache_seqlens, spec.config())
+    want = run_paged_oracle(spec, x)
+    ref_out, ref_lse = registry().get("dense/naive").paged(*args)
+    one = tri.paged(*args, num_splits=1)
+    split = tri.paged(*args, num_splits=splits)
+    for out, lse in (one, split):
+        _close("out", out, ref_out, want.out, spec.dtype, K["out"])
+        _close("lse", lse, ref_lse.float(), want.lse, spec.dtype, K["lse"])
+    assert not torch.equal(one[0], split[0]), "no row was merged from several splits"
+    for b, n in enumerate(spec.cache_seqlens):
+        if n <= 16 and spec.Sq == 1:  # one key block: one split sees every key
+            assert torch.equal(one[0][b], split[0][b]) and torch.equal(one[1][b], split[1][b])
+
+
+def test_paged_splits_forced_by_env_and_checked(interp, monkeypatch):
+    """ATTNBENCH_TRITON_SPLITS forces the split count (the num_splits keyword wins over it); a
+    bad value is a one-line ValueError."""
+    spec = PagedSpec(cache_seqlens=(40,), Sq=1, block_size=8)
+    x = spec.make_inputs()
+    args = (x.q, x.k_cache, x.v_cache, x.block_table, x.cache_seqlens, spec.config())
+    monkeypatch.setenv(tri.SPLITS_ENV, "3")
+    by_env = tri.paged(*args)
+    assert torch.equal(by_env[0], tri.paged(*args, num_splits=3)[0])
+    assert not torch.equal(by_env[0], tri.paged(*args, num_splits=1)[0])
+    for bad in ("0", "two", "-1", str(tri.MAX_SPLITS + 1)):
+        monkeypatch.setenv(tri.SPLITS_ENV, bad)
+        with pytest.raises(ValueError, match="ATTNBENCH_TRITON_SPLITS|num_splits"):
+            tri.paged(*args)
+    monkeypatch.delenv(tri.SPLITS_ENV)
+    with pytest.raises(ValueError, match="num_splits"):
+        tri.paged(*args, num_splits=0)
+
+
+def test_split_heuristic():
+    """Enough programs to give each SM SPLIT_PROGRAMS_PER_SM, no split shorter than
+    SPLIT_MIN_BLOCKS key blocks, at most MAX_SPLITS; 1 without SMs (the interpreter)."""
+    per_sm, min_blocks = tri.SPLIT_PROGRAMS_PER_SM, tri.SPLIT_MIN_BLOCKS
+    assert tri.split_heuristic(programs=256, key_blocks=2048, sms=132) == -(-per_sm * 132 // 256)
+    assert tri.split_heuristic(programs=8, key_blocks=2048, sms=132) == tri.MAX_SPLITS
+    assert tri.split_heuristic(programs=8, key_blocks=3 * min_blocks, sms=132) == 3
+    assert tri.split_heuristic(programs=8, key_blocks=min_blocks - 1, sms=132) == 1
+    assert tri.split_heuristic(programs=per_sm * 132, key_blocks=2048, sms=132) == 1
+    assert tri.split_heuristic(programs=1, key_blocks=2048, sms=0) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_paged_decode_splits(compiled):
+    """A decoding step over a 4000-token cache: the heuristic splits it on a GPU, and the split
+    result matches one split and the oracle."""
+    from attnbench.properties.harness import run_paged_oracle
+
+    spec = PagedSpec(cache_seqlens=(4000, 1, 0), Sq=1, block_size=16, Hq=8, Hkv=2, D=128, dtype="float16",
+                     device="cuda")
+    x = spec.make_inputs()
+    args = (x.q, x.k_cache, x.v_cache, x.block_table, x.cache_seqlens, spec.config())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert tri.split_heuristic(spec.B * spec.Hq, 4000 // 64, sms) > 1
+    want = run_paged_oracle(spec, x)
+    ref_out, ref_lse = registry().get("dense/naive").paged(*args)
+    for out, lse in (tri.paged(*args), tri.paged(*args, num_splits=1)):
+        _close("out", out, ref_out, want.out, spec.dtype, K["out"])
+        _close("lse", lse, ref_lse.float(), want.lse, spec.dtype, K["lse"])
