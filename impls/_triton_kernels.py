@@ -200,16 +200,18 @@ def _fwd_inner(
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Bias, KPM, Out, LSE, M2, INVL, Slopes, Sinks, CuQ, CuK,
+    Q, K, V, Bias, KPM, Out, LSE, M2, INVL, Slopes, Sinks,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sbb, sbh, sbm, sbn, spb, sob, soh, som, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
-    qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
+    qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B, CuQ, CuK,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M  # longest rows (causal) launch first
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -220,17 +222,13 @@ def attn_fwd(
         stat0 = h * Sq + q0
         Sq = Sq_b
         off = Sk - Sq
+        start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+        if start_m < 0:  # past this sequence's last query block
+            return
         Q += q0 * sqm
         Out += q0 * som
         K += k0 * skn
         V += k0 * svn
-    else:
-        stat0 = bh.to(tl.int64) * Sq
-    num_m = tl.cdiv(Sq, BLOCK_M)
-    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M  # longest rows (causal) launch first
-    if IS_VARLEN:
-        if start_m < 0:  # past this sequence's last query block
-            return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -289,7 +287,10 @@ def attn_fwd(
     safe_l = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
     row_ok = offs_m < Sq
-    row = stat0 + offs_m
+    if IS_VARLEN:
+        row = stat0 + offs_m
+    else:
+        row = bh.to(tl.int64) * Sq + offs_m
     tl.store(LSE + row, lse, mask=row_ok)
     tl.store(M2 + row, tl.where(empty, float("inf"), m_i), mask=row_ok)
     tl.store(INVL + row, tl.where(empty, 0.0, 1.0 / safe_l), mask=row_ok)
@@ -390,12 +391,12 @@ def _dkdv_inner(
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DK, DVal, Slopes, Sinks, CuQ, CuK,
+    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DK, DVal, Slopes, Sinks,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, ssb, ssh,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     Hq, Hkv, Sq, Sk, D, DV, GROUP,
-    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
+    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B, CuQ, CuK,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -548,17 +549,19 @@ def _dq_inner(
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DQ, DBias, Slopes, Sinks, CuQ, CuK,
+    Q, K, V, Bias, KPM, DO, M2, INVL, Delta, DQ, DBias, Slopes, Sinks,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, sdqb, sdqh, sdqm, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
-    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
+    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B, CuQ, CuK,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr, STORE_DBIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, batch, query head): dq, and dbias = ds when asked."""
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -569,18 +572,14 @@ def attn_bwd_dq(
         stat0 = h * Sq + q0
         Sq = Sq_b
         off = Sk - Sq
+        start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+        if start_m < 0:  # past this sequence's last query block
+            return
         Q += q0 * sqm
         DO += q0 * sdm
         DQ += q0 * sdqm
         K += k0 * skn
         V += k0 * svn
-    else:
-        stat0 = bh.to(tl.int64) * Sq
-    num_m = tl.cdiv(Sq, BLOCK_M)
-    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
-    if IS_VARLEN:
-        if start_m < 0:  # past this sequence's last query block
-            return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -590,7 +589,10 @@ def attn_bwd_dq(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    row = stat0 + offs_m
+    if IS_VARLEN:
+        row = stat0 + offs_m
+    else:
+        row = bh.to(tl.int64) * Sq + offs_m
     m2 = tl.load(M2 + row, mask=row_ok, other=float("inf"))  # padding rows: p = 0
     inv_l = tl.load(INVL + row, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)
