@@ -119,6 +119,24 @@ def autotune_enabled() -> bool:
     return os.environ.get("ATTNBENCH_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+
+
+def _launch_heads(kind: str, length: int, block: str, batch: int, heads: int, interpret: bool, **kwargs) -> None:
+    """_launch over batch * heads programs in the grid's y. A packed batch whose sequences *
+    heads pass MAX_GRID_Y launches in groups of sequences that fit: CuQ / CuK slices, whose
+    offsets still index the whole packed tensors."""
+    if not kwargs["IS_VARLEN"] or batch * heads <= MAX_GRID_Y:
+        _launch(kind, length, block, batch * heads, interpret, **kwargs)
+        return
+    step = MAX_GRID_Y // heads
+    cu_q, cu_k = kwargs["CuQ"], kwargs["CuK"]
+    for first in range(0, batch, step):
+        last = min(first + step, batch)
+        kwargs.update(CuQ=cu_q[first:last + 1], CuK=cu_k[first:last + 1])
+        _launch(kind, length, block, (last - first) * heads, interpret, **kwargs)
+
+
 def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **kwargs) -> None:
     """Launch kernel `kind` over (cdiv(length, block size), heads)."""
     ker = kernels(interpret)
@@ -304,7 +322,7 @@ def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None, packed: _Pac
     o = out if packed is None else _sequences(out, B)
     args.update(Out=o, LSE=lse, M2=m2, INVL=inv_l, sob=o.stride(0), soh=o.stride(1), som=o.stride(2), Hq=Hq)
     with _device_ctx(q):
-        _launch("fwd", Sq if packed is None else packed.max_q, "BLOCK_M", B * Hq, interpret, **args)
+        _launch_heads("fwd", Sq if packed is None else packed.max_q, "BLOCK_M", B, Hq, interpret, **args)
     return out, lse, (m2, inv_l)
 
 
@@ -338,13 +356,13 @@ def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias, 
             o_rows.stride(0), o_rows.stride(1), o_rows.stride(2), do_rows.stride(0), do_rows.stride(1), do_rows.stride(2),
             Hq, Sq, Dv, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_DV=_pow2(Dv),
         )
-        _launch(
-            "dkdv", rows_k, "BLOCK_N", B * Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
+        _launch_heads(
+            "dkdv", rows_k, "BLOCK_N", B, Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
             sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2),
             sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), Hq=Hq, Hkv=Hkv, sm_scale=cfg.scale,
         )
-        _launch(
-            "dq", rows_q, "BLOCK_M", B * Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
+        _launch_heads(
+            "dq", rows_q, "BLOCK_M", B, Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
             sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), Hq=Hq, sm_scale=cfg.scale,
             STORE_DBIAS=want_dbias,
         )
