@@ -4,7 +4,8 @@ One kernel call serves every mask the contract has (causal either alignment, sli
 blocked windows), grouped heads without repeating K/V, a key padding mask, an additive bias
 (with its gradient) and the score features: a logit soft cap, ALiBi from per-head slopes and
 per-head sinks (with their gradient). Key blocks a query block cannot see are skipped by the loop bounds; masks
-run only on edge blocks. The kernels live in impls/_triton_kernels.py.
+run only on edge blocks. A packed (varlen) batch runs on the same kernels, one launch each for all its
+sequences (their IS_VARLEN specialization). The kernels live in impls/_triton_kernels.py.
 
 Triton fixes compiled-vs-interpreted when a kernel is defined, so the kernel file is loaded
 lazily, once per mode, with TRITON_INTERPRET read at call time: CPU tensors need
@@ -505,8 +506,8 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg:
     """The varlen convention (attnbench.packing): one launch of the forward kernel over
     (cdiv(max_seqlen_q, BLOCK_M), B * Hq) programs, each reading its sequence's rows and lengths
     from cu_seqlens (IS_VARLEN in impls/_triton_kernels.py), and one launch per backward kernel
-    (preprocess, dkdv, dq); no copies of the packed tensors. out (total_q, Hq, Dv), lse
-    (Hq, total_q) float32."""
+    (preprocess, dkdv, dq); no copies of the packed tensors. Past MAX_GRID_Y sequences * heads,
+    one launch per group of sequences that fits. out (total_q, Hq, Dv), lse (Hq, total_q) float32."""
     check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="triton")
     _check_limits(q, q.shape[2], v.shape[2], cfg)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
