@@ -223,6 +223,7 @@ flash_attn4 = Impl(
     available=unavailable,
     supports=_supports,
     memory="linear",
+    compiles=True,  # CuTe DSL: a kernel per (dtype, head dims, group, mask kind, ...), seconds each
     description="FlashAttention-4 (flash_attn.cute, CuTe DSL) adapter: flash_attn_func / varlen for key padding",
 )
 # local attention always has a window, and padding with a window is declined: no key_padding

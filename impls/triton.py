@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 import sys
+import zlib
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -115,9 +116,22 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
     return list(t.stride()[:n]) if t is not None else [0] * n
 
 
+def tune_mode() -> str:
+    """How the Triton kernels pick a launch config (ATTNBENCH_TRITON_AUTOTUNE):
+    "tune" (1, the default): benchmark the configs that fit, once per tuning key (the sweep's mode);
+    "first" (0): the first config that fits, for every call;
+    "spread": one config per compiled specialization (the tuning key without the lengths), chosen
+    by a stable hash among the configs that fit, so a property run compiles each specialization
+    once and its examples still cover every config (what `attnbench verify` uses: the tuner's
+    per-length retuning compiled every config again for each drawn length)."""
+    value = os.environ.get("ATTNBENCH_TRITON_AUTOTUNE", "1").strip().lower()
+    if value in ("0", "false", "no", "off", "first"):
+        return "first"
+    return "spread" if value == "spread" else "tune"
+
+
 def autotune_enabled() -> bool:
-    """ATTNBENCH_TRITON_AUTOTUNE=0 takes the first fitting config instead of benchmarking them."""
-    return os.environ.get("ATTNBENCH_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return tune_mode() == "tune"
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
@@ -149,8 +163,9 @@ def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **k
     # round exactly like the forward's (with fusion, s * scale - m became one FMA in one kernel
     # and two roundings in the other: p = 1 + 1e-5 for a lone key, dv off by |s| eps)
     kwargs["enable_fp_fusion"] = kwargs["DOT_PREC"] != "ieee"
-    if not autotune_enabled():
-        _launch_first_that_fits(ker, kind, length, block, heads, kwargs)
+    mode = tune_mode()
+    if mode != "tune":
+        _launch_first_that_fits(ker, kind, length, block, heads, kwargs, spread=mode == "spread")
         return
     key = _pick_key(ker, kind, kwargs)
     config = _PICKS.get(key)
@@ -220,13 +235,18 @@ def _run(ker: ModuleType, kind: str, grid: tuple, kwargs: dict, meta: dict) -> N
         PLAN_STATS["built"] += 1
 
 
-def _launch_first_that_fits(ker: ModuleType, kind: str, length: int, block: str, heads: int, kwargs: dict) -> None:
+def _launch_first_that_fits(ker: ModuleType, kind: str, length: int, block: str, heads: int, kwargs: dict,
+                            spread: bool = False) -> None:
     """Without the autotuner (which skips configs that run out of shared memory), try the
     pruner's choices in order, then every other config, smallest estimate first: the estimate
-    is rough (measured: D=256 + bias in float16 needed 234 KB where 200 KB was estimated)."""
+    is rough (measured: D=256 + bias in float16 needed 234 KB where 200 KB was estimated).
+    spread: start at the pruner's choice that `spread_index` names instead of its first."""
     from triton.runtime.errors import OutOfResources
 
     first = ker.PRUNE[kind](ker.CONFIGS[kind], {}, **kwargs)
+    if spread and len(first) > 1:
+        i = spread_index(ker, kind, kwargs, len(first))
+        first = first[i:] + first[:i]
 
     def rest():  # only built when a config was refused
         pool = ker.FP32_CONFIGS[kind] if kwargs["Q"].element_size() == 4 else ker.CONFIGS[kind]
@@ -242,6 +262,17 @@ def _launch_first_that_fits(ker: ModuleType, kind: str, length: int, block: str,
         except OutOfResources as exc:  # raised when the kernel is loaded, before it runs
             error = exc
     raise error
+
+
+LENGTH_ARGS = ("Sq", "Sk", "left", "right")  # tuning-key arguments that are not compile-time
+
+
+def spread_index(ker: ModuleType, kind: str, kwargs: dict, count: int) -> int:
+    """A stable index in range(count) per compiled specialization: the kernel, q's dtype and the
+    tuning key without its lengths and window sizes; the same in every process and run."""
+    key = (kind, str(kwargs["Q"].dtype), kwargs.get("STORE_DBIAS"),
+           *(kwargs[name] for name in ker.TUNE_KEY if name not in LENGTH_ARGS))
+    return zlib.crc32(repr(key).encode()) % count
 
 
 def _cdiv(a: int, b: int) -> int:

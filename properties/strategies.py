@@ -69,6 +69,11 @@ class Caps:
     long_cells: int = 0  # B * Hq * Sq * Sk of a long draw
     long_cells_linear: int = 0  # the same for an impl declaring memory="linear" (on the GPU)
     slow_heads: int = 0  # B * Hq of a wide draw for an impl that is slow here (long_ok False; 0: no limit)
+    # The compile palette: head dims and ordinary GQA groups of an impl that compiles a kernel per
+    # value here (Triton, FlashAttention-4's CuTe DSL and Inductor specialize on them; lengths are
+    # runtime values or only specialize on divisibility). () draws from head_dims / every group.
+    compiled_head_dims: tuple[int, ...] = ()
+    compiled_groups: tuple[int, ...] = ()
 
 
 CAPS: dict[str, Caps] = {
@@ -78,15 +83,23 @@ CAPS: dict[str, Caps] = {
     "cuda": Caps(batch=3, heads=8, length=300,
                  head_dims=(16, 32, 64, 128, 256, 24, 40, 80, 96, 160, 192, 8, 48, 72, 112), kv_heads=8,
                  groups=(4, 8, 16, 32), wide_heads=32, cells=3 * 8 * 300 * 300, long_length=32769,
-                 long_cells=2**28, long_cells_linear=2**32),
+                 long_cells=2**28, long_cells_linear=2**32,
+                 compiled_head_dims=(16, 64, 128, 96, 256), compiled_groups=(2, 3, 4, 8)),
 }
 
 
-def caps_for(device: str) -> Caps:
+def caps_for(device: str, impl: Impl | None = None) -> Caps:
+    """The size caps of `device`; for an `impl` that compiles, its head dims and groups narrowed
+    to the device's compile palette, so that a property run reuses a bounded set of compiled
+    specializations (each new one costs seconds to a minute on a GPU) while lengths, masks and
+    layouts still reach every edge."""
     kind = device.split(":")[0]
     if kind not in CAPS:
         raise ValueError(f"device: no size caps for {device!r}; one of {sorted(CAPS)}")
-    return CAPS[kind]
+    caps = CAPS[kind]
+    if impl is not None and impl.compiles and caps.compiled_head_dims:
+        caps = dataclasses.replace(caps, head_dims=caps.compiled_head_dims)
+    return caps
 
 
 def _lengths(cap: int) -> st.SearchStrategy[int]:
@@ -119,6 +132,8 @@ def _heads(draw, pick, impl: Impl, device: str, caps: Caps, use: frozenset[str],
         lo = 2 if "gqa" in use else 1
         Hkv = pick("Hkv", st.integers(1, caps.kv_heads))
         small = list(range(lo, max(caps.heads // Hkv, 2) + 1))
+        if impl.compiles and caps.compiled_groups:
+            small = [g for g in small if g == 1 or g in caps.compiled_groups] or small
         large = [g for g in caps.groups if Hkv * g <= caps.wide_heads]
         group = draw(st.sampled_from(large if wide and large else small), label="group")
         return pick("Hq", st.just(Hkv * group)), Hkv
@@ -302,7 +317,7 @@ def specs_for(
     unknown = set(fixed) - SPEC_FIELDS
     if unknown:
         raise ValueError(f"fixed: {sorted(unknown)} are not Spec fields")
-    strategy = _specs(impl, device, caps or caps_for(device), use, forbid, fixed, min_batch, long)
+    strategy = _specs(impl, device, caps or caps_for(device, impl), use, forbid, fixed, min_batch, long)
     return strategy.filter(lambda s: impl.covers(s, needs))
 
 
@@ -332,6 +347,20 @@ def pinned(*pins: Pinned):
     return wrap
 
 
+# The case the running example drew last (draw_spec, draw_case): what the test process reports
+# when the example loses the CUDA context and it must end before Hypothesis shrinks (the plugin).
+_DRAWN: list = []
+
+
+def forget_drawn() -> None:
+    _DRAWN.clear()
+
+
+def drawn_case():
+    """The newest case drawn by the running example, or None."""
+    return _DRAWN[-1] if _DRAWN else None
+
+
 def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), quiet: bool = False, **kwargs) -> Spec | None:
     """Draw a spec for `impl` (or take the pinned one); None when a pinned spec does not apply.
     quiet: do not note the spec (the caller notes what it makes of it, e.g. draw_documents)."""
@@ -348,6 +377,7 @@ def draw_spec(data, impl: Impl, device: str, needs: Iterable[str] = (), quiet: b
             return None  # a long pinned case, for an impl that is slow here: as long draws are
     else:
         spec = data.draw(specs_for(impl, needs, device, **kwargs), label="spec")
+    _DRAWN.append(spec)
     if not quiet:
         note(f"spec: {spec.short()}")
     return spec
@@ -425,7 +455,7 @@ def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict)
         return fixed[name] if name in fixed else draw(strategy, label=name)
 
     dtypes = [d for d in DTYPE_ORDER if d in impl.dtypes]
-    caps = caps_for(device)
+    caps = caps_for(device, impl)
     Hkv = pick("Hkv", st.integers(1, 2)) if has("gqa") else None
     group = pick("group", st.integers(2 if "gqa" in use else 1, 3)) if Hkv else 1
     Hq = Hkv * group if Hkv else pick("Hq", st.integers(1, 2))
@@ -518,6 +548,7 @@ def draw_case(data, impl: Impl, device: str, strategy: st.SearchStrategy, needs:
             return None
     else:
         case = data.draw(strategy, label="spec")
+    _DRAWN.append(case)
     note(f"spec: {case.short()}")
     return case
 

@@ -299,6 +299,8 @@ def test_a_lost_device_context_ends_the_test_process_and_the_rest_run_in_a_fresh
     rows = {(r.impl, r.property): r for r in outcome.results.correctness}
     lost = rows[("fault_devicelost", "test_forward_matches_oracle")]
     assert lost.status == "fail" and "CUDA context is lost" in lost.reason
+    # stopped at the first (faulting) example, before Hypothesis shrank on the lost context
+    assert "not shrunk" in lost.reason and lost.counterexample == "dict(S=2)"
     # the tests after it ran in a fresh process, the fault's own other test included
     assert rows[("fault_devicelost", "test_second_property")].status == "pass"
     assert rows[("naive", "test_forward_matches_oracle")].status == "pass"

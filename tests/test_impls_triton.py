@@ -583,3 +583,30 @@ def test_score_features_match_oracle(interp, name):
     assert "dsinks" in verdicts or not spec.sinks
     bad = [v.message() for v in verdicts.values() if not v.ok]
     assert not bad, bad
+
+
+def test_spread_picks_one_config_per_specialization(monkeypatch):
+    """ATTNBENCH_TRITON_AUTOTUNE=spread (verify's mode): the config index depends on what
+    compiles (kernel, dtype, flags, tile dims), never on the lengths or window sizes, so a
+    property run compiles each specialization once; different specializations spread over the
+    configs."""
+    monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", "spread")
+    assert tri.tune_mode() == "spread" and not tri.autotune_enabled()
+
+    class Ker:
+        TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS"]
+
+    def args(**over):
+        base = dict(Q=torch.empty(1, dtype=torch.float16), Sq=17, Sk=33, BLOCK_D=64, BLOCK_DV=64, left=3, right=0,
+                    HAS_BIAS=False)
+        return {**base, **over}
+
+    one = tri.spread_index(Ker, "fwd", args(), 5)
+    assert all(tri.spread_index(Ker, "fwd", args(**o), 5) == one
+               for o in ({"Sq": 1}, {"Sk": 4097}, {"left": 0, "right": 9}))
+    picks = {tri.spread_index(Ker, kind, args(BLOCK_D=d, HAS_BIAS=b), 5)
+             for kind in ("fwd", "dq") for d in (16, 32, 64, 128, 256) for b in (False, True)}
+    assert len(picks) >= 3
+    for value, mode in (("0", "first"), ("1", "tune"), ("off", "first"), ("", "tune")):
+        monkeypatch.setenv("ATTNBENCH_TRITON_AUTOTUNE", value)
+        assert tri.tune_mode() == mode

@@ -154,3 +154,25 @@ def test_the_sampled_heads_body_catches_a_wrong_last_head():
     broken = dataclasses.replace(naive, name="last_head_wrong", fn=last_head_wrong, reference=False)
     with pytest.raises(AssertionError, match="batch 2, head 3"):
         harness.check_sampled_heads(broken, "cpu", dict(B=3, Hq=4, Sq=40, D=16), lambda r: None)
+
+
+def test_compiled_impls_draw_from_the_compile_palette():
+    """On a GPU an implementation that compiles draws head dims and ordinary groups from the
+    device's compile palette (a bounded set of specializations), while lengths still reach
+    their edges: 1, block multiples + 1, Sq != Sk."""
+    caps = CAPS["cuda"]
+    compiled = dataclasses.replace(naive, devices=("cuda", "cpu"), compiles=True)
+    palette = set(caps.compiled_head_dims)
+    groups = {1, *caps.compiled_groups, *caps.groups}
+    fast = settings(max_examples=300, database=None, derandomize=True, phases=[Phase.generate])
+
+    @fast
+    @given(specs_for(compiled, device="cuda"))
+    def in_palette(spec):
+        assert {spec.D, spec.Dv} <= palette and spec.Hq // spec.Hkv in groups
+
+    in_palette()
+    for edge in (lambda s: s.Sq == 1 and s.Sk > 1, lambda s: s.Sk % 16 == 1 and s.Sk > 16 and s.D == 96):
+        assert find(specs_for(compiled, device="cuda"), edge, settings=fast)
+    plain = dataclasses.replace(compiled, compiles=False)  # an impl that does not compile keeps every head dim
+    assert find(specs_for(plain, device="cuda"), lambda s: s.D not in palette, settings=fast)

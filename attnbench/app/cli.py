@@ -15,6 +15,7 @@ from rich.text import Text
 
 from attnbench import procs
 from attnbench.app import verify
+from attnbench.cache import compiler_env
 from attnbench.files import new_run_dir, results_file, set_latest
 from attnbench.perf import gate, isolate, sweeps
 from attnbench.perf.bench import run_bench
@@ -64,9 +65,10 @@ def write_run(results, root: str) -> dict:
 
 
 def _prepare_env(device: str) -> None:
-    # The Triton interpreter must be chosen before triton is imported anywhere.
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    """The compilers' settings (attnbench.cache.compiler_env: the Triton interpreter on the CPU,
+    shared persistent compile caches on a GPU), before triton or a kernel package is imported."""
+    for name, value in compiler_env(device).items():
+        os.environ.setdefault(name, value)
 
 
 # -- list --------------------------------------------------------------------------------

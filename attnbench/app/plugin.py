@@ -26,7 +26,7 @@ import pytest
 
 from attnbench.cache import cache_dir
 from attnbench.procs import STREAM_PREFIX
-from attnbench.properties import profiles
+from attnbench.properties import profiles, strategies
 from attnbench.registry import Impl, is_target, load_zoo, registry
 from attnbench.results import CorrectnessRow
 
@@ -171,6 +171,7 @@ def sticky_device_error(text: str) -> bool:
 def pytest_runtest_call(item: pytest.Item):
     _CURRENT.append(item)
     restore = _examples_for(item)
+    unguard = _guard_lost_device(item)
     try:
         result = yield
         # Kernel launches are asynchronous: a fault surfaces at the next synchronizing call, which
@@ -181,8 +182,59 @@ def pytest_runtest_call(item: pytest.Item):
             torch.cuda.synchronize()
         return result
     finally:
+        unguard()
         restore()
         _CURRENT.pop()
+
+
+def _guard_lost_device(item: pytest.Item) -> Callable[[], None]:
+    """Wrap the Hypothesis test's inner function (Hypothesis' documented hook,
+    `.hypothesis.inner_test`) so that the example which loses the CUDA context ends the test
+    process at once, recorded with the case it drew. Hypothesis would otherwise shrink on a
+    poisoned context, where every later example fails with the same error, and report the
+    simplest case it tried instead of the one that faulted. Returns what unwraps it."""
+    hyp = getattr(getattr(item, "obj", None), "hypothesis", None)
+    if hyp is None or not isinstance(_impl_of(item), Impl):
+        return lambda: None
+    inner = hyp.inner_test
+
+    def guarded(*args, **kwargs):
+        strategies.forget_drawn()
+        try:
+            return inner(*args, **kwargs)
+        except Exception as exc:
+            if sticky_device_error(f"{type(exc).__name__}: {exc}"):
+                _stop_at_lost_device(item, exc, kwargs)
+            raise
+
+    hyp.inner_test = guarded
+    return lambda: setattr(hyp, "inner_test", inner)
+
+
+def _stop_at_lost_device(item: pytest.Item, exc: BaseException, drawn: dict) -> None:
+    """Record the faulting example (the case it drew, else its plain drawn arguments) and end."""
+    impl = _impl_of(item)
+    case = strategies.drawn_case()
+    if case is None:
+        plain = {k: v for k, v in drawn.items() if k not in item.fixturenames and not hasattr(v, "draw")}
+        case = f"dict({', '.join(f'{k}={v!r}' for k, v in plain.items())})" if plain else None
+    row = CorrectnessRow(
+        variant=impl.variant, impl=impl.name, property=getattr(item, "originalname", item.name), status="fail",
+        device=item.config.getoption("device") or "cpu",
+        reason=f"{_first_line(exc)} [at the case drawn, not shrunk: the CUDA context is lost; "
+        "the remaining tests run in a fresh process]",
+        counterexample=(case if isinstance(case, str) else repr(case)) if case is not None else None,
+        seed=_seed("", item.config),
+        replay=replay_command(item, impl),
+    )
+    line = row.to_line(item.nodeid)
+    _append_row(item.config, line)
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # inside the test's call pytest captures stdout: the row must reach verify
+        capture.suspend_global_capture(in_=True)
+    if _STREAM:
+        _emit(line)
+    _end_lost_device(item, row)
 
 
 def _examples_for(item: pytest.Item) -> Callable[[], None]:

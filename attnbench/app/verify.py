@@ -31,6 +31,7 @@ from pathlib import Path
 import attnbench.properties
 from attnbench import procs
 from attnbench.app.plugin import DEVICE_LOST_EXIT, read_rows
+from attnbench.cache import compiler_env
 from attnbench.procs import STREAM_PREFIX
 from attnbench.registry import load_zoo
 from attnbench.results import CorrectnessRow, Results, ZooRow, environment
@@ -146,8 +147,12 @@ def run(
     deadline_s = deadline_s if deadline_s is not None else default_deadline(device)
     workers = workers if workers is not None else default_workers(device)
     env = dict(os.environ)
+    for name, value in compiler_env(device).items():
+        env.setdefault(name, value)
+    # one launch config per compiled Triton specialization instead of autotuning every drawn
+    # length: a correctness run compiles each specialization once (impls/triton.py, tune_mode)
+    env.setdefault("ATTNBENCH_TRITON_AUTOTUNE", "spread")
     if device == "cpu":
-        env.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on the CPU
         if workers > 1:  # torch's threads per process, so that the processes do not oversubscribe the cores
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     env["PYTHONUNBUFFERED"] = "1"

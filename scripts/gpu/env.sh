@@ -6,8 +6,10 @@ set -uo pipefail
 export OUT=${OUT:-gpu-out} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 mkdir -p "$OUT"
 export FA4_PARTS=/tmp/fa4parts FA4_SITE=/tmp/fa4site
-# FA4's compiled kernels on disk, reused by later calls on a warm machine and by every process
-export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4cache
+# Compiled kernels (Triton, Inductor, FA4's CuTe) persist in attnbench's cache directory
+# (attnbench.cache.compiler_env), reused by every process and by later calls on a warm machine;
+# a folder .gpucache/ carried into the call (scripts/gpu/cache.sh pack) seeds it.
+if [ -d .gpucache/attnbench ]; then mkdir -p ~/.cache && cp -rn .gpucache/attnbench ~/.cache/ 2>/dev/null; fi
 for folder in .fa4/*/; do
     [ -f "$folder/PARTS.sha256" ] && scripts/fa4_wheels.sh stash "$folder"
 done
@@ -23,3 +25,6 @@ else
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
 rm -f "$OUT/pip.log"
+# the compilers' settings `attnbench` gives its processes, for the scripts that run python directly
+eval "$(python3 -c "from attnbench.cache import compiler_env
+for k, v in compiler_env('cuda').items(): print(f'export {k}={v}')")"
