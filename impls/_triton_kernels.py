@@ -664,7 +664,7 @@ FP32_CONFIGS = {
     "dq": [_cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2), _cfg(16, 16, 4, 1)],
 }
 TUNE_KEY = ["Sq", "Sk", "BLOCK_D", "BLOCK_DV", "left", "right", "HAS_BIAS", "HAS_KPM", "HAS_BLOCK", "HAS_SOFTCAP",
-            "HAS_ALIBI", "HAS_SINKS", "IS_VARLEN"]
+            "HAS_ALIBI", "HAS_SINKS"]
 SMEM_BUDGET = 200 * 1024  # bytes per program; the H100 allows 227 KB, Triton needs some for layouts
 
 
