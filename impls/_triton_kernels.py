@@ -29,6 +29,15 @@ returned lse is natural log (float32), -inf for rows that see nothing. For the b
 forward saves the row max m2 (base 2) and 1/l instead, and the backward recomputes
 p = exp2(s2 - m2) * (1/l): exp2(s2 - lse2) would lose |lse2| * eps of accuracy in every p
 (5-8x naive's gradient error once logits reach ~100). Empty rows save m2 = +inf, 1/l = 0.
+
+Packed batches (IS_VARLEN, a constexpr: the dense specialization compiles without any of it).
+The host passes the packed (total, H, D) tensors as (N, H, total, D) views with batch stride 0,
+Sq = total_q and Sk = total_k, and CuQ / CuK, the int32 cu_seqlens; the stats (lse, m2, 1/l,
+delta) are (Hq, total_q). A program's batch index b is sequence b: it reads the sequence's first
+rows q0, k0 and its lengths from CuQ / CuK, shifts the base pointers by q0 / k0 rows, aligns
+bottom-right within the sequence (off = Sk - Sq of its own lengths) and returns at once when its
+block lies past the sequence's end (the grid is sized by max_seqlen). Stats row r of head h is
+h * total_q + r. Without IS_VARLEN CuQ / CuK are stand-ins, never read.
 """
 
 from __future__ import annotations
@@ -101,6 +110,13 @@ def _stages(first, full_lo, full_hi, last, BLOCK: tl.constexpr):
     f_lo = tl.minimum(tl.maximum(f_lo, start), end)
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), end)
     return start, f_lo, f_hi, end
+
+
+@triton.jit
+def _sequence(Cu, b):
+    """Sequence b of a packed batch: its first row (int64) and its length, from cu_seqlens."""
+    start = tl.load(Cu + b)
+    return start.to(tl.int64), tl.load(Cu + b + 1) - start
 
 
 # -- score features --------------------------------------------------------------------------
@@ -188,9 +204,9 @@ def attn_fwd(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sbb, sbh, sbm, sbn, spb, sob, soh, som, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
-    qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
+    qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B, CuQ, CuK,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -200,6 +216,19 @@ def attn_fwd(
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
+    if IS_VARLEN:  # b is a sequence: see "Packed batches" above
+        q0, Sq_b = _sequence(CuQ, b)
+        k0, Sk = _sequence(CuK, b)
+        stat0 = h * Sq + q0
+        Sq = Sq_b
+        off = Sk - Sq
+        start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+        if start_m < 0:  # past this sequence's last query block
+            return
+        Q += q0 * sqm
+        Out += q0 * som
+        K += k0 * skn
+        V += k0 * svn
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -258,7 +287,10 @@ def attn_fwd(
     safe_l = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
     row_ok = offs_m < Sq
-    row = bh.to(tl.int64) * Sq + offs_m
+    if IS_VARLEN:
+        row = stat0 + offs_m
+    else:
+        row = bh.to(tl.int64) * Sq + offs_m
     tl.store(LSE + row, lse, mask=row_ok)
     tl.store(M2 + row, tl.where(empty, float("inf"), m_i), mask=row_ok)
     tl.store(INVL + row, tl.where(empty, 0.0, 1.0 / safe_l), mask=row_ok)
@@ -364,9 +396,9 @@ def attn_bwd_dkdv(
     sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, ssb, ssh,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     Hq, Hkv, Sq, Sk, D, DV, GROUP,
-    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
+    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B, CuQ, CuK,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -375,6 +407,20 @@ def attn_bwd_dkdv(
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
+    if IS_VARLEN:  # b is a sequence: see "Packed batches" above
+        q0, Sq_b = _sequence(CuQ, b)
+        k0, Sk = _sequence(CuK, b)
+        if start_n >= Sk:  # past this sequence's last key block
+            return
+        rows = Sq  # the stats' row count per head, total_q
+        Sq = Sq_b
+        off = Sk - Sq
+        Q += q0 * sqm
+        DO += q0 * sdm
+        K += k0 * skn
+        V += k0 * svn
+        DK += k0 * sdkn
+        DVal += k0 * sdvn
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -410,7 +456,10 @@ def attn_bwd_dkdv(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         bias_base = Bias + b * sbb + h * sbh
-        lse_row = (b * Hq + h) * Sq
+        if IS_VARLEN:
+            lse_row = h * rows + q0
+        else:
+            lse_row = (b * Hq + h) * Sq
         slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
@@ -504,9 +553,9 @@ def attn_bwd_dq(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sbb, sbh, sbm, sbn, spb, sdb, sdh, sdm, sdqb, sdqh, sdqm, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
-    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B,
+    sm_scale, qk_scale, cap2, off, left, right, W, LB, LF, SHIFT_B, CuQ, CuK,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr, STORE_DBIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -517,6 +566,20 @@ def attn_bwd_dq(
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
+    if IS_VARLEN:  # b is a sequence: see "Packed batches" above
+        q0, Sq_b = _sequence(CuQ, b)
+        k0, Sk = _sequence(CuK, b)
+        stat0 = h * Sq + q0
+        Sq = Sq_b
+        off = Sk - Sq
+        start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+        if start_m < 0:  # past this sequence's last query block
+            return
+        Q += q0 * sqm
+        DO += q0 * sdm
+        DQ += q0 * sdqm
+        K += k0 * skn
+        V += k0 * svn
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -526,7 +589,10 @@ def attn_bwd_dq(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    row = bh.to(tl.int64) * Sq + offs_m
+    if IS_VARLEN:
+        row = stat0 + offs_m
+    else:
+        row = bh.to(tl.int64) * Sq + offs_m
     m2 = tl.load(M2 + row, mask=row_ok, other=float("inf"))  # padding rows: p = 0
     inv_l = tl.load(INVL + row, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)

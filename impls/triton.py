@@ -4,7 +4,8 @@ One kernel call serves every mask the contract has (causal either alignment, sli
 blocked windows), grouped heads without repeating K/V, a key padding mask, an additive bias
 (with its gradient) and the score features: a logit soft cap, ALiBi from per-head slopes and
 per-head sinks (with their gradient). Key blocks a query block cannot see are skipped by the loop bounds; masks
-run only on edge blocks. The kernels live in impls/_triton_kernels.py.
+run only on edge blocks. A packed (varlen) batch runs on the same kernels, one launch each for all its
+sequences (their IS_VARLEN specialization). The kernels live in impls/_triton_kernels.py.
 
 Triton fixes compiled-vs-interpreted when a kernel is defined, so the kernel file is loaded
 lazily, once per mode, with TRITON_INTERPRET read at call time: CPU tensors need
@@ -21,6 +22,7 @@ import sys
 import zlib
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -71,9 +73,13 @@ def kernels(interpret: bool | None = None) -> ModuleType:
 def _check(q, k, v, cfg: Config, key_padding_mask, bias, alibi_slopes=None, sinks=None) -> None:
     """The call convention (attnbench.checks), then this kernel's own limits."""
     check_call(q, k, v, cfg, key_padding_mask, bias, who="triton", alibi_slopes=alibi_slopes, sinks=sinks)
+    _check_limits(q, q.shape[3], v.shape[3], cfg)
+
+
+def _check_limits(q: torch.Tensor, D: int, Dv: int, cfg: Config) -> None:
+    """The kernel's own limits: dtype, head dims, no dropout, blocked window size, cpu only interpreted."""
     if q.dtype not in DTYPES:
         raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    D, Dv = q.shape[3], v.shape[3]
     if max(D, Dv) > MAX_HEAD_DIM:
         raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}")
     if cfg.dropout_p:
@@ -126,6 +132,24 @@ def tune_mode() -> str:
 
 def autotune_enabled() -> bool:
     return tune_mode() == "tune"
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+
+
+def _launch_heads(kind: str, length: int, block: str, batch: int, heads: int, interpret: bool, **kwargs) -> None:
+    """_launch over batch * heads programs in the grid's y. A packed batch whose sequences *
+    heads pass MAX_GRID_Y launches in groups of sequences that fit: CuQ / CuK slices, whose
+    offsets still index the whole packed tensors."""
+    if not kwargs["IS_VARLEN"] or batch * heads <= MAX_GRID_Y:
+        _launch(kind, length, block, batch * heads, interpret, **kwargs)
+        return
+    step = MAX_GRID_Y // heads
+    cu_q, cu_k = kwargs["CuQ"], kwargs["CuK"]
+    for first in range(0, batch, step):
+        last = min(first + step, batch)
+        kwargs.update(CuQ=cu_q[first:last + 1], CuK=cu_k[first:last + 1])
+        _launch(kind, length, block, (last - first) * heads, interpret, **kwargs)
 
 
 def _launch(kind: str, length: int, block: str, heads: int, interpret: bool, **kwargs) -> None:
@@ -255,8 +279,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _common(q, k, v, cfg, kpm, bias_full, slopes, sinks) -> dict:
-    """The arguments every kernel takes. Slopes / Sinks stand in as q when absent (read, unused)."""
+class _Packed(NamedTuple):
+    """A packed batch's sequences: cu_seqlens (int32, on q's device) and the longest lengths,
+    which size the grid."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def _sequences(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A packed (total, H, D) tensor as the (n, H, total, D) view the kernels take with
+    IS_VARLEN: batch stride 0, each program shifting to its own sequence's rows."""
+    return t.transpose(0, 1)[None].expand(n, -1, -1, -1)
+
+
+def _common(q, k, v, cfg, kpm, bias_full, slopes, sinks, packed: _Packed | None = None) -> dict:
+    """The arguments every kernel takes. Slopes / Sinks / CuQ / CuK stand in as q when absent
+    (Slopes read, unused; CuQ / CuK never read)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     masks, has_block = _mask_args(cfg, Sq, Sk)
@@ -265,6 +306,7 @@ def _common(q, k, v, cfg, kpm, bias_full, slopes, sinks) -> dict:
     args = dict(
         Q=q, K=k, V=v, Bias=bias_full if bias_full is not None else q, KPM=kpm if kpm is not None else q,
         Slopes=slopes if slopes is not None else q, Sinks=sinks if sinks is not None else q, ssb=ssb, ssh=ssh,
+        CuQ=packed.cu_q if packed else q, CuK=packed.cu_k if packed else q, IS_VARLEN=packed is not None,
         cap2=(cfg.softcap if cfg.softcap is not None else 1.0) * 1.4426950408889634,
         HAS_SOFTCAP=cfg.softcap is not None, HAS_ALIBI=slopes is not None, HAS_SINKS=sinks is not None,
         sqb=q.stride(0), sqh=q.stride(1), sqm=q.stride(2),
@@ -292,52 +334,72 @@ class _Null:
         return False
 
 
-def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None):
+def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None, packed: _Packed | None = None):
+    """out (B, Hq, Sq, Dv), lse (B, Hq, Sq) and the backward's stats; with `packed` (q, k, v as
+    _sequences views) out (total_q, Hq, Dv) and lse (Hq, total_q)."""
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
-    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if packed is None:
+        out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(Sq, Hq, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(Hq, Sq, dtype=torch.float32, device=q.device)
     # what the backward reads: row max (base 2) and 1 / row sum; +inf and 0 on empty rows
     m2, inv_l = torch.empty_like(lse), torch.empty_like(lse)
     if out.numel() == 0 or Sk == 0:
         return out.zero_(), lse.fill_(-math.inf), (m2.fill_(math.inf), inv_l.zero_())
     interpret = interpret_requested()
-    args = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks)
-    args.update(Out=out, LSE=lse, M2=m2, INVL=inv_l, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
+    args = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks, packed)
+    o = out if packed is None else _sequences(out, B)
+    args.update(Out=o, LSE=lse, M2=m2, INVL=inv_l, sob=o.stride(0), soh=o.stride(1), som=o.stride(2), Hq=Hq)
     with _device_ctx(q):
-        _launch("fwd", Sq, "BLOCK_M", B * Hq, interpret, **args)
+        _launch_heads("fwd", Sq if packed is None else packed.max_q, "BLOCK_M", B, Hq, interpret, **args)
     return out, lse, (m2, inv_l)
 
 
-def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias, slopes=None, sinks=None):
+def _backward(q, k, v, out, stats, dout, dlse, cfg, kpm, bias_full, want_dbias, slopes=None, sinks=None,
+              packed: _Packed | None = None):
+    """dq, dk, dv, dbias, dsinks; with `packed`, out, dout, dq, dk, dv are packed (total, H, D) and
+    dlse and the stats (Hq, total_q), q, k, v _sequences views (as _forward)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if packed is None:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    else:
+        dq, dk, dv = (torch.empty(t.shape[2], t.shape[1], t.shape[3], dtype=t.dtype, device=t.device) for t in (q, k, v))
     dbias = torch.zeros(B, Hq, Sq, Sk, dtype=torch.float32, device=q.device) if want_dbias else None
     if q.numel() == 0 or Sk == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias, None
     interpret = interpret_requested()
     ker = kernels(interpret)
-    delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    common = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks)
+    delta = torch.empty_like(stats[0])
+    common = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks, packed)
+    # the preprocess is row-wise: a packed batch is one sequence of total_q rows to it
+    o_rows, do_rows, batch = (out, dout, B) if packed is None else (out.transpose(0, 1)[None], dout.transpose(0, 1)[None], 1)
+    if packed is not None:
+        dout, dq, dk, dv = (_sequences(t, B) for t in (dout, dq, dk, dv))
     grads = dict(DO=dout, M2=stats[0], INVL=stats[1], Delta=delta, sdb=dout.stride(0), sdh=dout.stride(1), sdm=dout.stride(2))
+    rows_q, rows_k = (Sq, Sk) if packed is None else (packed.max_q, packed.max_k)
     with _device_ctx(q):
         block_m = 64 if not interpret else 16
-        ker.bwd_preprocess[(_cdiv(Sq, block_m), B * Hq)](
-            out, dout, dlse if dlse is not None else delta, delta,
-            out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        ker.bwd_preprocess[(_cdiv(Sq, block_m), batch * Hq)](
+            o_rows, do_rows, dlse if dlse is not None else delta, delta,
+            o_rows.stride(0), o_rows.stride(1), o_rows.stride(2), do_rows.stride(0), do_rows.stride(1), do_rows.stride(2),
             Hq, Sq, Dv, HAS_DLSE=dlse is not None, BLOCK_M=block_m, BLOCK_DV=_pow2(Dv),
         )
-        _launch(
-            "dkdv", Sk, "BLOCK_N", B * Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
+        _launch_heads(
+            "dkdv", rows_k, "BLOCK_N", B, Hkv, interpret, **common, **grads, DK=dk, DVal=dv,
             sdkb=dk.stride(0), sdkh=dk.stride(1), sdkn=dk.stride(2),
             sdvb=dv.stride(0), sdvh=dv.stride(1), sdvn=dv.stride(2), Hq=Hq, Hkv=Hkv, sm_scale=cfg.scale,
         )
-        _launch(
-            "dq", Sq, "BLOCK_M", B * Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
+        _launch_heads(
+            "dq", rows_q, "BLOCK_M", B, Hq, interpret, **common, **grads, DQ=dq, DBias=dbias if want_dbias else q,
             sdqb=dq.stride(0), sdqh=dq.stride(1), sdqm=dq.stride(2), Hq=Hq, sm_scale=cfg.scale,
             STORE_DBIAS=want_dbias,
         )
+    if packed is not None:
+        dq, dk, dv = (t[0].transpose(0, 1) for t in (dq, dk, dv))
     dsinks = None
     if sinks is not None:  # d sink_h = -sum over (b, i) of p_sink * delta, p_sink = exp2(sink2 - m2) / l
         p_sink = torch.exp2(sinks.float().view(1, Hq, 1) * 1.4426950408889634 - stats[0]) * stats[1]
@@ -522,19 +584,41 @@ def _split_strides(t: torch.Tensor, split: bool, n: int) -> list[int]:
 
 
 # -- packed (varlen) batches ----------------------------------------------------------------
+class _Varlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, cfg):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        packed = _Packed(cu_q, cu_k, max_q, max_k)
+        n = len(cu_q) - 1
+        out, lse, (m2, inv_l) = _forward(*(_sequences(t, n) for t in (q, k, v)), cfg, None, None, packed=packed)
+        ctx.save_for_backward(q, k, v, out, m2, inv_l, cu_q, cu_k)
+        ctx.cfg, ctx.longest = cfg, (max_q, max_k)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, m2, inv_l, cu_q, cu_k = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
+        dlse = None if dlse is None else dlse.float().contiguous()
+        n = len(cu_q) - 1
+        dq, dk, dv, _, _ = _backward(*(_sequences(t, n) for t in (q, k, v)), out, (m2, inv_l), dout, dlse, ctx.cfg,
+                                     None, None, False, packed=_Packed(cu_q, cu_k, *ctx.longest))
+        return dq, dk, dv, None, None, None, None, None
+
+
 def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
-    """The varlen convention (attnbench.packing) on the dense kernel: one forward (and backward)
-    launch per sequence, on strided views of the packed tensors at the offsets cu_seqlens gives
-    (no copies). Not a single varlen launch: B launches per call. out (total_q, Hq, Dv), lse
-    (Hq, total_q) float32."""
-    bounds = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="triton")
-    outs, lses = [], []
-    for q0, q1, k0, k1 in bounds:
-        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-        out, lse = attention(qb, kb, vb, cfg)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    return torch.cat(outs, 0), torch.cat(lses, 1)
+    """The varlen convention (attnbench.packing): one launch of the forward kernel over
+    (cdiv(max_seqlen_q, BLOCK_M), B * Hq) programs, each reading its sequence's rows and lengths
+    from cu_seqlens (IS_VARLEN in impls/_triton_kernels.py), and one launch per backward kernel
+    (preprocess, dkdv, dq); no copies of the packed tensors. Past MAX_GRID_Y sequences * heads,
+    one launch per group of sequences that fits. out (total_q, Hq, Dv), lse (Hq, total_q) float32."""
+    check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, who="triton")
+    _check_limits(q, q.shape[2], v.shape[2], cfg)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device:
+            raise ValueError(f"triton: {name} is on {cu.device}, q on {q.device}")
+    return _Varlen.apply(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, cfg)
 
 
 # -- registration ---------------------------------------------------------------------------

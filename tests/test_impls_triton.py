@@ -284,6 +284,59 @@ def test_kernels_loaded_per_mode(interp):
     assert tri.kernels() is tri.kernels(True)
 
 
+class _CountLaunches:
+    """Stands in for a kernel object: records the grid of every `kernel[grid](...)` launch."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+def test_varlen_is_one_launch_per_kernel(interp, monkeypatch):
+    """A packed batch of three sequences (one of them without queries) is one launch of each
+    kernel, over cdiv(max_seqlen, 16) blocks x sequences * heads, forward and backward."""
+    from attnbench.packing import cu_seqlens
+
+    ker = tri.kernels(True)
+    grids = {kind: [] for kind in ("fwd", "preprocess", "dkdv", "dq")}
+    for kind in ("fwd", "dkdv", "dq"):
+        monkeypatch.setitem(ker.RAW, kind, _CountLaunches(ker.RAW[kind], grids[kind]))
+    monkeypatch.setattr(ker, "bwd_preprocess", _CountLaunches(ker.bwd_preprocess, grids["preprocess"]))
+    lengths_q, lengths_k = (5, 0, 17), (5, 3, 18)
+    q = torch.randn(sum(lengths_q), 2, 16, requires_grad=True)
+    k, v = (torch.randn(sum(lengths_k), 1, 16, requires_grad=True) for _ in range(2))
+    out, lse = tri.varlen(q, k, v, cu_seqlens(lengths_q), cu_seqlens(lengths_k), 17, 18, Config(scale=0.25, causal=True))
+    (out.sum() + lse[:, :5].sum()).backward()
+    assert grids == {"fwd": [(2, 6)], "preprocess": [(2, 2)], "dkdv": [(2, 3)], "dq": [(2, 6)]}
+    assert torch.all(k.grad[5:8] == 0) and torch.isfinite(q.grad).all()
+
+
+def test_varlen_past_the_grid_limit_launches_per_group_of_sequences(interp, monkeypatch):
+    """When sequences * heads pass CUDA's grid limit (lowered here to 5), the packed call launches
+    each kernel once per group of sequences that fits, with the same results, gradients included."""
+    from attnbench.packing import cu_seqlens
+
+    lengths = (3, 0, 17, 2, 1)
+    q, k, v = (torch.randn(sum(lengths), 2, 16) for _ in range(3))
+    cu = cu_seqlens(lengths)
+    runs = []
+    for limit in (tri.MAX_GRID_Y, 5):
+        monkeypatch.setattr(tri, "MAX_GRID_Y", limit)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = tri.varlen(*leaves, cu, cu, 17, 17, Config(scale=0.25, causal=True))
+        (out.sum() + lse[:, :3].sum()).backward()
+        runs.append([out, lse, *(t.grad for t in leaves)])
+    launches = []
+    monkeypatch.setitem(tri.kernels(True).RAW, "fwd", _CountLaunches(tri.kernels(True).RAW["fwd"], launches))
+    tri.varlen(q, k, v, cu, cu, 17, 17, Config(scale=0.25))
+    assert launches == [(2, 4), (2, 4), (2, 2)]  # 2, 2 and 1 sequences of 2 heads
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_registered_for_dense_and_local():
     reg = registry()
     for key in ("dense/triton", "local/triton"):
