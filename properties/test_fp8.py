@@ -1,0 +1,137 @@
+"""fp8 attention (oracles/CONTRACT.md, "fp8"): float8_e4m3fn q, k, v with float32 descales.
+
+Agreement with the oracle (float64 attention on the dequantized values) under the tolerance
+rule's fp8 model, and relations between runs of the implementation itself that hold exactly or
+nearly: v_descale times 2 doubles the output bit for bit (a power of two scales exactly); q_descale
+times c is cfg.scale times c; swapping q_descale and k_descale changes nothing (only their product
+enters the logits); per-tensor descales equal the same values given per (batch, kv head), the
+shape FA3 / FA4 take. Fully masked rows stay zero with lse -inf. Forward only: fp8 has no backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnbench.properties.harness import (
+    check,
+    check_runs,
+    clone_inputs,
+    fresh_inputs,
+    references,
+    require,
+    rule_dtype,
+    run_impl,
+    run_oracle,
+    scales_of,
+)
+from attnbench.properties.strategies import Caps, Pinned, draw_spec, pinned
+from attnbench.spec import Spec
+
+pytestmark = pytest.mark.variant("dense")
+
+# fp8 changes the arithmetic of each logit and each row, not the structure: small problems
+# (one 16-row tile), structure and sizes are the general properties' job.
+SMALL = Caps(batch=2, heads=4, length=17, head_dims=(16, 32, 64), kv_heads=2)
+NOT_WITH_FP8 = ("softcap", "alibi", "sinks", "dropout")  # not part of the fp8 call (CONTRACT.md)
+
+
+def _draw(data, impl, device, **kwargs) -> Spec | None:
+    require(impl, "fp8")
+    return draw_spec(data, impl, device, use=("fp8",), forbid=NOT_WITH_FP8, caps=SMALL, **kwargs)
+
+
+@given(data=st.data())
+@pinned(
+    Pinned(Spec(B=2, Hq=4, Hkv=2, Sq=5, Sk=9, D=32, dtype="bfloat16", causal=True, key_lengths=(0, 7), fp8=True),
+           "an empty row (out 0, lse -inf), grouped descales, causal decode rows"),
+    Pinned(Spec(Sq=17, D=64, dtype="bfloat16", magnitude=8.0, fp8=True), "large logits: e4m3's full range"),
+)
+def test_fp8_matches_oracle(impl, device, measure, data):
+    """out and lse against float64 attention on the dequantized values, under the fp8 rule."""
+    spec = _draw(data, impl, device)
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec)
+    got = run_impl(impl, spec, inputs)
+    ref = run_impl(registry_reference(impl), spec, clone_inputs(inputs))
+    want = run_oracle(spec, inputs)
+    scales = scales_of(spec, inputs)
+    check(measure, "out", got.out, want.out, ref.out, rule_dtype(spec), scales)
+    if got.lse is not None:
+        check(measure, "lse", got.lse, want.lse, ref.lse, rule_dtype(spec), scales)
+    empty = torch.isneginf(want.lse).to(got.out.device)
+    if bool(empty.any()) and bool(got.out[empty].ne(0).any()):
+        raise AssertionError("out: a row with no visible key must be exactly 0")
+
+
+def registry_reference(impl):
+    from attnbench.properties.harness import reference_impl
+
+    return reference_impl(impl)
+
+
+@given(data=st.data())
+def test_v_descale_doubled_doubles_out_exactly(impl, device, measure, data):
+    """v_descale * 2 gives out * 2 bit for bit and the same lse: the value descale scales the
+    output only, and a power of two scales exactly."""
+    spec = _draw(data, impl, device)
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec)
+    doubled = clone_inputs(inputs)
+    doubled.v_descale = inputs.v_descale * 2
+    with torch.no_grad():
+        a = run_impl(impl, spec, inputs)
+        b = run_impl(impl, spec, doubled)
+    check_runs(measure, "out", b.out, a.out * 2, impl, 0.0, spec.dtype, exact=True)
+    if a.lse is not None:
+        check_runs(measure, "lse", b.lse, a.lse, impl, 0.0, spec.dtype, exact=True)
+
+
+@given(data=st.data())
+def test_descales_enter_the_logits_as_a_product(impl, device, measure, data):
+    """q_descale * c equals cfg.scale * c, and swapping q_descale and k_descale changes nothing
+    (within twice the rule's allowance: the kernel may fold the factors in another order)."""
+    spec = _draw(data, impl, device)
+    if spec is None:
+        return
+    c = data.draw(st.sampled_from((0.5, 3.0, 0.1)), label="c") if not isinstance(data, Pinned) else 3.0
+    inputs = fresh_inputs(spec)
+    cfg = spec.config()
+    scaled, swapped = clone_inputs(inputs), clone_inputs(inputs)
+    scaled.q_descale = inputs.q_descale * c
+    swapped.q_descale, swapped.k_descale = inputs.k_descale.clone(), inputs.q_descale.clone()
+    with torch.no_grad():
+        a = run_impl(impl, spec, scaled)
+        b = run_impl(impl, spec, inputs, cfg=spec.replace(scale=cfg.scale * c).config())
+        swap = run_impl(impl, spec, swapped)
+        base = run_impl(impl, spec, inputs)
+    for moved, same, s in ((a, b, spec.replace(scale=cfg.scale * c)), (swap, base, spec)):
+        errors, scales = references(s, inputs, impl)
+        for name in ("out", "lse"):
+            if moved.get(name) is not None and name in errors:
+                check_runs(measure, name, moved.get(name), same.get(name), impl, errors[name], rule_dtype(spec),
+                           scales[name], exact=False)
+
+
+@given(data=st.data())
+def test_per_tensor_descales_equal_per_head_descales(impl, device, measure, data):
+    """Descales of shape () equal the same values expanded to (B, Hkv), FA3 / FA4's shape:
+    bit for bit for a deterministic impl."""
+    spec = _draw(data, impl, device)
+    if spec is None:
+        return
+    inputs = fresh_inputs(spec)
+    per_head = clone_inputs(inputs)
+    for name in ("q_descale", "k_descale", "v_descale"):
+        setattr(per_head, name, getattr(inputs, name).expand(spec.B, spec.Hkv).contiguous())
+    with torch.no_grad():
+        a = run_impl(impl, spec, inputs)
+        b = run_impl(impl, spec, per_head)
+    errors, scales = references(spec, inputs, impl)
+    for name in ("out", "lse"):
+        if a.get(name) is not None and name in errors:
+            check_runs(measure, name, b.get(name), a.get(name), impl, errors[name], rule_dtype(spec), scales[name])
