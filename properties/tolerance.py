@@ -102,7 +102,7 @@ EPS: dict[str, float] = {
 }
 FP8 = "float8_e4m3fn"  # the rule's dtype for fp8 calls (bfloat16 out)
 EPS[FP8] = 2.0**-3  # e4m3: 3 mantissa bits
-FP8_P_ULPS = 1.0  # e4m3 eps per unit of T(out): twice the worst rounding of the probabilities
+FP8_P_ULPS = 0.5  # e4m3 eps per unit of T(out): the worst rounding of the probabilities, half an eps
 QUANTITIES = tuple(K)
 
 
