@@ -511,15 +511,15 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def quantize_fp8(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """q, k, v (float64) quantized to float8_e4m3fn the way fp8 pipelines do it, per tensor:
-    descale = amax / 448 (float32), t8 = round(t / descale) in e4m3, so t8 * descale ~ t; and
-    {"q_descale", "k_descale", "v_descale"} as float32 tensors of shape (). An all-zero tensor
-    gets descale 1."""
+    """q, k, v (any floating dtype and device) quantized to float8_e4m3fn the way fp8 pipelines
+    do it, per tensor: descale = amax / 448 (float32), t8 = round(t / descale) in e4m3, so
+    t8 * descale ~ t; and {"q_descale", "k_descale", "v_descale"} as float32 tensors of shape ()
+    on t's device. An all-zero (or empty) tensor gets descale 1."""
     out, descales = [], {}
     for name, t in zip(("q", "k", "v"), tensors):
-        amax = float(t.abs().max()) if t.numel() else 0.0
-        descale = torch.tensor(amax / FP8_MAX if amax > 0 else 1.0, dtype=torch.float32)
-        out.append((t / descale.double()).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        amax = t.abs().amax() if t.numel() else t.new_zeros(())
+        descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(torch.float32)
+        out.append((t / descale.to(t.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8))
         descales[f"{name}_descale"] = descale
     return tuple(out), descales
 
