@@ -417,9 +417,6 @@ def attn_bwd_dkdv(
         bias_base = Bias + b * sbb + h * sbh
         lse_row = (b * Hq + h) * Sq
         slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
-    if IS_FP8:  # fp8: the (B, Hkv) descales of q and k join the scale (the dots multiply e4m3 values exactly)
-        kv = b * (Hq // GROUP) + hk
-        qk_scale = qk_scale * tl.load(QDS + kv) * tl.load(KDS + kv)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_row, bias_base, sqm, sdm, sbm, sbn,
             offs_n, offs_d, offs_dv, m0, f_lo, Sq, Sk, D, DV, qk_scale, cap2, slope2,
@@ -544,9 +541,6 @@ def attn_bwd_dq(
     kpm_base = KPM + b * spb
     dbias_base = DBias + bh.to(tl.int64) * Sq * Sk
     slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
-    if IS_FP8:  # fp8: the (B, Hkv) descales of q and k join the scale (the dots multiply e4m3 values exactly)
-        kv = b * (Hq // GROUP) + hk
-        qk_scale = qk_scale * tl.load(QDS + kv) * tl.load(KDS + kv)
 
     p_rows = offs_m + off
     lo_i = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)

@@ -251,5 +251,5 @@ flash_attn4 = Impl(
 # local attention always has a window, and padding with a window is declined: no key_padding
 flash_attn4_local = dataclasses.replace(
     flash_attn4.for_variant("local", "FlashAttention-4 sliding-window (window_size) adapter"),
-    features=frozenset(FEATURES - {"key_padding", "fp8"}),
+    features=frozenset(FEATURES - {"key_padding"}),
 )

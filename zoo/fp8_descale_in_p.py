@@ -6,9 +6,12 @@ NaN, no inf: just wrong). The descale belongs on the float32 accumulator. Right 
 import torch
 
 import attnbench.impls.naive as _naive
-from attnbench.zoo._base import FEATURES, Kernel, member
+from attnbench.zoo._base import Kernel, member
 
 FP8 = torch.float8_e4m3fn
+# what a forward-only fp8 kernel (FA3 / FA4's) declares: no backward, bias or dropout
+FP8_FEATURES = frozenset({"causal", "sliding_window", "gqa", "cross", "key_padding", "dv", "lse", "deterministic",
+                          "fp8"})
 
 
 class DescaleInP(Kernel):
@@ -28,5 +31,5 @@ class DescaleInP(Kernel):
 
 fp8_descale_in_p = member(
     "fp8_descale_in_p", DescaleInP(), "fp8: v_descale folded into P before P is rounded to e4m3 (it underflows)",
-    features=FEATURES | {"fp8"},
+    features=FP8_FEATURES,
 )
