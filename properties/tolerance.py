@@ -121,16 +121,19 @@ class Verdict:
     allowed: float
     ratio: float  # error / allowed, the number reported
     detail: str = ""
+    fp8: bool = False  # judged under the fp8 model (its allowance is absolute: fp8_scales)
 
     @property
     def ok(self) -> bool:
         return self.ratio <= 1.0
 
     def message(self) -> str:
+        model_text = "the fp8 model's allowance" if self.fp8 else (
+            f"{ULPS.get(self.quantity, '?')} x eps x scale, the error model's")
         text = (
             f"{self.quantity}: max error {self.error:.3g} > allowed {self.allowed:.3g} "
             f"(ratio {self.ratio:.3g}; allowed = K={K.get(self.quantity, '?')} x reference error "
-            f"+ {ULPS.get(self.quantity, '?')} x eps x scale, the error model's)"
+            f"+ {model_text})"
         )
         return f"{text}; {self.detail}" if self.detail else text
 
@@ -228,7 +231,7 @@ def compare(
     error, why = max_error(actual, oracle)
     ratio = error / limit
     detail = why or f"reference error {ref_error:.3g}"
-    return Verdict(quantity, error, limit, ratio, detail)
+    return Verdict(quantity, error, limit, ratio, detail, fp8=dtype == FP8)
 
 
 def compare_runs(
@@ -246,7 +249,7 @@ def compare_runs(
     error, why = max_error(actual, expected)
     if torch.isnan(expected.detach()).any():
         error, why = math.inf, f"NaN in the run compared against at {_where(torch.isnan(expected.detach().cpu()))}"
-    return Verdict(quantity, error, limit, error / limit, why)
+    return Verdict(quantity, error, limit, error / limit, why, fp8=dtype == FP8)
 
 
 def term_scales(

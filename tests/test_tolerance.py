@@ -134,7 +134,7 @@ def test_compare_runs_allows_twice_the_rule():
 def test_every_quantity_has_k_and_ulps_and_every_kernel_quantity_a_logit_gain():
     assert set(T.K) == set(T.ULPS) == {"out", "lse", "dq", "dk", "dv", "dbias", "dsinks", "dx", "dw"}
     assert set(T.LOGIT_GAIN) == {"out", "lse", "dq", "dk", "dv", "dbias", "dsinks"}
-    assert set(T.EPS) == {"float64", "float32", "float16", "bfloat16"}
+    assert set(T.EPS) == {"float64", "float32", "float16", "bfloat16", T.FP8} and T.EPS[T.FP8] == 2.0**-3
     assert all(k >= 1 for k in T.K.values())
 
 
