@@ -31,6 +31,7 @@ from attnbench.spec import Config, Spec
 BIG = 1 << 29  # an unbounded window edge; far beyond any sequence length
 MAX_HEAD_DIM = 256
 MAX_BLOCK_WINDOW = 1 << 24
+FP8_MIN_K = 32  # the smallest K of an 8-bit tl.dot (Triton's min_dot_size); every fwd config has BLOCK_N >= 32
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _KERNELS: dict[bool, ModuleType] = {}
 
@@ -276,6 +277,8 @@ def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None, descales=Non
     args.update(Out=out, LSE=lse, M2=m2, INVL=inv_l, sob=out.stride(0), soh=out.stride(1), som=out.stride(2), Hq=Hq)
     qds, kds, vds = descales or (q, q, q)  # stand-ins without fp8 (unread)
     args.update(QDS=qds, KDS=kds, VDS=vds, IS_FP8=bool(descales))
+    if descales:  # an 8-bit tl.dot needs K >= 32 on NVIDIA: q . k runs over a head dim padded to 32 at least
+        args.update(BLOCK_D=max(FP8_MIN_K, args["BLOCK_D"]), EVEN_D=q.shape[3] == max(FP8_MIN_K, args["BLOCK_D"]))
     with _device_ctx(q):
         _launch("fwd", Sq, "BLOCK_M", B * Hq, interpret, **args)
     return out, lse, (m2, inv_l)
@@ -391,6 +394,8 @@ def fp8_forward(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, q_des
         raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
     if bias is not None or cfg.softcap is not None or cfg.dropout_p:
         raise ValueError("triton: fp8 takes no bias, soft cap or dropout")
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={q.shape[3]}, Dv={v.shape[3]}")
     if any(t.requires_grad for t in (q, k, v)):
         raise ValueError("triton: fp8 is forward only")
     B, Hq, Sq, _ = q.shape
