@@ -1,7 +1,7 @@
 """fp8 attention (oracles/CONTRACT.md, section 1.4): float8_e4m3fn q, k, v with float32 descales.
 
 Agreement with the oracle (float64 attention on the dequantized values) under the tolerance
-rule's fp8 model, and relations between runs of the implementation itself that hold exactly or
+rule's fp8 model, with descales per tensor or differing per (batch, kv head), and relations between runs of the implementation itself that hold exactly or
 nearly: v_descale times 2 doubles the output bit for bit (a power of two scales exactly), with the
 descales given per (batch, kv head), the shape FA3 / FA4 take; q_descale and k_descale swapped,
 one times c, is cfg.scale times c (only their product enters the logits). Fully masked rows stay
@@ -28,7 +28,7 @@ from attnbench.properties.harness import (
     run_oracle,
     scales_of,
 )
-from attnbench.properties.strategies import Caps, Pinned, draw_spec, pinned
+from attnbench.properties.strategies import Caps, Pinned, draw_int, draw_spec, pinned
 from attnbench.spec import Spec
 
 pytestmark = pytest.mark.variant("dense")
@@ -51,11 +51,18 @@ def _draw(data, impl, device, **kwargs) -> Spec | None:
     Pinned(Spec(Sq=17, D=64, dtype="bfloat16", magnitude=8.0, fp8=True), "large logits: e4m3's full range"),
 )
 def test_fp8_matches_oracle(impl, device, measure, data):
-    """out and lse against float64 attention on the dequantized values, under the fp8 rule."""
+    """out and lse against float64 attention on the dequantized values, under the fp8 rule; one
+    draw in two (and the pins) with descales of shape (B, Hkv) that differ per batch element and
+    kv head, so a kernel that reads them by query head or by batch alone is off."""
     spec = _draw(data, impl, device)
     if spec is None:
         return
     inputs = fresh_inputs(spec)
+    if draw_int(data, 0, 1, 1, label="descales per (batch, kv head)"):
+        g = torch.Generator().manual_seed(spec.seed)
+        for name, d in inputs.descales().items():
+            factors = 0.5 + 1.5 * torch.rand(spec.B, spec.Hkv, generator=g)  # within [0.5, 2): no overflow
+            setattr(inputs, name, (d.cpu() * factors).to(device=d.device, dtype=torch.float32))
     got = run_impl(impl, spec, inputs)
     ref = run_impl(reference_impl(impl), spec, clone_inputs(inputs))
     want = run_oracle(spec, inputs)
