@@ -1,11 +1,11 @@
 """fp8 attention (oracles/CONTRACT.md, section 1.4): float8_e4m3fn q, k, v with float32 descales.
 
 Agreement with the oracle (float64 attention on the dequantized values) under the tolerance
-rule's fp8 model, with descales per tensor or differing per (batch, kv head), and relations between runs of the implementation itself that hold exactly or
-nearly: v_descale times 2 doubles the output bit for bit (a power of two scales exactly), with the
-descales given per (batch, kv head), the shape FA3 / FA4 take; q_descale and k_descale swapped,
-one times c, is cfg.scale times c (only their product enters the logits). Fully masked rows stay
-zero with lse -inf. Forward only: fp8 has no backward.
+rule's fp8 model, with descales per tensor or differing per (batch, kv head), and relations
+between runs of the implementation itself that hold exactly or nearly: v_descale times 2 doubles
+the output bit for bit (a power of two scales exactly), with the descales given per (batch, kv
+head), the shape FA3 / FA4 take; q_descale and k_descale swapped, one times c, is cfg.scale times
+c (only their product enters the logits). Fully masked rows stay zero with lse -inf. Forward only: fp8 has no backward.
 """
 
 from __future__ import annotations
