@@ -4,7 +4,9 @@ fn(q, k, v, cfg, key_padding_mask=None, bias=None): q (B, Hq, Sq, D), k (B, Hkv,
 v (B, Hkv, Sk, Dv), one floating dtype and one device for all three, Hq a multiple of Hkv,
 key_padding_mask (B, Sk) bool (True = keep), bias floating and broadcastable to (B, Hq, Sq, Sk).
 Kernels that declare the score features also take alibi_slopes= (float32, (Hq,) or (B, Hq)) and
-sinks= ((Hq,), q's dtype or float32), keyword only.
+sinks= ((Hq,), q's dtype or float32), keyword only. Kernels that declare fp8 take float8_e4m3fn
+q, k, v with q_descale= / k_descale= / v_descale= (float32, shape () or (B, Hkv); None means 1),
+keyword only, and return bfloat16 out.
 Nothing is broadcast silently and nothing is upcast silently: a call that breaks the convention
 gets a one-line ValueError naming the argument. The checks read shapes and dtypes only, so they
 cost no device synchronization.
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.spec import Config
+from attnbench.spec import FP8, Config
 
 
 def check_call(q: object, k: object, v: object, cfg: object, key_padding_mask: object = None,
                bias: object = None, who: str = "attention", *, alibi_slopes: object = None,
-               sinks: object = None) -> None:
+               sinks: object = None, q_descale: object = None, k_descale: object = None,
+               v_descale: object = None) -> None:
     """Raise ValueError("<who>: <problem>") unless the arguments follow the call convention."""
 
     def bad(why: str) -> None:
@@ -90,6 +93,18 @@ def check_call(q: object, k: object, v: object, cfg: object, key_padding_mask: o
             bad(f"sinks must have shape (Hq,) = {(Hq,)}, got {tuple(sinks.shape)}")
         if sinks.device != q.device:
             bad(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
+    for name, t in descales.items():
+        if t is None:
+            continue
+        if q.dtype != FP8:
+            bad(f"{name} is for float8_e4m3fn inputs, got {q.dtype}")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            bad(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) not in ((), (B, Hkv)):
+            bad(f"{name} must have shape () or (B, Hkv) = {(B, Hkv)}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            bad(f"{name} must be on q's device {q.device}, got {t.device}")
 
 
 class ContractError(AssertionError):
@@ -107,7 +122,7 @@ def check_result(who: str, result: object, q: torch.Tensor, v: torch.Tensor) -> 
     want = (B, Hq, Sq, v.shape[3])
     if not isinstance(out, torch.Tensor):
         raise ContractError(f"contract: {who} returned {type(out).__name__} for out, expected a tensor")
-    if out.dtype != q.dtype:
+    if out.dtype != out_dtype(q.dtype):
         raise ContractError(f"contract: {who} returned {dtype_name(out.dtype)} out for {dtype_name(q.dtype)} inputs")
     if tuple(out.shape) != want:
         raise ContractError(f"contract: {who} returned out of shape {tuple(out.shape)}, expected (B, Hq, Sq, Dv) = {want}")
@@ -124,6 +139,11 @@ def check_result(who: str, result: object, q: torch.Tensor, v: torch.Tensor) -> 
         if lse.device != q.device:
             raise ContractError(f"contract: {who} returned lse on {lse.device} for inputs on {q.device}")
     return out, lse
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The output dtype of a call on inputs of `dtype`: the same, bfloat16 for float8_e4m3fn."""
+    return torch.bfloat16 if dtype == FP8 else dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -62,6 +62,7 @@ FEATURES = frozenset(
         "softcap",  # Config.softcap: logits soft-capped, cap * tanh(logit / cap)
         "alibi",  # alibi_slopes=: ALiBi bias computed in the kernel, never materialized
         "sinks",  # sinks=: one learnable logit per head in the softmax denominator only
+        "fp8",  # float8_e4m3fn q, k, v with float32 descales (Spec.fp8); bfloat16 out, forward only
     }
 )
 
@@ -161,12 +162,22 @@ class Inputs:
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (doc_q (B, Sq), doc_k (B, Sk)) int64
     alibi_slopes: torch.Tensor | None = None  # (Hq,) or (B, Hq) float32, positive: the kernel's ALiBi
     sinks: torch.Tensor | None = None  # (Hq,) one logit per head in the softmax denominator
+    # fp8 (Spec.fp8): float32 descales of the float8_e4m3fn q, k, v, shape () or (B, Hkv)
+    q_descale: torch.Tensor | None = None
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
 
     def score_kwargs(self) -> dict[str, torch.Tensor]:
-        """The score-feature keyword arguments of a kernel call: only those the spec uses, so an
-        implementation that declares none of them is called with its plain signature."""
-        extra = {"alibi_slopes": self.alibi_slopes, "sinks": self.sinks}
+        """The keyword arguments of a kernel call beyond the plain signature (the score features'
+        alibi_slopes and sinks, fp8's descales): only those the spec uses, so an implementation
+        that declares none of them is called with its plain signature."""
+        extra = {"alibi_slopes": self.alibi_slopes, "sinks": self.sinks, **self.descales()}
         return {name: t for name, t in extra.items() if t is not None}
+
+    def descales(self) -> dict[str, torch.Tensor]:
+        """q_descale, k_descale, v_descale where set (fp8 inputs), else empty."""
+        named = {"q_descale": self.q_descale, "k_descale": self.k_descale, "v_descale": self.v_descale}
+        return {name: t for name, t in named.items() if t is not None}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
@@ -203,6 +214,9 @@ class Spec:
     softcap: float | None = None  # logit soft cap (Config.softcap)
     alibi: bool = False  # the kernel's ALiBi: alibi_slopes drawn per spec (Spec.alibi_values)
     sinks: bool = False  # attention sinks: one logit per head drawn per spec (Spec.sink_values)
+    # fp8 attention: q, k, v quantized to float8_e4m3fn with per-tensor float32 descales
+    # (make_inputs); dtype is then the output's, bfloat16. Forward only.
+    fp8: bool = False
     extra: tuple = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -278,9 +292,13 @@ class Spec:
         why = softcap_problem(self.softcap)
         if why:
             bad("softcap", why)
-        for name in ("alibi", "sinks"):
+        for name in ("alibi", "sinks", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, f"must be a bool, got {getattr(self, name)!r}")
+        if self.fp8 and self.dtype != "bfloat16":
+            bad("dtype", f"an fp8 spec's output dtype is 'bfloat16' (what FA3 / FA4 return), got {self.dtype!r}")
+        if self.fp8 and self.bias is not None:
+            bad("bias", "fp8 attention takes no bias (FA3 / FA4 have none)")
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -338,6 +356,8 @@ class Spec:
             need.add("alibi")
         if self.sinks:
             need.add("sinks")
+        if self.fp8:
+            need.add("fp8")
         return frozenset(need)
 
     def replace(self, **changes) -> Spec:
@@ -366,7 +386,14 @@ class Spec:
         q, k = self.magnitude * q, self.magnitude * k
         kpm = self._key_padding_mask(g)
         bias = self._bias(g)
-        q, k, v = laid_out(self.layout, *(t.to(device=self.device, dtype=self.torch_dtype) for t in (q, k, v)))
+        descales = {}
+        if self.fp8:
+            if requires_grad:
+                raise ValueError("Spec.fp8: fp8 attention is forward only (no gradients)")
+            (q, k, v), descales = quantize_fp8(q, k, v)
+            descales = {name: t.to(self.device) for name, t in descales.items()}
+        q, k, v = laid_out(self.layout, *(t.to(device=self.device, dtype=t.dtype if self.fp8 else self.torch_dtype)
+                                          for t in (q, k, v)))
         return Inputs(
             q=q.requires_grad_(requires_grad),
             k=k.requires_grad_(requires_grad),
@@ -378,6 +405,7 @@ class Spec:
             sinks=None if not self.sinks else self.sink_values().to(device=self.device, dtype=self.torch_dtype)
             .requires_grad_(requires_grad),
             document_ids=self.document_ids(),
+            **descales,
         )
 
     # Salts of the score features' own generators: drawn apart from make_inputs' stream, so a
@@ -476,6 +504,24 @@ class Spec:
             hit = torch.rand(bias.shape, generator=g) < self.bias_neginf
             bias = bias.masked_fill(hit, -math.inf)
         return bias.contiguous()
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """q, k, v (any floating dtype and device) quantized to float8_e4m3fn the way fp8 pipelines
+    do it, per tensor: descale = amax / 448 (float32), t8 = round(t / descale) in e4m3, so
+    t8 * descale ~ t; and {"q_descale", "k_descale", "v_descale"} as float32 tensors of shape ()
+    on t's device. An all-zero (or empty) tensor gets descale 1."""
+    out, descales = [], {}
+    for name, t in zip(("q", "k", "v"), tensors):
+        amax = t.abs().amax() if t.numel() else t.new_zeros(())
+        descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(torch.float32)
+        out.append((t / descale.to(t.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        descales[f"{name}_descale"] = descale
+    return tuple(out), descales
 
 
 def laid_out(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

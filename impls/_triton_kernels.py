@@ -200,7 +200,7 @@ def _fwd_inner(
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Bias, KPM, Out, LSE, M2, INVL, Slopes, Sinks,
+    Q, K, V, Bias, KPM, Out, LSE, M2, INVL, Slopes, Sinks, QDS, KDS, VDS,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sbb, sbh, sbm, sbn, spb, sob, soh, som, ssb, ssh,
     Hq, Sq, Sk, D, DV, GROUP,
@@ -208,7 +208,7 @@ def attn_fwd(
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BLOCK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, IS_VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP8: tl.constexpr,
 ):
     num_m = tl.cdiv(Sq, BLOCK_M)
     start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M  # longest rows (causal) launch first
@@ -241,6 +241,9 @@ def attn_fwd(
     kpm_base = KPM + b * spb
     # the head's ALiBi slope in base 2 (Slopes is a stand-in tensor, read and unused, without ALiBi)
     slope2 = tl.load(Slopes + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
+    if IS_FP8:  # fp8: the (B, Hkv) descales of q and k join the scale (the dots multiply e4m3 values exactly)
+        kv = b * (Hq // GROUP) + hk
+        qk_scale = qk_scale * tl.load(QDS + kv) * tl.load(KDS + kv)
 
     p_rows = offs_m + off
     lo_i = _key_lo(p_rows, left, W, LB, SHIFT_B, HAS_BLOCK)
@@ -284,6 +287,8 @@ def attn_fwd(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if IS_FP8:  # P was rounded to e4m3 for the second dot (p.to(v.dtype)); v's descale scales the output
+        out = out * tl.load(VDS + b * (Hq // GROUP) + hk)
     safe_l = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
     row_ok = offs_m < Sq

@@ -32,7 +32,11 @@ Limits (supports()), from interface.py's checks and what its tests verify:
   (MLA); multiples of 8. Backward: D == Dv <= 128, (192, 128) or (256, 256).
 - Other GPUs: FA4 also runs SM80 / SM120 through an SM80 path without these checks; the
   adapter declares the datacenter Hopper and Blackwell parts only.
-- fp8 (e4m3 / e5m2) is forward-only and SM100-only in FA4, and not a contract dtype yet.
+- fp8 (the contract's `fp8`: float8_e4m3fn q, k, v with float32 descales, bfloat16 out): FA4 takes
+  q_descale / k_descale / v_descale of shape (B, Hkv) only, so a per-tensor descale () is expanded
+  to (B, Hkv); forward only (FA4 raises for fp8 with gradients) and SM100 only (FA4 asserts
+  `arch // 10 == 10`): supports() declines every other compute capability, and key padding with
+  fp8 (the varlen path is not verified with descales).
 
 Upstream bugs (upstream_bug(), found by the H200 property run of 2026-12-03; canaries in
 tests/test_flash_attn4.py, scripts/checks/fa4_findings.py re-checks them):
@@ -59,6 +63,7 @@ from attnbench.spec import Config, Spec
 
 MODULE = "flash_attn.cute"
 ARCHES = (9, 10, 11)  # compute capability majors declared: Hopper, Blackwell (SM100 / SM110)
+FP8_ARCH = 10  # FA4 asserts arch // 10 == 10 for fp8 inputs: SM100 only
 
 
 def _fa4():
@@ -114,16 +119,30 @@ def attention(
     cfg: Config,
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="flash_attn4")  # the shared call convention
+    descales = dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="flash_attn4", **descales)  # the shared call convention
     _check(q, k, cfg, key_padding_mask, bias)
+    fp8 = q.dtype == torch.float8_e4m3fn
     if key_padding_mask is not None:
+        if fp8:
+            raise ValueError("key_padding_mask: the adapter's varlen path takes no fp8 descales")
         return _varlen(q, k, v, cfg, key_padding_mask)
+    extra = {n: per_kv_head(d, k.shape[0], k.shape[1]) for n, d in descales.items()} if fp8 else {}
     out, lse = _fa4().flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        softmax_scale=cfg.scale, causal=cfg.causal, window_size=_window(cfg), softcap=0.0, return_lse=True,
+        softmax_scale=cfg.scale, causal=cfg.causal, window_size=_window(cfg), softcap=0.0, return_lse=True, **extra,
     )
     return out.transpose(1, 2), lse
+
+
+def per_kv_head(descale: torch.Tensor | None, B: int, Hkv: int) -> torch.Tensor | None:
+    """A contract descale (() or (B, Hkv), float32) in FA4's shape (B, Hkv), contiguous."""
+    return None if descale is None else descale.expand(B, Hkv).contiguous()
 
 
 def _varlen(q, k, v, cfg: Config, kpm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,10 +227,14 @@ def _supports(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     arch = _arch(spec)
     if arch not in ARCHES:
         return f"compute capability {arch}.x: the adapter declares Hopper (9.x) and Blackwell (10.x, 11.x)"
+    if spec.fp8 and arch != FP8_ARCH:
+        return f"fp8: FA4 runs fp8 on SM100 only (compute capability {FP8_ARCH}.x), this GPU is {arch}.x"
+    if spec.fp8 and spec.has_padding:
+        return "fp8 with key padding: the adapter's varlen path takes no descales"
     return head_dims(arch, spec.D, spec.Dv, "backward" in needs, spec.Hkv != spec.Hq)
 
 
-FEATURES = {"causal", "sliding_window", "gqa", "cross", "key_padding", "dv", "backward", "lse"}
+FEATURES = {"causal", "sliding_window", "gqa", "cross", "key_padding", "dv", "backward", "lse", "fp8"}
 
 flash_attn4 = Impl(
     name="flash_attn4",

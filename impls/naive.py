@@ -1,4 +1,10 @@
-"""naive: materialized scores in PyTorch; any dtype, any device. The tolerance reference."""
+"""naive: materialized scores in PyTorch; any dtype, any device. The tolerance reference.
+
+fp8 inputs (float8_e4m3fn q, k, v with descales) are computed where FA3 / FA4 round: the logits
+from the exact products of the fp8 values in float32, times scale * q_descale * k_descale; the
+softmax in float32; the unnormalized probabilities exp(s - m) rounded to e4m3 for P @ V (in
+float32, exact products again); then divided by the float32 row sum, times v_descale, and
+rounded to bfloat16."""
 
 from __future__ import annotations
 
@@ -11,20 +17,27 @@ from attnbench.modules.flash_attention_two import FlashAttentionTwo
 from attnbench.modules.local_mha import LocalMHA
 from attnbench.modules.multi_query import MultiQueryAttention
 from attnbench.registry import Impl
-from attnbench.spec import Config
+from attnbench.spec import FP8, Config
 
 
 def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse: bool = True, document_ids=None, *,
-              alibi_slopes=None, sinks=None):
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="naive", alibi_slopes=alibi_slopes, sinks=sinks)
+              alibi_slopes=None, sinks=None, q_descale=None, k_descale=None, v_descale=None):
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="naive", alibi_slopes=alibi_slopes, sinks=sinks,
+               q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
     B, Hq, Sq, _ = q.shape
+    fp8 = q.dtype == FP8
+    logit_scale, v_scale = cfg.scale, None
+    if fp8:  # e4m3 values are exact in float32; the descales join the scale (logits) and the output
+        q, k, v = (t.to(torch.float32) for t in (q, k, v))
+        logit_scale = cfg.scale * _per_head(q_descale, B, Hq) * _per_head(k_descale, B, Hq)
+        v_scale = _per_head(v_descale, B, Hq)
     Hkv, Sk = k.shape[1], k.shape[2]
     if document_ids is not None:
         check_document_ids(document_ids, B, Sq, Sk, who="naive")
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax in fp32 at least
-    s = softcap((q @ k.transpose(-1, -2)).to(acc) * cfg.scale, cfg.softcap)
+    s = softcap((q @ k.transpose(-1, -2)).to(acc) * logit_scale, cfg.softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
     if alibi_slopes is not None:
@@ -43,14 +56,27 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, return_lse
     l = p.sum(-1, keepdim=True)
     if sink is not None:
         l = l + torch.exp(sink - m)
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), torch.log(l) + m).squeeze(-1)
+    if fp8:
+        pv = p.to(FP8).to(torch.float32) @ v  # P rounded to e4m3 before the second product, as FA3 / FA4 do
+        out = pv / torch.where(empty, torch.ones_like(l), l) * v_scale
+        return out.to(torch.bfloat16), lse
     p = p / torch.where(empty, torch.ones_like(l), l)
     if cfg.dropout_p > 0:
         gen = torch.Generator(device=q.device).manual_seed(cfg.dropout_seed)
         keep = torch.rand(p.shape, generator=gen, device=q.device) >= cfg.dropout_p
         p = p * keep / (1 - cfg.dropout_p)
     out = (p.to(v.dtype) @ v)
-    lse = torch.where(empty, torch.full_like(l, float("-inf")), torch.log(l) + m).squeeze(-1)
     return out, lse
+
+
+def _per_head(descale: torch.Tensor | None, B: int, Hq: int) -> torch.Tensor | float:
+    """An fp8 descale broadcastable to (B, Hq, 1, 1): () as it is, (B, Hkv) repeated per group; None is 1."""
+    if descale is None:
+        return 1.0
+    if descale.dim() == 2:
+        return descale.repeat_interleave(Hq // descale.shape[1], dim=1)[:, :, None, None]
+    return descale
 
 
 def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg: Config, return_lse: bool = True):
@@ -88,7 +114,7 @@ naive = Impl(
     features={
         "causal", "sliding_window", "blocked_window", "gqa", "cross", "key_padding", "bias",
         "bias_grad", "dropout", "top_left", "dv", "backward", "lse", "deterministic", "varlen", "document",
-        "paged_kv", "softcap", "alibi", "sinks",
+        "paged_kv", "softcap", "alibi", "sinks", "fp8",
     },
     varlen=varlen,
     paged=paged,

@@ -34,6 +34,7 @@ from attnbench.spec import Config, Spec
 BIG = 1 << 29  # an unbounded window edge; far beyond any sequence length
 MAX_HEAD_DIM = 256
 MAX_BLOCK_WINDOW = 1 << 24
+FP8_MIN_K = 32  # the smallest K of an 8-bit tl.dot (Triton's min_dot_size); every fwd config has BLOCK_N >= 32
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _KERNELS: dict[bool, ModuleType] = {}
 
@@ -334,16 +335,18 @@ class _Null:
         return False
 
 
-def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None, packed: _Packed | None = None):
+def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None, packed: _Packed | None = None, descales=None):
     """out (B, Hq, Sq, Dv), lse (B, Hq, Sq) and the backward's stats; with `packed` (q, k, v as
-    _sequences views) out (total_q, Hq, Dv) and lse (Hq, total_q)."""
+    _sequences views) out (total_q, Hq, Dv) and lse (Hq, total_q). descales: fp8's (q, k, v)
+    descales, each float32 (B, Hkv) contiguous; out is then bfloat16."""
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
+    out_dtype = torch.bfloat16 if descales else q.dtype
     if packed is None:
-        out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+        out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=q.device)
         lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     else:
-        out = torch.empty(Sq, Hq, Dv, dtype=q.dtype, device=q.device)
+        out = torch.empty(Sq, Hq, Dv, dtype=out_dtype, device=q.device)
         lse = torch.empty(Hq, Sq, dtype=torch.float32, device=q.device)
     # what the backward reads: row max (base 2) and 1 / row sum; +inf and 0 on empty rows
     m2, inv_l = torch.empty_like(lse), torch.empty_like(lse)
@@ -353,6 +356,10 @@ def _forward(q, k, v, cfg, kpm, bias_full, slopes=None, sinks=None, packed: _Pac
     args = _common(q, k, v, cfg, kpm, bias_full, slopes, sinks, packed)
     o = out if packed is None else _sequences(out, B)
     args.update(Out=o, LSE=lse, M2=m2, INVL=inv_l, sob=o.stride(0), soh=o.stride(1), som=o.stride(2), Hq=Hq)
+    qds, kds, vds = descales or (q, q, q)  # stand-ins without fp8 (unread)
+    args.update(QDS=qds, KDS=kds, VDS=vds, IS_FP8=bool(descales))
+    if descales:  # an 8-bit tl.dot needs K >= 32 on NVIDIA: q . k runs over a head dim padded to 32 at least
+        args.update(BLOCK_D=max(FP8_MIN_K, args["BLOCK_D"]), EVEN_D=q.shape[3] == max(FP8_MIN_K, args["BLOCK_D"]))
     with _device_ctx(q):
         _launch_heads("fwd", Sq if packed is None else packed.max_q, "BLOCK_M", B, Hq, interpret, **args)
     return out, lse, (m2, inv_l)
@@ -454,9 +461,12 @@ class _Attention(torch.autograd.Function):
 
 
 def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_slopes=None,
-              sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+              sinks=None, q_descale=None, k_descale=None, v_descale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (-inf on empty rows; the
-    sink on empty rows with sinks)."""
+    sink on empty rows with sinks). fp8 q, k, v (with descales) give bfloat16 out: `fp8_forward`."""
+    if q.dtype == torch.float8_e4m3fn:
+        return fp8_forward(q, k, v, cfg, key_padding_mask, bias, q_descale=q_descale, k_descale=k_descale,
+                           v_descale=v_descale)
     _check(q, k, v, cfg, key_padding_mask, bias, alibi_slopes, sinks)
     if k.shape[2] == 0:  # no keys: every row is empty (no key block to launch over)
         if sinks is None:
@@ -465,6 +475,34 @@ def attention(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, alibi_s
         return out, lse + sinks.to(lse.dtype).view(1, -1, 1)
     slopes = None if alibi_slopes is None else alibi_slopes.contiguous()
     return _Attention.apply(q, k, v, bias, key_padding_mask, cfg, slopes, sinks)
+
+
+def fp8_forward(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, q_descale=None, k_descale=None,
+                v_descale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 attention, forward only: the forward kernel with IS_FP8 (tl.dot of e4m3 q and k, P
+    rounded to e4m3 for the dot with v, the descales folded into the scale and the output);
+    bfloat16 out. On CUDA (Hopper's tl.dot takes fp8e4nv operands) and in the interpreter."""
+    descales = dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="triton", **descales)
+    if q.device.type == "cpu" and not interpret_requested():
+        raise ValueError("triton: cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    if bias is not None or cfg.softcap is not None or cfg.dropout_p:
+        raise ValueError("triton: fp8 takes no bias, soft cap or dropout")
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"triton: head dims up to {MAX_HEAD_DIM}, got D={q.shape[3]}, Dv={v.shape[3]}")
+    if any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("triton: fp8 is forward only")
+    B, Hq, Sq, _ = q.shape
+    Hkv = k.shape[1]
+    if k.shape[2] == 0:  # no keys: every row is empty
+        return (torch.zeros(B, Hq, Sq, v.shape[3], dtype=torch.bfloat16, device=q.device),
+                torch.full((B, Hq, Sq), -math.inf, dtype=torch.float32, device=q.device))
+    per_head = tuple(torch.ones((), dtype=torch.float32, device=q.device).expand(B, Hkv).contiguous() if d is None
+                     else d.expand(B, Hkv).contiguous() for d in descales.values())
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    out, lse, _ = _forward(q, k, v, cfg, kpm, None, descales=per_head)
+    return out, lse
 
 
 # -- paged KV cache -----------------------------------------------------------------------------
@@ -626,7 +664,7 @@ def supports(spec: Spec) -> str | None:
     if spec.device.split(":")[0] == "cpu":
         if not interpret_requested():
             return "cpu needs TRITON_INTERPRET=1"
-        if spec.dtype == "bfloat16":
+        if spec.dtype == "bfloat16" and not spec.fp8:  # fp8's dots are e4m3 x e4m3; only the store is bf16
             return "bfloat16 on cpu: the Triton interpreter's bf16 dot is wrong"
     if max(spec.D, spec.Dv) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}"
@@ -658,7 +696,7 @@ triton_dense = Impl(
     name="triton",
     variant="dense",
     fn=attention,
-    features=FEATURES | {"paged_kv", "varlen"},
+    features=FEATURES | {"paged_kv", "varlen", "fp8"},
     paged=paged,
     varlen=varlen,
     devices=("cuda", "cpu"),

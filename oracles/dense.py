@@ -69,6 +69,9 @@ def attention(
     *,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq), in float64, differentiable by autograd.
     With `rows` (query indices), (B, Hq, len(rows), Dv) and (B, Hq, len(rows)) for those
@@ -81,9 +84,16 @@ def attention(
     before the bias, `alibi_slopes` adds -slope * |p(i) - j| after the bias, `sinks` adds
     exp(sink) to every row's softmax denominator (the lse includes it; an empty row has lse = sink).
 
+    fp8 (CONTRACT.md, "fp8"): float8_e4m3fn q, k, v with float32 descales (shape () or (B, Hkv);
+    None is 1) are attention on the dequantized values t * t_descale, computed in float64.
+
     Dropout is not part of the oracle: properties check it statistically instead.
     """
-    check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle", alibi_slopes=alibi_slopes, sinks=sinks)
+    descales = dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    check_call(q, k, v, cfg, key_padding_mask, bias, who="oracle", alibi_slopes=alibi_slopes, sinks=sinks,
+               **descales)
+    if q.dtype == torch.float8_e4m3fn:
+        q, k, v = (dequantize(t, d) for t, d in zip((q, k, v), descales.values()))
     B, Hq, Sq, D = q.shape
     if document_ids is not None:
         check_document_ids(document_ids, B, Sq, k.shape[2], who="oracle")
@@ -146,6 +156,18 @@ def attention(
     out = torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     lse = torch.where(empty, torch.full_like(denom, NEG_INF), torch.log(safe) + m).squeeze(-1)
     return out, lse
+
+
+def dequantize(t: torch.Tensor, descale: torch.Tensor | None) -> torch.Tensor:
+    """t (B, H, S, E) in float64 times its descale: () per tensor, or (B, Hkv) per batch element
+    and kv head, of which query head h of H reads column h // (H / Hkv)."""
+    t = t.to(torch.float64)
+    if descale is None:
+        return t
+    d = descale.to(device=t.device, dtype=torch.float64)
+    if d.dim() == 2:
+        d = d.repeat_interleave(t.shape[1] // d.shape[1], dim=1)[:, :, None, None]
+    return t * d
 
 
 def alibi_bias(slopes: torch.Tensor, Sq: int, Sk: int, align: str = "bottom_right",

@@ -16,7 +16,7 @@ import torch
 
 from attnbench.packing import PagedInputs, PagedSpec, VarlenInputs, VarlenSpec, cu_seqlens
 from attnbench.registry import Impl
-from attnbench.spec import Inputs, Spec
+from attnbench.spec import Inputs, Spec, quantize_fp8
 
 from . import work
 from .cells import Cell
@@ -204,9 +204,15 @@ def perf_inputs(spec: Spec) -> Inputs:
     draw (float64 on the CPU, then cast) takes seconds per problem. Specs with a bias or key
     padding use Spec.make_inputs, whose masks and biases follow the spec's fields exactly."""
     if spec.bias is not None or spec.has_padding:
-        return spec.make_inputs(requires_grad=True)
+        return spec.make_inputs(requires_grad=not spec.fp8)
     draw = _drawer(spec)
     m = spec.magnitude
+    if spec.fp8:  # quantized per tensor on the device (Spec.make_inputs' quantize_fp8); forward only
+        (q, k, v), descales = quantize_fp8(*(draw(*shape, scale=s, grad=False) for shape, s in (
+            ((spec.B, spec.Hq, spec.Sq, spec.D), m), ((spec.B, spec.Hkv, spec.Sk, spec.D), m),
+            ((spec.B, spec.Hkv, spec.Sk, spec.Dv), 1.0))))
+        return Inputs(q=q, k=k, v=v, key_padding_mask=None, bias=None,
+                      grad_out=draw(spec.B, spec.Hq, spec.Sq, spec.Dv, grad=False), **descales)
     return Inputs(
         q=draw(spec.B, spec.Hq, spec.Sq, spec.D, scale=m),
         k=draw(spec.B, spec.Hkv, spec.Sk, spec.D, scale=m),

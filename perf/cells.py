@@ -100,11 +100,11 @@ class Cell:
 
 
 def score_features(spec: KernelSpec) -> dict[str, Any]:
-    """The score features a spec uses (none: an empty dict, so plain cells keep their keys)."""
+    """The score features and fp8 a spec uses (none: an empty dict, so plain cells keep their keys)."""
     out: dict[str, Any] = {}
     if spec.softcap is not None:
         out["softcap"] = spec.softcap
-    for name in ("alibi", "sinks"):
+    for name in ("alibi", "sinks", "fp8"):
         if getattr(spec, name, False):
             out[name] = True
     return out

@@ -362,6 +362,20 @@ def score_features(device: str, quick: bool) -> list[Cell]:
     return cells
 
 
+@sweep("fp8", devices=("cpu", "cuda"), default=())
+def fp8(device: str, quick: bool) -> list[Cell]:
+    """fp8 (e4m3 q, k, v with descales, bfloat16 out) beside bfloat16 on the same shapes, forward only."""
+    if is_cuda(device):
+        base = _gpu_base(device)
+        shapes = [dict(causal=False), dict(causal=True)] + ([] if quick else [dict(D=64, causal=True),
+                                                                               dict(B=1, Sq=16384, causal=True)])
+    else:
+        base = _Base(B=1, Hq=2, Sq=128, D=32, dtype="bfloat16", device=device)
+        shapes = [dict(causal=False), dict(causal=True)]
+    return [c for shape in shapes for fp8 in (False, True)
+            for c in kernel_cells("dense", base.replace(fp8=fp8, **shape), FWD, "fp8")]
+
+
 def module_cells(device: str) -> list[Cell]:
     """One forward cell per seed module, constructor arguments from the seed documents."""
     cuda = is_cuda(device)

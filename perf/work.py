@@ -66,11 +66,13 @@ def bias_numel(spec: Spec) -> int:
 
 
 def attention_bytes(spec: Spec, mode: str = "fwd") -> float:
-    """The fewest bytes a call moves: inputs read once, outputs written once."""
+    """The fewest bytes a call moves: inputs read once, outputs written once (fp8: q, k, v one
+    byte an element, the output in the spec's dtype, bfloat16)."""
     e = element_size(spec.dtype)
-    q = spec.B * spec.Hq * spec.Sq * spec.D * e
-    k = spec.B * spec.Hkv * spec.Sk * spec.D * e
-    v = spec.B * spec.Hkv * spec.Sk * spec.Dv * e
+    e_in = 1 if getattr(spec, "fp8", False) else e
+    q = spec.B * spec.Hq * spec.Sq * spec.D * e_in
+    k = spec.B * spec.Hkv * spec.Sk * spec.D * e_in
+    v = spec.B * spec.Hkv * spec.Sk * spec.Dv * e_in
     out = spec.B * spec.Hq * spec.Sq * spec.Dv * e
     lse = spec.B * spec.Hq * spec.Sq * 4
     extra = bias_numel(spec) * e + (spec.B * spec.Sk if spec.has_padding else 0)

@@ -3,6 +3,10 @@
     python -m attnbench.properties.calibrate [--cases 500] [--dtypes float32 ...] [--jobs 2]
         [--device cpu] [--seed 0] [--out evidence/tolerance_calibration.json] [--raw rows.jsonl]
 
+With --fp8 it draws fp8 specs instead and measures the fp8 model (tolerance.fp8_scales) on the
+orderings of orderings.FP8_ORDERINGS, forward only, plus one broken kernel the rule must catch
+(evidence/tolerance_calibration_fp8.json: `--fp8 --cases 400`).
+
 evidence/tolerance_calibration.json is `--cases 800 --jobs 2` (16 minutes on the shared 2-core
 box under load; the default 500 cases per dtype takes a few minutes on an idle one).
 
@@ -23,6 +27,7 @@ alarm, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -32,6 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+FP8 = "float8_e4m3fn"  # --fp8: the rule's fp8 model (tolerance.FP8), measured by measure_fp8
 
 # The rule before the error model (K x naive's error + a per-dtype floor of the term magnitude),
 # kept here only to report how often it failed the same correct orderings.
@@ -89,6 +95,52 @@ def measure(dtype: str, cases: int, seed: int, device: str, use: tuple[str, ...]
     return rows
 
 
+def measure_fp8(cases: int, seed: int, device: str) -> list[dict]:
+    """measure() for fp8 specs (`--fp8`): the orderings of orderings.FP8_ORDERINGS against the
+    oracle under the rule's fp8 model, forward only; and one broken kernel (the zoo's
+    fp8_descale_in_p, rows marked broken=True), which the rule must catch."""
+    import torch
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+
+    from attnbench.properties import harness, tolerance
+    from attnbench.properties.orderings import FP8_ORDERINGS
+    from attnbench.properties.strategies import caps_for, specs_for
+    from attnbench.registry import registry
+    from attnbench.zoo.fp8_descale_in_p import fp8_descale_in_p
+
+    torch.set_num_threads(1)
+    naive = registry().reference("dense")
+    kernels = {**{name: (fn, False) for name, fn in FP8_ORDERINGS.items()}, "broken:descale_in_p": (fp8_descale_in_p.fn, True)}
+    rows: list[dict] = []
+    # the GPU's ordinary sizes (up to 300 keys, head dims to 256) even on the CPU, and one draw in 8
+    # with up to 4097 keys (2^22 logits): the rounding of P adds up over the keys, so rows must be long
+    caps = dataclasses.replace(caps_for("cuda"), long_length=4097, long_cells=2**22)
+
+    @hseed(seed)
+    @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(specs_for(naive, ("lse",), device, use=("fp8",), forbid=("softcap", "alibi", "sinks", "dropout"),
+                     caps=caps, long="keys"))
+    def one(spec):
+        inputs = harness.fresh_inputs(spec)
+        want = harness.run_oracle(spec, inputs)
+        ref = harness.run_impl(naive, spec, harness.clone_inputs(inputs))
+        scales = harness.scales_of(spec, inputs)
+        for order, (fn, broken) in kernels.items():
+            got = harness.call(fn, harness.clone_inputs(inputs), spec.config())
+            for name in ("out", "lse"):
+                verdict = tolerance.compare(name, got.get(name), want.get(name), ref.get(name), tolerance.FP8,
+                                            scales[name])
+                ref_error = tolerance.max_error(ref.get(name), want.get(name))[0]
+                rows.append(dict(order=order, quantity=name, ratio=verdict.ratio, old_ratio=0.0, spec=spec.short(),
+                                 error=verdict.error, reference_error=ref_error, logits=scales["logits"],
+                                 terms=0.0, magnitude=tolerance.magnitude(want.get(name)), broken=broken))
+
+    one()
+    return rows
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per quantity and ordering: cases, false alarms (new rule, old rule), ratio percentiles."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -113,6 +165,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def _job(args: tuple) -> tuple[str, list[dict]]:
     dtype, cases, seed, device, use = args
+    if dtype == FP8:
+        return dtype, measure_fp8(cases, seed, device)
     return dtype, measure(dtype, cases, seed, device, use)
 
 
@@ -127,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="features every drawn spec uses (e.g. softcap alibi sinks; default: drawn as the suite does)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
     parser.add_argument("--raw", type=Path, default=None, help="write every row here (JSON lines), to refit the rule")
+    parser.add_argument("--fp8", action="store_true",
+                        help="calibrate the fp8 model instead (fp8 specs, orderings.FP8_ORDERINGS, one broken kernel)")
     args = parser.parse_args(argv)
+    if args.fp8:
+        args.dtypes = [FP8]
     if args.cases < 1 or args.jobs < 1:
         print("calibrate: --cases and --jobs must be at least 1", file=sys.stderr)
         return 2
@@ -152,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         command="python -m attnbench.properties.calibrate " + " ".join(argv if argv is not None else sys.argv[1:]),
         device=args.device, seconds=round(time.time() - start, 1),
         dtypes={d: dict(specs=len({r["spec"] for r in rs}), rows=len(rs),
-                        false_alarms=sum(r["ratio"] > 1 for r in rs),
+                        false_alarms=sum(r["ratio"] > 1 for r in rs if not r.get("broken")),
                         old_rule_false_alarms=sum(r["old_ratio"] > 1 for r in rs),
-                        by_quantity=summarize(rs)) for d, rs in rows.items()},
+                        by_quantity=summarize(rs), **_broken(rs)) for d, rs in rows.items()},
     )
     _print(report)
     if args.out:
@@ -163,6 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.raw:
         args.raw.write_text("".join(json.dumps(dict(dtype=d, **r)) + "\n" for d, rs in rows.items() for r in rs))
     return 1 if any(d["false_alarms"] for d in report["dtypes"].values()) else 0
+
+
+def _broken(rows: list[dict]) -> dict:
+    """For the broken kernel's rows (measure_fp8): on how many specs the rule caught it."""
+    broken = [r for r in rows if r.get("broken")]
+    if not broken:
+        return {}
+    specs = {r["spec"] for r in broken}
+    caught = {r["spec"] for r in broken if r["ratio"] > 1}
+    return dict(broken_specs=len(specs), broken_caught_specs=len(caught))
 
 
 def _print(report: dict) -> None:

@@ -92,10 +92,12 @@ def clone_inputs(inputs: Inputs) -> Inputs:
         bias=c(inputs.bias), grad_out=same_layout_copy(inputs.grad_out),
         document_ids=None if inputs.document_ids is None else tuple(d.clone() for d in inputs.document_ids),
         alibi_slopes=None if inputs.alibi_slopes is None else inputs.alibi_slopes.clone(), sinks=c(inputs.sinks),
+        **{name: t.clone() for name, t in inputs.descales().items()},
     )
 
 
-INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out", "alibi_slopes", "sinks")
+INPUT_NAMES = ("q", "k", "v", "bias", "key_padding_mask", "grad_out", "alibi_slopes", "sinks", "q_descale", "k_descale",
+               "v_descale")
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -134,13 +136,18 @@ def _sums(results: dict[str, torch.Tensor | None]) -> list[tuple[str, object]]:
 def _inputs_finite(inputs: Inputs) -> bool:
     """q, k, v finite and the bias free of NaN / +inf (a -inf bias is a masked key): then the
     oracle is finite everywhere but lse's empty rows, so the run must be too."""
-    ok = all(bool(torch.isfinite(t.detach()).all()) for t in (inputs.q, inputs.k, inputs.v))
+    ok = all(bool(torch.isfinite(_finite_view(t.detach())).all()) for t in (inputs.q, inputs.k, inputs.v))
     if ok and inputs.bias is not None:
         b = inputs.bias.detach()
         ok = not bool((b.isnan() | (b == float("inf"))).any())
     for t in (inputs.alibi_slopes, inputs.sinks):
         ok = ok and (t is None or bool(torch.isfinite(t.detach()).all()))
     return ok
+
+
+def _finite_view(t: torch.Tensor) -> torch.Tensor:
+    """t, or t in float32 for float8 (isfinite has no float8 kernel; the values are the same)."""
+    return t.float() if t.element_size() == 1 else t
 
 
 def _non_finite(who: str, name: str, t: torch.Tensor) -> str | None:
@@ -258,12 +265,14 @@ def run_oracle(spec: Spec, inputs: Inputs, grad: bool = False, cfg: Config | Non
     def up(t):
         if t is None:
             return None
+        if t.dtype == torch.float8_e4m3fn:  # the oracle dequantizes fp8 inputs itself, with their descales
+            return t.detach()
         return t.detach().to(torch.float64).requires_grad_(grad and t.requires_grad)
 
     f64 = Inputs(
         q=up(inputs.q), k=up(inputs.k), v=up(inputs.v), key_padding_mask=inputs.key_padding_mask,
         bias=up(inputs.bias), grad_out=inputs.grad_out.detach().to(torch.float64), document_ids=inputs.document_ids,
-        alibi_slopes=inputs.alibi_slopes, sinks=up(inputs.sinks),
+        alibi_slopes=inputs.alibi_slopes, sinks=up(inputs.sinks), **inputs.descales(),
     )
     return call(oracle_dense.attention, f64, cfg or spec.config(), grad=grad)
 
@@ -288,7 +297,8 @@ def verdicts(impl: Impl, spec: Spec, grad: bool = False, fn: Callable | None = N
     ref = run_impl(reference, spec, fresh_inputs(spec, reference, grad=grad), grad=grad)
     scales = scales_of(spec, inputs)
     names = ["out"] + (["lse"] if got.lse is not None and ref.lse is not None else []) + sorted(got.grads)
-    return {n: tolerance.compare(n, got.get(n), want.get(n), ref.get(n), spec.dtype, scales.get(n)) for n in names}
+    return {n: tolerance.compare(n, got.get(n), want.get(n), ref.get(n), rule_dtype(spec), scales.get(n))
+            for n in names}
 
 
 def check_runs(measure, quantity: str, actual: torch.Tensor, expected: torch.Tensor, impl: Impl,
@@ -320,8 +330,17 @@ def reference_error(quantity: str, spec: Spec, ref: Run, oracle: Run) -> tuple[f
     return error, tolerance.magnitude(expected)
 
 
+def rule_dtype(spec: Spec) -> str:
+    """The dtype the tolerance rule judges a spec in: its own, tolerance.FP8 for an fp8 spec."""
+    return tolerance.FP8 if spec.fp8 else spec.dtype
+
+
 def scales_of(spec: Spec, inputs: Inputs, cfg: Config | None = None) -> dict[str, float]:
-    """The tolerance error model's scale per quantity for this call (tolerance.term_scales)."""
+    """The tolerance error model's scale per quantity for this call (tolerance.term_scales; for
+    an fp8 spec tolerance.fp8_scales, the allowance itself)."""
+    if spec.fp8:
+        return tolerance.fp8_scales(inputs.q, inputs.k, inputs.v, cfg or spec.config(), inputs.key_padding_mask,
+                                    **inputs.descales())
     return tolerance.term_scales(
         inputs.q, inputs.k, inputs.v, inputs.grad_out, cfg or spec.config(), inputs.key_padding_mask, inputs.bias,
         **inputs.score_kwargs(),

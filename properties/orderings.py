@@ -190,3 +190,85 @@ ORDERINGS: dict[str, Callable] = {
     "fp32_inputs": fp32_inputs,
     "online": online,
 }
+
+
+# -- fp8 (float8_e4m3fn q, k, v with descales; bfloat16 out): the tolerance rule's fp8 model ----
+# Each rounds differently from naive's fp8 path (unnormalized P in e4m3, one row max) and is a
+# valid way to compute attention on the dequantized values.
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_descale(d: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """A descale (None, () or (B, Hkv)) broadcastable to t (B, H, S, E), float32."""
+    if d is None:
+        return torch.ones((), dtype=torch.float32, device=t.device)
+    return d if d.dim() == 0 else d.repeat_interleave(t.shape[1] // d.shape[1], dim=1)[:, :, None, None]
+
+
+def _fp8_logits(q, k, cfg: Config, kpm, q_descale, k_descale) -> torch.Tensor:
+    """Masked float32 logits from q and k dequantized first (each t * descale rounded to float32)."""
+    qf = q.to(torch.float32) * _fp8_descale(q_descale, q)
+    kf = k.to(torch.float32) * _fp8_descale(k_descale, q)
+    return _masked((qf @ kf.transpose(-1, -2)) * cfg.scale, cfg, q, k, kpm, None)
+
+
+def fp8_p_bf16(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, q_descale=None, k_descale=None,
+               v_descale=None):
+    """Dequantize-first logits; the unnormalized P kept in bfloat16 (not e4m3), V in fp8, the
+    descale of V applied after the division by the row sum."""
+    k, v = _expand(q, k, v)
+    s = _fp8_logits(q, k, cfg, key_padding_mask, q_descale, k_descale)
+    m = s.amax(-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), -math.inf)
+    empty = m == -math.inf
+    m = torch.where(empty, torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    safe = torch.where(empty, torch.ones_like(l), l)
+    out = (p.to(torch.bfloat16).to(torch.float32) @ v.to(torch.float32)) / safe * _fp8_descale(v_descale, q)
+    return out.to(torch.bfloat16), torch.where(empty, torch.full_like(l, -math.inf), torch.log(safe) + m).squeeze(-1)
+
+
+def fp8_online(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, q_descale=None, k_descale=None,
+               v_descale=None):
+    """FA3's loop: key blocks of BLOCK with a running max, each block's exp2(s * log2 e - m)
+    rounded to e4m3 against the running max, the accumulator rescaled; the scale and both
+    logit descales folded into one float32 multiplier with log2(e); v_descale at the end."""
+    k, v = _expand(q, k, v)
+    mult = cfg.scale * LOG2E * _fp8_descale(q_descale, q) * _fp8_descale(k_descale, q)
+    s2 = _masked((q.to(torch.float32) @ k.to(torch.float32).transpose(-1, -2)) * mult, cfg, q, k, key_padding_mask,
+                 None)
+    m = torch.full(s2.shape[:-1], -math.inf, dtype=torch.float32, device=s2.device)
+    l = torch.zeros_like(m)
+    o = torch.zeros(*s2.shape[:-1], v.shape[-1], dtype=torch.float32, device=s2.device)
+    for j in range(0, s2.shape[-1], BLOCK):
+        blk = s2[..., j : j + BLOCK]
+        m_new = torch.maximum(m, blk.amax(-1))
+        m_use = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+        p = torch.exp2(blk - m_use[..., None])
+        alpha = torch.exp2(m - m_use)
+        l = l * alpha + p.sum(-1)
+        o = o * alpha[..., None] + p.to(FP8).to(torch.float32) @ v[..., j : j + BLOCK, :].to(torch.float32)
+        m = m_new
+    empty = l == 0
+    safe = torch.where(empty, torch.ones_like(l), l)
+    out = o / safe[..., None] * _fp8_descale(v_descale, q)
+    lse = torch.where(empty, torch.full_like(l, -math.inf), (torch.log2(safe) + m) * math.log(2.0))
+    return out.to(torch.bfloat16), lse
+
+
+def fp8_p_normalized(q, k, v, cfg: Config, key_padding_mask=None, bias=None, *, q_descale=None, k_descale=None,
+                     v_descale=None):
+    """The probabilities normalized first (p / l, float32) and then rounded to e4m3 for P @ V,
+    V dequantized to float32 (v * v_descale) for the product."""
+    k, v = _expand(q, k, v)
+    s = _fp8_logits(q, k, cfg, key_padding_mask, q_descale, k_descale)
+    p, lse = _softmax(s, torch.exp, torch.log)
+    vf = v.to(torch.float32) * _fp8_descale(v_descale, q)
+    return (p.to(FP8).to(torch.float32) @ vf).to(torch.bfloat16), lse
+
+
+FP8_ORDERINGS: dict[str, Callable] = {
+    "fp8_p_bf16": fp8_p_bf16,
+    "fp8_online": fp8_online,
+    "fp8_p_normalized": fp8_p_normalized,
+}

@@ -202,7 +202,8 @@ def _specs(
     dtypes = [d for d in DTYPE_ORDER if d in impl.dtypes]
     if not dtypes:
         raise ValueError(f"impl {impl.key}: declares no dtype the strategies know ({impl.dtypes})")
-    dtype = pick("dtype", st.sampled_from(dtypes))
+    fp8 = "fp8" in use  # fp8 is drawn only where a property asks for it: its output is bfloat16, forward only
+    dtype = pick("dtype", st.just("bfloat16") if fp8 else st.sampled_from(dtypes))
     B = pick("B", st.integers(min_batch, max(caps.batch, min_batch)))
     Hq, Hkv = _heads(draw, pick, impl, device, caps, use, has, B)
     Sq, Sk, is_long = _sequence(draw, pick, impl, device, caps, use, has, long, B, Hq)
@@ -242,7 +243,7 @@ def _specs(
     key_drop = fixed.get("key_drop", key_drop)
 
     bias, bias_neginf = None, 0.0
-    if has("bias"):
+    if has("bias") and not fp8:
         kinds = BIAS_KINDS if not is_long else ("per_key",)  # a long case's (Sq, Sk) bias would dwarf it
         kinds = st.sampled_from(kinds) if "bias" in use else st.one_of(st.none(), st.sampled_from(kinds))
         bias = pick("bias", kinds)
@@ -253,7 +254,7 @@ def _specs(
         B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=dtype, device=device,
         scale=pick("scale", st.one_of(st.none(), st.sampled_from(SCALES))),
         causal=causal, window=window, block=block, key_lengths=key_lengths, key_drop=key_drop,
-        bias=bias, bias_neginf=bias_neginf, align=align, **_score_features(draw, pick, has, use),
+        bias=bias, bias_neginf=bias_neginf, align=align, **_score_features(draw, pick, has, use), fp8=fp8,
         dropout_p=fixed.get("dropout_p", 0.0),
         magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)),
         seed=pick("seed", st.integers(0, 2**16)),
@@ -299,7 +300,8 @@ def specs_for(
     """Specs that `impl` covers (with the extra `needs`, e.g. "backward" or "lse").
 
     use: features every drawn spec must exercise ("causal", "sliding_window", "key_padding",
-        "gqa", "bias", "cross", "blocked_window", "softcap", "alibi", "sinks").
+        "gqa", "bias", "cross", "blocked_window", "softcap", "alibi", "sinks", "fp8"; fp8 is
+        drawn only when named here, with the output dtype bfloat16 and no bias).
     forbid: features never drawn (a permutation property forbids "causal", ...).
     long: None (ordinary lengths), "keys" (one draw in eight with long keys and short queries)
         or "all" (long keys, and queries short, as long, or long too): for properties that
@@ -417,7 +419,7 @@ def relax(spec: Spec, impl: Impl) -> Spec:
         changes["Dv"] = spec.D
     if spec.softcap is not None and "softcap" not in f:
         changes["softcap"] = None
-    for name in ("alibi", "sinks"):
+    for name in ("alibi", "sinks", "fp8"):
         if getattr(spec, name) and name not in f:
             changes[name] = False
     if spec.dtype not in impl.dtypes:

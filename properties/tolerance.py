@@ -55,6 +55,25 @@ orderings extended with the features (exp2_folded folds log2(e) into the cap, sl
 sinks; online adds the sink as a last block and carries d sink and the cap's derivative in its
 hand-written backward), no false alarm, the worst ratio 0.28 (float64 lse).
 
+fp8 (float8_e4m3fn q, k, v with descales, bfloat16 out; the rule's dtype FP8). The oracle is
+float64 attention on the dequantized values; the reference is naive's fp8 path, which rounds where
+FA3 / FA4 do (logits from the exact fp8 products in float32, the softmax in float32, the
+unnormalized probabilities rounded to e4m3 before P @ V, the output to bfloat16). The error model
+(`fp8_scales`, an absolute allowance: `model` takes it as it is) puts each rounding at its own eps:
+out: FP8_P_ULPS eps(e4m3) T(out) (a probability rounded to e4m3 is off by at most half an e4m3
+eps, 2^-4, in e4m3's normal range) + ULPS eps(bf16) T(out) (the output's rounding) + LOGIT_GAIN
+eps(fp32) L T(out) (logits in float32); lse: ULPS eps(fp32) T(lse) + LOGIT_GAIN eps(fp32) L, the
+statistics being float32. T and L are those of the dequantized values, T at least 1 as above.
+Calibrated (`calibrate --fp8 --cases 400`, evidence/tolerance_calibration_fp8.json): 391 distinct
+fp8 specs at the GPU's sizes (up to 300 keys, one draw in 8 up to 4097), three orderings written
+apart from naive (orderings.FP8_ORDERINGS: P kept in bfloat16 with dequantize-first logits; FA3's
+online loop in base 2 with P in e4m3 against the running max; P normalized before its e4m3
+rounding, V dequantized first), no false alarm, the worst ratio 0.46 (out, P normalized, 1535
+keys at scale 0: every probability an e4m3 subnormal) and 0.44 (lse). The broken kernel of the
+zoo's fp8_descale_in_p (v_descale folded into P before its rounding) exceeds the rule on 193 of
+the 391 specs (worst ratio 8.2); under ci it is also caught bit for bit by the exact doubling of
+v_descale (properties/test_fp8.py).
+
 Non-finite values are never tolerated: a NaN anywhere in the result, a non-finite value where
 the oracle is finite, or an infinity where the oracle differs (lse is -inf on empty rows and
 must be exactly -inf there) makes the ratio infinite.
@@ -89,6 +108,9 @@ EPS: dict[str, float] = {
     "float16": torch.finfo(torch.float16).eps,
     "bfloat16": torch.finfo(torch.bfloat16).eps,
 }
+FP8 = "float8_e4m3fn"  # the rule's dtype for fp8 calls (bfloat16 out)
+EPS[FP8] = 2.0**-3  # e4m3: 3 mantissa bits
+FP8_P_ULPS = 0.5  # e4m3 eps per unit of T(out): the worst rounding of the probabilities, half an eps
 QUANTITIES = tuple(K)
 
 
@@ -99,16 +121,19 @@ class Verdict:
     allowed: float
     ratio: float  # error / allowed, the number reported
     detail: str = ""
+    fp8: bool = False  # judged under the fp8 model (its allowance is absolute: fp8_scales)
 
     @property
     def ok(self) -> bool:
         return self.ratio <= 1.0
 
     def message(self) -> str:
+        model_text = "the fp8 model's allowance" if self.fp8 else (
+            f"{ULPS.get(self.quantity, '?')} x eps x scale, the error model's")
         text = (
             f"{self.quantity}: max error {self.error:.3g} > allowed {self.allowed:.3g} "
             f"(ratio {self.ratio:.3g}; allowed = K={K.get(self.quantity, '?')} x reference error "
-            f"+ {ULPS.get(self.quantity, '?')} x eps x scale, the error model's)"
+            f"+ {model_text})"
         )
         return f"{text}; {self.detail}" if self.detail else text
 
@@ -174,8 +199,11 @@ def allowed(quantity: str, reference_error: float, dtype: str, scale: float = 1.
 
 
 def model(quantity: str, dtype: str, scale: float = 1.0) -> float:
-    """What a correct kernel's rounding may cost on `quantity`, whatever its order of operations."""
+    """What a correct kernel's rounding may cost on `quantity`, whatever its order of operations.
+    For FP8, `scale` is that cost already (fp8_scales)."""
     _check_args(quantity, dtype)
+    if dtype == FP8:
+        return scale
     return ULPS[quantity] * EPS[dtype] * max(1.0, scale)
 
 
@@ -197,11 +225,13 @@ def compare(
         # The rule measures against the reference; a spec on which the reference itself is
         # not finite is outside the rule's domain, and the strategy that drew it is wrong.
         raise AssertionError(f"{quantity}: the reference implementation itself fails here ({ref_why})")
-    limit = allowed(quantity, ref_error, dtype, max(magnitude(oracle), scale or 0.0))
+    if dtype == FP8 and scale is None:
+        raise ValueError("tolerance scale: an fp8 comparison needs the error model's allowance (fp8_scales)")
+    limit = allowed(quantity, ref_error, dtype, scale if dtype == FP8 else max(magnitude(oracle), scale or 0.0))
     error, why = max_error(actual, oracle)
     ratio = error / limit
     detail = why or f"reference error {ref_error:.3g}"
-    return Verdict(quantity, error, limit, ratio, detail)
+    return Verdict(quantity, error, limit, ratio, detail, fp8=dtype == FP8)
 
 
 def compare_runs(
@@ -219,7 +249,7 @@ def compare_runs(
     error, why = max_error(actual, expected)
     if torch.isnan(expected.detach()).any():
         error, why = math.inf, f"NaN in the run compared against at {_where(torch.isnan(expected.detach().cpu()))}"
-    return Verdict(quantity, error, limit, error / limit, why)
+    return Verdict(quantity, error, limit, error / limit, why, fp8=dtype == FP8)
 
 
 def term_scales(
@@ -336,3 +366,22 @@ def term_magnitudes(
         terms["dsinks"] = top((p_sink * (do.abs() * o_abs).sum(-1)).sum((0, 2)))
     logits = top(torch.where(vis, s_terms, torch.zeros((), **f64)))
     return terms, logits
+
+
+def fp8_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg, key_padding_mask: torch.Tensor | None,
+               q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+               v_descale: torch.Tensor | None = None) -> dict[str, float]:
+    """The fp8 error model's allowance for out and lse (the module docstring), from the
+    dequantized inputs; "logits" holds L."""
+    from attnbench.oracles.dense import dequantize
+
+    q, k, v = (dequantize(t.detach(), d) for t, d in ((q, q_descale), (k, k_descale), (v, v_descale)))
+    zeros = torch.zeros((*q.shape[:3], v.shape[3]), dtype=torch.float64)
+    terms, logits = term_magnitudes(q, k, v, zeros, cfg, key_padding_mask, None)
+    eps32, bf16 = EPS["float32"], EPS["bfloat16"]
+    t_out, t_lse = max(1.0, terms["out"]), max(1.0, terms["lse"])  # at least 1, as scale_of takes them
+    return {
+        "out": (FP8_P_ULPS * EPS[FP8] + ULPS["out"] * bf16 + LOGIT_GAIN["out"] * eps32 * logits) * t_out,
+        "lse": ULPS["lse"] * eps32 * t_lse + LOGIT_GAIN["lse"] * eps32 * logits,
+        "logits": logits,
+    }

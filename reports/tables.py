@@ -278,9 +278,9 @@ def cell_label(variant: str, mode: str, shape: dict[str, Any]) -> str:
 
 
 def score_words(shape: dict[str, Any]) -> list[str]:
-    """The score features of a shape as words: 'softcap=30', 'alibi', 'sinks'."""
+    """The score features (and fp8) of a shape as words: 'softcap=30', 'alibi', 'sinks', 'fp8'."""
     words = [f"softcap={shape['softcap']:g}"] if shape.get("softcap") is not None else []
-    return words + [name for name in ("alibi", "sinks") if shape.get(name)]
+    return words + [name for name in ("alibi", "sinks", "fp8") if shape.get(name)]
 
 
 def seq_label(shape: dict[str, Any]) -> str:

@@ -146,3 +146,21 @@ def test_score_feature_arguments_are_checked(name, kwargs, message):
     who = {"flex_eager": "flex"}.get(name, name)
     with pytest.raises(ValueError, match=f"^{who}: {message}".replace("(", r"\(").replace(")", r"\)")):
         KERNELS[name](q, k, v, Config(scale=0.5), **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(q_descale=torch.ones(())), "q_descale is for float8_e4m3fn inputs, got torch.float32"),
+    (dict(fp8=True, k_descale=torch.ones((), dtype=torch.float64)), "k_descale must be a float32 tensor, got torch.float64"),
+    (dict(fp8=True, v_descale=torch.ones(2)), "v_descale must have shape () or (B, Hkv) = (1, 2), got (2,)"),
+    (dict(fp8=True, q_descale=1.0), "q_descale must be a float32 tensor, got float"),
+])
+def test_fp8_descales_are_checked(kwargs, message):
+    """fp8's descales: float32, () or (B, Hkv), and only with float8_e4m3fn q, k, v."""
+    q, k, v = _qkv()
+    if kwargs.pop("fp8", False):
+        q, k, v = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
+    with pytest.raises(ValueError) as info:
+        check_call(q, k, v, CFG, **kwargs)
+    assert message in str(info.value), str(info.value)
+    q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in _qkv())
+    check_call(q8, k8, v8, CFG, q_descale=torch.ones(()), k_descale=torch.ones(1, 2), v_descale=None)

@@ -311,3 +311,26 @@ def test_fa4_declared_bugs_still_fail_upstream(name: str) -> None:
         return  # still wrong (or its process still crashes) upstream
     pytest.fail(f"FA4 answers {name} ({rows[0]['spec']}) within the tolerance rule now: drop it from "
                 "upstream_bug() in impls/flash_attn4.py and update docs/DESIGN.md")
+
+
+def test_fp8_is_declared_for_sm100_only_and_passes_descales_per_kv_head(fa4, monkeypatch) -> None:
+    """FA4 asserts `arch // 10 == 10` for fp8: supports() declines other GPUs with that reason
+    (and key padding, whose varlen path takes no descales); the call passes each per-tensor
+    descale expanded to FA4's (B, Hkv) float32."""
+    spec = Spec(B=2, Hq=4, Hkv=2, Sq=8, D=64, dtype="bfloat16", device="cuda", causal=True, fp8=True)
+    impl = fa4_mod.flash_attn4
+    assert "fp8" in impl.features
+    on_gpu(monkeypatch, 9)
+    assert "SM100" in impl.why_not(spec)
+    on_gpu(monkeypatch, 10)
+    assert impl.why_not(spec) is None
+    assert "varlen" in impl.why_not(spec.replace(causal=False, key_lengths=(8, 3)))
+    inputs = spec.replace(device="cpu").make_inputs()
+    fa4_mod.attention(inputs.q, inputs.k, inputs.v, spec.config(), **inputs.descales())
+    passed = fa4[-1]["rest"]
+    for name, d in inputs.descales().items():
+        assert passed[name].shape == (2, 2) and passed[name].dtype == torch.float32
+        assert torch.equal(passed[name], d.expand(2, 2))
+    with pytest.raises(ValueError, match="takes no fp8 descales"):
+        fa4_mod.attention(inputs.q, inputs.k, inputs.v, spec.replace(causal=False).config(),
+                          torch.ones(2, 8, dtype=torch.bool), **inputs.descales())

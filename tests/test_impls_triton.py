@@ -699,3 +699,27 @@ def test_gpu_paged_decode_splits(compiled):
     for out, lse in (tri.paged(*args), tri.paged(*args, num_splits=1)):
         _close("out", out, ref_out, want.out, spec.dtype, K["out"])
         _close("lse", lse, ref_lse.float(), want.lse, spec.dtype, K["lse"])
+# -- fp8 (the forward kernel's IS_FP8 path; properties/test_fp8.py runs it in the interpreter) --
+FP8_GPU_SPECS = [
+    Spec(B=2, Hq=8, Hkv=2, Sq=1000, Sk=1000, D=128, causal=True),
+    Spec(B=1, Hq=4, Sq=1, Sk=4097, D=64),  # decoding over a long cache
+    Spec(B=2, Hq=4, Sq=300, Sk=700, D=256, window=(128, 0), key_lengths=(700, 333)),
+    Spec(Hq=2, Sq=257, D=64, Dv=32, magnitude=8.0, scale=0.5),
+]
+
+
+def _fp8_verdicts(spec: Spec) -> dict:
+    from attnbench.properties.harness import verdicts
+
+    impl = registry().get("dense/triton")
+    assert impl.covers(spec), impl.why_not(spec)
+    return verdicts(impl, spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", FP8_GPU_SPECS, ids=lambda s: s.short())
+def test_gpu_fp8_matches_oracle(compiled, spec):
+    """The compiled IS_FP8 path (Hopper's tl.dot on fp8e4nv operands) under the fp8 rule."""
+    spec = spec.replace(device="cuda", dtype="bfloat16", fp8=True)
+    for v in _fp8_verdicts(spec).values():
+        assert v.ok, v.message()

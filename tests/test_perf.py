@@ -414,10 +414,11 @@ def test_the_moa_sweep_measures_on_the_cpu():
 
 
 def test_the_feature_sweeps_measure_on_the_cpu():
-    """varlen, paged_decode and score_features time with naive on the CPU; their work is counted
-    per sequence (hand-counted here) and the score features keep the plain cell's FLOPs."""
+    """varlen, paged_decode, score_features and fp8 time with naive on the CPU; their work is
+    counted per sequence (hand-counted here) and the score features and fp8 keep the plain cell's
+    FLOPs (fp8 moves one byte per input element)."""
     naive = registry().get("dense/naive")
-    cells = sweep_cells(True, "cpu", names=["varlen", "paged_decode", "score_features"])
+    cells = sweep_cells(True, "cpu", names=["varlen", "paged_decode", "score_features", "fp8"])
     for c in cells:
         assert cell_key(c.variant, c.mode, json.loads(json.dumps(c.shape()))) == c.key()
     rows = measure.run_cells(cells, [naive], settings=SETTINGS, peaks={})
@@ -437,9 +438,18 @@ def test_the_feature_sweeps_measure_on_the_cpu():
             plain = Spec(B=s.B, Hq=s.Hq, Sq=s.Sq, D=s.D, causal=s.causal, device="cpu")
             assert flops == work.attention_flops(plain, cell.mode)
         assert row.tflops == pytest.approx(flops / (row.ms * 1e-3) / 1e12, rel=1e-3)
-    kinds = {(c.shape().get("packing"), *sorted(k for k in ("softcap", "alibi", "sinks") if k in c.shape()))
+    kinds = {(c.shape().get("packing"), *sorted(k for k in ("softcap", "alibi", "sinks", "fp8") if k in c.shape()))
              for c in cells}
-    assert kinds == {("varlen",), ("paged",), (None,), (None, "softcap"), (None, "alibi"), (None, "sinks")}
+    assert kinds == {("varlen",), ("paged",), (None,), (None, "softcap"), (None, "alibi"), (None, "sinks"),
+                     (None, "fp8")}
+    fp8 = [c for c in cells if c.shape().get("fp8")]
+    assert fp8 and all(c.label().endswith("fp8 bfloat16 fwd") for c in fp8)
+    for c in fp8:  # beside each fp8 cell, the bfloat16 cell of the same shape
+        assert any(o.spec == c.spec.replace(fp8=False) for o in cells)
+        _, nbytes = cases.make_case(naive, c).work()
+        _, plain_bytes = cases.make_case(naive, next(o for o in cells if o.spec == c.spec.replace(fp8=False))).work()
+        s = c.spec
+        assert plain_bytes - nbytes == (s.B * s.Hq * s.Sq * s.D + s.B * s.Hkv * s.Sk * (s.D + s.Dv)) * (2 - 1)
     assert {c.spec.block_size for c in cells if c.shape().get("packing") == "paged"} == {16, 256}
 
 # -- the harness on the CPU ----------------------------------------------------------------------

@@ -230,3 +230,22 @@ def test_sink_values_include_dominant_and_negligible_sinks():
     assert bool((values >= 20).any()) and bool((values <= -20).any())
     assert bool((values.abs() < 5).any())
     assert Spec(dtype="float16", sinks=True).make_inputs().sinks.dtype == torch.float16
+
+
+def test_fp8_specs_quantize_per_tensor_and_print_as_python():
+    """Spec.fp8: e4m3 q, k, v with float32 descales amax / 448 (t8 * descale within e4m3's
+    rounding of t), bfloat16 output dtype, forward only, pasteable."""
+    spec = Spec(B=2, Hq=2, Sq=9, D=16, dtype="bfloat16", magnitude=3.0, fp8=True)
+    assert "fp8" in spec.needs() and eval(spec.short()) == spec  # noqa: S307 (the repr is Python)
+    inputs = spec.make_inputs()
+    plain = spec.replace(fp8=False, dtype="float64").make_inputs()
+    for name in ("q", "k", "v"):
+        t8, d, t = getattr(inputs, name), getattr(inputs, f"{name}_descale"), getattr(plain, name)
+        assert t8.dtype == torch.float8_e4m3fn and d.dtype == torch.float32 and d.shape == ()
+        assert float(d) == pytest.approx(float(t.abs().max()) / 448, rel=1e-6)
+        assert (t8.double() * float(d) - t).abs().max() <= 2**-4 * t.abs().max()  # half an e4m3 eps of amax at most
+    assert set(inputs.score_kwargs()) == {"q_descale", "k_descale", "v_descale"}
+    with pytest.raises(ValueError, match="Spec.dtype: an fp8 spec's output dtype is 'bfloat16'"):
+        Spec(fp8=True)
+    with pytest.raises(ValueError, match="forward only"):
+        spec.make_inputs(requires_grad=True)

@@ -134,7 +134,7 @@ def test_compare_runs_allows_twice_the_rule():
 def test_every_quantity_has_k_and_ulps_and_every_kernel_quantity_a_logit_gain():
     assert set(T.K) == set(T.ULPS) == {"out", "lse", "dq", "dk", "dv", "dbias", "dsinks", "dx", "dw"}
     assert set(T.LOGIT_GAIN) == {"out", "lse", "dq", "dk", "dv", "dbias", "dsinks"}
-    assert set(T.EPS) == {"float64", "float32", "float16", "bfloat16"}
+    assert set(T.EPS) == {"float64", "float32", "float16", "bfloat16", T.FP8} and T.EPS[T.FP8] == 2.0**-3
     assert all(k >= 1 for k in T.K.values())
 
 
@@ -257,3 +257,32 @@ def test_the_model_still_catches_a_wrong_scale():
     assert cfg.scale == pytest.approx(16**-0.5)
     verdict = T.compare("out", wrong[0], want.out, ref.out, "float32", H.scales_of(spec, inputs)["out"])
     assert verdict.ratio > 10
+
+
+def test_fp8_orderings_pass_and_the_descale_in_p_bug_is_caught():
+    """fp8's model (tolerance.fp8_scales): every fp8 ordering passes pinned edges (the calibration
+    draws hundreds: calibrate --fp8), and v_descale folded into P before its e4m3 rounding does not."""
+    from attnbench.properties.orderings import FP8_ORDERINGS
+    from attnbench.zoo.fp8_descale_in_p import fp8_descale_in_p
+
+    specs = [
+        Spec(B=2, Hq=4, Hkv=2, Sq=9, Sk=40, D=32, causal=True, key_lengths=(40, 0), magnitude=8.0),
+        Spec(Sq=1, Sk=300, D=64, scale=0.0),  # uniform over 300 keys: every probability e4m3-subnormal
+        Spec(Sq=24, D=64, Dv=16, magnitude=3.0, seed=5),
+    ]
+    caught = 0
+    for spec in (s.replace(dtype="bfloat16", fp8=True) for s in specs):
+        inputs = H.fresh_inputs(spec)
+        want = H.run_oracle(spec, inputs)
+        ref = H.run_impl(NAIVE, spec, H.clone_inputs(inputs))
+        scales = H.scales_of(spec, inputs)
+        for name, fn in FP8_ORDERINGS.items():
+            got = H.call(fn, H.clone_inputs(inputs), spec.config())
+            for q in ("out", "lse"):
+                verdict = T.compare(q, got.get(q), want.get(q), ref.get(q), T.FP8, scales[q])
+                assert verdict.ok, f"{name} on {spec.short()}: {verdict.message()}"
+        bad = H.call(fp8_descale_in_p.fn, H.clone_inputs(inputs), spec.config())
+        caught += not T.compare("out", bad.out, want.out, ref.out, T.FP8, scales["out"]).ok
+    assert caught >= 2
+    with pytest.raises(ValueError, match="fp8 comparison needs"):
+        T.compare("out", want.out, want.out, ref.out, T.FP8)

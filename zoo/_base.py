@@ -17,7 +17,7 @@ from attnbench.spec import Config
 
 # every member claims what the correct dense kernel would; the packed / paged call conventions
 # come with their own functions, declared by the members that carry those bugs
-FEATURES = _naive.naive.features - {"varlen", "document", "paged_kv"}
+FEATURES = _naive.naive.features - {"varlen", "document", "paged_kv", "fp8"}
 SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks"})
 # A member claims what the correct kernel would, the score features only when its bug is one of
 # theirs: the others keep the draws (and so the ci examples) that catch them.
