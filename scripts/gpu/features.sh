@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The score / sequence / fp8 features on the GPU: their named sweeps (varlen, paged_decode,
+# score_features, fp8) under a budget, the Triton kernel's feature properties through
+# `attnbench verify`, and the GPU-only unit tests of those paths. Files under $OUT: features.json
+# (the sweeps), features_sweep.log, verify_features.log, results_features.json, gpu_units.txt.
+# Usage: ATTNBENCH_COMMIT=<sha> scripts/gpu/features.sh [sweep budget s, default 110] [verify cap s, default 150]
+source scripts/gpu/env.sh
+start=$SECONDS
+timeout -s INT -k 15 $(( ${1:-110} + 40 )) python3 -m attnbench.perf.bench --device cuda --sweep varlen \
+    --sweep paged_decode --sweep score_features --sweep fp8 --budget "${1:-110}" --out "$OUT/features.json" \
+    >"$OUT/features_sweep.log" 2>&1
+echo "feature sweeps: exit $? in $((SECONDS - start)) s"
+start=$SECONDS
+timeout -s INT -k 15 "${2:-150}" attnbench verify --device cuda --impl dense/triton --workers 8 \
+    --property fp8 --property descale --property varlen --property other_sequences --property paged \
+    --property block_placement --property decoding_step --property score_features --property sink_scales \
+    --property alibi_slopes --out "$OUT/v" >"$OUT/verify_features.log" 2>&1
+echo "feature properties (triton): exit $? in $((SECONDS - start)) s; $(tail -n 1 "$OUT/verify_features.log")"
+cp "$OUT"/v/runs/*/results.json "$OUT/results_features.json" 2>/dev/null
+timeout 70 python3 -m pytest -p no:cacheprovider -q tests/test_impls_triton.py -m gpu -k "fp8 or paged or varlen" \
+    >"$OUT/gpu_units.txt" 2>&1
+echo "GPU unit tests: exit $?; $(tail -n 1 "$OUT/gpu_units.txt")"
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("results_features.json",):
+    f = out / name
+    if f.exists():
+        for r in json.loads(f.read_text())["correctness"]:
+            print(f"  {r['status']:5} {r.get('duration_s') or 0:6.1f} s  {r['impl']} {r['property']}  {(r.get('reason') or '')[:160]}")
+            if r["status"] in ("fail", "error"):
+                print(f"      counterexample: {r.get('counterexample')}")
+f = out / "features.json"
+if f.exists():
+    for r in json.loads(f.read_text())["perf"]:
+        print(f"  {r['status']:11} {r['impl']:14} {r['mode']:7} {str(r['shape'])[:90]}  ms={r.get('ms')} tflops={r.get('tflops')} gbps={r.get('gbps')} {(r.get('reason') or '')[:60]}")
+PY
