@@ -62,8 +62,13 @@ unnormalized probabilities rounded to e4m3 before P @ V, the output to bfloat16)
 (`fp8_scales`, an absolute allowance: `model` takes it as it is) puts each rounding at its own eps:
 out: FP8_P_ULPS eps(e4m3) T(out) (a probability rounded to e4m3 is off by at most half an e4m3
 eps, 2^-4, in e4m3's normal range) + ULPS eps(bf16) T(out) (the output's rounding) + LOGIT_GAIN
-eps(fp32) L T(out) (logits in float32); lse: ULPS eps(fp32) T(lse) + LOGIT_GAIN eps(fp32) L, the
-statistics being float32. T and L are those of the dequantized values, T at least 1 as above.
+eps_acc L T(out) (the logits); lse: ULPS eps(fp32) T(lse) + LOGIT_GAIN eps_acc L, the statistics
+being float32. eps_acc (`fp8_logit_eps`) is the logits' accumulation error on fp8 tensor cores,
+2^-13 per 32 products: Hopper keeps about 14 bits while it sums fp8 products, and a kernel
+that leaves the accumulation there (Triton's default on Hopper, FA3's) has logits that far off
+float32's (measured on an H200: lse off by up to 2^-12.96 L; with float32 logits the rule
+allowed 2^-22 L and raised false alarms of 7-207x on a correct kernel). T and L are those of
+the dequantized values, T at least 1 as above.
 Calibrated (`calibrate --fp8 --cases 400`, evidence/tolerance_calibration_fp8.json): 391 distinct
 fp8 specs at the GPU's sizes (up to 300 keys, one draw in 8 up to 4097), three orderings written
 apart from naive (orderings.FP8_ORDERINGS: P kept in bfloat16 with dequantize-first logits; FA3's
@@ -368,6 +373,16 @@ def term_magnitudes(
     return terms, logits
 
 
+def fp8_logit_eps(head_dim: int) -> float:
+    """The relative error of an fp8 logit q . k as fp8 tensor cores accumulate it: about 14
+    significant bits per accumulation step (DeepSeek-V3 technical report, 3.3.2, on Hopper's FP8
+    GEMM), one step per 32 products (one k32 MMA instruction), so 2^-13 per ceil(D / 32) steps.
+    Measured on an H200 (Triton's tl.dot on e4m3, its default imprecise accumulation): lse off by
+    up to 2^-12.96 L at D = 64 and 2^-13.9 L at D = 128, where float32 logits allowed 2^-22 L
+    (evidence/h200/features-2026-12-03/gpu_units.txt)."""
+    return 2.0**-13 * max(1, math.ceil(head_dim / 32))
+
+
 def fp8_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg, key_padding_mask: torch.Tensor | None,
                q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
                v_descale: torch.Tensor | None = None) -> dict[str, float]:
@@ -379,9 +394,10 @@ def fp8_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg, key_paddi
     zeros = torch.zeros((*q.shape[:3], v.shape[3]), dtype=torch.float64)
     terms, logits = term_magnitudes(q, k, v, zeros, cfg, key_padding_mask, None)
     eps32, bf16 = EPS["float32"], EPS["bfloat16"]
+    acc = fp8_logit_eps(q.shape[-1])
     t_out, t_lse = max(1.0, terms["out"]), max(1.0, terms["lse"])  # at least 1, as scale_of takes them
     return {
-        "out": (FP8_P_ULPS * EPS[FP8] + ULPS["out"] * bf16 + LOGIT_GAIN["out"] * eps32 * logits) * t_out,
-        "lse": ULPS["lse"] * eps32 * t_lse + LOGIT_GAIN["lse"] * eps32 * logits,
+        "out": (FP8_P_ULPS * EPS[FP8] + ULPS["out"] * bf16 + LOGIT_GAIN["out"] * acc * logits) * t_out,
+        "lse": ULPS["lse"] * eps32 * t_lse + LOGIT_GAIN["lse"] * acc * logits,
         "logits": logits,
     }

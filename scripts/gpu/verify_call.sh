@@ -12,4 +12,5 @@ python3 -c "import attnbench.app.cli, attnbench.registry; import torch; torch.cu
 echo "start-up (import attnbench + torch, CUDA init): $((SECONDS - start)) s" | tee "$OUT/startup.txt"
 timeout 150 python3 scripts/gpu/where_time_goes.py "$OUT/where_$tag.json" "$impl" 2>&1 | tail -n 8
 scripts/gpu/verify_times.sh "$cap" "$impl" | tail -n 40
+scripts/gpu/cache.sh pack || true
 du -sh ~/.cache/attnbench/compiled/* 2>/dev/null | tee "$OUT/cache_size.txt"
