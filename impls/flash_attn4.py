@@ -25,6 +25,18 @@ Every keyword is passed by name: FA4's fourth positional parameter is `qv` (MLA)
 
 Limits (supports()), from interface.py's checks and what its tests verify:
 - Hopper (compute capability 9.x): head dims 8..256, multiples of 8 (16 bytes / element).
+  Forward with D != Dv: (192, 128) and (128, 64) only, the pairs upstream's FA4 tests run
+  besides D == Dv (their dv_vals; HOPPER_DV_PAIRS). The H200 property run (`attnbench verify --device cuda --impl
+  dense/flash_attn4`, 2026-12-03, evidence/h200/verify_times-fa4-palette-2026-12-03.txt) drew
+  three forwards that fault with "CUDA error: an illegal memory access was encountered", all
+  with D=16 and Dv > D: (16, 128) causal with a window, (16, 64) with key padding (varlen), and
+  (16, 64) packed. FA4 picks the SM90 forward tile from D alone (`_tile_size_fwd_sm90`: D <= 64
+  gives a 192x128 tile with P in registers), consistent with a V wider than D overflowing that
+  tile. Inferred, not measured: the fault for Dv > D at larger D (e.g. D=64, Dv=128)
+  and for D > Dv other than (128, 64): none was drawn; they are declined because upstream does
+  not test them. The named check's (16, 32) at Sq=6 (scripts/checks/fa4_findings.py
+  "dv-window-grad", 2026-12-03) passed forward and backward: the declaration is wider than the faults seen.
+  Canary: "hopper-dv-fault" (tests/test_flash_attn4.py, scripts/checks/fa4_findings.py).
   Backward: the tested shapes only, D == Dv <= 128, or (D, Dv) = (192, 128) without grouped
   heads (upstream: "hdim > 192 backward: SM90 not supported yet", "SM90 GQA bwd currently
   requires headdim == headdim_v").
@@ -63,6 +75,8 @@ from attnbench.spec import Config, Spec
 
 MODULE = "flash_attn.cute"
 ARCHES = (9, 10, 11)  # compute capability majors declared: Hopper, Blackwell (SM100 / SM110)
+# Hopper's forward with D != Dv: the pairs upstream's tests run (the others are declined, see the docstring)
+HOPPER_DV_PAIRS = ((192, 128), (128, 64))
 FP8_ARCH = 10  # FA4 asserts arch // 10 == 10 for fp8 inputs: SM100 only
 
 
@@ -177,6 +191,10 @@ def head_dims(arch: int, D: int, Dv: int, backward: bool, gqa: bool) -> str | No
     if arch == 9:
         if not (8 <= D <= 256 and 8 <= Dv <= 256):
             return f"head dims (D={D}, Dv={Dv}): Hopper runs 8..256"
+        if D != Dv and (D, Dv) not in HOPPER_DV_PAIRS:
+            return (f"head dims (D={D}, Dv={Dv}) on Hopper: FA4's SM90 forward faults with an illegal memory "
+                    "access at D=16 with Dv=64 and 128 (evidence/h200/verify_times-fa4-palette-2026-12-03.txt); "
+                    "declared: D == Dv, (192, 128), (128, 64)")
         if backward and not ((D == Dv and D <= 128) or ((D, Dv) == (192, 128) and not gqa)):
             return (f"backward with (D={D}, Dv={Dv}){' and grouped heads' if gqa else ''}: Hopper's backward "
                     "runs D == Dv <= 128, or (192, 128) without grouped heads")

@@ -9,6 +9,7 @@ with no visible key), varlen lse as (H, total_q), and a (out, lse) tuple return.
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import json
 import subprocess
 import sys
@@ -181,6 +182,12 @@ def test_head_dim_limits_per_arch() -> None:
     assert hd(10, 256, 256, backward=True, gqa=False) is None
     assert hd(10, 64, 512, backward=False, gqa=False) is None
     assert hd(10, 64, 512, backward=True, gqa=False) is not None
+    # Hopper's forward with D != Dv: the pairs upstream tests; the drawn faults (D=16, Dv > D) are declined
+    for D, Dv in ((16, 128), (16, 64), (16, 32), (64, 128), (64, 32)):
+        assert "illegal memory access" in hd(9, D, Dv, backward=False, gqa=False), (D, Dv)
+    assert hd(9, 128, 64, backward=False, gqa=True) is None
+    assert hd(9, 192, 128, backward=False, gqa=True) is None
+    assert hd(10, 16, 128, backward=False, gqa=False) is None  # the fault is Hopper's forward tile
 
 
 def test_supports_sees_the_backward_through_the_registry(monkeypatch) -> None:
@@ -286,27 +293,47 @@ def test_local_variant_declares_no_key_padding() -> None:
     assert fa4_mod.flash_attn4_local.features == fa4_mod.flash_attn4.features - {"key_padding"}
 
 
-FINDINGS = Path(__file__).resolve().parent.parent / "scripts" / "diag" / "fa4_findings.py"
+FINDINGS = Path(__file__).resolve().parent.parent / "scripts" / "checks" / "fa4_findings.py"
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+# canaries: names in FINDINGS's SUSPECTS, each declined by the adapter on an H200 (compute capability 9)
+CANARIES = ("scale0-window", "scale0-lse", "zero-key-batch-grad", "varlen-grad-polarity", "hopper-dv-fault")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("scale0-window", marks=gpu),
-    pytest.param("scale0-lse", marks=gpu),
-    pytest.param("zero-key-batch-grad", marks=gpu),
-    pytest.param("varlen-grad-polarity", marks=gpu),
-])
+def _suspects() -> dict:
+    spec = importlib.util.spec_from_file_location("fa4_findings", FINDINGS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SUSPECTS
+
+
+def test_canaries_name_declined_specs_of_the_findings_script(monkeypatch) -> None:
+    """The canary below runs FINDINGS by path and names its specs: a moved script or a renamed
+    spec would make every child fail to start, so this CPU test keeps both honest, and checks
+    that each canary's spec is one the adapter declines on an H200."""
+    assert FINDINGS.is_file(), f"{FINDINGS} is missing"
+    suspects = _suspects()
+    on_gpu(monkeypatch, 9)
+    for name in CANARIES:
+        assert name in suspects, name
+        spec, grad, _ = suspects[name]
+        assert fa4_mod.flash_attn4.why_not(spec, {"backward"} if grad else set()) is not None, name
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=gpu) for name in CANARIES])
 def test_fa4_declared_bugs_still_fail_upstream(name: str) -> None:
-    """Canaries for upstream_bug() in impls/flash_attn4.py: the spec runs past the declaration,
-    in a process of its own (scripts/checks/fa4_findings.py; a CUDA fault there cannot poison this
-    one), against the float64 oracle. Fails once FA4 answers within the tolerance rule: then the
-    declaration can go (and docs/DESIGN.md says so)."""
+    """Canaries for upstream_bug() and the Hopper Dv != D forward limit (head_dims) in
+    impls/flash_attn4.py: the spec runs past the declaration, in a process of its own
+    (scripts/checks/fa4_findings.py; a CUDA fault there cannot poison this one), against the
+    float64 oracle. A child that raises a CUDA error or dies of a signal counts as still broken;
+    one that fails to start or ends without a row and without either fails the test. Fails once
+    FA4 answers within the tolerance rule: then the declaration can go (and docs/DESIGN.md says so)."""
     if why := fa4_mod.flash_attn4.unavailable():
         pytest.skip(why)
     proc = subprocess.run([sys.executable, str(FINDINGS), "--child", name], capture_output=True, text=True,
                           timeout=300)
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    assert rows or proc.returncode != 0, f"the diagnostic printed nothing: {proc.stderr[-500:]}"
+    crashed = proc.returncode < 0 or "CUDA error" in proc.stderr
+    assert rows or crashed, f"the check printed no row (exit {proc.returncode}): {proc.stderr[-500:]}"
     if not rows or rows[0]["status"] != "ok":
         return  # still wrong (or its process still crashes) upstream
     pytest.fail(f"FA4 answers {name} ({rows[0]['spec']}) within the tolerance rule now: drop it from "

@@ -10,7 +10,9 @@ error or signal that ended it, and what the adapter declares), and JSON to argv[
 
     source scripts/gpu/env.sh && python3 scripts/checks/fa4_findings.py "$OUT/fa4_findings.json"
 
-Run by scripts/gpu/findings.sh. Evidence: evidence/h200/fa4_findings-2026-12-03.json.
+Run by scripts/gpu/findings.sh. Evidence: evidence/h200/fa4_findings-2026-12-03.json (the
+specs before "hopper-dv-fault", which has not run here yet: its fault is in
+evidence/h200/verify_times-fa4-palette-2026-12-03.txt).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ SUSPECTS: dict[str, tuple[Spec, bool, bool]] = {
     "overflow-grad": (_s(Sq=8, magnitude=8.0, window=(7, 7)), True, False),
     "batch2-grad": (_s(B=2, Sq=1), True, False),
     "d160-window-fwd": (_s(B=3, Hq=5, Sq=98, D=160, window=(0, None), seed=1), False, False),
+    # Hopper forward with Dv > D: an illegal memory access (evidence/h200/verify_times-fa4-palette-2026-12-03.txt)
+    "hopper-dv-fault": (_s(B=3, Hq=16, Hkv=8, Sq=129, Sk=31, D=16, Dv=128, causal=True, window=(0, 85),
+                           layout="bshd", magnitude=3.0, seed=65535), False, True),
 }
 BATCH = 4  # non-suspects per process
 WORKERS = 10  # processes side by side: two rounds on a 16-core host
