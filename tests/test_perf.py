@@ -675,7 +675,9 @@ def test_quick_bench_on_the_cpu_measures_every_cell(tmp_path, monkeypatch):
     import attnbench.registry
 
     monkeypatch.setattr(attnbench.registry, "_REGISTRY", None)
-    results = bench.run_bench(quick=True, device="cpu", out=tmp_path / "bench.json")
+    # budget_s=None: the sweep's time budget would skip cells on a loaded machine, and this test
+    # is about every cell being measured, not about how fast
+    results = bench.run_bench(quick=True, device="cpu", out=tmp_path / "bench.json", budget_s=None)
     # every registered implementation is correct code: none may error (an eager-flex forward under
     # no_grad with inputs that require grad once did, in every cell)
     bad = ("error", "oom", "crashed", "timeout", "skipped")
