@@ -5,6 +5,7 @@ is contained, and the run goes on to the end."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import textwrap
 
@@ -139,3 +140,14 @@ def test_only_file_keeps_the_listed_rows_in_its_order(tmp_path):
     )
     listed = [line for line in out.stdout.splitlines() if line.startswith("properties/")]
     assert listed == wanted, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_default_workers_per_device(monkeypatch):
+    """One test process per two cores on CUDA (at most 8), one per core on a CPU (at most 4);
+    ATTNBENCH_VERIFY_WORKERS wins."""
+    monkeypatch.delenv("ATTNBENCH_VERIFY_WORKERS", raising=False)
+    for cores, cuda, cpu in ((16, 8, 4), (32, 8, 4), (2, 1, 2), (1, 1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert (verify.default_workers("cuda"), verify.default_workers("cpu")) == (cuda, cpu)
+    monkeypatch.setenv("ATTNBENCH_VERIFY_WORKERS", "3")
+    assert verify.default_workers("cuda") == 3

@@ -106,15 +106,18 @@ def default_deadline(device: str) -> float:
 
 def default_workers(device: str) -> int:
     """Test processes a verify run uses: ATTNBENCH_VERIFY_WORKERS, else one per two CPU cores on
-    CUDA (at most 4: compiles are CPU-bound, the GPU has room for several) and one per CPU core
-    on a CPU (at most 4)."""
+    CUDA (at most 8: a GPU row's time is compiles, which are CPU-bound, and an H200 holds eight
+    processes' contexts and cases with room to spare: 8 ran the feature rows there,
+    evidence/h200/features-2026-12-03) and one per CPU core on a CPU (at most 4)."""
     value = os.environ.get("ATTNBENCH_VERIFY_WORKERS")
     if value:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"ATTNBENCH_VERIFY_WORKERS must be a positive integer, got {value!r}")
         return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // 2 if device.startswith("cuda") else cores))
+    if device.startswith("cuda"):
+        return max(1, min(8, cores // 2))
+    return max(1, min(4, cores))
 
 
 def run(
