@@ -119,6 +119,17 @@ def _sequence(Cu, b):
     return start.to(tl.int64), tl.load(Cu + b + 1) - start
 
 
+@triton.jit
+def _query_block_of(CuQ, CuK, b, h, total_q, BLOCK_M: tl.constexpr):
+    """For a query-block program (forward, dq) of packed sequence b, head h: the sequence's first
+    query and key rows, its query and key lengths, its first row in the (Hq, total_q) stats, and
+    this program's query block, longest rows first (negative past the sequence's last block)."""
+    q0, Sq = _sequence(CuQ, b)
+    k0, Sk = _sequence(CuK, b)
+    start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+    return q0, k0, Sq, Sk, h * total_q + q0, start_m
+
+
 # -- score features --------------------------------------------------------------------------
 @triton.jit
 def _softcap(s, cap):
@@ -217,12 +228,8 @@ def attn_fwd(
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     if IS_VARLEN:  # b is a sequence: see "Packed batches" above
-        q0, Sq_b = _sequence(CuQ, b)
-        k0, Sk = _sequence(CuK, b)
-        stat0 = h * Sq + q0
-        Sq = Sq_b
+        q0, k0, Sq, Sk, stat0, start_m = _query_block_of(CuQ, CuK, b, h, Sq, BLOCK_M)
         off = Sk - Sq
-        start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
         if start_m < 0:  # past this sequence's last query block
             return
         Q += q0 * sqm
@@ -572,12 +579,8 @@ def attn_bwd_dq(
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     if IS_VARLEN:  # b is a sequence: see "Packed batches" above
-        q0, Sq_b = _sequence(CuQ, b)
-        k0, Sk = _sequence(CuK, b)
-        stat0 = h * Sq + q0
-        Sq = Sq_b
+        q0, k0, Sq, Sk, stat0, start_m = _query_block_of(CuQ, CuK, b, h, Sq, BLOCK_M)
         off = Sk - Sq
-        start_m = (tl.cdiv(Sq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
         if start_m < 0:  # past this sequence's last query block
             return
         Q += q0 * sqm
