@@ -441,6 +441,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
     """Load, check and gate; one line per error (exit 2), the table, then the verdict's exit code."""
     try:
         current = load(args.current)
+        check_finished(current, args.current, "current")  # before looking for its baseline
         baseline_path = args.baseline or default_baseline(device_model(current.env))
         if baseline_path is None:
             model = device_model(current.env)

@@ -747,7 +747,24 @@ def test_an_interrupted_bench_keeps_and_writes_the_rows_that_finished(tmp_path, 
     assert len(kept) == 1 and Results.load(kept[0]).env["interrupted"] == "SIGINT"
     assert len([r for r in Results.load(kept[0]).perf if r.status == "ok"]) == 2
     assert latest(root) == old.parent.resolve() and seen.stopped == 1
+    assert "Interrupted run (stopped by SIGINT)" in (kept[0].parent / "report.md").read_text()
     assert "2 finished row(s) kept" in capsys.readouterr().err
+
+    # `attnbench run` stopped in its benchmark: its folder keeps the verify results and the finished rows
+    from attnbench.results import CorrectnessRow
+
+    _interrupt_after_two_pairs(monkeypatch)
+    check = CorrectnessRow(variant="dense", impl="naive", property="test_forward_matches_oracle", status="pass")
+    verified = SimpleNamespace(results=Results(env={"device": "cpu"}, correctness=[check]), usage_error=None,
+                               collect_error=None)
+    monkeypatch.setattr(cli, "do_verify", lambda args: verified)
+    assert cli.main(["run", "--device", "cpu", "--out", str(root)]) == 128 + signal.SIGINT
+    ran = [p for p in root.glob("runs/*/results.json") if p not in (old, *kept)]
+    assert len(ran) == 1 and latest(root) == old.parent.resolve()
+    both = Results.load(ran[0])
+    assert both.env["interrupted"] == "SIGINT" and both.correctness == [check]
+    assert len([r for r in both.perf if r.status == "ok"]) == 2
+    assert "verify results and 2 finished benchmark row(s) kept" in capsys.readouterr().err
 
 
 def test_first_calls_of_compiling_impls_are_recorded():
