@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from attnbench import procs
 from attnbench.registry import VARIANTS, Impl, registry
 from attnbench.reports import text
 from attnbench.results import PerfRow, Results, environment
@@ -101,6 +102,9 @@ def run_bench(
     `crashed` / `timeout` row, and each implementation gets its own share of the budget); False
     runs them in this process. deadline_s: the per-cell deadline (default isolate.default_deadline).
     sweeps: names of registered sweeps (perf/sweeps.py; default: the device's default sweeps).
+    A signal (procs.Interrupted, see procs.on_signals) ends the sweep's processes and carries the
+    finished rows as `stop.partial`, a Results whose env["interrupted"] names the signal; the
+    pairs not measured have no row.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in ("cpu", "cuda"):
@@ -118,19 +122,34 @@ def run_bench(
     started = time.perf_counter()
     results = Results(env=environment(), peaks=measure_peaks(device))
     results.env.update(bench_env(quick, device, settings, reference, sweeps or default_sweeps(device)))
-    warmed = _prewarm(cells, chosen, device, settings, prewarm_workers, say)
-    if warmed is not None:
-        results.env["prewarm"] = warmed.as_dict()
-        if settings.budget_s is not None:
-            settings = dataclasses.replace(settings, budget_s=max(settings.budget_s - warmed.seconds, 0.0))
     first_calls: list[dict] = []
-    if isolate:
-        tuning: dict = {}
-        rows = run_isolated(cells, chosen, settings=settings, peaks=results.peaks, progress=say,
-                            first_calls=first_calls, deadline_s=deadline_s, tuning=tuning)
-    else:
-        rows = run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say, first_calls=first_calls)
-        tuning = autotuner_picks(chosen)
+    tuning: dict = {}
+    try:
+        warmed = _prewarm(cells, chosen, device, settings, prewarm_workers, say)
+        if warmed is not None:
+            results.env["prewarm"] = warmed.as_dict()
+            if settings.budget_s is not None:
+                settings = dataclasses.replace(settings, budget_s=max(settings.budget_s - warmed.seconds, 0.0))
+        if isolate:
+            rows = run_isolated(cells, chosen, settings=settings, peaks=results.peaks, progress=say,
+                                first_calls=first_calls, deadline_s=deadline_s, tuning=tuning)
+        else:
+            rows = run_cells(cells, chosen, settings=settings, peaks=results.peaks, progress=say,
+                             first_calls=first_calls)
+            tuning = autotuner_picks(chosen)
+    except procs.Interrupted as stop:  # the finished rows are kept: the callers write them as an interrupted run
+        results.env["interrupted"] = stop.name
+        stop.partial = _complete(results, getattr(stop, "rows", []), reference, first_calls, tuning, started)
+        raise
+    _complete(results, rows, reference, first_calls, tuning, started)
+    if out is not None:
+        save(results, out)
+    return results
+
+
+def _complete(results: Results, rows: list[PerfRow], reference, first_calls: list, tuning: dict,
+              started: float) -> Results:
+    """Put the rows into results with their speedups, and what the run recorded beside them."""
     results.perf = finalize(rows, reference)
     if first_calls:  # where the compiling implementations' first-call seconds went
         results.env["first_calls"] = first_calls
@@ -138,8 +157,6 @@ def run_bench(
         results.env["tuning"] = tuning
     memory.attach(results)
     results.env["bench_seconds"] = round(time.perf_counter() - started, 1)
-    if out is not None:
-        save(results, out)
     return results
 
 
@@ -200,6 +217,25 @@ def merge(paths: Iterable[str | os.PathLike], reference: str | dict | None = DEF
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. SIGINT / SIGTERM end the sweep's processes, write the finished rows to
+    --out (env["interrupted"] names the signal), print one line and exit 128 + the signal."""
+    args = _parser().parse_args(argv)
+    try:
+        with procs.on_signals():
+            try:
+                return _main(args)
+            finally:
+                procs.kill_all()
+    except procs.Interrupted as stop:
+        partial = getattr(stop, "partial", None)
+        kept = ""
+        if args.out and partial is not None:
+            kept = f"; {len(partial.perf)} finished row(s) written to {save(partial, args.out)} (interrupted run)"
+        print(f"bench: stopped by {stop.name}; child processes ended{kept}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attnbench.perf.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="append", default=None, help="a registered sweep (repeatable; see --list-sweeps)")
@@ -216,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=None,
                    help="per-cell deadline in s (default: ATTNBENCH_BENCH_DEADLINE, else 120 on a CPU, 600 on CUDA)")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.list_sweeps:
         print(text.sweep_table(SWEEPS.values()))
         return 0
@@ -224,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_sweeps(args.sweep, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except ValueError as exc:
-            p.error(str(exc))
+            _parser().error(str(exc))
     if args.merge:
         results = merge(args.merge, args.reference)
         memory.attach(results)

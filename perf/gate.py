@@ -32,7 +32,8 @@ move with the hardware (an H200's extra bandwidth sped up memory-bound reference
 "regressed" 36 cells of an unchanged H100 baseline).
 
 Exit codes: 0 pass, 1 fail, 2 bad input (unreadable file, a time that is NaN / zero / negative
-/ not a number, a bad threshold, no baseline, two device models), 3 no verdict (no cell was
+/ not a number, a bad threshold, no baseline, two device models, an interrupted run as either
+side: env.interrupted), 3 no verdict (no cell was
 judged in both runs, or a --cross-device report). Every error names its file.
 
     python -m attnbench.perf.gate current.json --baseline perf/baselines/h100.json
@@ -268,6 +269,16 @@ def check_times(results: Results, path: str | Path) -> None:
                                 "not a positive finite time")
 
 
+def check_finished(results: Results, path: str | Path, role: str) -> None:
+    """Refuse a run that a signal stopped (env.interrupted): the cells it did not reach would pass
+    as missing, and as a baseline it would leave them unjudged from then on."""
+    signal = results.env.get("interrupted")
+    if signal:
+        use = "not a baseline" if role == "baseline" else "the cells it did not reach would go unjudged"
+        raise GateError(f"{path}: an interrupted run (stopped by {signal} after {len(results.perf)} rows): {use}; "
+                        "gate a run that finished")
+
+
 def load(path: str | Path) -> Results:
     """A results file for the gate; a file that cannot be read is a GateError naming it."""
     try:
@@ -294,7 +305,8 @@ def gate(
     registry reference. Two device models raise GateError unless cross_device, which gives a
     report with no verdict. paths name the two runs in errors."""
     threshold = check_threshold(threshold)
-    for results, path in ((current, paths[0]), (baseline, paths[1])):
+    for results, path, role in ((current, paths[0], "current"), (baseline, paths[1], "baseline")):
+        check_finished(results, path, role)
         check_times(results, path)
     models = device_model(current.env), device_model(baseline.env)
     for path, model in zip(paths, models):
@@ -429,6 +441,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
     """Load, check and gate; one line per error (exit 2), the table, then the verdict's exit code."""
     try:
         current = load(args.current)
+        check_finished(current, args.current, "current")  # before looking for its baseline
         baseline_path = args.baseline or default_baseline(device_model(current.env))
         if baseline_path is None:
             model = device_model(current.env)

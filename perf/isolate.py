@@ -134,7 +134,8 @@ def run_isolated(
     tuning: dict | None = None,
 ) -> list[PerfRow]:
     """Like measure.run_cells, each pair timed in a child process; rows in cell order.
-    tuning: gets the autotuner picks the children report when they finish."""
+    tuning: gets the autotuner picks the children report when they finish. A signal
+    (procs.Interrupted) stops the worker and carries the finished rows as `stop.rows`."""
     say = progress or (lambda msg: None)
     plan = [(cell, impl, reason) for cell in cells for impl, reason in candidates(cell, impls)]
     runnable = [k for k, (_, _, reason) in enumerate(plan) if reason is None]
@@ -173,6 +174,9 @@ def run_isolated(
                     f"{row_brief(row)}")
             if worker is not None and tuning is not None:
                 tuning.update(_finish(worker))
+        except procs.Interrupted as stop:  # the rows that finished go with it: run_bench keeps them
+            stop.rows = rows
+            raise
         finally:
             if worker is not None:
                 worker.stop()

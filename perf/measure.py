@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnbench.procs import Interrupted
 from attnbench.registry import Impl
 from attnbench.reports.text import row_brief
 from attnbench.results import PerfRow, over_peak
@@ -141,28 +142,33 @@ def run_cells(
     progress: Callable[[str], None] | None = None,
     first_calls: list | None = None,
 ) -> list[PerfRow]:
-    """Run every (cell, implementation) pair; rows in cell order. first_calls: see measure."""
+    """Run every (cell, implementation) pair; rows in cell order. first_calls: see measure. A
+    signal (procs.Interrupted) carries the finished rows as `stop.rows`."""
     say = progress or (lambda msg: None)
     start = time.perf_counter()
     plan = [(cell, impl, reason) for cell in cells for impl, reason in candidates(cell, impls)]
     rows: list[PerfRow] = []
     first_calls = first_calls if first_calls is not None else []
     cache = InputCache()
-    for n, (cell, impl, reason) in enumerate(plan, 1):
-        elapsed = time.perf_counter() - start
-        if reason is not None:
-            row = blank_row(cell, impl, "unsupported", reason)
-        elif settings.budget_s is not None and elapsed > settings.budget_s:
-            row = blank_row(cell, impl, "skipped", f"sweep time budget of {settings.budget_s:.0f} s spent")
-        else:
-            try:
-                inputs = cache.get(cell)
-            except Exception as exc:
-                row = blank_row(cell, impl, failure_status(exc), reason_of(exc))
+    try:
+        for n, (cell, impl, reason) in enumerate(plan, 1):
+            elapsed = time.perf_counter() - start
+            if reason is not None:
+                row = blank_row(cell, impl, "unsupported", reason)
+            elif settings.budget_s is not None and elapsed > settings.budget_s:
+                row = blank_row(cell, impl, "skipped", f"sweep time budget of {settings.budget_s:.0f} s spent")
             else:
-                row = measure(impl, cell, settings, peaks, inputs, first_calls)
-        rows.append(row)
-        say(f"[{n}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: {row_brief(row)}")
+                try:
+                    inputs = cache.get(cell)
+                except Exception as exc:
+                    row = blank_row(cell, impl, failure_status(exc), reason_of(exc))
+                else:
+                    row = measure(impl, cell, settings, peaks, inputs, first_calls)
+            rows.append(row)
+            say(f"[{n}/{len(plan)} {time.perf_counter() - start:.0f}s] {cell.label()} · {impl.name}: {row_brief(row)}")
+    except Interrupted as stop:  # the rows that finished go with it: run_bench keeps them
+        stop.rows = rows
+        raise
     cache.clear()
     return rows
 

@@ -98,11 +98,22 @@ def _fence(text: str, lang: str = "") -> list[str]:
     return [f"{ticks}{lang}", text, ticks]
 
 
+def _banners(results: Results) -> list[str]:
+    """What a reader must know before any table: sample data, or a run that a signal stopped."""
+    banners = []
+    if results.env.get("synthetic"):
+        banners.append("Synthetic sample data: not a measurement.")
+    if results.env.get("interrupted"):
+        banners.append(f"Interrupted run (stopped by {results.env['interrupted']}): only the rows that finished; "
+                       "what was not reached is absent.")
+    return banners
+
+
 def markdown(results: Results, figures: list[P.Plot] | None = None, plot_dir: str = "plots") -> str:
     """The report as Markdown; figures (if any) are linked from plot_dir/<name>.svg."""
     lines = ["# attnbench report", "", T.headline(results), ""]
-    if results.env.get("synthetic"):
-        lines += ["> **Synthetic sample data: not a measurement.**", ""]
+    for banner in _banners(results):
+        lines += [f"> **{banner}**", ""]
     checked = T.checked_rows(results)
     lines += [_md_overview(results), ""]
     if checked:
@@ -252,8 +263,7 @@ def _table(headers: list[str], rows: list[list[str]], cls: str = "", num: set[in
 def html_report(results: Results, figures: list[P.Plot] | None = None) -> str:
     """The report as one self-contained HTML page."""
     body = ["<h1>attnbench report</h1>", f'<p class="sub">{_e(T.headline(results))}</p>']
-    if results.env.get("synthetic"):
-        body.append('<div class="banner">Synthetic sample data: not a measurement.</div>')
+    body += [f'<div class="banner">{_e(banner)}</div>' for banner in _banners(results)]
     sections = [("correctness", "Correctness"), ("failures", "Failures"), ("performance", "Performance"),
                 ("errors", "Error ratios"), ("zoo", "Bug zoo"), ("environment", "Environment")]  # fmt: skip
     checked = T.checked_rows(results)

@@ -96,6 +96,19 @@ def test_a_run_without_perf_rows_is_an_error_naming_it(tmp_path, capsys):
     assert "current.json: has no perf rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("which", ["current", "baseline"])
+def test_an_interrupted_run_is_refused_in_one_line(which, tmp_path, capsys):
+    cut = run()
+    cut.env["interrupted"] = "SIGINT"
+    current, baseline = (cut, run()) if which == "current" else (run(), cut)
+    with pytest.raises(GateError, match="an interrupted run"):
+        gate(current, baseline)
+    assert gate_cli(tmp_path, current, baseline) == 2
+    out = capsys.readouterr().out
+    assert f"{which}.json: an interrupted run (stopped by SIGINT after 6 rows)" in out
+    assert ("not a baseline" in out) == (which == "baseline") and len(out.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("bad", [math.nan, 0.0, -1.0, math.inf, "0.5", None])
 @pytest.mark.parametrize("which", ["current", "baseline"])
 def test_bad_times_in_either_file_are_rejected(bad, which, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 from types import SimpleNamespace
 
@@ -690,6 +691,82 @@ def test_quick_bench_on_the_cpu_measures_every_cell(tmp_path, monkeypatch):
     assert all(r.timer == "wall_clock" and r.ms > 0 for r in ok)
     naive = [r for r in ok if r.impl == "naive" and r.variant == "dense"]
     assert naive and all(r.speedup == pytest.approx(1.0) for r in naive)  # no sdpa_flash on a CPU: naive is it
+
+
+def _interrupt_after_two_pairs(monkeypatch) -> SimpleNamespace:
+    """A CPU sweep of two small dense cells whose pair runner measures two pairs, then gets SIGINT
+    (as the parent does in worker.read when the signal arrives); the worker handed out is a stand-in
+    that records being stopped."""
+    from attnbench import procs
+    from attnbench.perf import isolate
+
+    cells = [Cell("dense", "fwd", spec=Spec(B=1, Hq=2, Sq=S, D=16, causal=True)) for S in (32, 64)]
+    seen = SimpleNamespace(ran=0, stopped=0)
+    worker = SimpleNamespace(stop=lambda: setattr(seen, "stopped", seen.stopped + 1))
+
+    def run_pair(worker, n, cell, impl, deadline_s, first_calls):
+        if seen.ran == 2:
+            raise procs.Interrupted(signal.SIGINT)
+        seen.ran += 1
+        return PerfRow(variant=cell.variant, impl=impl.name, mode=cell.mode, shape=cell.shape(), ms=1.0,
+                       timer="wall_clock"), 0.01, worker
+
+    monkeypatch.setattr(isolate, "_start", lambda plan_file, device: worker)
+    monkeypatch.setattr(isolate, "_run_pair", run_pair)
+    monkeypatch.setattr(bench, "measure_peaks", lambda device: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    monkeypatch.setattr(bench, "sweep_cells", lambda *args: cells)
+    return seen
+
+
+def test_an_interrupted_bench_keeps_and_writes_the_rows_that_finished(tmp_path, monkeypatch, capsys):
+    from attnbench import procs
+    from attnbench.app import cli
+    from attnbench.files import latest
+    from attnbench.reports.sample import sample_results
+
+    seen = _interrupt_after_two_pairs(monkeypatch)
+    with pytest.raises(procs.Interrupted) as stop:
+        bench.run_bench(quick=True, device="cpu", budget_s=None)
+    partial = stop.value.partial
+    assert seen.stopped == 1 and partial.env["interrupted"] == "SIGINT"
+    assert len([r for r in partial.perf if r.status == "ok"]) == 2  # the pairs not reached have no row
+
+    # the module's main: the rows go to --out, one line, exit 130, no traceback
+    seen = _interrupt_after_two_pairs(monkeypatch)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--budget", "0", "--quiet", "--out", str(out)]) == 128 + signal.SIGINT
+    written = Results.load(out)
+    assert written.env["interrupted"] == "SIGINT" and len([r for r in written.perf if r.status == "ok"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bench: stopped by SIGINT" in err and "written to" in err and "Traceback" not in err
+
+    # `attnbench bench`: a run folder of its own; latest stays on the last finished run
+    seen = _interrupt_after_two_pairs(monkeypatch)
+    root = tmp_path / "results"
+    old = cli.write_run(sample_results(), str(root))["json"]
+    assert cli.main(["bench", "--device", "cpu", "--out", str(root)]) == 128 + signal.SIGINT
+    kept = [p for p in root.glob("runs/*/results.json") if p != old]
+    assert len(kept) == 1 and Results.load(kept[0]).env["interrupted"] == "SIGINT"
+    assert len([r for r in Results.load(kept[0]).perf if r.status == "ok"]) == 2
+    assert latest(root) == old.parent.resolve() and seen.stopped == 1
+    assert "Interrupted run (stopped by SIGINT)" in (kept[0].parent / "report.md").read_text()
+    assert "2 finished row(s) kept" in capsys.readouterr().err
+
+    # `attnbench run` stopped in its benchmark: its folder keeps the verify results and the finished rows
+    from attnbench.results import CorrectnessRow
+
+    _interrupt_after_two_pairs(monkeypatch)
+    check = CorrectnessRow(variant="dense", impl="naive", property="test_forward_matches_oracle", status="pass")
+    verified = SimpleNamespace(results=Results(env={"device": "cpu"}, correctness=[check]), usage_error=None,
+                               collect_error=None)
+    monkeypatch.setattr(cli, "do_verify", lambda args: verified)
+    assert cli.main(["run", "--device", "cpu", "--out", str(root)]) == 128 + signal.SIGINT
+    ran = [p for p in root.glob("runs/*/results.json") if p not in (old, *kept)]
+    assert len(ran) == 1 and latest(root) == old.parent.resolve()
+    both = Results.load(ran[0])
+    assert both.env["interrupted"] == "SIGINT" and both.correctness == [check]
+    assert len([r for r in both.perf if r.status == "ok"]) == 2
+    assert "verify results and 2 finished benchmark row(s) kept" in capsys.readouterr().err
 
 
 def test_first_calls_of_compiling_impls_are_recorded():

@@ -291,6 +291,20 @@ def _bench_progress(progress, message: str) -> None:
 _BENCH_BROKEN = re.compile(r": (?:error|oom|crashed|timeout)\b")  # a cell that did not measure
 
 
+def _bench_keeping_partial(args: argparse.Namespace):
+    """do_bench; when a signal stops it, the rows that finished are written into a run folder of
+    their own (env "interrupted" names the signal; `latest` does not move) before the command ends."""
+    try:
+        return do_bench(args, quick=args.quick)
+    except procs.Interrupted as stop:
+        partial = getattr(stop, "partial", None)
+        if partial is not None and partial.perf:
+            paths = write_all(partial, new_run_dir(args.out))
+            print(f"attnbench: {len(partial.perf)} finished row(s) kept in {paths['json']} (interrupted run)",
+                  file=sys.stderr)
+        raise
+
+
 def _broken_sources(args: argparse.Namespace) -> list[str]:
     """Implementation sources that failed to load, when this command would have run them
     (no --impl: every implementation was asked for)."""
@@ -309,7 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             problem = str(exc)
     if problem:
         return error(problem)
-    results = do_bench(args, quick=args.quick)
+    results = _bench_keeping_partial(args)
     summary(results, console=console)
     paths = write_run(results, args.out)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
@@ -385,6 +399,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.rule(f"quick benchmark on {device}")
     try:
         perf = do_bench(args, quick=True)
+    except procs.Interrupted as stop:  # the verify results and the finished rows stay in this run's folder
+        partial = getattr(stop, "partial", None) or Results()
+        kept = outcome.results.merge(partial)
+        kept.env = {**kept.env, "interrupted": stop.name}
+        kept.save(run_dir / "results.json")
+        print(f"attnbench: verify results and {len(partial.perf)} finished benchmark row(s) kept in "
+              f"{run_dir / 'results.json'} (interrupted run)", file=sys.stderr)
+        raise
     except Exception as exc:  # the report still gets written with what we have
         console.print(f"[red]benchmark failed:[/] {type(exc).__name__}: {exc}")
         perf = Results()
