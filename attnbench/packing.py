@@ -12,90 +12,33 @@ Two call conventions beyond the dense one (oracles/CONTRACT.md, sections 1.1 and
   int32 (B,) the tokens in the cache, the Sq new ones included (already appended, as vLLM's
   reshape_and_cache does); out (B, Hq, Sq, Dv), lse (B, Hq, Sq) or None.
 
-A VarlenSpec / PagedSpec is plain data like attnbench.spec.Spec: it validates itself, says which
-features it needs, makes seeded inputs and prints as Python that pastes back. `dense_specs()`
+A VarlenSpec / PagedSpec is plain data like attnbench.spec.Spec, and shares its fields, checks,
+printing and features through attnbench.spec.SpecBase: it validates itself, says which features it
+needs, makes seeded inputs and prints as Python that pastes back. `dense_specs()`
 gives the dense Spec of each sequence, which carries an implementation's size limits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from attnbench.spec import DTYPES, Config, Spec, softcap_problem, window_problem
+from attnbench.spec import Spec, SpecBase
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+class _PackedBase(SpecBase):
+    """What VarlenSpec and PagedSpec share beyond SpecBase: the checks of their shared fields
+    (before their own) and the dense Spec of one sequence."""
 
+    def _shared_problems(self) -> Iterator[tuple[str, str]]:
+        yield from self._size_problems("Hq", "Hkv", "D", "Dv")
+        yield from self._field_problems("dtype", "device", "scale", "window", "magnitude", "softcap")
 
-def _shared_problems(spec) -> list[tuple[str, str]]:
-    """(field, why) for the fields VarlenSpec and PagedSpec share."""
-    out = []
-    for name in ("Hq", "Hkv", "D", "Dv"):
-        if not _positive(getattr(spec, name)):
-            out.append((name, f"must be a positive integer, got {getattr(spec, name)!r}"))
-    if not out and spec.Hq % spec.Hkv:
-        out.append(("Hkv", f"Hq={spec.Hq} is not divisible by Hkv={spec.Hkv}"))
-    if spec.dtype not in DTYPES:
-        out.append(("dtype", f"unknown dtype {spec.dtype!r}; one of {sorted(DTYPES)}"))
-    if spec.device.split(":")[0] not in ("cpu", "cuda"):
-        out.append(("device", f"unknown device {spec.device!r}; 'cpu' or 'cuda[:n]'"))
-    if spec.scale is not None and not math.isfinite(spec.scale):
-        out.append(("scale", f"must be finite, got {spec.scale!r}"))
-    if spec.window is not None and window_problem(spec.window):
-        out.append(("window", window_problem(spec.window)))
-    if not (spec.magnitude > 0 and math.isfinite(spec.magnitude)):
-        out.append(("magnitude", f"must be positive and finite, got {spec.magnitude!r}"))
-    if softcap_problem(spec.softcap):
-        out.append(("softcap", softcap_problem(spec.softcap)))
-    return out
-
-
-def _fill_defaults(spec) -> None:
-    for name, value in {"Hkv": spec.Hq, "Dv": spec.D}.items():
-        if getattr(spec, name) is None:
-            object.__setattr__(spec, name, value)
-    if spec.window is not None:
-        object.__setattr__(spec, "window", tuple(spec.window))
-        if spec.window == (None, None):
-            object.__setattr__(spec, "window", None)
-
-
-def _short(spec) -> str:
-    """The fields that differ from the defaults, as Python (paste into the class)."""
-    parts = []
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        default = {"Hkv": spec.Hq, "Dv": spec.D}.get(f.name, f.default)
-        if value != default:
-            parts.append(f"{f.name}={value!r}")
-    return f"{type(spec).__name__}({', '.join(parts)})"
-
-
-def _needs(spec, cross: bool) -> set[str]:
-    need = set()
-    if spec.causal:
-        need.add("causal")
-    if spec.window is not None:
-        need.add("sliding_window")
-    if spec.Hkv != spec.Hq:
-        need.add("gqa")
-    if spec.Dv != spec.D:
-        need.add("dv")
-    if cross:
-        need.add("cross")
-    if spec.softcap is not None:
-        need.add("softcap")
-    return need
-
-
-def _config(spec) -> Config:
-    scale = 1.0 / math.sqrt(spec.D) if spec.scale is None else float(spec.scale)
-    return Config(scale=scale, causal=spec.causal, window=spec.window, softcap=spec.softcap)
+    def _dense_spec(self, Sq: int, Sk: int) -> Spec:
+        return Spec(Sq=Sq, Sk=Sk, **{name: getattr(self, name) for name in self.SHARED})
 
 
 def cu_seqlens(lengths: list[int] | tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
@@ -124,7 +67,7 @@ class VarlenInputs:
 
 
 @dataclass(frozen=True)
-class VarlenSpec:
+class VarlenSpec(_PackedBase):
     """A packed batch: sequence b has seqlens[b] = (queries, keys) tokens, 0 allowed."""
 
     seqlens: tuple[tuple[int, int], ...] = ((16, 16),)
@@ -142,45 +85,29 @@ class VarlenSpec:
     softcap: float | None = None  # logit soft cap (Config.softcap)
 
     def __post_init__(self) -> None:
-        _fill_defaults(self)
+        self._fill_defaults()
         object.__setattr__(self, "seqlens", tuple(tuple(int(n) for n in pair) for pair in self.seqlens))
-        problems = _shared_problems(self)
+        self.validate()
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        yield from self._shared_problems()
         if not self.seqlens:
-            problems.append(("seqlens", "needs at least one sequence"))
+            yield "seqlens", "needs at least one sequence"
         for pair in self.seqlens:
             if len(pair) != 2 or min(pair) < 0:
-                problems.append(("seqlens", f"each entry is (queries, keys) with both >= 0, got {pair!r}"))
+                yield "seqlens", f"each entry is (queries, keys) with both >= 0, got {pair!r}"
                 break
-        if problems:
-            name, why = problems[0]
-            raise ValueError(f"VarlenSpec.{name}: {why}")
 
     @property
     def B(self) -> int:
         return len(self.seqlens)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def config(self) -> Config:
-        return _config(self)
-
-    def needs(self) -> frozenset[str]:
-        return frozenset(_needs(self, any(sq != sk for sq, sk in self.seqlens)) | {"varlen"})
+    def _own_needs(self) -> dict[str, bool]:
+        return {"cross": any(sq != sk for sq, sk in self.seqlens), "varlen": True}
 
     def dense_specs(self) -> list[Spec]:
         """The dense Spec of each sequence with at least one query and one key."""
-        return [Spec(Hq=self.Hq, Hkv=self.Hkv, Sq=sq, Sk=sk, D=self.D, Dv=self.Dv, dtype=self.dtype, device=self.device,
-                     scale=self.scale, causal=self.causal, window=self.window, magnitude=self.magnitude, seed=self.seed,
-                     softcap=self.softcap)
-                for sq, sk in self.seqlens if sq and sk]
-
-    def replace(self, **changes) -> VarlenSpec:
-        return dataclasses.replace(self, **changes)
-
-    def short(self) -> str:
-        return _short(self)
+        return [self._dense_spec(sq, sk) for sq, sk in self.seqlens if sq and sk]
 
     def make_inputs(self, requires_grad: bool = False) -> VarlenInputs:
         """Seeded packed inputs: q, k, v, grad_out drawn in float64 and cast."""
@@ -215,7 +142,7 @@ class PagedInputs:
 
 
 @dataclass(frozen=True)
-class PagedSpec:
+class PagedSpec(_PackedBase):
     """A decoding / chunked-prefill step over a paged cache: sequence b holds cache_seqlens[b]
     tokens (its Sq newest are the queries' own), stored in blocks of block_size tokens."""
 
@@ -240,30 +167,23 @@ class PagedSpec:
     softcap: float | None = None  # logit soft cap (Config.softcap)
 
     def __post_init__(self) -> None:
-        _fill_defaults(self)
+        self._fill_defaults()
         object.__setattr__(self, "cache_seqlens", tuple(int(n) for n in self.cache_seqlens))
-        problems = _shared_problems(self)
+        self.validate()
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        yield from self._shared_problems()
         if not self.cache_seqlens or min(self.cache_seqlens) < 0:
-            problems.append(("cache_seqlens", f"needs one length >= 0 per sequence, got {self.cache_seqlens!r}"))
-        if not _positive(self.Sq):
-            problems.append(("Sq", f"must be a positive integer, got {self.Sq!r}"))
-        if not _positive(self.block_size):
-            problems.append(("block_size", f"must be a positive integer, got {self.block_size!r}"))
+            yield "cache_seqlens", f"needs one length >= 0 per sequence, got {self.cache_seqlens!r}"
+        yield from self._size_problems("Sq", "block_size")
         for name in ("spare_blocks", "table_pad"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                problems.append((name, f"must be an int >= 0, got {value!r}"))
-        if problems:
-            name, why = problems[0]
-            raise ValueError(f"PagedSpec.{name}: {why}")
+                yield name, f"must be an int >= 0, got {value!r}"
 
     @property
     def B(self) -> int:
         return len(self.cache_seqlens)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def blocks_per_seq(self) -> list[int]:
@@ -277,22 +197,12 @@ class PagedSpec:
     def num_blocks(self) -> int:
         return sum(self.blocks_per_seq) + self.spare_blocks
 
-    def config(self) -> Config:
-        return _config(self)
-
-    def needs(self) -> frozenset[str]:
-        return frozenset(_needs(self, any(n != self.Sq for n in self.cache_seqlens)) | {"paged_kv"})
+    def _own_needs(self) -> dict[str, bool]:
+        return {"cross": any(n != self.Sq for n in self.cache_seqlens), "paged_kv": True}
 
     def dense_specs(self) -> list[Spec]:
-        return [Spec(Hq=self.Hq, Hkv=self.Hkv, Sq=self.Sq, Sk=n, D=self.D, Dv=self.Dv, dtype=self.dtype,
-                     device=self.device, scale=self.scale, causal=self.causal, window=self.window,
-                     magnitude=self.magnitude, seed=self.seed, softcap=self.softcap) for n in self.cache_seqlens if n]
-
-    def replace(self, **changes) -> PagedSpec:
-        return dataclasses.replace(self, **changes)
-
-    def short(self) -> str:
-        return _short(self)
+        """The dense Spec of each sequence holding at least one token."""
+        return [self._dense_spec(self.Sq, n) for n in self.cache_seqlens if n]
 
     def make_inputs(self, requires_grad: bool = False) -> PagedInputs:
         """Seeded inputs: q and grad_out, and each sequence's keys and values (drawn contiguous in

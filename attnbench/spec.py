@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 
@@ -151,6 +153,131 @@ def block_problem(block: object) -> str | None:
     return None
 
 
+def positive_problem(value: object) -> str | None:
+    """What is wrong with a size (an int >= 1, not a bool); None if fine."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    return None
+
+
+def _dtype_problem(dtype: object) -> str | None:
+    return None if dtype in DTYPES else f"unknown dtype {dtype!r}; one of {sorted(DTYPES)}"
+
+
+def _device_problem(device: str) -> str | None:
+    return None if device.split(":")[0] in ("cpu", "cuda") else f"unknown device {device!r}; 'cpu' or 'cuda[:n]'"
+
+
+def _scale_problem(scale: float | None) -> str | None:
+    return None if scale is None or math.isfinite(scale) else f"must be finite, got {scale!r}"
+
+
+def _magnitude_problem(magnitude: float) -> str | None:
+    return None if magnitude > 0 and math.isfinite(magnitude) else f"must be positive and finite, got {magnitude!r}"
+
+
+# The checks of the fields every spec kind has (SpecBase.SHARED): field -> what is wrong with its value
+FIELD_CHECKS = {
+    "dtype": _dtype_problem,
+    "device": _device_problem,
+    "scale": _scale_problem,
+    "window": lambda window: None if window is None else window_problem(window),
+    "magnitude": _magnitude_problem,
+    "softcap": softcap_problem,
+}
+
+
+class SpecBase:
+    """What every spec kind (Spec; VarlenSpec and PagedSpec in attnbench.packing) does alike with
+    the fields they share (SHARED): defaults, checks, printing, replace, the call's Config and
+    the features it needs. A subclass is a frozen dataclass with those fields; it lists its own
+    checks in _problems, its own features in _own_needs and its own Config fields in _own_config."""
+
+    # the fields every spec kind has, with one meaning
+    SHARED = ("Hq", "Hkv", "D", "Dv", "dtype", "device", "scale", "causal", "window", "magnitude", "seed", "softcap")
+    FOLLOWS = {"Hkv": "Hq", "Dv": "D"}  # field -> the field whose value it takes when None
+    UNPRINTED: tuple[str, ...] = ()  # fields short() leaves out
+    ALWAYS_PRINTED: tuple[str, ...] = ()  # fields short() names even at their default
+
+    def _fill_defaults(self) -> None:
+        """The None fields of FOLLOWS take their values; a window becomes a tuple, (None, None) None."""
+        for name, source in self.FOLLOWS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(self, source))
+        if self.window is not None:
+            object.__setattr__(self, "window", tuple(self.window))
+            if self.window == (None, None):
+                object.__setattr__(self, "window", None)
+
+    def validate(self) -> None:
+        """Raise ValueError "Kind.field: why" for the first bad field."""
+        for name, why in self._problems():
+            raise ValueError(f"{type(self).__name__}.{name}: {why}")
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        """(field, why) for each bad field, in order; a check may rely on the fields before it."""
+        raise NotImplementedError
+
+    def _size_problems(self, *names: str) -> Iterator[tuple[str, str]]:
+        """The named sizes must be positive integers; with Hkv among them, Hq a multiple of Hkv."""
+        bad = False
+        for name in names:
+            why = positive_problem(getattr(self, name))
+            if why:
+                bad = True
+                yield name, why
+        if not bad and "Hkv" in names and self.Hq % self.Hkv:
+            yield "Hkv", f"Hq={self.Hq} is not divisible by Hkv={self.Hkv}"
+
+    def _field_problems(self, *names: str) -> Iterator[tuple[str, str]]:
+        """The FIELD_CHECKS of the named fields, in order."""
+        for name in names:
+            why = FIELD_CHECKS[name](getattr(self, name))
+            if why:
+                yield name, why
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 / math.sqrt(self.D) if self.scale is None else float(self.scale)
+
+    def config(self) -> Config:
+        return Config(scale=self.softmax_scale, causal=self.causal, window=self.window, softcap=self.softcap,
+                      **self._own_config())
+
+    def _own_config(self) -> dict[str, object]:
+        """The Config fields of this kind's own fields."""
+        return {}
+
+    def needs(self) -> frozenset[str]:
+        """Features an implementation must declare to answer this spec."""
+        flags = {"causal": self.causal, "sliding_window": self.window is not None, "gqa": self.Hkv != self.Hq,
+                 "dv": self.Dv != self.D, "softcap": self.softcap is not None, **self._own_needs()}
+        return frozenset(name for name, needed in flags.items() if needed)
+
+    def _own_needs(self) -> dict[str, bool]:
+        """Feature -> whether this spec needs it, for the features of this kind's own fields."""
+        raise NotImplementedError
+
+    def replace(self, **changes) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def short(self) -> str:
+        """The fields that differ from their defaults, as Python: paste into the class."""
+        parts = []
+        for f in dataclasses.fields(self):
+            if f.name in self.UNPRINTED:
+                continue
+            value = getattr(self, f.name)
+            default = getattr(self, self.FOLLOWS[f.name]) if f.name in self.FOLLOWS else f.default
+            if value != default or f.name in self.ALWAYS_PRINTED:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
 @dataclass
 class Inputs:
     q: torch.Tensor
@@ -184,7 +311,7 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class Spec:
+class Spec(SpecBase):
     B: int = 1
     Hq: int = 1
     Hkv: int | None = None  # default: Hq
@@ -219,15 +346,12 @@ class Spec:
     fp8: bool = False
     extra: tuple = field(default=(), compare=False)
 
+    FOLLOWS = {"Hkv": "Hq", "Sk": "Sq", "Dv": "D"}
+    UNPRINTED = ("extra",)
+    ALWAYS_PRINTED = ("layout",)  # a counterexample says how its inputs sat in memory
+
     def __post_init__(self) -> None:
-        fill = {"Hkv": self.Hq, "Sk": self.Sq, "Dv": self.D}
-        for name, value in fill.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        if self.window is not None:
-            object.__setattr__(self, "window", tuple(self.window))
-            if self.window == (None, None):
-                object.__setattr__(self, "window", None)
+        self._fill_defaults()
         if isinstance(self.block, tuple):
             object.__setattr__(self, "block", Block(*self.block))
         if self.key_lengths is not None:
@@ -237,146 +361,72 @@ class Spec:
         self.validate()
 
     # -- validation ------------------------------------------------------------------
-    def validate(self) -> None:
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"Spec.{name}: {why}")
-
-        for name in ("B", "Hq", "Hkv", "Sq", "Sk", "D", "Dv"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(name, f"must be a positive integer, got {value!r}")
-        if self.Hq % self.Hkv:
-            bad("Hkv", f"Hq={self.Hq} is not divisible by Hkv={self.Hkv}")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"unknown dtype {self.dtype!r}; one of {sorted(DTYPES)}")
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
-            bad("device", f"unknown device {self.device!r}; 'cpu' or 'cuda[:n]'")
-        if self.scale is not None and not math.isfinite(self.scale):
-            bad("scale", f"must be finite, got {self.scale!r}")
-        for name, problem in (("window", window_problem), ("block", block_problem)):
-            value = getattr(self, name)
-            why = None if value is None else problem(value)
-            if why:
-                bad(name, why)
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        yield from self._size_problems("B", "Hq", "Hkv", "Sq", "Sk", "D", "Dv")
+        yield from self._field_problems("dtype", "device", "scale", "window")
+        why = None if self.block is None else block_problem(self.block)
+        if why:
+            yield "block", why
         if self.key_lengths is not None:
             if len(self.key_lengths) != self.B:
-                bad("key_lengths", f"needs one length per batch element ({self.B}), got {len(self.key_lengths)}")
+                yield "key_lengths", f"needs one length per batch element ({self.B}), got {len(self.key_lengths)}"
             for n in self.key_lengths:
                 if not 0 <= n <= self.Sk:
-                    bad("key_lengths", f"each length must be in [0, Sk={self.Sk}], got {n}")
+                    yield "key_lengths", f"each length must be in [0, Sk={self.Sk}], got {n}"
         if not 0.0 <= self.key_drop < 1.0:
-            bad("key_drop", f"must be in [0, 1), got {self.key_drop!r}")
+            yield "key_drop", f"must be in [0, 1), got {self.key_drop!r}"
         if self.bias not in BIAS_KINDS:
-            bad("bias", f"unknown bias kind {self.bias!r}; one of {BIAS_KINDS}")
+            yield "bias", f"unknown bias kind {self.bias!r}; one of {BIAS_KINDS}"
         if not 0.0 <= self.bias_neginf < 1.0:
-            bad("bias_neginf", f"must be in [0, 1), got {self.bias_neginf!r}")
+            yield "bias_neginf", f"must be in [0, 1), got {self.bias_neginf!r}"
         if self.bias_neginf and self.bias is None:
-            bad("bias_neginf", "needs a bias")
+            yield "bias_neginf", "needs a bias"
         if self.align not in ALIGNS:
-            bad("align", f"unknown alignment {self.align!r}; one of {ALIGNS}")
+            yield "align", f"unknown alignment {self.align!r}; one of {ALIGNS}"
         if not 0.0 <= self.dropout_p < 1.0:
-            bad("dropout_p", f"must be in [0, 1), got {self.dropout_p!r}")
-        if not (self.magnitude > 0 and math.isfinite(self.magnitude)):
-            bad("magnitude", f"must be positive and finite, got {self.magnitude!r}")
+            yield "dropout_p", f"must be in [0, 1), got {self.dropout_p!r}"
+        yield from self._field_problems("magnitude")
         if self.layout not in LAYOUTS:
-            bad("layout", f"unknown layout {self.layout!r}; one of {LAYOUTS}")
+            yield "layout", f"unknown layout {self.layout!r}; one of {LAYOUTS}"
         if self.grad_layout not in GRAD_LAYOUTS:
-            bad("grad_layout", f"unknown grad layout {self.grad_layout!r}; one of {GRAD_LAYOUTS}")
+            yield "grad_layout", f"unknown grad layout {self.grad_layout!r}; one of {GRAD_LAYOUTS}"
         if self.documents is not None:
             if len(self.documents) != self.B:
-                bad("documents", f"needs one tuple of document lengths per batch element ({self.B}), "
-                                 f"got {len(self.documents)}")
+                yield "documents", (f"needs one tuple of document lengths per batch element ({self.B}), "
+                                    f"got {len(self.documents)}")
             for doc in self.documents:
                 if min(doc, default=0) < 1 or sum(doc) != self.Sk:
-                    bad("documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}")
-        why = softcap_problem(self.softcap)
-        if why:
-            bad("softcap", why)
+                    yield "documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}"
+        yield from self._field_problems("softcap")
         for name in ("alibi", "sinks", "fp8"):
             if not isinstance(getattr(self, name), bool):
-                bad(name, f"must be a bool, got {getattr(self, name)!r}")
+                yield name, f"must be a bool, got {getattr(self, name)!r}"
         if self.fp8 and self.dtype != "bfloat16":
-            bad("dtype", f"an fp8 spec's output dtype is 'bfloat16' (what FA3 / FA4 return), got {self.dtype!r}")
+            yield "dtype", f"an fp8 spec's output dtype is 'bfloat16' (what FA3 / FA4 return), got {self.dtype!r}"
         if self.fp8 and self.bias is not None:
-            bad("bias", "fp8 attention takes no bias (FA3 / FA4 have none)")
+            yield "bias", "fp8 attention takes no bias (FA3 / FA4 have none)"
 
     # -- derived -------------------------------------------------------------------
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def softmax_scale(self) -> float:
-        return 1.0 / math.sqrt(self.D) if self.scale is None else float(self.scale)
-
     @property
     def has_padding(self) -> bool:
         return self.key_lengths is not None or self.key_drop > 0
 
-    def config(self) -> Config:
-        return Config(
-            scale=self.softmax_scale,
-            causal=self.causal,
-            window=self.window,
-            block=self.block,
-            align=self.align,
-            dropout_p=self.dropout_p,
-            dropout_seed=self.seed,
-            softcap=self.softcap,
-        )
+    def _own_config(self) -> dict[str, object]:
+        return {"block": self.block, "align": self.align, "dropout_p": self.dropout_p, "dropout_seed": self.seed}
 
-    def needs(self) -> frozenset[str]:
-        """Features an implementation must declare to answer this spec."""
-        need = set()
-        if self.causal:
-            need.add("causal")
-        if self.window is not None:
-            need.add("sliding_window")
-        if self.block is not None:
-            need.add("blocked_window")
-        if self.Hkv != self.Hq:
-            need.add("gqa")
-        if self.Sq != self.Sk:
-            need.add("cross")
-        if self.has_padding:
-            need.add("key_padding")
-        if self.bias is not None:
-            need.add("bias")
-        if self.dropout_p > 0:
-            need.add("dropout")
-        if self.align != "bottom_right":
-            need.add("top_left")
-        if self.Dv != self.D:
-            need.add("dv")
-        if self.documents is not None:
-            need.add("document")
-        if self.softcap is not None:
-            need.add("softcap")
-        if self.alibi:
-            need.add("alibi")
-        if self.sinks:
-            need.add("sinks")
-        if self.fp8:
-            need.add("fp8")
-        return frozenset(need)
-
-    def replace(self, **changes) -> Spec:
-        return dataclasses.replace(self, **changes)
-
-    def short(self) -> str:
-        """The fields that differ from the defaults, as Python: paste into Spec(...). The
-        layout is always named, so that a counterexample says how its inputs sat in memory."""
-        parts = []
-        for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            default = f.default
-            if f.name in ("Hkv", "Sk", "Dv"):
-                default = {"Hkv": self.Hq, "Sk": self.Sq, "Dv": self.D}[f.name]
-            if value != default or f.name == "layout":
-                parts.append(f"{f.name}={value!r}")
-        return f"Spec({', '.join(parts)})"
+    def _own_needs(self) -> dict[str, bool]:
+        return {
+            "blocked_window": self.block is not None,
+            "cross": self.Sq != self.Sk,
+            "key_padding": self.has_padding,
+            "bias": self.bias is not None,
+            "dropout": self.dropout_p > 0,
+            "top_left": self.align != "bottom_right",
+            "document": self.documents is not None,
+            "alibi": self.alibi,
+            "sinks": self.sinks,
+            "fp8": self.fp8,
+        }
 
     # -- inputs --------------------------------------------------------------------
     def make_inputs(self, requires_grad: bool = False) -> Inputs:
