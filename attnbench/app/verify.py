@@ -13,6 +13,7 @@ implementation never aborts the run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import attnbench.properties
 from attnbench import procs
@@ -59,39 +61,48 @@ class Outcome:
         return [r for r in self.results.correctness if r.status in ("fail", "error")]
 
 
-def pytest_args(
-    *,
-    impls: Iterable[str] = (),
-    variants: Iterable[str] = (),
-    properties: Iterable[str] = (),
-    profile: str = "ci",
-    device: str = "cpu",
-    seed: int | None = None,
-    zoo: bool = False,
-    paths: Iterable[str] = (),
-) -> list[str]:
-    args = [
-        *(list(paths) or [str(PROPERTIES_DIR)]),
-        "-c", str(PYTEST_INI),
-        "--rootdir", str(PROPERTIES_DIR),
-        "-p", "attnbench.app.plugin",
-        "-p", "no:cacheprovider",
-        "--import-mode=importlib",
-        "-q", "--no-header", "-p", "no:randomly", "-p", "no:benchmark",
-        f"--hypothesis-profile={profile}",
-        "--device", device,
-    ]
-    for i in impls:
-        args += ["--impl", i]
-    for v in variants:
-        args += ["--variant", v]
-    for prop in properties:
-        args += ["--property", prop]
-    if seed is not None:
-        args.append(f"--hypothesis-seed={seed}")
-    if zoo:
-        args.append("--zoo")
-    return args
+@dataclass(frozen=True)
+class Selection:
+    """What a verify run checks: run() takes these fields as keywords and passes them to its test
+    processes as pytest arguments. paths: property files or folders to run instead of the installed
+    suite (for tests)."""
+
+    impls: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
+    properties: tuple[str, ...] = ()
+    profile: str = "ci"
+    device: str = "cpu"
+    seed: int | None = None
+    zoo: bool = False
+    paths: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("impls", "variants", "properties", "paths"):  # given as any iterable of str
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def pytest_args(self) -> list[str]:
+        args = [
+            *(list(self.paths) or [str(PROPERTIES_DIR)]),
+            "-c", str(PYTEST_INI),
+            "--rootdir", str(PROPERTIES_DIR),
+            "-p", "attnbench.app.plugin",
+            "-p", "no:cacheprovider",
+            "--import-mode=importlib",
+            "-q", "--no-header", "-p", "no:randomly", "-p", "no:benchmark",
+            f"--hypothesis-profile={self.profile}",
+            "--device", self.device,
+        ]
+        for i in self.impls:
+            args += ["--impl", i]
+        for v in self.variants:
+            args += ["--variant", v]
+        for prop in self.properties:
+            args += ["--property", prop]
+        if self.seed is not None:
+            args.append(f"--hypothesis-seed={self.seed}")
+        if self.zoo:
+            args.append("--zoo")
+        return args
 
 
 def default_deadline(device: str) -> float:
@@ -122,31 +133,23 @@ def default_workers(device: str) -> int:
 
 def run(
     *,
-    impls: Iterable[str] = (),
-    variants: Iterable[str] = (),
-    properties: Iterable[str] = (),
-    profile: str = "ci",
-    device: str = "cpu",
-    seed: int | None = None,
-    zoo: bool = False,
     on_row: Callable[[CorrectnessRow], None] | None = None,
     on_start: Callable[[dict], None] | None = None,
     on_collect: Callable[[int], None] | None = None,
-    paths: Iterable[str] = (),
     deadline_s: float | None = None,
     workers: int | None = None,
+    **selection: Any,
 ) -> Outcome:
-    """paths: property files or folders to run instead of the installed suite (for tests).
-    on_start(event): a check starts (event has nodeid, variant, impl, property); on_collect(n):
-    n checks are left to run (called whenever a test process starts).
+    """selection: the fields of Selection (impls, variants, properties, profile, device, seed, zoo,
+    paths). on_start(event): a check starts (event has nodeid, variant, impl, property);
+    on_collect(n): n checks are left to run (called whenever a test process starts).
     deadline_s: seconds without progress before a child is killed (default: default_deadline).
     workers: test processes, each running every workers-th check (default: default_workers)."""
-    if seed is None and not derandomized(profile):  # a seed the failures can print and the CLI can take
-        seed = random.SystemRandom().randrange(2**32)
-    base = pytest_args(
-        impls=impls, variants=variants, properties=properties, profile=profile, device=device, seed=seed, zoo=zoo,
-        paths=paths,
-    )
+    chosen = Selection(**selection)
+    if chosen.seed is None and not derandomized(chosen.profile):  # a seed the failures can print and the CLI can take
+        chosen = dataclasses.replace(chosen, seed=random.SystemRandom().randrange(2**32))
+    device, seed, zoo = chosen.device, chosen.seed, chosen.zoo
+    base = chosen.pytest_args()
     deadline_s = deadline_s if deadline_s is not None else default_deadline(device)
     workers = workers if workers is not None else default_workers(device)
     env = dict(os.environ)
@@ -185,7 +188,7 @@ def run(
         usage_error=next((loop.usage_error for loop in loops if loop.usage_error), None), seed=seed,
     )
     if not (outcome.usage_error or outcome.collect_error or zoo):
-        outcome.not_verified = not_verified(rows, first.requested, properties=properties)
+        outcome.not_verified = not_verified(rows, first.requested, properties=chosen.properties)
         if outcome.not_verified:
             results.env["not_verified"] = outcome.not_verified
     return outcome
