@@ -88,15 +88,27 @@ CAPS: dict[str, Caps] = {
 }
 
 
+# Whether the compile palette is off: the thorough profile (nightly runs) draws every head dim and
+# group, the fast profiles the palette (the plugin sets it from --hypothesis-profile).
+_FULL_PALETTE = [False]
+
+
+def use_full_palette(on: bool) -> None:
+    _FULL_PALETTE[0] = bool(on)
+
+
 def caps_for(device: str, impl: Impl | None = None) -> Caps:
     """The size caps of `device`; for an `impl` that compiles, its head dims and groups narrowed
     to the device's compile palette, so that a property run reuses a bounded set of compiled
     specializations (each new one costs seconds to a minute on a GPU) while lengths, masks and
-    layouts still reach every edge."""
+    layouts still reach every edge. Under the thorough profile (use_full_palette) every impl
+    draws from the full lists."""
     kind = device.split(":")[0]
     if kind not in CAPS:
         raise ValueError(f"device: no size caps for {device!r}; one of {sorted(CAPS)}")
     caps = CAPS[kind]
+    if _FULL_PALETTE[0]:
+        return dataclasses.replace(caps, compiled_groups=())
     if impl is not None and impl.compiles and caps.compiled_head_dims:
         caps = dataclasses.replace(caps, head_dims=caps.compiled_head_dims)
     return caps

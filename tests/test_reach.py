@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from attnbench.impls.naive import naive
 from attnbench.oracles import dense
 from attnbench.properties import harness
-from attnbench.properties.strategies import CAPS, specs_for
+from attnbench.properties.strategies import CAPS, caps_for, specs_for, use_full_palette
 from attnbench.spec import GRAD_LAYOUTS, LAYOUTS, Spec
 
 BASE = Spec(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=8, Dv=16, bias="full", key_lengths=(3, 7), dtype="float64")
@@ -176,3 +176,14 @@ def test_compiled_impls_draw_from_the_compile_palette():
         assert find(specs_for(compiled, device="cuda"), edge, settings=fast)
     plain = dataclasses.replace(compiled, compiles=False)  # an impl that does not compile keeps every head dim
     assert find(specs_for(plain, device="cuda"), lambda s: s.D not in palette, settings=fast)
+
+
+def test_the_thorough_profile_draws_every_head_dim():
+    compiled = dataclasses.replace(naive, devices=("cuda", "cpu"), compiles=True)
+    assert caps_for("cuda", compiled).head_dims == CAPS["cuda"].compiled_head_dims
+    use_full_palette(True)
+    try:
+        assert caps_for("cuda", compiled).head_dims == CAPS["cuda"].head_dims
+        assert caps_for("cuda", compiled).compiled_groups == ()
+    finally:
+        use_full_palette(False)

@@ -59,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _STREAM = bool(config.getoption("attnbench_stream"))
     _hypothesis_home()
     _apply_seed(config)
+    strategies.use_full_palette(config.getoption("hypothesis_profile", None) == "thorough")
 
 
 def _hypothesis_home() -> None:
