@@ -330,22 +330,20 @@ class _Loop:
         self.crashed.append(nodeid)
         self.done.add(nodeid)
         self.add(_crash_row(child.current, child.code, child.tail, timeout))
-        impl = self.collected.get(nodeid)
-        if impl is None:
-            return
-        self.faults[impl] += 1
-        if self.faults[impl] >= MAX_FAULTS_PER_IMPL:
-            self.give_up(f"not run: {impl} crashed or timed out {self.faults[impl]} times", impl)
+        self._count_fault(nodeid, "crashed or timed out")
 
     def lost_device(self, nodeid: str) -> None:
         """A test left its child's CUDA context unusable (its row says so): the fault counts
         against its implementation like a crash."""
+        self._count_fault(nodeid, "lost the CUDA context or crashed")
+
+    def _count_fault(self, nodeid: str, what: str) -> None:
         impl = self.collected.get(nodeid)
         if impl is None:
             return
         self.faults[impl] += 1
         if self.faults[impl] >= MAX_FAULTS_PER_IMPL:
-            self.give_up(f"not run: {impl} lost the CUDA context or crashed {self.faults[impl]} times", impl)
+            self.give_up(f"not run: {impl} {what} {self.faults[impl]} times", impl)
 
     def give_up(self, reason: str, impl: str | None = None) -> None:
         """Record every collected test (of impl, or all) that has not run as an error row."""
