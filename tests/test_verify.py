@@ -151,3 +151,28 @@ def test_default_workers_per_device(monkeypatch):
         assert (verify.default_workers("cuda"), verify.default_workers("cpu")) == (cuda, cpu)
     monkeypatch.setenv("ATTNBENCH_VERIFY_WORKERS", "3")
     assert verify.default_workers("cuda") == 3
+
+
+def test_the_lost_device_guard_keeps_the_examples_and_the_name():
+    """The plugin wraps a Hypothesis test's inner function to stop at a faulting example; the
+    wrapper must keep the function's digest (a derandomized profile's examples come from it) and
+    its name (failures print under it)."""
+    from types import SimpleNamespace
+
+    from hypothesis.internal.reflection import function_digest
+
+    from attnbench.app import plugin
+    from attnbench.registry import registry
+
+    def test_prop(impl, device, data):
+        return data
+
+    hyp = SimpleNamespace(inner_test=test_prop)
+    item = SimpleNamespace(obj=SimpleNamespace(hypothesis=hyp), callspec=SimpleNamespace(
+        params={"impl": registry().get("dense/naive")}))
+    unguard = plugin._guard_lost_device(item)
+    assert hyp.inner_test is not test_prop
+    assert function_digest(hyp.inner_test) == function_digest(test_prop)
+    assert hyp.inner_test.__name__ == "test_prop" and hyp.inner_test(None, "cpu", 3) == 3
+    unguard()
+    assert hyp.inner_test is test_prop

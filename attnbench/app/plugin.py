@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -199,6 +200,9 @@ def _guard_lost_device(item: pytest.Item) -> Callable[[], None]:
         return lambda: None
     inner = hyp.inner_test
 
+    # wraps: Hypothesis derives a derandomized profile's examples from the inner test's source
+    # and name (function_digest) and prints failures under its name and signature
+    @functools.wraps(inner)
     def guarded(*args, **kwargs):
         strategies.forget_drawn()
         try:
