@@ -3,12 +3,14 @@
 # score_features, fp8) under a budget, the Triton kernel's feature properties through
 # `attnbench verify`, and the GPU-only unit tests of those paths. Files under $OUT: features.json
 # (the sweeps), features_sweep.log, verify_features.log, results_features.json, gpu_units.txt.
-# Usage: ATTNBENCH_COMMIT=<sha> scripts/gpu/features.sh [sweep budget s, default 110] [verify cap s, default 150]
+# Usage: [SWEEPS="paged_decode fp8"] ATTNBENCH_COMMIT=<sha> scripts/gpu/features.sh [sweep budget s, default 110]
+#        [verify cap s, default 150]   (SWEEPS: the named sweeps to run, default all four)
 source scripts/gpu/env.sh
 start=$SECONDS
-timeout -s INT -k 15 $(( ${1:-110} + 40 )) python3 -m attnbench.perf.bench --device cuda --sweep varlen \
-    --sweep paged_decode --sweep score_features --sweep fp8 --budget "${1:-110}" --out "$OUT/features.json" \
-    >"$OUT/features_sweep.log" 2>&1
+sweeps=()
+for name in ${SWEEPS:-varlen paged_decode score_features fp8}; do sweeps+=(--sweep "$name"); done
+timeout -s INT -k 15 $(( ${1:-110} + 40 )) python3 -m attnbench.perf.bench --device cuda "${sweeps[@]}" \
+    --budget "${1:-110}" --out "$OUT/features.json" >"$OUT/features_sweep.log" 2>&1
 echo "feature sweeps: exit $? in $((SECONDS - start)) s"
 start=$SECONDS
 timeout -s INT -k 15 "${2:-150}" attnbench verify --device cuda --impl dense/triton --workers 8 \
