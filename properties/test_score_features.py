@@ -54,6 +54,8 @@ def _declared(impl) -> tuple[str, ...]:
     Pinned(Spec(B=2, Sq=4, key_lengths=(4, 1), softcap=1.0), "softcap with padding: never a logit of -cap"),
     Pinned(Spec(Hq=4, Sq=6, Sk=9, causal=True, alibi=True), "ALiBi: bottom-right distances, per-head slopes"),
     Pinned(Spec(Hq=3, Sq=5, align="top_left", alibi=True, seed=2), "ALiBi top-left: |i - j|"),
+    Pinned(Spec(Hq=2, Sq=4, Sk=700, alibi=True, seed=1),
+           "ALiBi past distance 256, where bfloat16 holds only even integers; the standard slopes"),
     Pinned(Spec(B=2, Hq=2, Sq=3, key_lengths=(0, 3), sinks=True), "an empty row with a sink: out 0, lse = sink"),
     Pinned(Spec(Hq=2, Sq=5, causal=True, sinks=True, seed=3), "sinks: the denominator only, dsink"),
 )
