@@ -173,6 +173,16 @@ def test_counterexamples_are_python_without_pytest_markers():
     assert "E " not in strip_markers(marked).replace("AssertionError", "")
 
 
+def test_the_noted_short_case_wins_over_the_full_draw():
+    text = textwrap.dedent("""\
+        Falsifying example: test_forward_matches_oracle(
+            data=data(...),
+        )
+        Draw 1: Spec(B=2, Hq=1, Hkv=1, Sq=2, Sk=2, D=16, Dv=16, dtype='float32', device='cpu', scale=None)
+        spec: Spec(B=2, Sq=2)""")
+    assert _counterexample(text) == "Spec(B=2, Sq=2)"
+
+
 def test_a_module_failure_shows_the_module_case():
     note = textwrap.dedent("""\
         Falsifying example: test_module_forward_matches_oracle(

@@ -541,6 +541,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 _CASE = re.compile(r"\b(?:Spec|ModuleCase|VarlenSpec|PagedSpec)\(")  # the drawn cases whose repr pastes back into Python
+_NOTED = re.compile(r"(^\s*spec: )(?:Spec|ModuleCase|VarlenSpec|PagedSpec)\(", re.MULTILINE)
 
 
 def _counterexample(text: str) -> str | None:
@@ -552,7 +553,11 @@ def _counterexample(text: str) -> str | None:
     falsifying = m.start() if m else -1
     starts = [m.start() for m in _CASE.finditer(text)]
     after = [s for s in starts if falsifying >= 0 and s > falsifying]
-    for start in after[:1] or list(reversed(starts)):
+    # the strategies note the case they settle on in its short form (`spec: Spec(B=2, ...)`): the
+    # last such note is the case the test ran; Hypothesis' own "Draw n" lines print every field
+    noted = [m.end(1) for m in _NOTED.finditer(text)
+             if m.start() > falsifying >= 0]
+    for start in noted[-1:] or after[:1] or list(reversed(starts)):
         case = _balanced(text, start)
         if case:
             return case
