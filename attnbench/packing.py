@@ -49,6 +49,39 @@ def cu_seqlens(lengths: list[int] | tuple[int, ...], device: str | torch.device 
     return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
+# How the packed and paged tensors sit in memory (VarlenSpec.layout, PagedSpec.layout): names of
+# attnbench.spec.LAYOUTS, so one Impl.layouts declaration covers every call convention. The values
+# are the same in every layout; the first is the default and shrink target.
+VARLEN_LAYOUTS = ("contiguous", "packed", "offset")
+PAGED_LAYOUTS = ("contiguous", "packed", "bshd")
+
+
+def _layout_problem(layout: str, allowed: tuple[str, ...]) -> str | None:
+    return None if layout in allowed else f"unknown layout {layout!r}; one of {allowed}"
+
+
+def packed_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(total, H, D) tensors with one token count as column slices of one (total, sum H*D) buffer
+    (a fused projection's output: token stride sum H*D, head stride D), the same values."""
+    total = tensors[0].shape[0]
+    buf = torch.cat([t.reshape(total, -1) for t in tensors], dim=-1)
+    views, start = [], 0
+    for t in tensors:
+        width = t.shape[1] * t.shape[2]
+        views.append(buf[:, start : start + width].unflatten(-1, tuple(t.shape[1:])))
+        start += width
+    return views
+
+
+def offset_tokens(t: torch.Tensor, start: int) -> torch.Tensor:
+    """(total, H, D) as rows start .. start + total of a wider, longer buffer: a storage offset,
+    and a token stride of H * D + 16 (rows of a larger cache), the same values."""
+    total, H, D = t.shape
+    buf = torch.zeros(start + total + 4, H * D + 16, dtype=t.dtype, device=t.device)
+    buf[start : start + total, : H * D] = t.reshape(total, H * D)
+    return buf[start : start + total, : H * D].unflatten(-1, (H, D))
+
+
 # -- varlen ------------------------------------------------------------------------------------
 @dataclass
 class VarlenInputs:
@@ -83,6 +116,7 @@ class VarlenSpec(_PackedBase):
     magnitude: float = 1.0
     seed: int = 0
     softcap: float | None = None  # logit soft cap (Config.softcap)
+    layout: str = "contiguous"  # how q, k, v sit in memory (VARLEN_LAYOUTS)
 
     def __post_init__(self) -> None:
         self._fill_defaults()
@@ -97,10 +131,18 @@ class VarlenSpec(_PackedBase):
             if len(pair) != 2 or min(pair) < 0:
                 yield "seqlens", f"each entry is (queries, keys) with both >= 0, got {pair!r}"
                 break
+        why = _layout_problem(self.layout, VARLEN_LAYOUTS)
+        if why:
+            yield "layout", why
 
     @property
     def B(self) -> int:
         return len(self.seqlens)
+
+    @property
+    def longest(self) -> int:
+        """The longest sequence, queries or keys."""
+        return max(max(pair) for pair in self.seqlens)
 
     def _own_needs(self) -> dict[str, bool]:
         return {"cross": any(sq != sk for sq, sk in self.seqlens), "varlen": True}
@@ -118,6 +160,7 @@ class VarlenSpec(_PackedBase):
         q, k, v, grad_out = (torch.randn(*s, dtype=torch.float64, generator=g) for s in shapes)
         q, k = self.magnitude * q, self.magnitude * k
         q, k, v, grad_out = (t.to(device=self.device, dtype=self.torch_dtype) for t in (q, k, v, grad_out))
+        q, k, v = self._laid_out(q, k, v)
         return VarlenInputs(
             q=q.requires_grad_(requires_grad), k=k.requires_grad_(requires_grad), v=v.requires_grad_(requires_grad),
             cu_seqlens_q=cu_seqlens([sq for sq, _ in self.seqlens], self.device),
@@ -125,6 +168,17 @@ class VarlenSpec(_PackedBase):
             max_seqlen_q=max(sq for sq, _ in self.seqlens), max_seqlen_k=max(sk for _, sk in self.seqlens),
             grad_out=grad_out,
         )
+
+    def _laid_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v in this spec's layout: "packed", slices of one fused qkv projection (q apart and
+        k, v fused when total_q != total_k); "offset", rows of wider, longer buffers."""
+        if self.layout == "packed":
+            if q.shape[0] == k.shape[0]:
+                return tuple(packed_tokens([q, k, v]))
+            return (q, *packed_tokens([k, v]))
+        if self.layout == "offset":
+            return tuple(offset_tokens(t, 8 * (n + 1)) for n, t in enumerate((q, k, v)))
+        return q, k, v
 
 
 # -- paged KV cache ----------------------------------------------------------------------------
@@ -165,6 +219,7 @@ class PagedSpec(_PackedBase):
     magnitude: float = 1.0
     seed: int = 0
     softcap: float | None = None  # logit soft cap (Config.softcap)
+    layout: str = "contiguous"  # how q and the pool sit in memory (PAGED_LAYOUTS)
 
     def __post_init__(self) -> None:
         self._fill_defaults()
@@ -180,10 +235,18 @@ class PagedSpec(_PackedBase):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 yield name, f"must be an int >= 0, got {value!r}"
+        why = _layout_problem(self.layout, PAGED_LAYOUTS)
+        if why:
+            yield "layout", why
 
     @property
     def B(self) -> int:
         return len(self.cache_seqlens)
+
+    @property
+    def longest(self) -> int:
+        """The longest cache (or Sq, when longer)."""
+        return max(self.Sq, *self.cache_seqlens)
 
     @property
     def blocks_per_seq(self) -> list[int]:
@@ -230,14 +293,31 @@ class PagedSpec(_PackedBase):
                 k_cache[block, : stop - t] = k[t:stop]
                 v_cache[block, : stop - t] = v[t:stop]
         dev, dt = self.device, self.torch_dtype
+        q, k_cache, v_cache = self._laid_out(*(t.to(device=dev, dtype=dt) for t in (q, k_cache, v_cache)))
         return PagedInputs(
-            q=q.to(device=dev, dtype=dt).requires_grad_(requires_grad),
-            k_cache=k_cache.to(device=dev, dtype=dt),
-            v_cache=v_cache.to(device=dev, dtype=dt),
+            q=q.requires_grad_(requires_grad),
+            k_cache=k_cache,
+            v_cache=v_cache,
             block_table=table.to(dev)[:, : self.max_blocks],
             cache_seqlens=torch.tensor(self.cache_seqlens, dtype=torch.int32, device=dev),
             grad_out=grad_out.to(device=dev, dtype=dt),
         )
+
+    def _laid_out(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q and the pool in this spec's layout: "bshd", q a (B, Sq, Hq, D) tensor transposed;
+        "packed", that q and K and V interleaved per block in one pool (num_blocks, 2,
+        block_size, Hkv, max(D, Dv)), FlashInfer's paged layout: block stride twice a block's."""
+        if self.layout == "contiguous":
+            return q, k_cache, v_cache
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        if self.layout == "bshd":
+            return q, k_cache, v_cache
+        width = max(self.D, self.Dv)
+        pool = torch.zeros(self.num_blocks, 2, self.block_size, self.Hkv, width, dtype=k_cache.dtype,
+                           device=k_cache.device)
+        pool[:, 0, ..., : self.D] = k_cache
+        pool[:, 1, ..., : self.Dv] = v_cache
+        return q, pool[:, 0, ..., : self.D], pool[:, 1, ..., : self.Dv]
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,

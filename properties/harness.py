@@ -230,6 +230,9 @@ def _backward(run: Run, out: torch.Tensor, grad_out: torch.Tensor, leaves: dict[
     """Backpropagate grad_out from out into the leaves, their gradients into run.grads (zeros where
     none flowed); with `who`, the contract check of the backward (inputs unchanged, finite grads)."""
     if not out.requires_grad:
+        if out.numel() == 0:  # an empty output (no query at all) carries no gradient: every one is zero
+            run.grads.update({"d" + n: torch.zeros_like(t) for n, t in leaves.items()})
+            return
         raise AssertionError("out does not require grad: the implementation is not differentiable here")
     out.backward(grad_out.to(out.dtype))
     for n, t in leaves.items():
@@ -475,14 +478,16 @@ def draw_rows(data, spec: Spec) -> torch.Tensor | None:
 def _finite(*tensors: torch.Tensor) -> SimpleNamespace:
     """What _raise_flagged reads to decide whether every input is finite (no bias here)."""
     q, *kv = tensors
-    return SimpleNamespace(q=q, k=kv[0] if kv else q, v=kv[1] if len(kv) > 1 else q, bias=None)
+    return SimpleNamespace(q=q, k=kv[0] if kv else q, v=kv[1] if len(kv) > 1 else q, bias=None, alibi_slopes=None,
+                           sinks=None)
 
 
-def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = False, who: str | None = None) -> Run:
+def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = False, who: str | None = None,
+                return_lse: bool = True) -> Run:
     """Run a varlen fn (the packing convention); with grad, backpropagate inputs.grad_out into
-    q, k, v. With `who`, the varlen contract is checked as `call` checks the dense one: result
-    types and shapes (out (total_q, Hq, Dv), lse (Hq, total_q)), inputs unchanged, results
-    finite for finite inputs."""
+    q, k, v; return_lse=False is passed as such (the inference call). With `who`, the varlen
+    contract is checked as `call` checks the dense one: result types and shapes (out (total_q,
+    Hq, Dv), lse (Hq, total_q)), inputs unchanged, results finite for finite inputs."""
     leaves = {n: getattr(inputs, n) for n in ("q", "k", "v")}
     leaves = {n: t for n, t in leaves.items() if t.requires_grad}
     for t in leaves.values():
@@ -490,7 +495,7 @@ def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = Fa
     given = {n: getattr(inputs, n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "grad_out")}
     before = snapshot(given) if who else {}
     with torch.set_grad_enabled(grad):
-        result = fn(*inputs.args(), cfg)
+        result = fn(*inputs.args(), cfg) if return_lse else fn(*inputs.args(), cfg, return_lse=False)
     finite = _finite(inputs.q, inputs.k, inputs.v)
     if who:
         out, lse = check_varlen_result(who, result, inputs.q, inputs.v)
@@ -502,8 +507,8 @@ def call_varlen(fn: Callable, inputs: VarlenInputs, cfg: Config, grad: bool = Fa
     return run
 
 
-def run_varlen(impl: Impl, spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False) -> Run:
-    return call_varlen(impl.varlen, inputs, spec.config(), grad=grad, who=impl.key)
+def run_varlen(impl: Impl, spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False, return_lse: bool = True) -> Run:
+    return call_varlen(impl.varlen, inputs, spec.config(), grad=grad, who=impl.key, return_lse=return_lse)
 
 
 def run_varlen_oracle(spec: VarlenSpec, inputs: VarlenInputs, grad: bool = False) -> Run:
@@ -545,14 +550,15 @@ def varlen_scales(spec: VarlenSpec, inputs: VarlenInputs) -> dict[str, float]:
     return _sequence_scales(parts)
 
 
-def call_paged(fn: Callable, inputs: PagedInputs, cfg: Config, who: str | None = None) -> Run:
-    """Run a paged fn (forward only). With `who`, the paged contract: out (B, Hq, Sq, Dv) and lse
-    (B, Hq, Sq) as the dense call's, inputs (the pool, poison included, the table, the lengths)
-    unchanged, results finite when q and every cached token below cache_seqlens are."""
+def call_paged(fn: Callable, inputs: PagedInputs, cfg: Config, who: str | None = None, return_lse: bool = True) -> Run:
+    """Run a paged fn (forward only); return_lse=False is passed as such. With `who`, the paged
+    contract: out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) as the dense call's, inputs (the pool, poison
+    included, the table, the lengths) unchanged, results finite when q and every cached token
+    below cache_seqlens are."""
     given = {n: getattr(inputs, n) for n in ("q", "k_cache", "v_cache", "block_table", "cache_seqlens", "grad_out")}
     before = snapshot(given) if who else {}
     with torch.no_grad():
-        result = fn(*inputs.args(), cfg)
+        result = fn(*inputs.args(), cfg) if return_lse else fn(*inputs.args(), cfg, return_lse=False)
     if who:
         out, lse = check_result(who, result, inputs.q, inputs.v_cache)
         k, v = paged_contiguous(inputs)
@@ -563,8 +569,8 @@ def call_paged(fn: Callable, inputs: PagedInputs, cfg: Config, who: str | None =
     return Run(out=out.detach(), lse=None if lse is None else lse.detach())
 
 
-def run_paged(impl: Impl, spec: PagedSpec, inputs: PagedInputs) -> Run:
-    return call_paged(impl.paged, inputs, spec.config(), who=impl.key)
+def run_paged(impl: Impl, spec: PagedSpec, inputs: PagedInputs, return_lse: bool = True) -> Run:
+    return call_paged(impl.paged, inputs, spec.config(), who=impl.key, return_lse=return_lse)
 
 
 def run_paged_oracle(spec: PagedSpec, inputs: PagedInputs) -> Run:

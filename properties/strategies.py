@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from hypothesis import example, note
 from hypothesis import strategies as st
 
-from attnbench.packing import PagedSpec, VarlenSpec
+from attnbench.packing import PAGED_LAYOUTS, VARLEN_LAYOUTS, PagedSpec, VarlenSpec
 from attnbench.registry import Impl
 from attnbench.spec import LAYOUTS, Block, Spec
 
@@ -446,8 +446,13 @@ def relax(spec: Spec, impl: Impl) -> Spec:
 # -- packed (varlen) batches, document masks and the paged KV cache ---------------------------
 # Per-sequence lengths: 0 and 1, and boundaries on both sides of the 16-token tiles.
 SEQ_EDGES = (0, 1, 2, 15, 16, 17)
-SEQ_CAP = {"cpu": 20, "cuda": 300}  # the longest sequence of a packed or paged draw
+SEQ_CAP = {"cpu": 20, "cuda": 300}  # the longest sequence of an ordinary packed or paged draw
 SEQ_CAP_SLOW = 10  # the same on the CPU for an impl that runs interpreted there (long_ok False)
+# One packed or paged draw in LONG_ONE_IN (for an impl that long draws suit) has one long sequence:
+# a length on either side of the 32- to 256-token tiles kernels loop over, or any up to the cap.
+LONG_SEQ_EDGES = (31, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
+LONG_SEQ_CAP = {"cpu": 300, "cuda": 2100}
+MANY_SEQS = {"varlen": 9, "paged": 7}  # the most sequences of a rare wide draw (per-sequence state indexed past 4)
 BLOCK_SIZES = (16, 1, 3, 4, 5, 8)  # paged block sizes: 16 first (shrinks to it), then ones that divide nothing
 
 
@@ -459,6 +464,32 @@ def _seq_cap(impl: Impl, device: str) -> int:
 def _seq_length(cap: int, lo: int = 0) -> st.SearchStrategy[int]:
     edges = [n for n in SEQ_EDGES if lo <= n <= cap]
     return st.one_of(st.integers(lo, cap), st.sampled_from(edges))
+
+
+def _long_seq(draw, impl: Impl, device: str) -> int | None:
+    """One packed / paged draw in LONG_ONE_IN, for an impl long draws suit: the length of its one
+    long sequence (LONG_SEQ_EDGES, or any past the ordinary cap); else None."""
+    if not long_ok(impl, device) or not _rare(draw, "long sequence", LONG_ONE_IN):
+        return None
+    kind = device.split(":")[0]
+    cap = LONG_SEQ_CAP.get(kind, LONG_SEQ_CAP["cpu"])
+    return draw(st.one_of(st.sampled_from(LONG_SEQ_EDGES), st.integers(_seq_cap(impl, device) + 1, cap)),
+                label="long seqlen")
+
+
+def _seq_count(draw, impl: Impl, device: str, min_seqs: int, most: int, kind: str) -> int:
+    """How many sequences: min_seqs to `most`, or one draw in eight (an impl long draws suit) up to
+    MANY_SEQS[kind]: state kept per sequence in a fixed-size array shows past its size."""
+    if long_ok(impl, device) and _rare(draw, "many sequences", 8):
+        return draw(st.integers(max(min_seqs, most + 1), max(min_seqs, MANY_SEQS[kind])), label="sequences")
+    return draw(st.integers(min_seqs, max(min_seqs, most)), label="sequences")
+
+
+def _seq_layout(draw, impl: Impl, layouts: tuple[str, ...], fixed: dict) -> str:
+    """A memory layout of the call's tensors among those `impl` declares (Impl.layouts)."""
+    if "layout" in fixed:
+        return fixed["layout"]
+    return draw(st.sampled_from([name for name in layouts if name in impl.layouts]), label="layout")
 
 
 def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict) -> dict:
@@ -473,7 +504,7 @@ def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict)
     Hkv = pick("Hkv", st.integers(1, 2)) if has("gqa") else None
     group = pick("group", st.integers(2 if "gqa" in use else 1, 3)) if Hkv else 1
     Hq = Hkv * group if Hkv else pick("Hq", st.integers(1, 2))
-    D = pick("D", st.sampled_from(caps.head_dims[:4]))
+    D = pick("D", st.sampled_from(caps.head_dims))
     window = None
     if has("sliding_window") and ("sliding_window" in use or draw(st.booleans(), label="windowed")):
         side = st.one_of(st.none(), st.integers(0, 6))
@@ -481,7 +512,7 @@ def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict)
         window = None if window == (None, None) else window
     return dict(
         dtype=pick("dtype", st.sampled_from(dtypes)), device=device, Hq=Hq, Hkv=Hkv or Hq, D=D,
-        Dv=pick("Dv", st.one_of(st.just(D), st.sampled_from(caps.head_dims[:4]))) if has("dv") else D,
+        Dv=pick("Dv", st.one_of(st.just(D), st.sampled_from(caps.head_dims))) if has("dv") else D,
         causal=pick("causal", st.just(True) if "causal" in use else st.booleans()) if has("causal") else False,
         window=fixed.get("window", window), scale=pick("scale", st.one_of(st.none(), st.sampled_from(SCALES))),
         magnitude=pick("magnitude", st.sampled_from(MAGNITUDES)), seed=pick("seed", st.integers(0, 2**16)),
@@ -496,22 +527,31 @@ def _varlen_specs(draw, impl: Impl, device: str, use: frozenset[str], fixed: dic
     if "seqlens" in fixed:
         return VarlenSpec(seqlens=fixed["seqlens"], **common)
     most = 4 if long_ok(impl, device) else 3  # an interpreted impl pays per launch: one per sequence at worst
-    count = draw(st.integers(min_seqs, max(min_seqs, most)), label="sequences")
+    count = _seq_count(draw, impl, device, min_seqs, most, "varlen")
     cross = "cross" in impl.features
     seqlens = []
     for _ in range(count):
         sk = draw(_seq_length(cap), label="seqlen_k")
         sq = draw(st.one_of(st.just(sk), _seq_length(cap)), label="seqlen_q") if cross else sk
         seqlens.append((sq, sk))
-    return VarlenSpec(seqlens=tuple(seqlens), **common)
+    long = _long_seq(draw, impl, device)
+    if long is not None:  # one sequence long on the key side, its queries as many, or few (decoding)
+        at = draw(st.integers(0, count - 1), label="long sequence index")
+        sq = draw(st.one_of(st.just(long), _seq_length(SEQ_EDGES[-1], lo=1)), label="long seqlen_q") if cross else long
+        seqlens[at] = (sq, long)
+    layout = _seq_layout(draw, impl, VARLEN_LAYOUTS, fixed)
+    return VarlenSpec(seqlens=tuple(seqlens), layout=layout, **common)
 
 
 def varlen_specs(impl: Impl, device: str = "cpu", needs: Iterable[str] = (), *, use: Iterable[str] = (),
                  min_seqs: int = 1, **fixed) -> st.SearchStrategy[VarlenSpec]:
-    """Packed batches `impl` covers: 1 to 4 sequences (at least min_seqs) of 0 to SEQ_CAP tokens
-    each, the SEQ_EDGES among them (0, 1, tile boundaries +- 1), queries as many as keys or
-    (with "cross") not; grouped heads, Dv, causal, windows where declared. fixed: VarlenSpec
-    fields held at a value (and "group": the GQA group)."""
+    """Packed batches `impl` covers: 1 to 4 sequences (at least min_seqs; rarely up to MANY_SEQS)
+    of 0 to SEQ_CAP tokens each, the SEQ_EDGES among them (0, 1, tile boundaries +- 1), one draw in
+    LONG_ONE_IN with one long sequence across the larger tiles (LONG_SEQ_EDGES), queries as many
+    as keys or (with "cross") not; every head dim of the device's caps, grouped heads, Dv, causal,
+    windows where declared; q, k, v contiguous, fused ("packed") or rows of larger buffers
+    ("offset") as the impl's layouts allow. fixed: VarlenSpec fields held at a value (and
+    "group": the GQA group)."""
     use = frozenset(use)
     if use - impl.features:
         raise ValueError(f"use: {impl.key} does not declare {sorted(use - impl.features)}; check first")
@@ -527,39 +567,76 @@ def _paged_specs(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict
         return fixed[name] if name in fixed else draw(strategy, label=name)
 
     Sq = pick("Sq", st.one_of(st.integers(1, 4), st.integers(1, cap))) if "cross" in impl.features else None
-    count = draw(st.integers(min_seqs, max(min_seqs, 3)), label="sequences")
+    count = _seq_count(draw, impl, device, min_seqs, 3, "paged")
     if Sq is None:  # without "cross" every sequence holds exactly its Sq new tokens
         Sq = pick("Sq", st.integers(1, cap))
         lengths = (Sq,) * count
     else:
-        lengths = tuple(draw(st.one_of(st.integers(Sq, max(Sq, cap)), _seq_length(cap)), label="cache_seqlen")
-                        for _ in range(count))
+        lengths = [draw(st.one_of(st.integers(Sq, max(Sq, cap)), _seq_length(cap)), label="cache_seqlen")
+                   for _ in range(count)]
+        long = _long_seq(draw, impl, device)
+        if long is not None:  # one long cache: decoding across many key tiles and blocks
+            lengths[draw(st.integers(0, count - 1), label="long sequence index")] = max(long, Sq)
+        lengths = tuple(lengths)
     return PagedSpec(
         cache_seqlens=fixed.get("cache_seqlens", lengths), Sq=Sq, block_size=pick("block_size", st.sampled_from(BLOCK_SIZES)),
         spare_blocks=pick("spare_blocks", st.integers(0, 2)), table_pad=pick("table_pad", st.sampled_from((0, 2))),
-        permute=pick("permute", st.booleans()), poison=pick("poison", st.booleans()), **common,
+        permute=pick("permute", st.booleans()), poison=pick("poison", st.booleans()),
+        layout=_seq_layout(draw, impl, PAGED_LAYOUTS, fixed), **common,
     )
 
 
 def paged_specs(impl: Impl, device: str = "cpu", needs: Iterable[str] = (), *, use: Iterable[str] = (),
                 min_seqs: int = 1, **fixed) -> st.SearchStrategy[PagedSpec]:
     """Paged decoding / chunked-prefill steps `impl` covers: 1 to 3 sequences (at least
-    min_seqs), Sq new tokens (1 to 4 mostly: decoding), cache lengths from 0 up with the
-    SEQ_EDGES, block sizes that divide nothing (BLOCK_SIZES), spare blocks, a block table that
-    is a column slice of a wider one, physical blocks permuted, NaN in every unused slot."""
+    min_seqs; rarely up to MANY_SEQS), Sq new tokens (1 to 4 mostly: decoding), cache lengths from
+    0 up with the SEQ_EDGES and one draw in LONG_ONE_IN a long cache, block sizes that divide
+    nothing (BLOCK_SIZES), spare blocks, a block table that is a column slice of a wider one,
+    physical blocks permuted, NaN in every unused slot; q and the pool contiguous, q transposed
+    ("bshd") or K and V interleaved in one pool ("packed") as the impl's layouts allow."""
     use = frozenset(use)
     if use - impl.features:
         raise ValueError(f"use: {impl.key} does not declare {sorted(use - impl.features)}; check first")
     return _paged_specs(impl, device, use, fixed, min_seqs).filter(lambda s: impl.covers(s, needs))
 
 
+def relax_case(case: VarlenSpec | PagedSpec, impl: Impl) -> VarlenSpec | PagedSpec:
+    """A pinned packed / paged case with what `impl` does not declare taken out, as `relax` does
+    for a dense spec: the pin's lengths and edges stay, its window, soft cap, grouped heads, Dv,
+    queries differing from keys, dtype and layout fall back to what the impl runs."""
+    f = impl.features
+    changes: dict = {}
+    if case.window is not None and "sliding_window" not in f:
+        changes["window"] = None
+    if case.causal and "causal" not in f:
+        changes["causal"] = False
+    if case.softcap is not None and "softcap" not in f:
+        changes["softcap"] = None
+    if case.Hkv != case.Hq and "gqa" not in f:
+        changes["Hkv"] = case.Hq
+    if case.Dv != case.D and "dv" not in f:
+        changes["Dv"] = case.D
+    if case.dtype not in impl.dtypes:
+        changes["dtype"] = next((d for d in DTYPE_ORDER if d in impl.dtypes), case.dtype)
+    if case.layout not in impl.layouts:
+        changes["layout"] = "contiguous"
+    if "cross" not in f and case.needs() & {"cross"}:
+        if isinstance(case, VarlenSpec):
+            changes["seqlens"] = tuple((sk, sk) for _, sk in case.seqlens)
+        else:
+            changes["cache_seqlens"] = (case.Sq,) * case.B
+    return case.replace(**changes) if changes else case
+
+
 def draw_case(data, impl: Impl, device: str, strategy: st.SearchStrategy, needs: Iterable[str] = ()):
     """A drawn VarlenSpec / PagedSpec, or a pinned one (Pinned(VarlenSpec(...))) on the test's
     device; None when the pinned one is not covered."""
     if isinstance(data, Pinned):
-        case = data.spec.replace(device=device)
+        case = relax_case(data.spec.replace(device=device), impl)
         if not impl.covers(case, needs):
             return None
+        if case.longest > _seq_cap(impl, device) and not long_ok(impl, device):
+            return None  # a long pinned case, for an impl that is slow here: as long draws are
     else:
         case = data.draw(strategy, label="spec")
     _DRAWN.append(case)
@@ -572,6 +649,9 @@ def draw_documents(data, spec: Spec, default: tuple[tuple[int, ...], ...] | None
     the 16-token tile boundaries +- 1 (documents of one token too). A pinned example takes
     `default` (or two documents split in the middle)."""
     if isinstance(data, Pinned):
+        if spec.documents is not None:  # the pin names its documents
+            note(f"spec: {spec.short()}")
+            return spec
         if default is None:
             half = max(1, spec.Sk // 2)
             default = tuple((half, spec.Sk - half) if spec.Sk > 1 else (spec.Sk,) for _ in range(spec.B))

@@ -27,13 +27,17 @@ from attnbench.properties.harness import (
     wants_grad,
     with_tensors,
 )
-from attnbench.properties.strategies import Pinned, draw_documents, draw_spec, pinned
-from attnbench.spec import Inputs, Spec
+from attnbench.properties.strategies import Pinned, draw_documents, draw_int, draw_spec, pinned
+from attnbench.spec import Block, Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense")
 
 TILE = Pinned(Spec(B=2, Sq=20, causal=True, window=(19, 0)), "a document boundary at 10, off the 16-key tiles")
 DECODE = Pinned(Spec(Sq=2, Sk=9, Hq=2, Hkv=1), "queries of a cache: the documents of their aligned positions")
+CROSS_CAUSAL = Pinned(Spec(Sq=6, Sk=11, causal=True, documents=((8, 3),)),
+                      "causal with Sq < Sk: positions are the padded sequence's, never counted from a document start")
+BLOCKED = Pinned(Spec(Sq=12, block=Block(4, 1, 0), documents=((6, 6),)),
+                 "a blocked window across a document boundary: buckets count from key 0, not the document start")
 
 
 def _spec(data, impl, device, **kwargs) -> Spec | None:
@@ -49,16 +53,29 @@ def _references(spec: Spec, inputs: Inputs, impl, grad: bool):
     return ref, want, errors
 
 
+def _arbitrary_query_ids(spec: Spec, inputs: Inputs) -> None:
+    """doc_q replaced by ids drawn apart from the query positions (seeded by the spec): each
+    query gets one of its batch element's key documents or -1, so a kernel that derives a
+    query's document from its position (doc_k[p(i)]) instead of reading doc_q is off."""
+    doc_q, doc_k = inputs.document_ids
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.stack([torch.randint(-1, int(doc_k[b].max()) + 1, (spec.Sq,), generator=g) for b in range(spec.B)])
+    inputs.document_ids = (ids.to(doc_q.device), doc_k)
+
+
 @given(data=st.data())
-@pinned(TILE, DECODE)
+@pinned(TILE, DECODE, CROSS_CAUSAL, BLOCKED)
 def test_document_mask_matches_oracle(impl, device, measure, data):
-    """out, lse and the gradients with a document mask against the float64 oracle."""
+    """out, lse and the gradients with a document mask against the float64 oracle; one draw in
+    three with query ids drawn apart from the positions (the contract takes any ids)."""
     require(impl, "document")
     spec = _spec(data, impl, device)
     if spec is None:
         return
     grad = wants_grad(impl, spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
+    if spec.Sk and draw_int(data, 0, 2, 0, label="query ids apart from positions (1, 2)"):
+        _arbitrary_query_ids(spec, inputs)
     got = run_impl(impl, spec, inputs, grad=grad)
     ref, want, _ = _references(spec, inputs, impl, grad)
     scales = scales_of(spec, inputs)

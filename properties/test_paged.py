@@ -34,6 +34,12 @@ STRIDE = Pinned(PagedSpec(cache_seqlens=(5, 7), block_size=4, table_pad=2, Hq=2,
                 "a block table cut from a wider one: index rows by stride(0)")
 DIVIDE = Pinned(PagedSpec(cache_seqlens=(17, 1, 0), Sq=1, block_size=5, poison=True, causal=True, window=(6, 0)),
                 "block size 5 dividing nothing, one-token and empty caches, NaN in unused slots")
+DECODE = Pinned(PagedSpec(cache_seqlens=(7, 20, 3, 1, 12), Sq=1, block_size=4, Hq=4, Hkv=2, D=80, scale=0.3,
+                          window=(5, None), layout="packed"),
+                "decoding 5 sequences, D = 80, a scale other than 1/sqrt(D), K and V in one pool")
+LONG = Pinned(PagedSpec(cache_seqlens=(130, 65), Sq=2, block_size=16, window=(70, 1), poison=True),
+              "caches across 64- and 128-token tiles and 16-token blocks; a window reaching one new token ahead")
+EMPTY_POOL = Pinned(PagedSpec(cache_seqlens=(0, 0), Sq=1, spare_blocks=0), "no token cached at all: a pool of 0 blocks")
 CHUNK = Pinned(PagedSpec(cache_seqlens=(9, 4), Sq=4, block_size=3, Hq=4, Hkv=2, causal=True, spare_blocks=2,
                          window=(5, 0), softcap=2.5), "a chunk of 4 new tokens, GQA, a window and a soft cap")
 
@@ -49,10 +55,11 @@ def _errors(impl, spec: PagedSpec, inputs: PagedInputs) -> tuple[Run, Run, dict[
 
 
 @given(data=st.data())
-@pinned(STRIDE, DIVIDE, CHUNK)
+@pinned(STRIDE, DIVIDE, CHUNK, DECODE, LONG, EMPTY_POOL)
 def test_paged_matches_oracle(impl, device, measure, data):
     """out and lse of the paged call against the float64 oracle over each sequence's gathered
-    cache, query i of sequence b at position cache_seqlens[b] - Sq + i."""
+    cache, query i of sequence b at position cache_seqlens[b] - Sq + i; and out of the inference
+    call (return_lse=False), which may take its own path."""
     require(impl, "paged_kv")
     spec = draw_case(data, impl, device, paged_specs(impl, device))
     if spec is None:
@@ -65,6 +72,8 @@ def test_paged_matches_oracle(impl, device, measure, data):
     scales = paged_scales(spec, inputs)
     for name in _names(got):
         check(measure, name, got.get(name), want.get(name), ref.get(name), spec.dtype, scales)
+    inference = run_paged(impl, spec, inputs, return_lse=False)
+    check(measure, "out", inference.out, want.out, ref.out, spec.dtype, scales)
 
 
 @given(data=st.data())

@@ -31,8 +31,13 @@ pytestmark = pytest.mark.variant("dense")
 BOUNDARY = Pinned(VarlenSpec(seqlens=((3, 3), (2, 2), (17, 17))), "a sequence's last query next to another's first key")
 EMPTY = Pinned(VarlenSpec(seqlens=((0, 0), (1, 1), (2, 0), (0, 3), (5, 5)), causal=True),
                "zero-length sequences and a single token")
-DECODE = Pinned(VarlenSpec(seqlens=((1, 9), (1, 16), (1, 1)), Hq=4, Hkv=2, causal=True, window=(3, 0), softcap=5.0),
-                "one query per sequence against its own cache, GQA, windowed, soft-capped")
+DECODE = Pinned(VarlenSpec(seqlens=((1, 9), (1, 16), (1, 1)), Hq=4, Hkv=2, causal=True, window=(3, 0), softcap=5.0,
+                           scale=0.3), "one query per sequence against its own cache, GQA, windowed, soft-capped, "
+                "a scale other than 1/sqrt(D) (a decode fast path must not drop it)")
+SAME_TOTALS = Pinned(VarlenSpec(seqlens=((2, 3), (3, 2)), causal=True),
+                     "equal totals and maxima of queries and keys, different boundaries: cu_seqlens_k is not cu_seqlens_q")
+LONG = Pinned(VarlenSpec(seqlens=((65, 129), (2, 2), (257, 257), (1, 64)), Hq=2, D=80, causal=True, layout="packed"),
+              "sequences across 64- and 128-token tiles, D = 80 (not a power of two), fused qkv")
 
 
 def _grad(impl, spec: VarlenSpec) -> bool:
@@ -49,10 +54,11 @@ def _reference(impl, spec: VarlenSpec, inputs: VarlenInputs, grad: bool) -> tupl
 
 
 @given(data=st.data())
-@pinned(BOUNDARY, EMPTY, DECODE)
+@pinned(BOUNDARY, EMPTY, DECODE, LONG, SAME_TOTALS)
 def test_varlen_matches_oracle(impl, device, measure, data):
     """out, lse (Hq, total_q) and dq, dk, dv of the packed call against the float64 oracle:
-    dense attention on each sequence alone, bottom-right aligned within it."""
+    dense attention on each sequence alone, bottom-right aligned within it; and out of the
+    inference call (return_lse=False), which may take its own path."""
     require(impl, "varlen")
     spec = draw_case(data, impl, device, varlen_specs(impl, device))
     if spec is None:
@@ -66,6 +72,8 @@ def test_varlen_matches_oracle(impl, device, measure, data):
         raise AssertionError(f"{impl.key} declares 'lse' but its varlen call returned None")
     for name in _names(got, grad):
         check(measure, name, got.get(name), want.get(name), ref.get(name), spec.dtype, scales)
+    inference = run_varlen(impl, spec, spec.make_inputs(), return_lse=False)
+    check(measure, "out", inference.out, want.out, ref.out, spec.dtype, scales)
 
 
 def _dense_inputs(inputs: VarlenInputs, bounds: tuple[int, int, int, int]) -> Inputs:
