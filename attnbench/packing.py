@@ -64,7 +64,7 @@ def packed_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """(total, H, D) tensors with one token count as column slices of one (total, sum H*D) buffer
     (a fused projection's output: token stride sum H*D, head stride D), the same values."""
     total = tensors[0].shape[0]
-    buf = torch.cat([t.reshape(total, -1) for t in tensors], dim=-1)
+    buf = torch.cat([t.reshape(total, t.shape[1] * t.shape[2]) for t in tensors], dim=-1)
     views, start = [], 0
     for t in tensors:
         width = t.shape[1] * t.shape[2]
