@@ -101,19 +101,23 @@ def test_lse_has_float32_precision(impl, device, measure, data):
     check_lse(measure, got.lse, run_oracle(spec, inputs).lse, ref.lse)
 
 
+def _check_sequences(measure, impl, spec, inputs, keys: torch.Tensor, run, run_oracle, clone) -> None:
+    """A packed or paged call on sign inputs (q and `keys`) against its oracle, to float32 precision."""
+    _signs(inputs.q, keys)
+    got = run(impl, spec, inputs)
+    ref = run(reference_impl(impl), spec, clone(inputs))
+    check_lse(measure, got.lse, run_oracle(spec, inputs).lse, ref.lse)
+
+
 @given(data=st.data())
 def test_varlen_lse_has_float32_precision(impl, device, measure, data):
     """The packed call's lse (Hq, total_q) on sign inputs, to float32 precision."""
     require(impl, "varlen", "lse")
     D = data.draw(st.sampled_from(EXACT_HEAD_DIMS), label="D")
     spec = draw_case(data, impl, device, varlen_specs(impl, device, D=D, Dv=D, scale=None))
-    if spec is None:
-        return
-    inputs: VarlenInputs = spec.make_inputs()
-    _signs(inputs.q, inputs.k)
-    got = run_varlen(impl, spec, inputs)
-    ref = run_varlen(reference_impl(impl), spec, clone_varlen(inputs))
-    check_lse(measure, got.lse, run_varlen_oracle(spec, inputs).lse, ref.lse)
+    if spec is not None:
+        inputs: VarlenInputs = spec.make_inputs()
+        _check_sequences(measure, impl, spec, inputs, inputs.k, run_varlen, run_varlen_oracle, clone_varlen)
 
 
 @given(data=st.data())
@@ -122,10 +126,6 @@ def test_paged_lse_has_float32_precision(impl, device, measure, data):
     require(impl, "paged_kv", "lse")
     D = data.draw(st.sampled_from(EXACT_HEAD_DIMS), label="D")
     spec = draw_case(data, impl, device, paged_specs(impl, device, D=D, Dv=D, scale=None))
-    if spec is None:
-        return
-    inputs: PagedInputs = spec.make_inputs()
-    _signs(inputs.q, inputs.k_cache)
-    got = run_paged(impl, spec, inputs)
-    ref = run_paged(reference_impl(impl), spec, inputs)
-    check_lse(measure, got.lse, run_paged_oracle(spec, inputs).lse, ref.lse)
+    if spec is not None:
+        inputs: PagedInputs = spec.make_inputs()
+        _check_sequences(measure, impl, spec, inputs, inputs.k_cache, run_paged, run_paged_oracle, lambda i: i)

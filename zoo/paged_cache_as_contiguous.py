@@ -2,23 +2,15 @@
 for a pool allocated on its own, wrong for K and V interleaved per block in one pool
 (FlashInfer's (num_blocks, 2, block_size, Hkv, D) layout), whose block stride is twice a block."""
 
-import torch
-
 import attnbench.impls.naive as _naive
 from attnbench.registry import Impl
 from attnbench.zoo._base import BASE_FEATURES, Kernel
-
-
-def _as_contiguous(t: torch.Tensor) -> torch.Tensor:
-    strides, step = [], 1
-    for size in reversed(t.shape):
-        strides.insert(0, step)
-        step *= size
-    return t.as_strided(t.shape, strides, t.storage_offset())  # BUG: the strides it was given are ignored
+from attnbench.zoo.strided_as_contiguous import as_contiguous
 
 
 def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, return_lse=True):
-    return _naive.paged(q, _as_contiguous(k_cache), _as_contiguous(v_cache), block_table, cache_seqlens, cfg)
+    k_cache, v_cache = as_contiguous(k_cache), as_contiguous(v_cache)  # BUG: the strides given are ignored
+    return _naive.paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg)
 
 
 paged_cache_as_contiguous = Impl(
