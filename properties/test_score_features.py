@@ -58,6 +58,7 @@ def _declared(impl) -> tuple[str, ...]:
            "ALiBi past distance 256, where bfloat16 holds only even integers; the standard slopes"),
     Pinned(Spec(B=2, Hq=2, Sq=3, key_lengths=(0, 3), sinks=True), "an empty row with a sink: out 0, lse = sink"),
     Pinned(Spec(Hq=2, Sq=5, causal=True, sinks=True, seed=3), "sinks: the denominator only, dsink"),
+    Pinned(Spec(Hq=2, Sq=20, Sk=20, sinks=True, seed=0), "dsink sums every query row, past a 16-row tile"),
 )
 def test_score_features_match_oracle(impl, device, measure, data):
     """Every score feature the impl declares, on every spec (the general agreement properties
