@@ -77,6 +77,9 @@ class Impl:
         unavailable.
     available: optional check `available() -> reason | None` run after `requires` (a guarded
         import, a compute capability): a reason makes it unavailable on this machine.
+    absent: optional `absent() -> {feature: reason}`: declared features this machine's hardware
+        lacks (FA4's fp8 runs on SM100 only). Specs needing them are not covered and properties
+        that need them skip with the reason, instead of drawing specs that are all declined.
     supports: optional extra check `supports(spec) -> reason | None` for limits the feature
         set cannot express (head dims, block multiples, ...); one taking a second argument gets
         the features asked for too (`supports(spec, needs)`: a limit of the backward alone).
@@ -94,6 +97,7 @@ class Impl:
     requires: tuple[str, ...] = ()
     supports: Callable[..., str | None] | None = None
     available: Callable[[], str | None] | None = None
+    absent: Callable[[], Mapping[str, str]] | None = None
     layouts: tuple[str, ...] = LAYOUTS
     grad_layouts: tuple[str, ...] = GRAD_LAYOUTS
     description: str = ""
@@ -174,6 +178,14 @@ class Impl:
             return "needs CUDA"
         return self.available() if self.available is not None else None
 
+    def lacks_here(self, features: Iterable[str]) -> str | None:
+        """Why some of these declared features do not run on this machine (the `absent` hook), or None."""
+        if self.absent is None:
+            return None
+        absent = self.absent()
+        why = [f"{f}: {absent[f]}" for f in sorted(set(features)) if f in absent]
+        return "; ".join(why) or None
+
     def device_ok(self, device: str) -> bool:
         return device.split(":")[0] in self.devices
 
@@ -188,6 +200,8 @@ class Impl:
         missing = wanted - self.features
         if missing:
             return f"unsupported features: {', '.join(sorted(missing))}"
+        if why := self.lacks_here(wanted):
+            return why
         if not isinstance(spec, Spec):
             rest = set(needs) - {"varlen", "paged_kv"}
             return next((why for s in spec.dense_specs() if (why := self.why_not(s, rest))), None)

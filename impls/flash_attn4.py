@@ -180,6 +180,17 @@ def _varlen(q, k, v, cfg: Config, kpm: torch.Tensor) -> tuple[torch.Tensor, torc
     return out, lse.reshape(Hq, B, Sq).transpose(0, 1)
 
 
+@functools.cache
+def absent() -> dict[str, str]:
+    """Declared features this GPU lacks: fp8 off SM100 (FA4 asserts arch // 10 == 10 for fp8)."""
+    if not torch.cuda.is_available():
+        return {}  # FA4 does not run here at all (unavailable says why)
+    major, minor = torch.cuda.get_device_capability()
+    if major == FP8_ARCH:
+        return {}
+    return {"fp8": f"FA4 runs fp8 on SM100 only (compute capability {FP8_ARCH}.x), this GPU is {major}.{minor}"}
+
+
 def _arch(spec: Spec) -> int:
     return torch.cuda.get_device_capability(spec.device)[0]
 
@@ -245,8 +256,6 @@ def _supports(spec: Spec, needs: frozenset[str] = frozenset()) -> str | None:
     arch = _arch(spec)
     if arch not in ARCHES:
         return f"compute capability {arch}.x: the adapter declares Hopper (9.x) and Blackwell (10.x, 11.x)"
-    if spec.fp8 and arch != FP8_ARCH:
-        return f"fp8: FA4 runs fp8 on SM100 only (compute capability {FP8_ARCH}.x), this GPU is {arch}.x"
     if spec.fp8 and spec.has_padding:
         return "fp8 with key padding: the adapter's varlen path takes no descales"
     return head_dims(arch, spec.D, spec.Dv, "backward" in needs, spec.Hkv != spec.Hq)
@@ -262,6 +271,7 @@ flash_attn4 = Impl(
     devices=("cuda",),
     dtypes=("float16", "bfloat16"),
     available=unavailable,
+    absent=absent,
     supports=_supports,
     memory="linear",
     compiles=True,  # CuTe DSL: a kernel per (dtype, head dims, group, mask kind, ...), seconds each

@@ -46,10 +46,13 @@ def quantities(run: Run, errors: dict[str, float], grad: bool) -> list[str]:
 
 
 def require(impl: Impl, *features: str) -> None:
-    """Skip the test for an implementation that does not declare these features."""
+    """Skip the test for an implementation that does not declare these features, or whose
+    hardware here lacks one (Impl.absent)."""
     missing = [f for f in features if f not in impl.features]
     if missing:
         pytest.skip(f"{impl.key} does not declare {', '.join(missing)}")
+    if why := impl.lacks_here(features):
+        pytest.skip(f"{impl.key} on this machine: {why}")
 
 
 def wants_grad(impl: Impl, *specs: Spec) -> bool:

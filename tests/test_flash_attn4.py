@@ -22,6 +22,7 @@ import torch
 from attnbench.impls import flash_attn as fa2_mod
 from attnbench.impls import flash_attn4 as fa4_mod
 from attnbench.oracles.dense import attention as oracle
+from attnbench.properties.harness import require
 from attnbench.registry import Impl
 from attnbench.spec import Spec
 
@@ -102,9 +103,18 @@ def fa4(monkeypatch):
     fa2_mod.unavailable.cache_clear()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_absent():
+    """absent() caches what the GPU lacks: on_gpu fakes one, so no test keeps another's answer."""
+    fa4_mod.absent.cache_clear()
+    yield
+    fa4_mod.absent.cache_clear()
+
+
 def on_gpu(monkeypatch, major: int) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    fa4_mod.absent.cache_clear()
 
 
 SPECS = [
@@ -341,15 +351,22 @@ def test_fa4_declared_bugs_still_fail_upstream(name: str) -> None:
 
 
 def test_fp8_is_declared_for_sm100_only_and_passes_descales_per_kv_head(fa4, monkeypatch) -> None:
-    """FA4 asserts `arch // 10 == 10` for fp8: supports() declines other GPUs with that reason
-    (and key padding, whose varlen path takes no descales); the call passes each per-tensor
-    descale expanded to FA4's (B, Hkv) float32."""
+    """FA4 asserts `arch // 10 == 10` for fp8: off SM100 the adapter's absent() names fp8, so
+    why_not declines fp8 specs and the fp8 properties skip with that reason (on an H200 they drew
+    only declined specs and failed Hypothesis' health check: evidence/h200/verify_times-fa4-2026-12-04.txt);
+    key padding is declined too (its varlen path takes no descales); the call passes each
+    per-tensor descale expanded to FA4's (B, Hkv) float32."""
     spec = Spec(B=2, Hq=4, Hkv=2, Sq=8, D=64, dtype="bfloat16", device="cuda", causal=True, fp8=True)
     impl = fa4_mod.flash_attn4
     assert "fp8" in impl.features
     on_gpu(monkeypatch, 9)
     assert "SM100" in impl.why_not(spec)
+    assert "SM100" in impl.lacks_here({"fp8", "causal"})
+    assert impl.lacks_here({"causal", "backward"}) is None
+    with pytest.raises(pytest.skip.Exception, match="SM100"):
+        require(impl, "fp8")
     on_gpu(monkeypatch, 10)
+    assert impl.lacks_here({"fp8"}) is None
     assert impl.why_not(spec) is None
     assert "varlen" in impl.why_not(spec.replace(causal=False, key_lengths=(8, 3)))
     inputs = spec.replace(device="cpu").make_inputs()
