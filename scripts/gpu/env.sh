@@ -9,7 +9,7 @@ export FA4_PARTS=/tmp/fa4parts FA4_SITE=/tmp/fa4site
 # Compiled kernels (Triton, Inductor, FA4's CuTe) persist in attnbench's cache directory
 # (attnbench.cache.compiler_env), reused by every process and by later calls on a warm machine;
 # a folder .gpucache/ carried into the call (scripts/gpu/cache.sh: pack there, unpack here) seeds it.
-if [ -d .gpucache/attnbench ]; then mkdir -p ~/.cache && cp -rn .gpucache/attnbench ~/.cache/ 2>/dev/null; fi
+if [ -f .gpucache/gpucache.tgz ]; then mkdir -p ~/.cache && tar -C ~/.cache -xzkf .gpucache/gpucache.tgz 2>/dev/null; fi
 for folder in .fa4/*/; do
     [ -f "$folder/PARTS.sha256" ] && scripts/fa4_wheels.sh stash "$folder"
 done
