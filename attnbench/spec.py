@@ -341,6 +341,10 @@ class Spec(SpecBase):
     softcap: float | None = None  # logit soft cap (Config.softcap)
     alibi: bool = False  # the kernel's ALiBi: alibi_slopes drawn per spec (Spec.alibi_values)
     sinks: bool = False  # attention sinks: one logit per head drawn per spec (Spec.sink_values)
+    # the sinks passed in float32 rather than q's dtype (CONTRACT.md allows both): a kernel that
+    # rounds them to q's dtype is off by up to half a bfloat16 step of the sink in lse. Without
+    # sinks it is inert and reads False.
+    sinks_float32: bool = False
     # fp8 attention: q, k, v quantized to float8_e4m3fn with per-tensor float32 descales
     # (make_inputs); dtype is then the output's, bfloat16. Forward only.
     fp8: bool = False
@@ -358,6 +362,8 @@ class Spec(SpecBase):
             object.__setattr__(self, "key_lengths", tuple(int(n) for n in self.key_lengths))
         if self.documents is not None:
             object.__setattr__(self, "documents", tuple(tuple(int(n) for n in doc) for doc in self.documents))
+        if self.sinks_float32 is True and self.sinks is False:
+            object.__setattr__(self, "sinks_float32", False)
         self.validate()
 
     # -- validation ------------------------------------------------------------------
@@ -398,7 +404,7 @@ class Spec(SpecBase):
                 if min(doc, default=0) < 1 or sum(doc) != self.Sk:
                     yield "documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}"
         yield from self._field_problems("softcap")
-        for name in ("alibi", "sinks", "fp8"):
+        for name in ("alibi", "sinks", "sinks_float32", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 yield name, f"must be a bool, got {getattr(self, name)!r}"
         if self.fp8 and self.dtype != "bfloat16":
@@ -452,7 +458,8 @@ class Spec(SpecBase):
             bias=None if bias is None else bias.to(device=self.device, dtype=self.torch_dtype).requires_grad_(requires_grad),
             grad_out=grad_laid_out(self.grad_layout, grad_out.to(device=self.device, dtype=self.torch_dtype)),
             alibi_slopes=None if not self.alibi else self.alibi_values().to(device=self.device, dtype=torch.float32),
-            sinks=None if not self.sinks else self.sink_values().to(device=self.device, dtype=self.torch_dtype)
+            sinks=None if not self.sinks else self.sink_values()
+            .to(device=self.device, dtype=torch.float32 if self.sinks_float32 else self.torch_dtype)
             .requires_grad_(requires_grad),
             document_ids=self.document_ids(),
             **descales,

@@ -285,6 +285,8 @@ def _score_features(draw, pick, has, use: frozenset[str]) -> dict:
     for name in ("alibi", "sinks"):
         if has(name):
             out[name] = pick(name, st.just(name in use or _rare(draw, name, SCORE_FEATURE_ONE_IN)))
+    if out.get("sinks"):  # the contract takes sinks in q's dtype or float32: both, shrinking to q's
+        out["sinks_float32"] = pick("sinks_float32", st.booleans())
     return out
 
 

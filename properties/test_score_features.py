@@ -59,6 +59,8 @@ def _declared(impl) -> tuple[str, ...]:
     Pinned(Spec(B=2, Hq=2, Sq=3, key_lengths=(0, 3), sinks=True), "an empty row with a sink: out 0, lse = sink"),
     Pinned(Spec(Hq=2, Sq=5, causal=True, sinks=True, seed=3), "sinks: the denominator only, dsink"),
     Pinned(Spec(Hq=2, Sq=20, Sk=20, sinks=True, seed=0), "dsink sums every query row, past a 16-row tile"),
+    Pinned(Spec(Hq=2, Sq=5, dtype="bfloat16", sinks=True, sinks_float32=True, seed=2),
+           "float32 sinks with bfloat16 q: the call takes both dtypes, dsinks in float32"),
 )
 def test_score_features_match_oracle(impl, device, measure, data):
     """Every score feature the impl declares, on every spec (the general agreement properties

@@ -232,6 +232,18 @@ def test_sink_values_include_dominant_and_negligible_sinks():
     assert Spec(dtype="float16", sinks=True).make_inputs().sinks.dtype == torch.float16
 
 
+def test_sinks_float32_passes_the_same_sinks_unrounded():
+    """sinks_float32: the sinks in float32 (CONTRACT.md takes q's dtype or float32), the same
+    values as in q's dtype before rounding; without sinks it is inert and reads False."""
+    spec = Spec(Hq=2, dtype="bfloat16", sinks=True, sinks_float32=True, seed=2)
+    sinks = spec.make_inputs().sinks
+    assert sinks.dtype == torch.float32
+    assert torch.equal(sinks, spec.sink_values().float())
+    assert not torch.equal(sinks, spec.replace(sinks_float32=False).make_inputs().sinks.float())
+    assert spec.replace(sinks=False).sinks_float32 is False
+    assert eval(repr(spec)) == spec
+
+
 def test_fp8_specs_quantize_per_tensor_and_print_as_python():
     """Spec.fp8: e4m3 q, k, v with float32 descales amax / 448 (t8 * descale within e4m3's
     rounding of t), bfloat16 output dtype, forward only, pasteable."""
