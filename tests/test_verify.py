@@ -14,7 +14,7 @@ from attnbench.app import verify
 PROPERTY = textwrap.dedent("""
     import pytest
     import torch
-    from hypothesis import example, given, settings, strategies as st
+    from hypothesis import assume, example, given, settings, strategies as st
     from attnbench.oracles.dense import reference
     from attnbench.spec import Spec
 
@@ -42,6 +42,11 @@ PROPERTY = textwrap.dedent("""
 
     def test_second_property_runs(impl):
         assert impl.name
+
+    @settings(max_examples=5, deadline=None, derandomize=True, database=None)
+    @given(S=st.integers(1, 10**6))
+    def test_declined_everywhere(impl, S):
+        assume(impl.name != "toplefty")  # stands in for a supports() that declines every draw
 
     @settings(max_examples=2, database=None)
     @example(S=1)
@@ -99,6 +104,10 @@ def test_broken_impl_is_reported_with_counterexample_and_replay(tmp_path, monkey
     assert shrunk.status == "fail" and "(ratio 2)" in shrunk.reason and shrunk.error_ratio == 2.0
     assert shrunk.counterexample == "dict(S=1)"
     assert rows[("toplefty", "test_second_property_runs")].status == "pass"  # the run went on
+    # every draw declined: a failure that says so, not Hypothesis' health-check text
+    declined = rows[("toplefty", "test_declined_everywhere")]
+    assert declined.status == "fail" and declined.reason.startswith("no drawn case ran")
+    assert rows[("naive", "test_declined_everywhere")].status == "pass"
     # A skip inside an @example: Hypothesis appends "Failing explicit example: ..."; not a reason.
     skipped = rows[("naive", "test_skipped_in_an_explicit_example")]
     assert skipped.status == "skip" and skipped.reason == "dense/naive does not declare lse"
