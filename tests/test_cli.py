@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from attnbench.app import cli, verify
 from attnbench.app.plugin import _counterexample, _failed_ratio, strip_markers
@@ -143,6 +144,21 @@ def test_one_member_of_a_list_target(kernels):
     reg = Registry()
     assert [i.key for i in reg.load_spec("mykernels:ALL")] == ["dense/toplefty", "dense/inline_crash"]
     assert [i.key for i in reg.load_spec("mykernels:ALL[dense/inline_crash]")] == ["dense/inline_crash"]
+
+
+def test_list_names_declared_features_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    """Impl.absent: `list` shows the declared feature and why it does not run here."""
+    (tmp_path / "absentk.py").write_text(textwrap.dedent("""
+        from attnbench.impls.naive import attention
+        from attnbench.registry import Impl
+        k = Impl(name="absentk", variant="dense", fn=attention, features={"causal", "fp8"},
+                 absent=lambda: {"fp8": "SM100 only"})
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "console", Console(width=400, emoji=False))  # no folded cells
+    code, out = _main(capsys, "list", "--impl", "absentk:k")
+    assert code == 0
+    assert "causal, fp8 (not on this machine: fp8: SM100 only)" in out
 
 
 def test_help_documents_the_exit_codes(capsys):

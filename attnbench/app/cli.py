@@ -98,8 +98,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             if args.zoo:
                 status = f"[red]{escape(getattr(impl, 'bug', '') or impl.description)}[/]"
             dtypes = " ".join(d.replace("bfloat", "bf").replace("float", "f") for d in impl.dtypes)
+            features = _features(impl.features)
+            if why is None and (lacks := impl.lacks_here(impl.features)):
+                features += f" [yellow](not on this machine: {escape(lacks)})[/]"
             table.add_row(impl.name + ("*" if impl.reference else ""), status,
-                          f"{' '.join(impl.devices)} / {dtypes}", _features(impl.features))
+                          f"{' '.join(impl.devices)} / {dtypes}", features)
         console.print(table)
     console.print("[dim]* the variant's reference: the tolerance rule measures others against its error. "
                   "features: what the implementation declares; properties only draw cases it declares.[/]")
