@@ -733,11 +733,14 @@ def paged_fwd(
     Q, KC, VC, Table, Lens, Out, LSE,
     sqb, sqh, sqm, skc_blk, skc_slot, skc_h, svc_blk, svc_slot, svc_h, stb, stn,
     sos, sob, soh, som, sls, slb, slh,
-    Hq, Sq, D, DV, GROUP, block_size, qk_scale, left, right, cap2, NUM_SPLITS, MIN_BLOCKS,
+    Hkv, Sq, D, DV, GROUP, block_size, qk_scale, left, right, cap2, NUM_SPLITS, MIN_BLOCKS,
     HAS_SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (batch * query head, split, query block): the Sq newest tokens of
+    """One program per (batch * kv head, split, row block), its rows the GROUP query heads of
+    that kv head packed query-major (row r: query r // GROUP of head hk * GROUP + r % GROUP), so
+    a decode step fills a tile with the group's heads and reads each K / V block once per
+    group, not once per query head (as flash-decoding kernels pack GQA). The Sq newest tokens of
     sequence b against its cache_seqlens[b] cached tokens, walked through the block table token
     by token (token t: slot t % block_size of block Table[b, t // block_size]), so any block
     size works. Only tokens below cache_seqlens[b] and table entries they name are ever read.
@@ -749,26 +752,27 @@ def paged_fwd(
     split s walks run s (none past the last). Each split stores its normalized output and
     natural lse at Out + s * sos, LSE + s * sls (a split that sees no key: 0 and -inf), for
     paged_combine; with NUM_SPLITS = 1 that is the final result in q's dtype."""
-    bh = tl.program_id(0)
+    bkv = tl.program_id(0)
     split = tl.program_id(1)
-    start_m = tl.program_id(2) * BLOCK_M
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUP
+    start_r = tl.program_id(2) * BLOCK_M
+    b = (bkv // Hkv).to(tl.int64)
+    hk = (bkv % Hkv).to(tl.int64)
     n = tl.load(Lens + b).to(tl.int32)
     off = n - Sq
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = start_r + tl.arange(0, BLOCK_M)
+    offs_m = offs_r // GROUP  # each row's query
+    h = hk * GROUP + (offs_r % GROUP).to(tl.int64)  # and its query head
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < Sq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+    row_ok = offs_r < Sq * GROUP
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     p_rows = offs_m + off
     lo_i = tl.maximum(p_rows - left, 0)
     hi_i = tl.minimum(p_rows + right, n - 1)
-    first = start_m + off
-    last = tl.minimum(start_m + BLOCK_M, Sq) - 1 + off
+    first = start_r // GROUP + off
+    last = (tl.minimum(start_r + BLOCK_M, Sq * GROUP) - 1) // GROUP + off
     n_lo = (tl.maximum(first - left, 0) // BLOCK_N) * BLOCK_N
     n_hi = tl.minimum(last + right, n - 1) + 1
     # this split's run of key blocks: the same cut for every launch with the same NUM_SPLITS
@@ -811,7 +815,7 @@ def paged_fwd(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)
     split64 = split.to(tl.int64)
     tl.store(LSE + split64 * sls + b * slb + h * slh + offs_m, lse, mask=row_ok)
-    tl.store(Out + split64 * sos + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :],
+    tl.store(Out + split64 * sos + b * sob + h[:, None] * soh + offs_m[:, None] * som + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 

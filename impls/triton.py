@@ -531,8 +531,8 @@ _SMS: dict[int, int] = {}
 
 
 def split_heuristic(programs: int, key_blocks: int, sms: int) -> int:
-    """Splits per query block so that about SPLIT_PROGRAMS_PER_SM * sms programs run: 1 when
-    `programs` (batch * heads * query blocks) already fill the device or when the longest visible
+    """Splits per row block so that about SPLIT_PROGRAMS_PER_SM * sms programs run: 1 when
+    `programs` (batch * kv heads * row blocks) already fill the device or when the longest visible
     key range, `key_blocks` blocks, is too short to give each split SPLIT_MIN_BLOCKS."""
     want = _cdiv(SPLIT_PROGRAMS_PER_SM * sms, max(programs, 1))
     return max(1, min(want, key_blocks // SPLIT_MIN_BLOCKS, MAX_SPLITS))
@@ -556,7 +556,9 @@ def forced_splits(num_splits: int | None) -> int | None:
 def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_lse: bool = True, *,
           num_splits: int | None = None):
     """The paged-cache forward (attnbench.packing's convention), forward only. paged_fwd walks
-    each sequence's block table; with split-KV (flash-decoding) each query block's visible keys
+    each sequence's block table, one program per kv head with its group's query heads packed
+    into the rows (each K / V block read once per group); with split-KV (flash-decoding) each
+    row block's visible keys
     are cut into up to `num_splits` runs of whole key blocks, one program each writing a float32
     partial output and lse, and paged_combine merges them by the log-sum-exp rule. num_splits
     defaults to ATTNBENCH_TRITON_SPLITS, else to split_heuristic (1 on the CPU interpreter and
@@ -582,12 +584,14 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
         right = min(right, 0)
     interpret = interpret_requested()
     block_m, block_n = PAGED_BLOCKS["interpret" if interpret else "compiled"]
-    num_m = _cdiv(Sq, block_m)
+    group = Hq // Hkv
+    num_m = _cdiv(Sq, block_m)  # paged_combine's query blocks
+    num_r = _cdiv(Sq * group, block_m)  # paged_fwd's row blocks: a kv head's group packed with its queries
     if forced is not None:
         splits, min_blocks = forced, 1
-    else:  # the widest key range a query block can see: its window, within the longest cache
+    else:  # the widest key range a row block can see: its window, within the longest cache
         span = min(max(lengths, default=0), left + max(right, 0) + min(Sq, block_m) + block_n - 1)
-        splits = split_heuristic(B * Hq * num_m, _cdiv(span, block_n), _sm_count(q.device))
+        splits = split_heuristic(B * Hkv * num_r, _cdiv(span, block_n), _sm_count(q.device))
         min_blocks = SPLIT_MIN_BLOCKS
     if splits > 1:
         part_out = torch.empty(splits, B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
@@ -596,12 +600,12 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
         part_out, part_lse = out, lse
     ker = kernels(interpret)
     with _device_ctx(q):
-        ker.paged_fwd[(B * Hq, splits, num_m)](
+        ker.paged_fwd[(B * Hkv, splits, num_r)](
             q, k_cache, v_cache, block_table, cache_seqlens.contiguous(), part_out, part_lse,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), block_table.stride(1),
             *_split_strides(part_out, splits > 1, 4), *_split_strides(part_lse, splits > 1, 3),
-            Hq, Sq, D, Dv, Hq // Hkv, k_cache.shape[1], cfg.scale * 1.4426950408889634, left, right,
+            Hkv, Sq, D, Dv, group, k_cache.shape[1], cfg.scale * 1.4426950408889634, left, right,
             (cfg.softcap if cfg.softcap is not None else 1.0) * 1.4426950408889634, splits, min_blocks,
             HAS_SOFTCAP=cfg.softcap is not None, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
