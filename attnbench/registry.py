@@ -80,6 +80,7 @@ class Impl:
     absent: optional `absent() -> {feature: reason}`: declared features this machine's hardware
         lacks (FA4's fp8 runs on SM100 only). Specs needing them are not covered and properties
         that need them skip with the reason, instead of drawing specs that are all declined.
+        why_not calls it for every spec: cache it (functools.cache), as impls/flash_attn4.py does.
     supports: optional extra check `supports(spec) -> reason | None` for limits the feature
         set cannot express (head dims, block multiples, ...); one taking a second argument gets
         the features asked for too (`supports(spec, needs)`: a limit of the backward alone).

@@ -482,14 +482,21 @@ def _reason(report, call) -> str:
                 case = _failing_case(e)
                 parts.append(f"({i}) {_first_line(e)[:300]}" + (f" [{case}]" if case else ""))
             return f"{_first_line(exc)}: {'; '.join(parts)}"[:2000]
-        if _ALL_DECLINED in str(exc) or type(exc).__name__ == "Unsatisfiable":
+        if _all_declined(exc):
             return DECLINED_REASON
         return _first_line(exc)[:400]
     return report.longreprtext.strip().splitlines()[-1][:400] if report.longreprtext else ""
 
 
-# Hypothesis' filter_too_much health check; Unsatisfiable where it tried every input
-_ALL_DECLINED = "0 inputs were generated successfully"
+def _all_declined(exc: BaseException) -> bool:
+    """Whether Hypothesis gave up because every example was filtered out: its filter_too_much
+    health check, or Unsatisfiable where it tried every input."""
+    from hypothesis.errors import FailedHealthCheck, Unsatisfiable
+
+    return isinstance(exc, Unsatisfiable) or (
+        isinstance(exc, FailedHealthCheck) and "0 inputs were generated successfully" in str(exc))
+
+
 DECLINED_REASON = ("no drawn case ran: the implementation declares what this property needs, but declined "
                    "every case drawn for it (its supports(), dtypes or layouts); a declaration wider than "
                    "what runs here checks nothing. A feature this machine lacks belongs in Impl.absent "
