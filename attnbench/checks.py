@@ -241,10 +241,13 @@ def check_varlen(q: object, k: object, v: object, cu_seqlens_q: object, cu_seqle
 
 
 def check_paged(q: object, k_cache: object, v_cache: object, block_table: object, cache_seqlens: object, cfg: object,
-                who: str = "attention") -> list[int]:
+                who: str = "attention", capturable: bool = False) -> list[int] | None:
     """Raise ValueError unless the arguments follow the paged convention (attnbench.packing);
     return cache_seqlens as a list. Reads cache_seqlens (one host copy); the table's entries
-    are the caller's promise and are not read here."""
+    are the caller's promise and are not read here. With `capturable`, a call inside a CUDA
+    graph capture, where no host copy is possible, checks the shapes only (not cache_seqlens'
+    range) and returns None: decoding steps are captured so (vLLM; flash-attn's kvcache kernels
+    never read the lengths on the host)."""
     _check_sequence_config(cfg, who)
     _check_heads(who, q, k_cache, v_cache, 4, ("(B, Hq, Sq, D)", "(num_blocks, block_size, Hkv, D)",
                                                "(num_blocks, block_size, Hkv, Dv)"))
@@ -261,6 +264,8 @@ def check_paged(q: object, k_cache: object, v_cache: object, block_table: object
                          f"{tuple(getattr(block_table, 'shape', ()))}")
     _check_index(who, "block_table", block_table, (B, block_table.shape[1]))
     _check_index(who, "cache_seqlens", cache_seqlens, (B,))
+    if capturable and cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
     lengths = cache_seqlens.tolist()
     room = block_table.shape[1] * k_cache.shape[1]
     if lengths and (min(lengths) < 0 or max(lengths) > room):

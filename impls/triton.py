@@ -562,9 +562,11 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
     are cut into up to `num_splits` runs of whole key blocks, one program each writing a float32
     partial output and lse, and paged_combine merges them by the log-sum-exp rule. num_splits
     defaults to ATTNBENCH_TRITON_SPLITS, else to split_heuristic (1 on the CPU interpreter and
-    for short caches); a forced count splits down to single key blocks. out (B, Hq, Sq, Dv) in
-    q's dtype, lse (B, Hq, Sq) float32."""
-    lengths = check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="triton")
+    for short caches); a forced count splits down to single key blocks. Inside a CUDA graph
+    capture (no host read of cache_seqlens: check_paged) the heuristic takes the table's room,
+    max_blocks * block_size, for the longest cache. out (B, Hq, Sq, Dv) in q's dtype, lse
+    (B, Hq, Sq) float32."""
+    lengths = check_paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg, who="triton", capturable=True)
     if q.dtype not in DTYPES:
         raise TypeError(f"triton: q, k, v dtype must be float16, bfloat16 or float32, got {q.dtype}")
     B, Hq, Sq, D = q.shape
@@ -590,7 +592,8 @@ def paged(q, k_cache, v_cache, block_table, cache_seqlens, cfg: Config, return_l
     if forced is not None:
         splits, min_blocks = forced, 1
     else:  # the widest key range a row block can see: its window, within the longest cache
-        span = min(max(lengths, default=0), left + max(right, 0) + min(Sq, block_m) + block_n - 1)
+        longest = max(lengths, default=0) if lengths is not None else block_table.shape[1] * k_cache.shape[1]
+        span = min(longest, left + max(right, 0) + min(Sq, block_m) + block_n - 1)
         splits = split_heuristic(B * Hkv * num_r, _cdiv(span, block_n), _sm_count(q.device))
         min_blocks = SPLIT_MIN_BLOCKS
     if splits > 1:

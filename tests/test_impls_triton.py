@@ -693,12 +693,38 @@ def test_gpu_paged_decode_splits(compiled):
     x = spec.make_inputs()
     args = (x.q, x.k_cache, x.v_cache, x.block_table, x.cache_seqlens, spec.config())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert tri.split_heuristic(spec.B * spec.Hq, 4000 // 64, sms) > 1
+    assert tri.split_heuristic(spec.B * spec.Hkv, 4000 // 64, sms) > 1  # one row block per kv head
     want = run_paged_oracle(spec, x)
     ref_out, ref_lse = registry().get("dense/naive").paged(*args)
     for out, lse in (tri.paged(*args), tri.paged(*args, num_splits=1)):
         _close("out", out, ref_out, want.out, spec.dtype, K["out"])
         _close("lse", lse, ref_lse.float(), want.lse, spec.dtype, K["lse"])
+
+
+@pytest.mark.gpu
+def test_gpu_paged_decode_captures_in_a_cuda_graph(compiled):
+    """A decoding step captured in a CUDA graph (check_paged reads no lengths there; the split
+    heuristic takes the table's room for the longest cache) replays to the eager result, and
+    follows new lengths and queries written into the captured tensors."""
+    spec = PagedSpec(cache_seqlens=(4000, 1, 0), Sq=1, block_size=16, Hq=8, Hkv=2, D=128, dtype="float16",
+                     device="cuda")
+    x = spec.make_inputs()
+    args = (x.q, x.k_cache, x.v_cache, x.block_table, x.cache_seqlens, spec.config())
+    eager = [t.clone() for t in tri.paged(*args)]  # also compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = tri.paged(*args)
+    graph.replay()
+    for name, got, want in zip(("out", "lse"), captured, eager):
+        _close(name, got, want, want.double(), spec.dtype, K[name])
+    x.cache_seqlens.copy_(torch.tensor([2000, 1, 0], dtype=torch.int32))  # within each sequence's blocks
+    x.q.copy_(torch.randn_like(x.q))
+    graph.replay()
+    for name, got, want in zip(("out", "lse"), captured, tri.paged(*args)):
+        _close(name, got, want, want.double(), spec.dtype, K[name])
+
+
 # -- fp8 (the forward kernel's IS_FP8 path; properties/test_fp8.py runs it in the interpreter) --
 FP8_GPU_SPECS = [
     Spec(B=2, Hq=8, Hkv=2, Sq=1000, Sk=1000, D=128, causal=True),
