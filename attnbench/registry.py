@@ -66,7 +66,7 @@ class Decoder:
     mask: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Impl:
     """One implementation of one variant.
 
@@ -160,6 +160,20 @@ class Impl:
                 raise ValueError(f"Impl {self.name!r}: unknown {name} {sorted(set(getattr(self, name)) - set(known))}")
         if self.memory not in ("", "linear", "quadratic"):
             raise ValueError(f"Impl {self.name!r}: memory must be '', 'linear' or 'quadratic', got {self.memory!r}")
+
+    def __repr__(self) -> str:
+        """An expression that loads this implementation (`from attnbench.registry import
+        load_zoo, registry`), short enough for a counterexample's printout: the dataclass repr
+        spelled out every field, functions included, over ~40 lines."""
+        if is_target(self.origin):
+            return f"registry([{self.origin!r}]).get({self.key!r})"
+        if self.bug:
+            return f"next(i for i in load_zoo() if i.key == {self.key!r})"
+        return f"registry().get({self.key!r})"
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """Hypothesis' (IPython's) pretty printer takes this over its field-by-field dataclass form."""
+        printer.text(repr(self))
 
     def for_variant(self, variant: str, description: str = "") -> Impl:
         """The same implementation declared for another variant (a dense kernel that also serves

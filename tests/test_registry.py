@@ -95,3 +95,19 @@ def test_entry_points_are_loaded_and_broken_ones_reported(monkeypatch, tmp_path)
     assert "dense/ep_good" in reg.impls
     assert len(reg.broken) == 1 and "ep_mod:missing" in reg.broken[0].origin
     sys.modules.pop("ep_mod", None)
+
+
+def test_an_impl_prints_as_the_expression_that_loads_it():
+    """A counterexample shows `impl=` as one line of Python that gives the implementation back
+    (Hypothesis' printer and repr both), never the ~40-line field dump of the dataclass."""
+    from hypothesis.vendor.pretty import pretty
+
+    import attnbench.registry as reg_module
+
+    target = "attnbench.zoo.sink_in_numerator:sink_in_numerator"
+    found = {"registry": registry, "load_zoo": reg_module.load_zoo}
+    for impl in (registry().get("dense/naive"), registry().get("local/blockwise"), registry([target]).get("sink_in_numerator"),
+                 reg_module.load_zoo()[0]):
+        text = pretty(impl)
+        assert text == repr(impl) and "\n" not in text and "fn=" not in text
+        assert eval(text, found).key == impl.key
