@@ -293,6 +293,9 @@ class Inputs:
     q_descale: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
+    # set by the properties' with_tensors when a replaced tensor could not keep its layout (an
+    # expand whose new values differ along it): a run on these inputs may take another code path
+    relaid: bool = False
 
     def score_kwargs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of a kernel call beyond the plain signature (the score features'
@@ -338,6 +341,9 @@ class Spec(SpecBase):
     # per batch element, the lengths of consecutive documents along the keys (summing to Sk);
     # a query belongs to the document of its aligned position p(i) (see document_ids)
     documents: tuple[tuple[int, ...], ...] | None = None
+    # document d's id is d * doc_stride: 65536 puts ids past 16 bits, where a kernel that narrows
+    # them to int8 / int16 merges documents (the contract takes any ids)
+    doc_stride: int = 1
     softcap: float | None = None  # logit soft cap (Config.softcap)
     alibi: bool = False  # the kernel's ALiBi: alibi_slopes drawn per spec (Spec.alibi_values)
     sinks: bool = False  # attention sinks: one logit per head drawn per spec (Spec.sink_values)
@@ -403,6 +409,8 @@ class Spec(SpecBase):
             for doc in self.documents:
                 if min(doc, default=0) < 1 or sum(doc) != self.Sk:
                     yield "documents", f"document lengths must be >= 1 and sum to Sk={self.Sk}, got {doc!r}"
+        if not isinstance(self.doc_stride, int) or isinstance(self.doc_stride, bool) or not 1 <= self.doc_stride <= 2**40:
+            yield "doc_stride", f"must be an integer in [1, 2**40], got {self.doc_stride!r}"
         yield from self._field_problems("softcap")
         for name in ("alibi", "sinks", "sinks_float32", "fp8"):
             if not isinstance(getattr(self, name), bool):
@@ -507,11 +515,12 @@ class Spec(SpecBase):
 
     def document_ids(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(doc_q (B, Sq), doc_k (B, Sk)) int64 on the spec's device, None without documents.
-        Key j's id is the index of the document holding it; query i's id is that of its aligned
-        position p(i), or -1 where p(i) lies outside [0, Sk) (such a query sees no key)."""
+        Key j's id is doc_stride times the index of the document holding it; query i's id is that
+        of its aligned position p(i), or -1 where p(i) lies outside [0, Sk) (such a query sees no key)."""
         if self.documents is None:
             return None
         doc_k = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in self.documents])
+        doc_k = doc_k * self.doc_stride
         p = torch.arange(self.Sq) + (self.Sk - self.Sq if self.align == "bottom_right" else 0)
         inside = (p >= 0) & (p < self.Sk)
         doc_q = torch.where(inside, doc_k[:, p.clamp(0, self.Sk - 1)], torch.full((), -1, dtype=torch.long))

@@ -669,12 +669,24 @@ def _in_layout(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
 
 def with_tensors(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
     """A copy of `inputs` with these tensors replaced (each a fresh leaf in the layout of the one it
-    replaces where its values allow, requiring grad as that one does)."""
+    replaces where its values allow, requiring grad as that one does); `relaid` where one could not
+    keep it (see exact_between)."""
     new = clone_inputs(inputs)
     for name, t in tensors.items():
         leaf = getattr(inputs, name)
-        setattr(new, name, _in_layout(t, leaf).requires_grad_(leaf.requires_grad if leaf is not None else False))
+        fresh = _in_layout(t, leaf)
+        new.relaid = new.relaid or (leaf is not None and _expanded_dims(leaf) is not None
+                                    and _expanded_dims(fresh) is None)
+        setattr(new, name, fresh.requires_grad_(leaf.requires_grad if leaf is not None else False))
     return new
+
+
+def exact_between(*runs_of: Inputs) -> bool | None:
+    """check_runs' `exact` for runs on these inputs: None (bit for bit where the impl declares
+    "deterministic") when they share their layouts, False when with_tensors relaid one: the same
+    values read through an expand and through a plain copy may round differently (a batched
+    matmul over a zero-stride batch does), which determinism does not promise."""
+    return False if any(i.relaid for i in runs_of) else None
 
 
 def references(spec: Spec, inputs: Inputs, impl: Impl, grad: bool = False, cfg: Config | None = None,

@@ -49,7 +49,7 @@ LONG_ONE_IN = 8  # one draw in 8 is long, where a property asks (the cost of the
 MAGNITUDES = (1.0, 3.0, 8.0)  # 8: scaled logits reach the hundreds, exp() overflows without max
 # Logit soft caps: 1 to 5 saturate tanh at the logits magnitude 3 and 8 draw; 30 and 50 (Gemma 2's
 # attention and final caps) leave most logits in tanh's linear part.
-SOFTCAPS = (1.0, 2.5, 5.0, 30.0, 50.0)
+SOFTCAPS = (1.0, 2.5, 5.0, 30.0, 50.0, 7.3)  # 7.3: held by neither bfloat16 (7.3125) nor float16 (7.30078)
 SCORE_FEATURE_ONE_IN = 6  # each score feature (softcap, alibi, sinks) is drawn one draw in 6
 
 
@@ -457,7 +457,9 @@ SEQ_CAP_SLOW = 10  # the same on the CPU for an impl that runs interpreted there
 LONG_SEQ_EDGES = (31, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 LONG_SEQ_CAP = {"cpu": 300, "cuda": 2100}
 MANY_SEQS = {"varlen": 9, "paged": 7}  # the most sequences of a rare wide draw (per-sequence state indexed past 4)
-BLOCK_SIZES = (16, 1, 3, 4, 5, 8)  # paged block sizes: 16 first (shrinks to it), then ones that divide nothing
+# paged block sizes: 16 first (shrinks to it), then ones that divide nothing, then blocks holding
+# several 16-key tiles (a kernel that walks a block tile by tile must stay in it)
+BLOCK_SIZES = (16, 1, 3, 4, 5, 8, 32, 128)
 
 
 def _seq_cap(impl: Impl, device: str) -> int:
@@ -506,7 +508,13 @@ def _seq_common(draw, impl: Impl, device: str, use: frozenset[str], fixed: dict)
     dtypes = [d for d in DTYPE_ORDER if d in impl.dtypes]
     caps = caps_for(device, impl)
     Hkv = pick("Hkv", st.integers(1, 2)) if has("gqa") else None
-    group = pick("group", st.integers(2 if "gqa" in use else 1, 3)) if Hkv else 1
+    # groups of 2 or 3, one draw in four a large one (caps.groups, up to 8 for an interpreted
+    # impl, whose time grows with the heads): a kernel that packs a group into a tile of fixed
+    # height, or keeps per-head state in a fixed array, shows past it
+    large = [g for g in caps.groups if g <= 8 or long_ok(impl, device)]
+    wide = Hkv is not None and bool(large) and "group" not in fixed and _rare(draw, "wide group")
+    groups = st.sampled_from(large) if wide else st.integers(2 if "gqa" in use else 1, 3)
+    group = pick("group", groups) if Hkv else 1
     Hq = Hkv * group if Hkv else pick("Hq", st.integers(1, 2))
     D = pick("D", st.sampled_from(caps.head_dims))
     window = None
@@ -650,8 +658,9 @@ def draw_case(data, impl: Impl, device: str, strategy: st.SearchStrategy, needs:
 
 def draw_documents(data, spec: Spec, default: tuple[tuple[int, ...], ...] | None = None) -> Spec:
     """`spec` with documents along its keys: per batch element, cut points drawn at random and at
-    the 16-token tile boundaries +- 1 (documents of one token too). A pinned example takes
-    `default` (or two documents split in the middle)."""
+    the 16-token tile boundaries +- 1 (documents of one token too); ids 0, 1, 2, ... or, one draw
+    in two, 65536 apart (Spec.doc_stride). A pinned example takes `default` (or two documents
+    split in the middle)."""
     if isinstance(data, Pinned):
         if spec.documents is not None:  # the pin names its documents
             note(f"spec: {spec.short()}")
@@ -669,6 +678,7 @@ def draw_documents(data, spec: Spec, default: tuple[tuple[int, ...], ...] | None
         cuts = data.draw(st.lists(cut, max_size=3), label="document cuts")
         points = sorted({c for c in cuts if 0 < c < spec.Sk} | {0, spec.Sk})
         docs.append(tuple(b - a for a, b in zip(points, points[1:])))
-    spec = spec.replace(documents=tuple(docs))
+    stride = data.draw(st.sampled_from((1, 65536)), label="document id stride")
+    spec = spec.replace(documents=tuple(docs), doc_stride=stride)
     note(f"spec: {spec.short()}")
     return spec

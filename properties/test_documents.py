@@ -38,6 +38,10 @@ CROSS_CAUSAL = Pinned(Spec(Sq=6, Sk=11, causal=True, documents=((8, 3),)),
                       "causal with Sq < Sk: positions are the padded sequence's, never counted from a document start")
 BLOCKED = Pinned(Spec(Sq=12, block=Block(4, 1, 0), documents=((6, 6),)),
                  "a blocked window across a document boundary: buckets count from key 0, not the document start")
+SCORED = Pinned(Spec(Hq=2, Sq=6, Sk=4, align="top_left", softcap=2.5, sinks=True, seed=3, documents=((2, 2),),
+                     doc_stride=65536),
+                "ids 65536 apart (past int16), a soft cap, sinks, and queries 4, 5 past the keys (id -1): "
+                "empty rows whose lse is the sink")
 
 
 def _spec(data, impl, device, **kwargs) -> Spec | None:
@@ -59,12 +63,14 @@ def _arbitrary_query_ids(spec: Spec, inputs: Inputs) -> None:
     query's document from its position (doc_k[p(i)]) instead of reading doc_q is off."""
     doc_q, doc_k = inputs.document_ids
     g = torch.Generator().manual_seed(spec.seed + 1)
-    ids = torch.stack([torch.randint(-1, int(doc_k[b].max()) + 1, (spec.Sq,), generator=g) for b in range(spec.B)])
+    count = [int(doc_k[b].max()) // spec.doc_stride + 1 for b in range(spec.B)]
+    index = torch.stack([torch.randint(-1, count[b], (spec.Sq,), generator=g) for b in range(spec.B)])
+    ids = torch.where(index >= 0, index * spec.doc_stride, index)
     inputs.document_ids = (ids.to(doc_q.device), doc_k)
 
 
 @given(data=st.data())
-@pinned(TILE, DECODE, CROSS_CAUSAL, BLOCKED)
+@pinned(TILE, DECODE, CROSS_CAUSAL, BLOCKED, SCORED)
 def test_document_mask_matches_oracle(impl, device, measure, data):
     """out, lse and the gradients with a document mask against the float64 oracle; one draw in
     three with query ids drawn apart from the positions (the contract takes any ids)."""
@@ -96,7 +102,7 @@ def test_other_documents_change_nothing(impl, device, measure, data):
     inputs = fresh_inputs(spec, impl, grad=grad)
     doc_q, doc_k = (d.to(inputs.q.device) for d in inputs.document_ids)
     d = 0 if isinstance(data, Pinned) else data.draw(st.integers(0, len(spec.documents[0]) - 1), label="document")
-    mine_q, mine_k = doc_q[0] == d, doc_k[0] == d
+    mine_q, mine_k = doc_q[0] == d * spec.doc_stride, doc_k[0] == d * spec.doc_stride
     changes = {}
     for salt, (name, mine) in enumerate((("q", mine_q), ("k", mine_k), ("v", mine_k))):
         t = getattr(inputs, name).detach().clone()

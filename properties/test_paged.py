@@ -42,6 +42,13 @@ LONG = Pinned(PagedSpec(cache_seqlens=(130, 65), Sq=2, block_size=16, window=(70
 EMPTY_POOL = Pinned(PagedSpec(cache_seqlens=(0, 0), Sq=1, spare_blocks=0), "no token cached at all: a pool of 0 blocks")
 CHUNK = Pinned(PagedSpec(cache_seqlens=(9, 4), Sq=4, block_size=3, Hq=4, Hkv=2, causal=True, spare_blocks=2,
                          window=(5, 0), softcap=2.5), "a chunk of 4 new tokens, GQA, a window and a soft cap")
+BIG_BLOCKS = Pinned(PagedSpec(cache_seqlens=(150, 40), Sq=2, block_size=128, Hq=8, Hkv=1, causal=True, poison=True),
+                    "128-token blocks, each several 16-key tiles, the last partly used; a GQA group of 8")
+BIG_POOL = Pinned(PagedSpec(cache_seqlens=(300, 2), Sq=1, block_size=1, spare_blocks=33000, D=16),
+                  "a cache of 300 tokens (past 8 bits) in a pool of 33302 blocks, ids past int16, permuted")
+SHORT_CACHE = Pinned(PagedSpec(cache_seqlens=(2, 6), Sq=4, Hq=2, Hkv=1, causal=True),
+                     "a cache holding fewer tokens than the new queries: the first ones sit before token 0 "
+                     "and see nothing")
 
 
 def _names(run: Run) -> list[str]:
@@ -55,7 +62,7 @@ def _errors(impl, spec: PagedSpec, inputs: PagedInputs) -> tuple[Run, Run, dict[
 
 
 @given(data=st.data())
-@pinned(STRIDE, DIVIDE, CHUNK, DECODE, LONG, EMPTY_POOL)
+@pinned(STRIDE, DIVIDE, CHUNK, DECODE, LONG, EMPTY_POOL, BIG_BLOCKS, BIG_POOL, SHORT_CACHE)
 def test_paged_matches_oracle(impl, device, measure, data):
     """out and lse of the paged call against the float64 oracle over each sequence's gathered
     cache, query i of sequence b at position cache_seqlens[b] - Sq + i; and out of the inference

@@ -36,8 +36,10 @@ DECODE = Pinned(VarlenSpec(seqlens=((1, 9), (1, 16), (1, 1)), Hq=4, Hkv=2, causa
                 "a scale other than 1/sqrt(D) (a decode fast path must not drop it)")
 SAME_TOTALS = Pinned(VarlenSpec(seqlens=((2, 3), (3, 2)), causal=True),
                      "equal totals and maxima of queries and keys, different boundaries: cu_seqlens_k is not cu_seqlens_q")
-LONG = Pinned(VarlenSpec(seqlens=((65, 129), (2, 2), (257, 257), (1, 64)), Hq=2, D=80, causal=True, layout="packed"),
-              "sequences across 64- and 128-token tiles, D = 80 (not a power of two), fused qkv")
+LONG = Pinned(VarlenSpec(seqlens=((65, 129), (2, 2), (257, 257), (1, 64)), Hq=2, D=80, causal=True, layout="packed",
+                         softcap=2.5),
+              "sequences across 64- and 128-token tiles, D = 80 (not a power of two), fused qkv, a soft cap "
+              "that bites (the long sequences' multi-tile paths, forward and backward)")
 
 
 def _grad(impl, spec: VarlenSpec) -> bool:

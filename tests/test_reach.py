@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from attnbench.impls.naive import naive
 from attnbench.oracles import dense
 from attnbench.properties import harness
-from attnbench.properties.strategies import CAPS, caps_for, specs_for, use_full_palette
+from attnbench.properties.strategies import CAPS, caps_for, draw_documents, paged_specs, specs_for, use_full_palette, varlen_specs
 from attnbench.spec import GRAD_LAYOUTS, LAYOUTS, Spec
 
 BASE = Spec(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=8, Dv=16, bias="full", key_lengths=(3, 7), dtype="float64")
@@ -113,6 +113,36 @@ def test_strategies_draw_wide_gqa(heads):
     assert (found.Hq, found.Hkv) == heads
 
 
+GENERATE = settings(max_examples=2000, database=None, derandomize=True, phases=[Phase.generate])
+
+
+@pytest.mark.parametrize("kind", ["varlen", "paged"])
+def test_packed_and_paged_draws_reach_large_groups(kind):
+    """A packed batch and a paged step are drawn with a GQA group of 8 or more (a kernel that
+    packs a group into a fixed-height tile, or keeps per-head state in a fixed array, shows past it)."""
+    strategy = (varlen_specs if kind == "varlen" else paged_specs)(naive)
+    found = find(strategy, lambda s: s.Hq // s.Hkv >= 8, settings=GENERATE)
+    assert found.Hq // found.Hkv >= 8
+
+
+def test_paged_draws_reach_blocks_of_several_tiles():
+    """Blocks of 128 tokens with more than one 16-key tile of some cache in them are drawn."""
+    found = find(paged_specs(naive), lambda s: s.block_size == 128 and max(s.cache_seqlens) > 16, settings=GENERATE)
+    assert found.block_size == 128
+
+
+def test_document_draws_reach_ids_past_16_bits():
+    """Document ids 65536 apart are drawn (a kernel narrowing them to int8 / int16 merges documents)."""
+
+    class Draws:  # the DataObject face draw_documents takes, over a composite's draw
+        def __init__(self, draw):
+            self.draw = lambda strategy, label=None: draw(strategy)
+
+    documented = st.composite(lambda draw: draw_documents(Draws(draw), Spec(Sq=6, Sk=6)))
+    found = find(documented(), lambda s: s.doc_stride == 65536 and len(s.documents[0]) > 1, settings=GENERATE)
+    assert int(found.document_ids()[1].max()) >= 65536
+
+
 class _Rejecting:
     """A correct contiguous-only kernel: checks its inputs."""
 
@@ -187,3 +217,18 @@ def test_the_thorough_profile_draws_every_head_dim():
         assert caps_for("cuda", compiled).compiled_groups == ()
     finally:
         use_full_palette(False)
+
+
+def test_runs_on_relaid_inputs_are_compared_within_the_rule():
+    """with_tensors keeps an expanded K where the new values allow it; where they differ along the
+    expand it makes a plain copy and says so, and such runs are not held to bit equality (a
+    batched matmul over a zero-stride batch rounds differently from one over a copy)."""
+    spec = Spec(B=2, Hq=2, Sq=3, Sk=5, D=8, layout="expanded")
+    inputs = spec.make_inputs()
+    assert harness._expanded_dims(inputs.k) is not None
+    same = harness.with_tensors(inputs, k=harness.noise(inputs.k, spec, 1))
+    assert not same.relaid and harness._expanded_dims(same.k) is not None
+    assert harness.exact_between(same) is None
+    other = harness.with_tensors(inputs, k=torch.randn(inputs.k.shape, dtype=inputs.k.dtype))
+    assert other.relaid and other.k.is_contiguous()
+    assert harness.exact_between(same, other) is False
