@@ -77,8 +77,9 @@ def _hypothesis_home() -> None:
 
 
 def _apply_seed(config: pytest.Config) -> None:
-    """A derandomized profile (ci) ignores --hypothesis-seed; with an explicit seed, run the
-    same profile randomized by that seed, so `--hypothesis-seed N` really changes the examples."""
+    """The profile: --hypothesis-profile, else dev. A derandomized profile (ci) ignores
+    --hypothesis-seed; with an explicit seed, run the same profile randomized by that seed, so
+    `--hypothesis-seed N` really changes the examples."""
     try:
         from hypothesis import settings
 
@@ -86,6 +87,10 @@ def _apply_seed(config: pytest.Config) -> None:
     except ImportError:
         return
     profile = config.getoption("hypothesis_profile", None)
+    if not profile and hasattr(config.option, "hypothesis_profile"):
+        # plain pytest: dev, not Hypothesis' default, whose 200 ms deadline a first call that
+        # compiles, or a loaded machine, exceeds on a correct kernel; replays then name it too
+        profile = config.option.hypothesis_profile = "dev"
     if profile:
         settings.load_profile(profile)
     seed = config.getoption("hypothesis_seed", None)
@@ -603,7 +608,11 @@ def _seed(text: str, config: pytest.Config) -> str:
     m = re.search(r"@reproduce_failure\((.+?)\)", text)  # a random run without a seed (plain pytest)
     if m:
         return f"none given; Hypothesis' blob: @reproduce_failure({m.group(1)})"
-    return f"derandomized ({profile} profile)"
+    from hypothesis import settings
+
+    if settings.default.derandomize:
+        return f"derandomized ({profile} profile)"
+    return f"none given ({profile} profile: random; its example database replays a failure first)"
 
 
 def replay_command(item: pytest.Item, impl: Impl) -> str:
