@@ -293,9 +293,6 @@ class Inputs:
     q_descale: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
-    # set by the properties' with_tensors when a replaced tensor could not keep its layout (an
-    # expand whose new values differ along it): a run on these inputs may take another code path
-    relaid: bool = False
 
     def score_kwargs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of a kernel call beyond the plain signature (the score features'

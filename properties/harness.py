@@ -669,24 +669,25 @@ def _in_layout(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
 
 def with_tensors(inputs: Inputs, **tensors: torch.Tensor) -> Inputs:
     """A copy of `inputs` with these tensors replaced (each a fresh leaf in the layout of the one it
-    replaces where its values allow, requiring grad as that one does); `relaid` where one could not
-    keep it (see exact_between)."""
+    replaces where its values allow, requiring grad as that one does)."""
     new = clone_inputs(inputs)
     for name, t in tensors.items():
         leaf = getattr(inputs, name)
-        fresh = _in_layout(t, leaf)
-        new.relaid = new.relaid or (leaf is not None and _expanded_dims(leaf) is not None
-                                    and _expanded_dims(fresh) is None)
-        setattr(new, name, fresh.requires_grad_(leaf.requires_grad if leaf is not None else False))
+        setattr(new, name, _in_layout(t, leaf).requires_grad_(leaf.requires_grad if leaf is not None else False))
     return new
 
 
-def exact_between(*runs_of: Inputs) -> bool | None:
-    """check_runs' `exact` for runs on these inputs: None (bit for bit where the impl declares
-    "deterministic") when they share their layouts, False when with_tensors relaid one: the same
-    values read through an expand and through a plain copy may round differently (a batched
-    matmul over a zero-stride batch does), which determinism does not promise."""
-    return False if any(i.relaid for i in runs_of) else None
+def exact_between(a: Inputs, b: Inputs) -> bool | None:
+    """check_runs' `exact` for a run on `a` against one on `b`: None (bit for bit where the impl
+    declares "deterministic") when q, k, v and bias have the same expanded (zero-stride) dims in
+    both, False when not (with_tensors could not keep an expand whose new values differ along
+    it): the same values read through an expand and through a plain copy may round differently
+    (a batched matmul over a zero-stride batch does), which determinism does not promise."""
+    for name in ("q", "k", "v", "bias"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is not None and y is not None and _expanded_dims(x) != _expanded_dims(y):
+            return False
+    return None
 
 
 def references(spec: Spec, inputs: Inputs, impl: Impl, grad: bool = False, cfg: Config | None = None,

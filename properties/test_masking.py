@@ -89,7 +89,7 @@ def test_causal_future_has_no_influence(impl, device, measure, data):
         base = run_impl(impl, spec, inputs)
         moved = run_impl(impl, spec, changed)
     errors, scales = references(spec, inputs, impl, rows=draw_rows(data, spec))
-    exact = exact_between(changed)
+    exact = exact_between(inputs, changed)
     check_runs(measure, "out", moved.out[:, :, rows], base.out[:, :, rows], impl, errors["out"], spec.dtype,
                scales["out"], exact=exact)
     if base.lse is not None and "lse" in errors:
@@ -164,7 +164,7 @@ def test_masked_keys_have_no_influence(impl, device, measure, data):
     for name in ["out", "lse"] + (["dq"] if grad else []):
         a, b = moved.get(name), base.get(name)
         if a is not None and name in errors:
-            check_runs(measure, name, a, b, impl, errors[name], spec.dtype, scales[name], exact=exact_between(changed))
+            check_runs(measure, name, a, b, impl, errors[name], spec.dtype, scales[name], exact=exact_between(inputs, changed))
     if grad:
         for name in ("dk", "dv"):
             _exactly_zero(name, moved.grads[name][where.expand_as(moved.grads[name])], "masked keys")
@@ -189,7 +189,7 @@ def test_nan_in_masked_keys_is_ignored(impl, device, measure, data):
         changed = with_tensors(inputs, k=k)
         moved = run_impl(impl, spec, changed)
     errors, scales = references(spec, inputs, impl, rows=draw_rows(data, spec))
-    exact = exact_between(changed)
+    exact = exact_between(inputs, changed)
     check_runs(measure, "out", moved.out, base.out, impl, errors["out"], spec.dtype, scales["out"], exact=exact)
     if base.lse is not None and "lse" in errors:
         check_runs(measure, "lse", moved.lse, base.lse, impl, errors["lse"], spec.dtype, scales["lse"], exact=exact)
@@ -288,7 +288,7 @@ def test_window_edges(impl, device, measure, data):
                 moved = run_impl(impl, spec, changed)
             try:
                 check_runs(measure, "out", moved.out[0, :, i], base.out[0, :, i], impl, errors["out"], spec.dtype,
-                           scales["out"], exact=exact_between(changed))
+                           scales["out"], exact=exact_between(inputs, changed))
             except AssertionError as exc:
                 raise AssertionError(f"{note_row}: keys {outside} just outside changed it: {exc}") from None
         v = inputs.v.detach().clone()

@@ -32,7 +32,7 @@ from attnbench.properties.harness import (
     with_tensors,
 )
 from attnbench.properties.strategies import Caps, Pinned, draw_spec, pinned
-from attnbench.spec import Spec
+from attnbench.spec import Inputs, Spec
 
 pytestmark = pytest.mark.variant("dense")  # the local variants run the same kernels
 
@@ -43,7 +43,7 @@ SMALL = Caps(batch=2, heads=4, length=17, head_dims=(16, 32, 24, 8), kv_heads=2)
 NO_SINK = -1e4  # exp(-1e4 - m) is 0 in every dtype: no share of any denominator
 
 
-def neutral_cap(spec: Spec, inputs) -> float:
+def neutral_cap(spec: Spec, inputs: Inputs) -> float:
     """A soft cap that changes no logit beyond the dtype's rounding, and no more than that:
     cap * tanh(s / cap) = s (1 - s^2 / (3 cap^2) + ...), so cap = 4 max|s| / sqrt(eps) keeps the
     change under eps / 48. A larger cap (1e12) would fail kernels whose tanh is accurate to eps
@@ -54,7 +54,7 @@ def neutral_cap(spec: Spec, inputs) -> float:
     if q.numel() == 0 or k.numel() == 0:
         return 1.0
     bound = abs(spec.config().scale) * float(q.norm(dim=-1).max()) * float(k.norm(dim=-1).max())
-    for descale in (getattr(inputs, "q_descale", None), getattr(inputs, "k_descale", None)):
+    for descale in (inputs.q_descale, inputs.k_descale):
         if descale is not None:
             bound *= float(descale.double().abs().max())
     eps = torch.finfo(torch.bfloat16 if spec.fp8 else spec.torch_dtype).eps
@@ -124,6 +124,7 @@ def test_neutral_score_features_change_nothing(impl, device, measure, data):
     spec = draw_spec(data, impl, device, forbid=SCORE_FEATURES, caps=SMALL)
     if spec is None:
         return
+    # the neutral cap comes from the inputs, which come after grad: coverage never depends on its value
     grad = wants_grad(impl, spec, spec.replace(softcap=1.0) if "softcap" in features else spec)
     inputs = fresh_inputs(spec, impl, grad=grad)
     neutral = spec.replace(softcap=neutral_cap(spec, inputs)) if "softcap" in features else spec

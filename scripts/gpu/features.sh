@@ -15,9 +15,11 @@ for name in ${SWEEPS-varlen paged_decode score_features fp8}; do sweeps+=(--swee
 for name in ${IMPLS:-dense/triton}; do impls+=(--impl "$name"); done
 for name in ${PROPS:-fp8 descale varlen other_sequences paged block_placement decoding_step score_features \
               sink_scales alibi_slopes}; do props+=(--property "$name"); done
-[ ${#sweeps[@]} -gt 0 ] && timeout -s INT -k 15 $(( ${1:-110} + 40 )) python3 -m attnbench.perf.bench --device cuda "${sweeps[@]}" \
-    --budget "${1:-110}" --out "$OUT/features.json" >"$OUT/features_sweep.log" 2>&1
-echo "feature sweeps: exit $? in $((SECONDS - start)) s"
+if [ ${#sweeps[@]} -gt 0 ]; then
+    timeout -s INT -k 15 $(( ${1:-110} + 40 )) python3 -m attnbench.perf.bench --device cuda "${sweeps[@]}" \
+        --budget "${1:-110}" --out "$OUT/features.json" >"$OUT/features_sweep.log" 2>&1
+    echo "feature sweeps: exit $? in $((SECONDS - start)) s"
+fi
 start=$SECONDS
 timeout -s INT -k 15 "${2:-150}" attnbench verify --device cuda "${impls[@]}" --workers 8 \
     "${props[@]}" --out "$OUT/v" >"$OUT/verify_features.log" 2>&1
